@@ -1,0 +1,4 @@
+//! Format drivers.
+
+pub mod asif;
+pub mod raw;

@@ -1,0 +1,235 @@
+//! File-backed storage.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FallocateFlags, SeekFrom};
+
+use super::{write_zero_bytes, Storage, StorageExtent};
+use crate::error::{Error, ErrorKind, Result, ResultExt};
+
+/// A regular file (or block device) used positionally.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    writable: bool,
+}
+
+impl FileStorage {
+    /// Open an existing file, read-only or read-write.
+    pub fn open(path: impl AsRef<Path>, writable: bool) -> Result<Self> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(Error::io)
+            .path_context(path)?;
+        let meta = file.metadata().map_err(Error::io).path_context(path)?;
+        if meta.is_dir() {
+            return Err(Error::invalid_argument("is a directory").with_path(path));
+        }
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable,
+        })
+    }
+
+    /// Create a new file; fails if it exists.
+    pub fn create_new(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(Error::io)
+            .path_context(path)?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+        })
+    }
+
+    /// Wrap an already open file.
+    pub fn from_file(file: File, path: impl AsRef<Path>, writable: bool) -> Self {
+        FileStorage {
+            file,
+            path: path.as_ref().to_path_buf(),
+            writable,
+        }
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::from_kind(ErrorKind::ReadOnly).with_path(&self.path))
+        }
+    }
+
+    fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        rustix::fs::fallocate(&self.file, flags, offset, len).map_err(io::Error::from)
+    }
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == rustix::io::Errno::OPNOTSUPP.raw_os_error()
+        || code == rustix::io::Errno::NOSYS.raw_os_error()
+        || code == rustix::io::Errno::INVAL.raw_os_error())
+}
+
+impl Storage for FileStorage {
+    fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(Error::io)
+            .path_context(&self.path)?
+            .len())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            let e = Error::io(e).with_path(&self.path).with_offset(offset);
+            if e.kind() == ErrorKind::Corrupt {
+                Error::corrupt(format!("file is truncated: {} bytes wanted", buf.len()))
+                    .with_path(&self.path)
+                    .with_offset(offset)
+            } else {
+                e.with_operation("reading")
+            }
+        })
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(e)
+                .with_path(&self.path)
+                .with_operation("writing")
+                .with_offset(offset)
+        })
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(e).with_path(&self.path).with_operation("resizing"))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match self.fallocate(flags, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) => write_zero_bytes(self, offset, len),
+            Err(e) => Err(Error::io(e)
+                .with_path(&self.path)
+                .with_operation("punching a hole")
+                .with_offset(offset)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let file_len = self.len()?;
+        let flags = if offset.saturating_add(len) <= file_len {
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE
+        } else {
+            FallocateFlags::ZERO_RANGE
+        };
+        match self.fallocate(flags, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(&e) => write_zero_bytes(self, offset, len),
+            Err(e) => Err(Error::io(e)
+                .with_path(&self.path)
+                .with_operation("writing zeroes")
+                .with_offset(offset)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(e).with_path(&self.path).with_operation("syncing"))
+    }
+
+    fn extent(&self, offset: u64) -> Result<StorageExtent> {
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(StorageExtent {
+                hole: true,
+                end: offset,
+            });
+        }
+        // The file position is never used for I/O here (all I/O is positional), so moving it
+        // while other threads read or write is harmless.
+        let data = match rustix::fs::seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(pos) => pos,
+            Err(rustix::io::Errno::NXIO) => len,
+            Err(e) if unsupported(&io::Error::from(e)) => {
+                return Ok(StorageExtent {
+                    hole: false,
+                    end: len,
+                })
+            }
+            Err(e) => {
+                return Err(Error::io(e.into())
+                    .with_path(&self.path)
+                    .with_operation("seeking data"))
+            }
+        };
+        if data > offset {
+            return Ok(StorageExtent {
+                hole: true,
+                end: data.min(len),
+            });
+        }
+        let hole = match rustix::fs::seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(pos) => pos,
+            Err(e) => {
+                return Err(Error::io(e.into())
+                    .with_path(&self.path)
+                    .with_operation("seeking a hole"))
+            }
+        };
+        Ok(StorageExtent {
+            hole: false,
+            end: hole.clamp(offset + 1, len),
+        })
+    }
+
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        let meta = self.file.metadata().map_err(Error::io).path_context(&self.path)?;
+        Ok(Some(meta.blocks().saturating_mul(512)))
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn read_only(&self) -> bool {
+        !self.writable
+    }
+}

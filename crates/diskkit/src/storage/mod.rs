@@ -1,0 +1,91 @@
+//! Byte storage under an image: a file, or memory in tests.
+//!
+//! Everything is positional (`read_at`/`write_at` on `&self`), so one storage can be shared by
+//! many threads without a seek position.
+
+mod file;
+mod mem;
+
+use std::fmt::Debug;
+use std::path::Path;
+
+pub use file::FileStorage;
+pub use mem::{Fault, MemStorage};
+
+use crate::error::Result;
+
+/// What a range of storage holds, as far as the storage knows (`SEEK_DATA`/`SEEK_HOLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageExtent {
+    /// `true` for a hole (reads as zeroes, no space allocated).
+    pub hole: bool,
+    /// Where this extent ends (exclusive), at most the storage length.
+    pub end: u64,
+}
+
+/// Positional byte storage. Implementations must be safe to share across threads.
+pub trait Storage: Send + Sync + Debug {
+    /// The current length in bytes.
+    fn len(&self) -> Result<u64>;
+
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Fill `buf` from `offset`. Reading past the end is an error (`Corrupt`: truncated).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Write all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Set the length; growing adds a hole that reads as zeroes.
+    fn set_len(&self, len: u64) -> Result<()>;
+
+    /// Make `[offset, offset + len)` read as zeroes and release its space where possible.
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Make `[offset, offset + len)` read as zeroes, keeping (or allocating) its space.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Make every write completed so far durable.
+    fn sync(&self) -> Result<()>;
+
+    /// The data or hole extent that starts at `offset` (which must be below `len()`).
+    /// The default reports everything as data.
+    fn extent(&self, offset: u64) -> Result<StorageExtent> {
+        let _ = offset;
+        Ok(StorageExtent {
+            hole: false,
+            end: self.len()?,
+        })
+    }
+
+    /// Bytes of space allocated to the storage, if the backend knows.
+    fn allocated_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    /// The path of the file behind this storage, if there is one.
+    fn path(&self) -> Option<&Path> {
+        None
+    }
+
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+/// Writes `len` zero bytes at `offset` with plain writes, in bounded pieces.
+pub(crate) fn write_zero_bytes(storage: &dyn Storage, mut offset: u64, len: u64) -> Result<()> {
+    const PIECE: usize = 1 << 20;
+    let zeroes = vec![0u8; PIECE.min(usize::try_from(len).unwrap_or(PIECE))];
+    let end = offset.saturating_add(len);
+    while offset < end {
+        let n = usize::try_from(end - offset).map_or(zeroes.len(), |r| r.min(zeroes.len()));
+        storage.write_at(&zeroes[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}

@@ -148,7 +148,8 @@ fn corrupt_images_are_clear_errors() {
     let p = d.path("c.asif");
     diskkit_ok(&["create", "--format", "asif", "--size", "64M", p.to_str().unwrap()]);
     let good = std::fs::read(&p).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         (
             "version",
             Box::new(|b: &mut Vec<u8>| b[4..8].copy_from_slice(&9u32.to_be_bytes())),

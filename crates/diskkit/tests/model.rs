@@ -30,7 +30,7 @@ struct Config {
 fn op_strategy(max: u64, block: u64) -> impl Strategy<Value = Op> {
     // Offsets cluster around chunk/block boundaries often, and are arbitrary bytes sometimes.
     let offset = prop_oneof![
-        3 => (0..max),
+        3 => 0..max,
         2 => (0..max / block).prop_map(move |b| b * block),
         1 => (0..max / 65536).prop_map(|c| c * 65536),
     ];

@@ -25,6 +25,8 @@
 pub mod copy;
 pub mod error;
 pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
 mod image;
 mod io;
 pub mod layer;

@@ -1,0 +1,2 @@
+//! ext4 (and ext2/3) filesystems inside diskkit images.
+#![forbid(unsafe_code)]

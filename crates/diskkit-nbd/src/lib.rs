@@ -1,0 +1,1 @@
+//! An NBD (Network Block Device) server for diskkit images and stacks.

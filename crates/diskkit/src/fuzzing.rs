@@ -1,0 +1,56 @@
+//! Entry points for fuzzing (used by `fuzz/` and by the corpus replay tests).
+
+use std::sync::Arc;
+
+use crate::image::DiskImage;
+use crate::options::{ImageFormat, OpenMode, OpenOptions};
+use crate::storage::{MemStorage, Storage};
+
+/// Open `data` as an ASIF image (read-write, in memory) and exercise it: reads over the whole
+/// disk and the allocation map, then writes, zeroing, a resize and a flush, then a reopen.
+/// Must never panic, whatever `data` holds.
+pub fn asif_open(data: &[u8]) {
+    let storage = Arc::new(MemStorage::from_bytes(data.to_vec()));
+    let dyn_storage: Arc<dyn Storage> = storage.clone();
+    let options = OpenOptions::new()
+        .mode(OpenMode::ReadWrite)
+        .format(ImageFormat::Asif);
+    let Ok(image) = DiskImage::open_storage(dyn_storage, &options) else {
+        return;
+    };
+    let size = image.size();
+    // Bound the work: touch at most the first 8 MiB and a few spots further out.
+    let span = size.min(8 << 20);
+    let mut buf = vec![0u8; 65536];
+    let mut pos = 0;
+    while pos < span {
+        let n = (span - pos).min(buf.len() as u64) as usize;
+        if image.read_at(&mut buf[..n], pos).is_err() {
+            break;
+        }
+        pos += n as u64;
+    }
+    let _ = image.extents(0, span.max(1).min(size));
+    let seed = data
+        .iter()
+        .fold(7u64, |a, &b| a.wrapping_mul(31).wrapping_add(u64::from(b)));
+    for i in 0..4u64 {
+        let off = seed.wrapping_mul(i + 1) % size.max(1);
+        let len = (seed >> (i * 8)) % 70_000 + 1;
+        let len = len.min(size - off);
+        let _ = image.write_at(&vec![0xa5; len as usize], off);
+        let _ = image.write_zeroes(off / 2, len, i % 2 == 0);
+    }
+    let _ = image.resize(
+        (size / 2)
+            .max(u64::from(image.block_size()))
+            .next_multiple_of(u64::from(image.block_size())),
+    );
+    let _ = image.flush();
+    drop(image);
+    let reopened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(storage.to_bytes()));
+    if let Ok(image) = DiskImage::open_storage(reopened, &OpenOptions::new().format(ImageFormat::Asif)) {
+        let n = image.size().min(65536) as usize;
+        let _ = image.read_at(&mut buf[..n], 0);
+    }
+}

@@ -21,9 +21,9 @@ use crate::storage::{FileStorage, Storage};
 /// All I/O methods take `&self` and may be called from many threads at once.
 #[derive(Debug)]
 pub struct DiskImage {
-    levels: Vec<Level>,
-    paths: Vec<Option<PathBuf>>,
-    mode: OpenMode,
+    pub(crate) levels: Vec<Level>,
+    pub(crate) paths: Vec<Option<PathBuf>>,
+    pub(crate) mode: OpenMode,
 }
 
 /// A description of one layer of an open image, for `info`.
@@ -79,14 +79,22 @@ impl DiskImage {
         })
     }
 
-    /// Open the image at `path`.
+    /// Open the image at `path`. A layer that names a parent is opened with its whole chain,
+    /// as far as [`OpenOptions::parents`] allows (by default no parent is followed and opening
+    /// such a layer fails with [`ErrorKind::PolicyDenied`]).
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<DiskImage> {
-        let path = path.as_ref();
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, options.mode.is_writable())?);
-        let layer = open_layer(storage, options).map_err(|e| e.with_path(path))?;
-        let mut image = DiskImage::from_layer(layer, options.mode)?;
-        image.paths[0] = Some(path.to_path_buf());
-        Ok(image)
+        crate::stack::open_chain(path.as_ref(), options)
+    }
+
+    /// Open one image file as a layer, without following its parent.
+    pub(crate) fn open_file_layer(
+        path: &Path,
+        options: &OpenOptions,
+        writable: bool,
+    ) -> Result<Arc<dyn Layer>> {
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
+        let options = options.clone().writable(writable);
+        open_layer(storage, &options).map_err(|e| e.with_path(path))
     }
 
     /// Open an image on any storage (memory, a custom backend).
@@ -173,6 +181,14 @@ impl DiskImage {
     /// Number of layers (1 for a standalone image).
     pub fn layer_count(&self) -> usize {
         self.levels.len()
+    }
+
+    /// The ASIF chunk size of the top layer, if it is ASIF.
+    pub(crate) fn top_layer_chunk_size(&self) -> Option<u32> {
+        match self.format() {
+            ImageFormat::Asif => u32::try_from(self.top().cluster_size()).ok(),
+            _ => None,
+        }
     }
 
     /// The top layer's driver.
@@ -335,6 +351,15 @@ impl DiskImage {
     }
 }
 
+impl Drop for DiskImage {
+    /// Closing an image flushes it (best effort; call [`DiskImage::flush`] to see errors).
+    fn drop(&mut self) {
+        if self.mode.is_writable() {
+            let _ = self.flush();
+        }
+    }
+}
+
 /// A new image under a temporary name; see [`DiskImage::create_pending`].
 #[derive(Debug)]
 pub struct PendingImage {
@@ -361,7 +386,7 @@ impl PendingImage {
     }
 }
 
-fn create_layer(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+pub(crate) fn create_layer(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
     Ok(match options.format {
         ImageFormat::Raw => Arc::new(RawImage::create(storage, options.size, options.block_size)?),
         ImageFormat::Asif => Arc::new(AsifImage::create(

@@ -102,6 +102,7 @@ fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u6
 }
 
 /// Store `data`, read from beneath, into the cache layer at `level` where it is still absent.
+/// Runs of zeroes are recorded as zeroes, not stored as data.
 fn fill_cache(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Result<()> {
     let mut pos = 0usize;
     let layer = &levels[level].layer;
@@ -110,20 +111,60 @@ fn fill_cache(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Resul
         let (m, n) = layer.map(at, (data.len() - pos) as u64)?;
         let n = n as usize;
         if m == Mapping::Absent {
-            if data[pos..pos + n].iter().all(|&b| b == 0) {
-                let g = layer.zero_granularity(true);
-                if at % g == 0 && (n as u64) % g == 0 {
-                    let _guard = levels[level].alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
-                    if layer.map(at, n as u64)?.0 == Mapping::Absent {
-                        layer.set_zero(at, n as u64, true, true)?;
-                    }
-                    pos += n;
-                    continue;
-                }
-            }
-            write_level(levels, level, &data[pos..pos + n], at)?;
+            fill_absent(levels, level, &data[pos..pos + n], at)?;
         }
         pos += n;
+    }
+    Ok(())
+}
+
+/// Fill one run the cache layer at `level` does not hold yet.
+fn fill_absent(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Result<()> {
+    let layer = &levels[level].layer;
+    let g = layer.zero_granularity(true);
+    let end = offset + data.len() as u64;
+    // Aligned pieces of the zero granularity are classified; the unaligned edges are data.
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    let mut push = |start: u64, stop: u64, zero: bool| match runs.last_mut() {
+        Some(last) if last.2 == zero && last.1 == start => last.1 = stop,
+        _ => runs.push((start, stop, zero)),
+    };
+    let a0 = align_up(offset, g).unwrap_or(end).min(end);
+    let a1 = align_down(end, g).max(a0);
+    if a0 > offset {
+        push(offset, a0, false);
+    }
+    let mut p = a0;
+    while p < a1 {
+        let piece = &data[(p - offset) as usize..(p - offset + g) as usize];
+        push(p, p + g, piece.iter().all(|&b| b == 0));
+        p += g;
+    }
+    if end > a1.max(offset) {
+        push(a1.max(offset), end, false);
+    }
+    for (start, stop, zero) in runs {
+        let len = stop - start;
+        if zero {
+            let _guard = levels[level].alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if layer.map(start, len)? == (Mapping::Absent, len) {
+                layer.set_zero(start, len, true, true)?;
+                continue;
+            }
+        }
+        let piece = &data[(start - offset) as usize..(stop - offset) as usize];
+        // Another reader may have filled part of this range meanwhile: write only what is
+        // still absent.
+        let mut q = 0usize;
+        while q < piece.len() {
+            let at = start + q as u64;
+            let (m, k) = layer.map(at, (piece.len() - q) as u64)?;
+            let k = k as usize;
+            if m == Mapping::Absent {
+                write_level(levels, level, &piece[q..q + k], at)?;
+            }
+            q += k;
+        }
     }
     Ok(())
 }

@@ -34,6 +34,7 @@ pub mod mapping;
 pub mod options;
 pub mod output;
 pub mod probe;
+pub mod stack;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
@@ -41,3 +42,4 @@ pub use image::{open_layer, DiskImage, LayerDescription, PendingImage};
 pub use layer::{Layer, LayerInfo};
 pub use mapping::{Extent, ExtentKind, Mapping};
 pub use options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions};
+pub use stack::{LayerOptions, ParentPolicy};

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::stack::ParentPolicy;
 
 /// An image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -216,6 +217,7 @@ pub struct OpenOptions {
     pub(crate) mode: OpenMode,
     pub(crate) format: Option<ImageFormat>,
     pub(crate) block_size: Option<u32>,
+    pub(crate) parents: ParentPolicy,
 }
 
 impl OpenOptions {
@@ -252,5 +254,17 @@ impl OpenOptions {
     pub fn raw_block_size(mut self, block_size: u32) -> Self {
         self.block_size = Some(block_size);
         self
+    }
+
+    /// Which parent (backing) files may be followed when the image is a layer of a stack.
+    /// The default, [`ParentPolicy::deny`], follows none.
+    pub fn parents(mut self, policy: ParentPolicy) -> Self {
+        self.parents = policy;
+        self
+    }
+
+    /// The parent policy in effect.
+    pub fn parent_policy(&self) -> &ParentPolicy {
+        &self.parents
     }
 }

@@ -1,0 +1,240 @@
+//! Which parent (backing) files a layer may name: the open policy for stacks.
+//!
+//! Image files are untrusted input, and a parent path written inside one could point anywhere
+//! (`/etc/shadow`, a device, another user's disk). diskkit therefore follows a parent only
+//! through an explicit [`ParentPolicy`]. The library default denies every parent; the CLI allows
+//! parents in the child's own directory and in directories the user names.
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Which parent files may be opened while following a stack's chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParentPolicy {
+    same_directory: bool,
+    directories: Vec<PathBuf>,
+    any: bool,
+}
+
+impl ParentPolicy {
+    /// Follow no parent: opening a layer that names one fails (the library default).
+    pub fn deny() -> Self {
+        ParentPolicy::default()
+    }
+
+    /// Follow parents that resolve to a file in the same directory as the layer naming them
+    /// (the CLI default).
+    pub fn same_directory() -> Self {
+        ParentPolicy {
+            same_directory: true,
+            ..ParentPolicy::default()
+        }
+    }
+
+    /// Follow any parent path, absolute or relative, wherever it leads.
+    pub fn any() -> Self {
+        ParentPolicy {
+            any: true,
+            ..ParentPolicy::default()
+        }
+    }
+
+    /// Also follow parents that resolve to a file under `dir` (at any depth).
+    pub fn allow_directory(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.directories.push(dir.into());
+        self
+    }
+
+    /// Whether this policy can follow any parent at all.
+    pub fn allows_parents(&self) -> bool {
+        self.any || self.same_directory || !self.directories.is_empty()
+    }
+
+    /// Resolve the parent `hint` recorded in the layer at `child`, and check it against the
+    /// policy. Returns the parent's canonical path.
+    pub fn resolve(&self, child: &Path, hint: &str) -> Result<PathBuf> {
+        let denied = |why: String| {
+            Error::new(
+                ErrorKind::PolicyDenied,
+                format!("parent '{hint}' named by this layer is not allowed: {why}"),
+            )
+            .with_path(child)
+        };
+        if !self.allows_parents() {
+            return Err(denied(
+                "parents are only opened through an explicit policy (CLI: the same directory, \
+                 --allow-parent-dir DIR or --allow-any-parent)"
+                    .into(),
+            ));
+        }
+        if hint.is_empty() || hint.contains('\0') {
+            return Err(denied("empty or invalid path".into()));
+        }
+        let hint_path = Path::new(hint);
+        let child_dir = child
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."));
+        let joined = child_dir.join(hint_path);
+        let target = joined.canonicalize().map_err(|e| {
+            Error::new(ErrorKind::NotFound, format!("parent '{hint}' cannot be found"))
+                .with_path(&joined)
+                .with_source(e)
+        })?;
+        if self.any {
+            return Ok(target);
+        }
+        if hint_path.is_absolute() {
+            return Err(denied("absolute parent paths need --allow-any-parent".into()));
+        }
+        let escapes = hint_path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+        let child_dir = child_dir
+            .canonicalize()
+            .map_err(|e| Error::io(e).with_path(child_dir))?;
+        if self.same_directory && !escapes && target.parent() == Some(child_dir.as_path()) {
+            return Ok(target);
+        }
+        for dir in &self.directories {
+            if let Ok(dir) = dir.canonicalize() {
+                if target.starts_with(&dir) {
+                    return Ok(target);
+                }
+            }
+        }
+        Err(denied(format!(
+            "it resolves to '{}', outside the allowed directories",
+            target.display()
+        )))
+    }
+}
+
+/// The path of `target` relative to the directory `from_dir` (both made absolute first), for
+/// recording a parent hint in a new layer.
+pub(crate) fn relative_path(from_dir: &Path, target: &Path) -> Result<PathBuf> {
+    let from = from_dir
+        .canonicalize()
+        .map_err(|e| Error::io(e).with_path(from_dir))?;
+    let to = target
+        .canonicalize()
+        .map_err(|e| Error::io(e).with_path(target))?;
+    let from_parts: Vec<_> = from.components().collect();
+    let to_parts: Vec<_> = to.components().collect();
+    let common = from_parts
+        .iter()
+        .zip(&to_parts)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in common..from_parts.len() {
+        out.push("..");
+    }
+    for part in &to_parts[common..] {
+        out.push(part.as_os_str());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(a.join("base"), b"x").unwrap();
+        std::fs::write(a.join("child"), b"x").unwrap();
+        std::fs::write(b.join("other"), b"x").unwrap();
+        (dir, a, b)
+    }
+
+    #[test]
+    fn deny_by_default() {
+        let (_d, a, _b) = setup();
+        let e = ParentPolicy::default()
+            .resolve(&a.join("child"), "base")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PolicyDenied);
+    }
+
+    #[test]
+    fn same_directory_only() {
+        let (_d, a, b) = setup();
+        let p = ParentPolicy::same_directory();
+        let child = a.join("child");
+        assert_eq!(
+            p.resolve(&child, "base").unwrap(),
+            a.join("base").canonicalize().unwrap()
+        );
+        assert_eq!(
+            p.resolve(&child, "./base").unwrap(),
+            a.join("base").canonicalize().unwrap()
+        );
+        for bad in ["../b/other", "../a/base"] {
+            assert_eq!(
+                p.resolve(&child, bad).unwrap_err().kind(),
+                ErrorKind::PolicyDenied,
+                "{bad}"
+            );
+        }
+        let abs = b.join("other");
+        assert_eq!(
+            p.resolve(&child, abs.to_str().unwrap()).unwrap_err().kind(),
+            ErrorKind::PolicyDenied
+        );
+        assert_eq!(
+            p.resolve(&child, "missing").unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn symlink_escape_is_caught() {
+        let (_d, a, b) = setup();
+        std::os::unix::fs::symlink(b.join("other"), a.join("link")).unwrap();
+        let e = ParentPolicy::same_directory()
+            .resolve(&a.join("child"), "link")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PolicyDenied);
+        let ok = ParentPolicy::same_directory()
+            .allow_directory(&b)
+            .resolve(&a.join("child"), "link")
+            .unwrap();
+        assert_eq!(ok, b.join("other").canonicalize().unwrap());
+    }
+
+    #[test]
+    fn allowed_directories_and_any() {
+        let (_d, a, b) = setup();
+        let child = a.join("child");
+        let p = ParentPolicy::deny().allow_directory(&b);
+        assert!(p.resolve(&child, "../b/other").is_ok());
+        assert_eq!(
+            p.resolve(&child, "base").unwrap_err().kind(),
+            ErrorKind::PolicyDenied
+        );
+        let abs = b.join("other");
+        assert!(ParentPolicy::any().resolve(&child, abs.to_str().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn relative_paths() {
+        let (_d, a, b) = setup();
+        assert_eq!(relative_path(&a, &a.join("base")).unwrap(), PathBuf::from("base"));
+        assert_eq!(
+            relative_path(&a, &b.join("other")).unwrap(),
+            PathBuf::from("../b/other")
+        );
+    }
+}

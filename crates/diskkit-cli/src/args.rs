@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use diskkit::ImageFormat;
 
-/// Create, inspect, convert and access virtual-machine disk images (RAW, ASIF).
+/// Create, inspect, stack, convert and access virtual-machine disk images (RAW, ASIF, qcow2).
 #[derive(Debug, Parser)]
 #[command(name = "diskkit", version, about, max_term_width = 100)]
 pub(crate) struct Cli {
@@ -44,6 +44,55 @@ pub(crate) struct OpenArgs {
     /// guest has written to: detection could be fooled by what the guest wrote.
     #[arg(short = 'f', long = "image-format", value_enum)]
     pub(crate) format: Option<Format>,
+    #[command(flatten)]
+    pub(crate) parents: ParentArgs,
+}
+
+/// Which parent (backing) files a layer may name. By default only parents in the same
+/// directory as the layer naming them are followed.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct ParentArgs {
+    /// Also follow parents that resolve to a file under DIR (repeatable).
+    #[arg(long = "allow-parent-dir", value_name = "DIR")]
+    pub(crate) allow_parent_dir: Vec<PathBuf>,
+    /// Follow any parent path a layer names, absolute or with `..`, wherever it leads.
+    #[arg(long = "allow-any-parent")]
+    pub(crate) allow_any_parent: bool,
+}
+
+/// The role of a new layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LayerKind {
+    /// Copy-on-write: stores modifications.
+    Overlay,
+    /// Keeps blocks read from beneath it (for slow or remote bases).
+    Cache,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum LayerCommand {
+    /// Create a new empty layer on top of PARENT (an image or the top of a stack).
+    Create {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// The layer's role.
+        #[arg(long = "type", value_enum, default_value = "overlay")]
+        kind: LayerKind,
+        /// The new layer's format.
+        #[arg(long = "format", id = "layer_format", value_enum, default_value = "asif")]
+        format: Format,
+        /// ASIF chunk size (default 1 MiB).
+        #[arg(long)]
+        chunk_size: Option<String>,
+        /// The parent: an image or the top layer of a stack.
+        #[arg(long)]
+        parent: PathBuf,
+        /// Replace the file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Where to create the layer.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,6 +166,8 @@ pub(crate) enum Command {
         /// Format of the second image.
         #[arg(short = 'F', long = "second-format", value_enum)]
         format_b: Option<Format>,
+        #[command(flatten)]
+        parents: ParentArgs,
         /// Fail when the sizes differ (otherwise the excess must read as zeroes).
         #[arg(short = 's', long)]
         strict: bool,
@@ -163,6 +214,59 @@ pub(crate) enum Command {
         /// Output file; stdout when omitted.
         #[arg(long)]
         to: Option<PathBuf>,
+    },
+    /// Stacked-image layers.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Freeze the top layer under a new name (printed) and put a new empty overlay on it, at
+    /// the same path.
+    Snapshot {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// The top layer of the stack.
+        top: PathBuf,
+    },
+    /// Throw away everything written since the last snapshot: the top layer becomes empty.
+    Restore {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// The top layer of the stack.
+        top: PathBuf,
+    },
+    /// Merge the top layer into the layer beneath it, then empty the top.
+    Commit {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// The top layer of the stack.
+        top: PathBuf,
+    },
+    /// Write a whole stack out as one standalone image (sparse).
+    Flatten {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// Output format (default: the top layer's; RAW stays RAW).
+        #[arg(short = 'O', long = "output-format", value_enum)]
+        output_format: Option<Format>,
+        /// ASIF chunk size of the output (default 1 MiB).
+        #[arg(long)]
+        chunk_size: Option<String>,
+        /// Replace the destination if it exists.
+        #[arg(long)]
+        force: bool,
+        /// The top layer of the stack.
+        top: PathBuf,
+        /// Destination path.
+        dst: PathBuf,
+    },
+    /// Move the top layer onto another parent without changing what the stack reads.
+    Rebase {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// The new parent image.
+        #[arg(short = 'b', long = "backing")]
+        new_parent: PathBuf,
+        /// The top layer of the stack.
+        top: PathBuf,
     },
     /// Discard a range of the virtual disk (it reads as zeroes afterwards).
     Discard {

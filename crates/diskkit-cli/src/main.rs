@@ -16,6 +16,13 @@ pub(crate) const EXIT_DIFFERENT: u8 = 1;
 pub(crate) const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`diskkit map x | head`) instead of failing on every later print.
+    // SAFETY: called first thing in main, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match args::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {

@@ -354,7 +354,8 @@ impl DiskImage {
 impl Drop for DiskImage {
     /// Closing an image flushes it (best effort; call [`DiskImage::flush`] to see errors).
     fn drop(&mut self) {
-        if self.mode.is_writable() {
+        // Cache layers fill even in read-only stacks, so every writable layer is flushed.
+        if self.levels.iter().any(|l| l.layer.writable()) {
             let _ = self.flush();
         }
     }

@@ -6,19 +6,27 @@ use anyhow::Result;
 use diskkit::copy::compare;
 
 use super::open_image;
-use crate::args::{Format, OpenArgs};
+use crate::args::{Format, OpenArgs, ParentArgs};
 use crate::progress::bytes_bar;
 use crate::EXIT_DIFFERENT;
 
 pub(crate) fn run(
     format_a: Option<Format>,
     format_b: Option<Format>,
+    parents: &ParentArgs,
     strict: bool,
     a: &Path,
     b: &Path,
 ) -> Result<u8> {
-    let ia = open_image(&OpenArgs { format: format_a }, a, false)?;
-    let ib = open_image(&OpenArgs { format: format_b }, b, false)?;
+    let open = |format, path| {
+        let args = OpenArgs {
+            format,
+            parents: parents.clone(),
+        };
+        open_image(&args, path, false)
+    };
+    let ia = open(format_a, a)?;
+    let ib = open(format_b, b)?;
     if ia.size() != ib.size() {
         if strict {
             println!("Strict mode: Image size mismatch!");

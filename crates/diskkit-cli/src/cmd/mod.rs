@@ -6,13 +6,14 @@ mod convert;
 mod create;
 mod info;
 mod map;
+mod stack;
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use diskkit::{DiskImage, OpenOptions};
+use diskkit::{DiskImage, OpenOptions, ParentPolicy};
 
-use crate::args::{Cli, Command, OpenArgs};
+use crate::args::{Cli, Command, LayerCommand, OpenArgs};
 
 /// Run a parsed command line; returns the exit status.
 pub(crate) fn run(cli: Cli) -> Result<u8> {
@@ -47,10 +48,44 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
         Command::Compare {
             format_a,
             format_b,
+            parents,
             strict,
             a,
             b,
-        } => compare::run(format_a, format_b, strict, &a, &b),
+        } => compare::run(format_a, format_b, &parents, strict, &a, &b),
+        Command::Layer(LayerCommand::Create {
+            open,
+            kind,
+            format,
+            chunk_size,
+            parent,
+            force,
+            path,
+        }) => stack::layer_create(&open, kind, format, chunk_size.as_deref(), &parent, force, &path),
+        Command::Snapshot { open, top } => stack::snapshot(&open, &top),
+        Command::Restore { open, top } => stack::restore(&open, &top),
+        Command::Commit { open, top } => stack::commit(&open, &top),
+        Command::Flatten {
+            open,
+            output_format,
+            chunk_size,
+            force,
+            top,
+            dst,
+        } => convert::run(
+            &open,
+            output_format,
+            None,
+            chunk_size.as_deref(),
+            force,
+            &top,
+            &dst,
+        ),
+        Command::Rebase {
+            open,
+            new_parent,
+            top,
+        } => stack::rebase(&open, &top, &new_parent),
         Command::Resize { open, path, size } => access::resize(&open, &path, &size),
         Command::Write {
             open,
@@ -74,11 +109,27 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
     }
 }
 
-/// Open an image for the CLI.
-pub(crate) fn open_image(open: &OpenArgs, path: &Path, writable: bool) -> Result<DiskImage> {
+/// The open options the CLI's arguments ask for: the format, and the parent policy (the
+/// same directory by default, plus `--allow-parent-dir`, or anything with
+/// `--allow-any-parent`).
+pub(crate) fn open_options(open: &OpenArgs, writable: bool) -> OpenOptions {
     let mut options = OpenOptions::new().writable(writable);
     if let Some(f) = open.format {
         options = options.format(f.into());
     }
+    let mut policy = if open.parents.allow_any_parent {
+        ParentPolicy::any()
+    } else {
+        ParentPolicy::same_directory()
+    };
+    for dir in &open.parents.allow_parent_dir {
+        policy = policy.allow_directory(dir);
+    }
+    options.parents(policy)
+}
+
+/// Open an image (and the stack beneath it) for the CLI.
+pub(crate) fn open_image(open: &OpenArgs, path: &Path, writable: bool) -> Result<DiskImage> {
+    let options = open_options(open, writable);
     DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))
 }

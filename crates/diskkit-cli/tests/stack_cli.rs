@@ -1,0 +1,212 @@
+//! Stacks through the CLI: layer creation, the parent policy, snapshot / restore / commit /
+//! flatten / rebase, with the results checked against a RAW reference written by `qemu-io`
+//! and compared with `qemu-img compare`.
+
+mod support;
+
+use std::path::Path;
+
+use serde_json::Value;
+use support::{diskkit, diskkit_ok, tool_ok};
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Write `len` bytes of `pattern` at `offset` into the stack (diskkit) and into the RAW
+/// reference (qemu-io, a peer).
+fn write_both(top: &Path, reference: &Path, offset: u64, len: u64, pattern: u8) {
+    let data = vec![pattern; len as usize];
+    let tmp = top.with_extension("in");
+    std::fs::write(&tmp, &data).unwrap();
+    diskkit_ok(&[
+        "write",
+        p(top),
+        "--offset",
+        &offset.to_string(),
+        "--from",
+        p(&tmp),
+    ]);
+    tool_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            &format!("write -P {pattern} {offset} {len}"),
+            p(reference),
+        ],
+    );
+}
+
+fn flatten_matches(top: &Path, reference: &Path) {
+    let flat = top.with_extension("flat.raw");
+    diskkit_ok(&["flatten", "-O", "raw", "--force", p(top), p(&flat)]);
+    tool_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", p(&flat), p(reference)],
+    );
+    // diskkit's own compare agrees, on the stack itself.
+    diskkit_ok(&["compare", p(top), p(reference)]);
+}
+
+fn info_json(path: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["info", "--output", "json"];
+    args.extend_from_slice(extra);
+    args.push(p(path));
+    serde_json::from_str(&diskkit_ok(&args)).unwrap()
+}
+
+#[test]
+fn stack_lifecycle_matches_a_raw_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    let reference = d.join("reference.raw");
+    let cache = d.join("cache.asif");
+    let vm = d.join("vm.asif");
+    diskkit_ok(&["create", "--format", "raw", "--size", "16M", p(&base)]);
+    tool_ok("qemu-img", &["create", "-f", "raw", p(&reference), "16M"]);
+    write_both(&base, &reference, 1 << 20, 300_000, 0x11);
+
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--type",
+        "cache",
+        "--parent",
+        p(&base),
+        p(&cache),
+    ]);
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--type",
+        "overlay",
+        "--chunk-size",
+        "64K",
+        "--parent",
+        p(&cache),
+        p(&vm),
+    ]);
+    // A second cache in the same stack is refused.
+    let out = diskkit(&[
+        "layer",
+        "create",
+        "--type",
+        "cache",
+        "--parent",
+        p(&vm),
+        p(&d.join("c2.asif")),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only one"),
+        "{out:?}"
+    );
+
+    write_both(&vm, &reference, 5 << 20, 70_000, 0x22);
+    write_both(&vm, &reference, (1 << 20) + 4096, 512, 0x23);
+    flatten_matches(&vm, &reference);
+
+    // info shows the chain; map reports the depth each range comes from.
+    let info = info_json(&vm, &[]);
+    let layers = info["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    let types: Vec<_> = layers
+        .iter()
+        .map(|l| l["layer_type"].as_str().unwrap_or("base"))
+        .collect();
+    assert_eq!(types, ["overlay", "cache", "base"]);
+    assert_eq!(layers[0]["parent_uuid"], layers[1]["layer_uuid"]);
+    let map: Value = serde_json::from_str(&diskkit_ok(&["map", "--output", "json", p(&vm)])).unwrap();
+    let depth_at = |off: u64| {
+        map.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["start"].as_u64().unwrap() <= off
+                    && off < e["start"].as_u64().unwrap() + e["length"].as_u64().unwrap()
+            })
+            .map(|e| e["depth"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert_eq!(depth_at(5 << 20), 1);
+    assert_eq!(depth_at((1 << 20) + 4096), 1);
+    // Flatten read the base through the cache, so the cache (depth 2) now holds it.
+    assert_eq!(depth_at((1 << 20) + 100_000), 2);
+
+    // Snapshot, write, restore: back to the snapshot.
+    let frozen = diskkit_ok(&["snapshot", p(&vm)]);
+    assert!(frozen.trim().ends_with("vm.snap1.asif"), "{frozen}");
+    let before_restore = d.join("before.raw");
+    std::fs::copy(&reference, &before_restore).unwrap();
+    write_both(&vm, &reference, 0, 8192, 0x33);
+    flatten_matches(&vm, &reference);
+    diskkit_ok(&["restore", p(&vm)]);
+    flatten_matches(&vm, &before_restore);
+    std::fs::copy(&before_restore, &reference).unwrap();
+
+    // Commit: the top's data moves into the frozen layer; the stack reads the same.
+    write_both(&vm, &reference, 3 << 20, 100_000, 0x44);
+    diskkit_ok(&["commit", p(&vm)]);
+    flatten_matches(&vm, &reference);
+    flatten_matches(&d.join("vm.snap1.asif"), &reference);
+
+    // The base was never written through the stack.
+    let mut base_ref = vec![0u8; 16 << 20];
+    base_ref[1 << 20..(1 << 20) + 300_000].fill(0x11);
+    assert!(std::fs::read(&base).unwrap() == base_ref, "the base changed");
+}
+
+#[test]
+fn parent_policy_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.asif");
+    std::fs::create_dir(d.join("layers")).unwrap();
+    let child = d.join("layers/child.asif");
+    diskkit_ok(&["create", "--size", "4M", p(&base)]);
+    diskkit_ok(&["layer", "create", "--parent", p(&base), p(&child)]);
+    let info = info_json(&child, &["--allow-parent-dir", p(d)]);
+    assert_eq!(info["layers"][0]["parent_path"], "../base.asif");
+    // By default only the child's own directory is trusted.
+    let out = diskkit(&["info", p(&child)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not allowed") && err.contains("../base.asif"),
+        "{err}"
+    );
+    diskkit_ok(&["info", "--allow-any-parent", p(&child)]);
+    // The base written after the layer was made: the mismatch names both UUIDs.
+    diskkit_ok(&["discard", p(&base), "--offset", "0", "--length", "4096"]);
+    let out = diskkit(&["info", "--allow-any-parent", p(&child)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("expects parent UUID"), "{err}");
+}
+
+#[test]
+fn rebase_keeps_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.raw");
+    let reference = d.join("reference.raw");
+    let top = d.join("top.asif");
+    diskkit_ok(&["create", "--format", "raw", "--size", "8M", p(&base)]);
+    tool_ok("qemu-img", &["create", "-f", "raw", p(&reference), "8M"]);
+    write_both(&base, &reference, 0, 1 << 20, 0x55);
+    diskkit_ok(&["layer", "create", "--parent", p(&base), p(&top)]);
+    write_both(&top, &reference, 2 << 20, 4096, 0x66);
+    // The new parent differs from the old one in part of the first MiB.
+    let other = d.join("other.asif");
+    diskkit_ok(&["convert", "-O", "asif", p(&base), p(&other)]);
+    let patch = d.join("patch.bin");
+    std::fs::write(&patch, vec![0x77u8; 10_000]).unwrap();
+    diskkit_ok(&["write", p(&other), "--offset", "500000", "--from", p(&patch)]);
+    diskkit_ok(&["rebase", "-b", p(&other), p(&top)]);
+    let info = info_json(&top, &[]);
+    assert_eq!(info["layers"][1]["format"], "asif");
+    flatten_matches(&top, &reference);
+}

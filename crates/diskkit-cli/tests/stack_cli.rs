@@ -210,3 +210,101 @@ fn rebase_keeps_content() {
     assert_eq!(info["layers"][1]["format"], "asif");
     flatten_matches(&top, &reference);
 }
+
+/// Copy every file of `from` into a new directory `to` (layers name their parents relatively,
+/// so the copy is a complete stack).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn sigkill_during_commit_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = dir.path().join("golden");
+    std::fs::create_dir(&golden).unwrap();
+    let base = golden.join("base.asif");
+    let top = golden.join("top.asif");
+    let expected = dir.path().join("expected.raw");
+    diskkit_ok(&["create", "--size", "64M", "--chunk-size", "64K", p(&base)]);
+    let mut rng = support::Rng(0x5eed);
+    let chunk = dir.path().join("chunk.bin");
+    for i in 0..8u64 {
+        std::fs::write(&chunk, vec![(i as u8) | 0x80; 1 << 20]).unwrap();
+        let off = (i * 7 % 64) << 20;
+        diskkit_ok(&[
+            "write",
+            p(&base),
+            "--offset",
+            &off.to_string(),
+            "--from",
+            p(&chunk),
+        ]);
+    }
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--chunk-size",
+        "64K",
+        "--parent",
+        p(&base),
+        p(&top),
+    ]);
+    for i in 0..48u64 {
+        let len = 4096 + rng.below(400_000);
+        let off = rng.below((64 << 20) - len);
+        std::fs::write(&chunk, vec![(i as u8) | 1; len as usize]).unwrap();
+        diskkit_ok(&[
+            "write",
+            p(&top),
+            "--offset",
+            &off.to_string(),
+            "--from",
+            p(&chunk),
+        ]);
+        if i % 8 == 7 {
+            diskkit_ok(&[
+                "discard",
+                p(&top),
+                "--offset",
+                &off.to_string(),
+                "--length",
+                "65536",
+            ]);
+        }
+    }
+    diskkit_ok(&["flatten", "-O", "raw", p(&top), p(&expected)]);
+
+    // How long an uninterrupted commit takes here, to spread the kills over it.
+    let probe = dir.path().join("probe");
+    copy_dir(&golden, &probe);
+    let start = std::time::Instant::now();
+    diskkit_ok(&["commit", p(&probe.join("top.asif"))]);
+    let full = start.elapsed().as_micros() as u64;
+    flatten_matches(&probe.join("top.asif"), &expected);
+
+    for round in 0..12u64 {
+        let work = dir.path().join(format!("round{round}"));
+        copy_dir(&golden, &work);
+        let wtop = work.join("top.asif");
+        let mut child = std::process::Command::new(support::diskkit_bin())
+            .args(["commit", p(&wtop)])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(rng.below(full * 6 / 5 + 1)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Whatever moment the kill hit, the stack opens and reads as before the commit...
+        flatten_matches(&wtop, &expected);
+        // ...and running the commit again finishes it.
+        diskkit_ok(&["commit", p(&wtop)]);
+        flatten_matches(&wtop, &expected);
+        flatten_matches(&work.join("base.asif"), &expected);
+    }
+}

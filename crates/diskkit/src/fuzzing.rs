@@ -54,3 +54,30 @@ pub fn asif_open(data: &[u8]) {
         let _ = image.read_at(&mut buf[..n], 0);
     }
 }
+
+/// Parse `data` as an ASIF metadata block, where diskkit keeps a layer's stack information
+/// (type, parent UUID, parent path and format). Whatever parses must survive being written
+/// back and parsed again unchanged, and a parent path from it must go through the parent
+/// policy without panicking. Must never panic otherwise.
+pub fn stack_metadata(data: &[u8]) {
+    use crate::formats::asif::metadata::Metadata;
+    let Ok(meta) = Metadata::parse(data) else {
+        return;
+    };
+    let Ok(info) = meta.layer_info() else {
+        return;
+    };
+    let mut copy = meta.clone();
+    copy.set_layer_info(&info);
+    if let Ok(block) = copy.to_block(1 << 20) {
+        let back = Metadata::parse(&block).expect("a metadata block diskkit wrote must parse");
+        let again = back
+            .layer_info()
+            .expect("layer information diskkit wrote must parse");
+        assert_eq!(again, info, "layer information changed in a round trip");
+    }
+    if let Some(hint) = &info.parent_path {
+        let child = std::path::Path::new("/nonexistent-diskkit-fuzz/child.asif");
+        let _ = crate::stack::ParentPolicy::same_directory().resolve(child, hint);
+    }
+}

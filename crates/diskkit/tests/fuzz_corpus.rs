@@ -20,3 +20,8 @@ fn replay(target: &str, f: fn(&[u8])) {
 fn asif_open_corpus() {
     replay("asif_open", diskkit::fuzzing::asif_open);
 }
+
+#[test]
+fn stack_metadata_corpus() {
+    replay("stack_metadata", diskkit::fuzzing::stack_metadata);
+}

@@ -207,7 +207,7 @@ fn cache_layer_serves_second_reads() {
 }
 
 #[test]
-fn raw_cannot_be_a_layer_and_qcow2_chains_are_policed() {
+fn raw_cannot_be_a_layer() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_asif(dir.path(), MIB);
     let err = DiskImage::open(&base, &OpenOptions::new())
@@ -514,4 +514,106 @@ proptest! {
     fn stacks_match_the_model(raw_base in any::<bool>(), ops in proptest::collection::vec(op_strategy(), 1..40)) {
         run_model(raw_base, &ops);
     }
+}
+
+#[test]
+fn layer_uuid_changes_on_first_write_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_asif(dir.path(), MIB);
+    let top = dir.path().join("top.asif");
+    DiskImage::open(&base, &OpenOptions::new())
+        .unwrap()
+        .with_new(&top, &LayerOptions::overlay())
+        .unwrap();
+    let stack = DiskImage::open(&top, &rw()).unwrap();
+    let u0 = stack.layer_uuid().unwrap();
+    stack.read_at(&mut [0u8; 4096], 0).unwrap();
+    stack.flush().unwrap();
+    assert_eq!(
+        stack.layer_uuid(),
+        Some(u0),
+        "reading or flushing changed the UUID"
+    );
+    stack.write_at(&[1; 512], 0).unwrap();
+    let u1 = stack.layer_uuid().unwrap();
+    assert_ne!(u0, u1, "the first write must change the layer UUID");
+    stack.write_at(&[2; 512], 512).unwrap();
+    assert_eq!(
+        stack.layer_uuid(),
+        Some(u1),
+        "later writes in the same session keep it"
+    );
+    drop(stack);
+    // Persisted: reopening sees the new UUID.
+    assert_eq!(DiskImage::open(&top, &same_dir()).unwrap().layer_uuid(), Some(u1));
+}
+
+#[test]
+fn raw_parent_has_no_uuid() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    DiskImage::create(&base, &CreateOptions::raw(MIB)).unwrap();
+    let top = dir.path().join("top.asif");
+    let stack = DiskImage::open(&base, &OpenOptions::new())
+        .unwrap()
+        .with_new(&top, &LayerOptions::overlay())
+        .unwrap();
+    assert_eq!(stack.parent_uuid(), None);
+    assert!(stack.layer_uuid().is_some());
+    let layers = stack.describe_layers().unwrap();
+    assert_eq!(layers[1].info.layer_uuid, None);
+    assert_eq!(layers[0].info.parent_format, Some(ImageFormat::Raw));
+    assert_eq!(layers[0].info.parent_path.as_deref(), Some("base.raw"));
+    // A RAW base can be written after the layer was made without detection: documented.
+    drop(stack);
+    assert_eq!(DiskImage::open(&top, &same_dir()).unwrap().layer_count(), 2);
+}
+
+#[test]
+fn cache_reads_each_base_block_once_and_survives_reopen() {
+    let size = 8 * MIB;
+    let base_store = Arc::new(MemStorage::new());
+    let s: Arc<dyn Storage> = base_store.clone();
+    let base = DiskImage::create_on(s, &CreateOptions::raw(size)).unwrap();
+    let data = fill(size as usize, 9);
+    base.write_at(&data, 0).unwrap();
+    drop(base);
+    let open_base = || {
+        let s: Arc<dyn Storage> = base_store.clone();
+        DiskImage::open_storage(s, &OpenOptions::new().format(ImageFormat::Raw)).unwrap()
+    };
+    let cache_store = Arc::new(MemStorage::new());
+    let c: Arc<dyn Storage> = cache_store.clone();
+    let stack = open_base().with_new_on(c, &LayerOptions::cache()).unwrap();
+    let (_, bytes0, _, _) = base_store.counters();
+    let mut buf = vec![0u8; 192 << 10];
+    for _ in 0..2 {
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(buf.len() as u64) as usize;
+            stack.read_at(&mut buf[..n], pos).unwrap();
+            assert_eq!(&buf[..n], &data[pos as usize..pos as usize + n]);
+            pos += n as u64;
+        }
+    }
+    let (_, bytes1, _, _) = base_store.counters();
+    assert_eq!(
+        bytes1 - bytes0,
+        size,
+        "each base byte read exactly once over two passes"
+    );
+    drop(stack);
+    // Reopen the cache over the base: nothing more is read from the base.
+    let c: Arc<dyn Storage> = cache_store.clone();
+    let cache_layer =
+        diskkit::open_layer(c, &OpenOptions::new().writable(true).format(ImageFormat::Asif)).unwrap();
+    let mut stack = open_base();
+    stack
+        .append_layer(cache_layer, None, diskkit::OpenMode::ReadWrite)
+        .unwrap();
+    let mut all = vec![0u8; size as usize];
+    stack.read_at(&mut all, 0).unwrap();
+    assert_eq!(all, data);
+    let (_, bytes2, _, _) = base_store.counters();
+    assert_eq!(bytes2, bytes1, "the reopened cache went back to the base");
 }

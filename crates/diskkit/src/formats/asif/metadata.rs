@@ -28,7 +28,7 @@ const PARENT_FORMAT: &str = "parent format";
 
 /// Parsed metadata: the whole dictionary (unknown keys are kept) and the layer fields.
 #[derive(Debug, Clone)]
-pub(super) struct Metadata {
+pub(crate) struct Metadata {
     pub(super) root: Dictionary,
 }
 
@@ -47,7 +47,7 @@ impl Metadata {
     }
 
     /// Parse a metadata block (one chunk, or less).
-    pub(super) fn parse(block: &[u8]) -> Result<Metadata> {
+    pub(crate) fn parse(block: &[u8]) -> Result<Metadata> {
         let field = |at: usize, len: usize| -> Result<&[u8]> {
             block
                 .get(at..at + len)
@@ -87,7 +87,7 @@ impl Metadata {
     }
 
     /// Serialise into a block of exactly `block_len` bytes.
-    pub(super) fn to_block(&self, block_len: usize) -> Result<Vec<u8>> {
+    pub(crate) fn to_block(&self, block_len: usize) -> Result<Vec<u8>> {
         let mut xml = Vec::new();
         Value::Dictionary(self.root.clone())
             .to_writer_xml(&mut xml)
@@ -142,7 +142,7 @@ impl Metadata {
     }
 
     /// The layer fields (the layer UUID itself lives in the header).
-    pub(super) fn layer_info(&self) -> Result<LayerInfo> {
+    pub(crate) fn layer_info(&self) -> Result<LayerInfo> {
         let layer_type = match self.string(LAYER_TYPE) {
             None => None,
             Some(s) => Some(
@@ -168,7 +168,7 @@ impl Metadata {
     }
 
     /// Replace the layer fields (the stable UUID is kept).
-    pub(super) fn set_layer_info(&mut self, info: &LayerInfo) {
+    pub(crate) fn set_layer_info(&mut self, info: &LayerInfo) {
         let d = self.internal_mut();
         let mut put = |key: &str, value: Option<String>| match value {
             Some(v) => {

@@ -8,7 +8,7 @@
 mod entry;
 mod geometry;
 mod header;
-mod metadata;
+pub(crate) mod metadata;
 mod state;
 
 use std::collections::{HashMap, HashSet};

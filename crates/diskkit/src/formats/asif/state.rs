@@ -249,7 +249,11 @@ impl State {
 
     /// Release a chunk that the current metadata no longer refers to.
     pub(super) fn free_chunk(&mut self, storage: &dyn Storage, chunk: u64) -> Result<()> {
-        storage.punch_hole(chunk * self.geo.chunk_size, self.geo.chunk_size)?;
+        // The chunk's content must stay until the commit that stops referring to it is on
+        // disk: the active directory may still point at it (a metadata block, say), and a
+        // crash before the commit would otherwise leave it pointing at a hole. It is punched
+        // after that commit, and again when it is reused.
+        let _ = storage;
         self.pending_free.push(chunk);
         Ok(())
     }
@@ -386,7 +390,11 @@ impl State {
             entries: self.dir.clone(),
         };
         self.active = slot;
+        let k = self.geo.chunk_size;
         for c in self.pending_free.drain(..) {
+            // Releasing the space is best effort: a chunk that could not be punched is
+            // punched again when it is reused.
+            let _ = storage.punch_hole(c * k, k);
             self.free.push((c, c + 1));
         }
         self.fresh.clear();

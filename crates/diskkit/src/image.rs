@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::asif::AsifImage;
+use crate::formats::qcow2::{Qcow2CreateOptions, Qcow2Image};
 use crate::formats::raw::RawImage;
 use crate::io::{self, Level};
 use crate::layer::{Layer, LayerInfo};
@@ -370,7 +371,17 @@ fn create_layer(storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Ar
             options.block_size,
             options.chunk_size,
         )?),
-        ImageFormat::Qcow2 => return Err(Error::unsupported("creating qcow2 images")),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::create(
+            storage,
+            &Qcow2CreateOptions {
+                size: options.size,
+                cluster_size: options
+                    .cluster_size
+                    .unwrap_or(crate::formats::qcow2::DEFAULT_CLUSTER_SIZE),
+                backing_file: options.backing.as_ref().map(|b| b.0.clone()),
+                backing_format: options.backing.as_ref().and_then(|b| b.1),
+            },
+        )?),
     })
 }
 
@@ -388,6 +399,6 @@ pub fn open_layer(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Ar
             writable,
         )?),
         ImageFormat::Asif => Arc::new(AsifImage::open(storage, writable)?),
-        ImageFormat::Qcow2 => return Err(Error::unsupported("qcow2 images")),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open(storage, writable)?),
     })
 }

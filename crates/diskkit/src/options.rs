@@ -128,6 +128,7 @@ pub struct CreateOptions {
     pub(crate) block_size: u32,
     pub(crate) chunk_size: u32,
     pub(crate) cluster_size: Option<u32>,
+    pub(crate) backing: Option<(String, Option<ImageFormat>)>,
     pub(crate) overwrite: bool,
 }
 
@@ -155,6 +156,7 @@ impl CreateOptions {
             block_size: 512,
             chunk_size: DEFAULT_CHUNK_SIZE,
             cluster_size: None,
+            backing: None,
             overwrite: false,
         }
     }
@@ -177,6 +179,13 @@ impl CreateOptions {
         self
     }
 
+    /// Record a backing file (qcow2 only): its name, as the new image will look it up, and
+    /// optionally its format. The backing file is not opened.
+    pub fn backing_file(mut self, name: impl Into<String>, format: Option<ImageFormat>) -> Self {
+        self.backing = Some((name.into(), format));
+        self
+    }
+
     /// Replace an existing file instead of failing.
     pub fn overwrite(mut self, overwrite: bool) -> Self {
         self.overwrite = overwrite;
@@ -194,6 +203,12 @@ impl CreateOptions {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
+        if self.backing.is_some() && self.format != ImageFormat::Qcow2 {
+            return Err(Error::invalid_argument(format!(
+                "{} images cannot record a backing file",
+                self.format
+            )));
+        }
         if self.block_size != 512 && self.block_size != 4096 {
             return Err(Error::invalid_argument(format!(
                 "block size must be 512 or 4096, not {}",

@@ -48,6 +48,8 @@ pub struct LayerDescription {
     pub file_size: u64,
     /// Host bytes allocated, if known.
     pub allocated_bytes: Option<u64>,
+    /// Format-specific details (name, value), see [`Layer::details`].
+    pub details: Vec<(&'static str, String)>,
 }
 
 impl DiskImage {
@@ -85,9 +87,48 @@ impl DiskImage {
         let path = path.as_ref();
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, options.mode.is_writable())?);
         let layer = open_layer(storage, options).map_err(|e| e.with_path(path))?;
-        let mut image = DiskImage::from_layer(layer, options.mode)?;
+        let mut image = if options.detached {
+            DiskImage::detached(layer, options.mode)
+        } else {
+            DiskImage::from_layer(layer, options.mode)
+        }
+        .map_err(|e| e.with_path(path))?;
         image.paths[0] = Some(path.to_path_buf());
         Ok(image)
+    }
+
+    /// Create a new image file at `path` (under a temporary name, renamed when complete)
+    /// without opening it; unlike [`DiskImage::create`] this also makes layers that record a
+    /// parent (a qcow2 image with a backing file), whose parent is not opened.
+    pub fn create_file(path: impl AsRef<Path>, options: &CreateOptions) -> Result<()> {
+        options.validate()?;
+        let path = path.as_ref();
+        let pending = PendingFile::new(path, options.overwrite)?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_new(pending.temp_path())?);
+        let layer = create_layer(storage, options).map_err(|e| e.with_path(path))?;
+        layer.flush().map_err(|e| e.with_path(path))?;
+        drop(layer);
+        pending.persist()
+    }
+
+    /// One layer on its own, parent or not; see [`OpenOptions::detached`].
+    fn detached(layer: Arc<dyn Layer>, mode: OpenMode) -> Result<DiskImage> {
+        let info = layer.layer_info();
+        let has_parent = info.parent_uuid.is_some() || info.parent_path.is_some();
+        if mode.is_writable() && has_parent {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "a layer with a parent can only be opened detached read-only",
+            ));
+        }
+        if mode.is_writable() && !layer.writable() {
+            return Err(Error::from_kind(ErrorKind::ReadOnly));
+        }
+        Ok(DiskImage {
+            levels: vec![Level::new(layer, info.layer_type)],
+            paths: vec![None],
+            mode,
+        })
     }
 
     /// Open an image on any storage (memory, a custom backend).
@@ -196,6 +237,7 @@ impl DiskImage {
                 writable: layer.writable(),
                 file_size: layer.storage().len()?,
                 allocated_bytes: layer.allocated_bytes()?,
+                details: layer.details(),
             });
         }
         Ok(out)

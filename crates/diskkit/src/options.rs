@@ -231,6 +231,7 @@ pub struct OpenOptions {
     pub(crate) mode: OpenMode,
     pub(crate) format: Option<ImageFormat>,
     pub(crate) block_size: Option<u32>,
+    pub(crate) detached: bool,
 }
 
 impl OpenOptions {
@@ -260,6 +261,14 @@ impl OpenOptions {
     /// that guests have written to.
     pub fn format(mut self, format: ImageFormat) -> Self {
         self.format = Some(format);
+        self
+    }
+
+    /// Open only the named layer even if it records a parent (a qcow2 backing file): what the
+    /// layer does not hold maps as absent and reads as zeroes. Read-only: writing without the
+    /// parent would fill partly written clusters with zeroes instead of the parent's data.
+    pub fn detached(mut self, detached: bool) -> Self {
+        self.detached = detached;
         self
     }
 

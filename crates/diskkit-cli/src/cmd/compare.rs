@@ -17,8 +17,8 @@ pub(crate) fn run(
     a: &Path,
     b: &Path,
 ) -> Result<u8> {
-    let ia = open_image(&OpenArgs { format: format_a }, a, false)?;
-    let ib = open_image(&OpenArgs { format: format_b }, b, false)?;
+    let ia = open_image(&OpenArgs { format: format_a, detached: false }, a, false)?;
+    let ib = open_image(&OpenArgs { format: format_b, detached: false }, b, false)?;
     if ia.size() != ib.size() {
         if strict {
             println!("Strict mode: Image size mismatch!");

@@ -147,7 +147,7 @@ impl Qcow2Image {
     }
 
     /// Format details for `info`.
-    pub fn details(&self) -> Qcow2Details {
+    pub fn qcow2_details(&self) -> Qcow2Details {
         let h = &self.header;
         Qcow2Details {
             version: h.version,
@@ -531,6 +531,23 @@ impl Layer for Qcow2Image {
 
     fn max_size(&self) -> u64 {
         (header::MAX_L1_BYTES / 8).saturating_mul(self.geo.l2_span()).min(1 << 56)
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let d = self.qcow2_details();
+        let flag = |b: bool| if b { "yes" } else { "no" }.to_string();
+        vec![
+            ("qcow2 version", d.version.to_string()),
+            ("cluster size", d.cluster_size.to_string()),
+            ("refcount bits", d.refcount_bits.to_string()),
+            ("compression type", d.compression.name().to_string()),
+            ("backing file", d.backing_file.unwrap_or_else(|| "none".into())),
+            ("backing format", d.backing_format.unwrap_or_else(|| "none".into())),
+            ("internal snapshots", d.snapshots.to_string()),
+            ("lazy refcounts", flag(d.lazy_refcounts)),
+            ("dirty", flag(d.dirty)),
+            ("corrupt", flag(d.corrupt)),
+        ]
     }
 
     fn layer_info(&self) -> LayerInfo {

@@ -55,7 +55,18 @@ fn create_with_backing_records_it_and_map_detached_shows_absent() {
     sparse_file(&base, 4 << 20);
     poke(&base, 0, &[0x77; 65536]);
     let top = d.s("top.qcow2");
-    diskkit_ok(&["create", "--format", "qcow2", "--size", "4M", "--backing", "base.raw", "--backing-format", "raw", &top]);
+    diskkit_ok(&[
+        "create",
+        "--format",
+        "qcow2",
+        "--size",
+        "4M",
+        "--backing",
+        "base.raw",
+        "--backing-format",
+        "raw",
+        &top,
+    ]);
     let info = tool_ok("qemu-img", &["info", "--backing-chain", "--output=json", &top]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v[0]["backing-filename"], "base.raw", "{info}");
@@ -73,7 +84,10 @@ fn create_with_backing_records_it_and_map_detached_shows_absent() {
         .map(|r| r["length"].as_u64().unwrap())
         .sum();
     assert_eq!(absent, (4 << 20) - 65536, "{map}");
-    assert!(runs.iter().any(|r| r["data"] == true && r["start"] == 1 << 20), "{map}");
+    assert!(
+        runs.iter().any(|r| r["data"] == true && r["start"] == 1 << 20),
+        "{map}"
+    );
     let info = diskkit_ok(&["info", "--detached", &top]);
     assert!(info.contains("backing file: base.raw"), "{info}");
     assert!(info.contains("backing format: raw"), "{info}");
@@ -88,10 +102,26 @@ fn create_with_backing_records_it_and_map_detached_shows_absent() {
 fn write_discard_resize_through_the_cli_stay_clean() {
     let d = Dir::new();
     let q = d.s("w.qcow2");
-    diskkit_ok(&["create", "--format", "qcow2", "--size", "8M", "--cluster-size", "4k", &q]);
+    diskkit_ok(&[
+        "create",
+        "--format",
+        "qcow2",
+        "--size",
+        "8M",
+        "--cluster-size",
+        "4k",
+        &q,
+    ]);
     let payload = d.path("payload");
     std::fs::write(&payload, vec![0x42u8; 300_000]).unwrap();
-    diskkit_ok(&["write", &q, "--offset", "12345", "--from", payload.to_str().unwrap()]);
+    diskkit_ok(&[
+        "write",
+        &q,
+        "--offset",
+        "12345",
+        "--from",
+        payload.to_str().unwrap(),
+    ]);
     diskkit_ok(&["discard", &q, "--offset", "65536", "--length", "100000"]);
     diskkit_ok(&["resize", &q, "+8M"]);
     diskkit_ok(&["resize", &q, "-1M"]);
@@ -100,6 +130,17 @@ fn write_discard_resize_through_the_cli_stay_clean() {
     sparse_file(&reference, 15 << 20);
     poke(&reference, 12345, &vec![0x42u8; 300_000]);
     support::zero(&reference, 65536, 100_000);
-    let out = tool_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", reference.to_str().unwrap(), &q]);
+    let out = tool_ok(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            reference.to_str().unwrap(),
+            &q,
+        ],
+    );
     assert!(out.contains("identical"), "{out}");
 }

@@ -25,7 +25,9 @@ pub fn qcow2_open(data: &[u8]) {
             let mut pos = 0;
             let mut buf = vec![0u8; 65536];
             while pos < span {
-                let Ok((m, n)) = layer.map(pos, span - pos) else { return };
+                let Ok((m, n)) = layer.map(pos, span - pos) else {
+                    return;
+                };
                 let n = n.clamp(1, span - pos);
                 let k = n.min(buf.len() as u64) as usize;
                 if m == crate::mapping::Mapping::Special && layer.read_special(pos, &mut buf[..k]).is_err() {

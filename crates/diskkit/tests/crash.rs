@@ -41,7 +41,9 @@ fn slot_of(i: u64) -> u64 {
 #[test]
 #[ignore = "run by sigkill_during_writes as its child process"]
 fn crash_child() {
-    let Ok(path) = std::env::var("DISKKIT_CRASH_IMAGE") else { return };
+    let Ok(path) = std::env::var("DISKKIT_CRASH_IMAGE") else {
+        return;
+    };
     let start: u64 = std::env::var("DISKKIT_CRASH_START").unwrap().parse().unwrap();
     let format: ImageFormat = std::env::var("DISKKIT_CRASH_FORMAT").unwrap().parse().unwrap();
     let image = DiskImage::open(&path, &OpenOptions::new().writable(true).format(format)).unwrap();
@@ -55,7 +57,9 @@ fn crash_child() {
             writeln!(stdout.lock(), "@@ d {i} {j}").unwrap();
         } else {
             let (off, len, fill) = plan(i);
-            image.write_at(&vec![fill; len as usize], slot_of(i) * SLOT + off).unwrap();
+            image
+                .write_at(&vec![fill; len as usize], slot_of(i) * SLOT + off)
+                .unwrap();
             image.flush().unwrap();
             writeln!(stdout.lock(), "@@ w {i}").unwrap();
         }
@@ -110,11 +114,18 @@ fn sigkill_during_qcow2_writes() {
             .output()
             .expect("qemu-img (installed by .ci/run) runs");
         let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| {
-            panic!("qemu-img check: {text}{}", String::from_utf8_lossy(&out.stderr))
-        });
-        assert_eq!(v.get("corruptions").and_then(|c| c.as_u64()).unwrap_or(0), 0, "{text}");
-        assert_eq!(v.get("check-errors").and_then(|c| c.as_u64()).unwrap_or(0), 0, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("qemu-img check: {text}{}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(
+            v.get("corruptions").and_then(|c| c.as_u64()).unwrap_or(0),
+            0,
+            "{text}"
+        );
+        assert_eq!(
+            v.get("check-errors").and_then(|c| c.as_u64()).unwrap_or(0),
+            0,
+            "{text}"
+        );
         assert!(matches!(out.status.code(), Some(0 | 3)), "{text}");
     });
 }
@@ -132,7 +143,13 @@ fn sigkill_during_writes_to(format: ImageFormat, after_kill: impl Fn(&Path)) {
     let mut kills = 0;
     while kills < 40 {
         let mut child = Command::new(&exe)
-            .args(["--ignored", "--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "crash_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("DISKKIT_CRASH_IMAGE", &path)
             .env("DISKKIT_CRASH_START", next.to_string())
             .env("DISKKIT_CRASH_FORMAT", format.name())
@@ -181,5 +198,8 @@ fn sigkill_during_writes_to(format: ImageFormat, after_kill: impl Fn(&Path)) {
         next = in_flight + 1;
         kills += 1;
     }
-    assert!(next > 100, "the child made too little progress ({next} operations)");
+    assert!(
+        next > 100,
+        "the child made too little progress ({next} operations)"
+    );
 }

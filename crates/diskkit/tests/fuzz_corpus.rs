@@ -47,7 +47,11 @@ fn qcow2_open_survives_mutated_seeds() {
             let mut data = seed.clone();
             for _ in 0..1 + next() % 4 {
                 // Half the changes hit the header cluster.
-                let span = if next() % 2 == 0 { data.len().min(512) } else { data.len() };
+                let span = if next() % 2 == 0 {
+                    data.len().min(512)
+                } else {
+                    data.len()
+                };
                 let at = (next() % span as u64) as usize;
                 data[at] = next() as u8;
             }

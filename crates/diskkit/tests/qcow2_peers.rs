@@ -58,7 +58,11 @@ fn check_clean(path: &Path) {
     let v: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|_| panic!("qemu-img check: {text}{}", String::from_utf8_lossy(&out.stderr)));
     for key in ["corruptions", "leaks", "check-errors"] {
-        assert_eq!(v.get(key).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{key} in {text}");
+        assert_eq!(
+            v.get(key).and_then(|x| x.as_u64()).unwrap_or(0),
+            0,
+            "{key} in {text}"
+        );
     }
     assert!(out.status.success(), "qemu-img check: {text}");
 }
@@ -126,7 +130,9 @@ fn map_agrees(path: &Path, image: &DiskImage) {
                     }
                 }
                 diskkit::ExtentKind::Zero => assert!(!data && present, "diskkit zero at {pos}, qemu {r}"),
-                diskkit::ExtentKind::Absent => assert!(!data && !present, "diskkit absent at {pos}, qemu {r}"),
+                diskkit::ExtentKind::Absent => {
+                    assert!(!data && !present, "diskkit absent at {pos}, qemu {r}")
+                }
             }
             pos += e.length;
         }
@@ -189,7 +195,16 @@ fn qemu_written_images_read_identically() {
         let img = dir.path().join(format!("q{cluster}.qcow2"));
         run_ok(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cluster}"), s(&img), "6M"],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("cluster_size={cluster}"),
+                s(&img),
+                "6M",
+            ],
         );
         qemu_io(
             &img,
@@ -231,7 +246,10 @@ fn qemu_written_images_read_identically() {
             let special = (0..image.size())
                 .step_by(4096)
                 .any(|o| layer.map(o, 1).unwrap().0 == Mapping::Special);
-            assert!(special, "{ctype} copy with {cluster}-byte clusters has compressed clusters");
+            assert!(
+                special,
+                "{ctype} copy with {cluster}-byte clusters has compressed clusters"
+            );
         }
     }
 }
@@ -246,7 +264,16 @@ fn compressed_clusters_can_be_overwritten_and_stay_clean() {
         let c = dir.path().join(format!("{ctype}.qcow2"));
         run_ok(
             "qemu-img",
-            &["convert", "-c", "-O", "qcow2", "-o", &format!("compression_type={ctype}"), s(&src), s(&c)],
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ctype}"),
+                s(&src),
+                s(&c),
+            ],
         );
         let image = DiskImage::open(&c, &OpenOptions::new().writable(true)).unwrap();
         let mut model = vec![0x5au8; 4 << 20];
@@ -271,7 +298,20 @@ fn backing_file_is_recorded_not_opened_and_unallocated_is_absent() {
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0xabu8; 4 << 20]).unwrap();
     let top = dir.path().join("top.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&top)]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&top),
+        ],
+    );
     qemu_io(&top, &["write -P 0x01 64k 64k", "write -z 1M 64k"]);
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&top, false).unwrap());
     let layer = open_layer(storage, &OpenOptions::new()).unwrap();
@@ -302,7 +342,10 @@ fn backing_file_is_recorded_not_opened_and_unallocated_is_absent() {
     layer.flush().unwrap();
     drop(layer);
     check_clean(&ours);
-    let chain = run_ok("qemu-img", &["info", "--backing-chain", "--output=json", s(&ours)]);
+    let chain = run_ok(
+        "qemu-img",
+        &["info", "--backing-chain", "--output=json", s(&ours)],
+    );
     let v: serde_json::Value = serde_json::from_str(&chain).unwrap();
     assert_eq!(v.as_array().map(Vec::len), Some(2), "{chain}");
     let mut expect = vec![0xabu8; 4 << 20];
@@ -316,9 +359,24 @@ fn backing_file_is_recorded_not_opened_and_unallocated_is_absent() {
 fn dirty_image_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("dirty.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "1M"]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "1M",
+        ],
+    );
     // qemu-io dies by SIGKILL with the dirty bit still set.
-    let out = run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", "-c", "sigraise 9", s(&img)]);
+    let out = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write 0 64k", "-c", "sigraise 9", s(&img)],
+    );
     assert!(!out.status.success());
     let e = DiskImage::open(&img, &OpenOptions::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt);

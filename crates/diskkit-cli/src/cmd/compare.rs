@@ -17,8 +17,22 @@ pub(crate) fn run(
     a: &Path,
     b: &Path,
 ) -> Result<u8> {
-    let ia = open_image(&OpenArgs { format: format_a, detached: false }, a, false)?;
-    let ib = open_image(&OpenArgs { format: format_b, detached: false }, b, false)?;
+    let ia = open_image(
+        &OpenArgs {
+            format: format_a,
+            detached: false,
+        },
+        a,
+        false,
+    )?;
+    let ib = open_image(
+        &OpenArgs {
+            format: format_b,
+            detached: false,
+        },
+        b,
+        false,
+    )?;
     if ia.size() != ib.size() {
         if strict {
             println!("Strict mode: Image size mismatch!");

@@ -62,7 +62,11 @@ pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
         cluster_size: top.cluster_size,
         file_size: top.file_size,
         allocated_bytes: top.allocated_bytes,
-        format_specific: top.details.iter().map(|(k, v)| (k.replace(' ', "_"), v.clone())).collect(),
+        format_specific: top
+            .details
+            .iter()
+            .map(|(k, v)| (k.replace(' ', "_"), v.clone()))
+            .collect(),
         layers: layers
             .iter()
             .enumerate()

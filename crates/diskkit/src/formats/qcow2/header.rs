@@ -131,7 +131,9 @@ impl Header {
         }
         let version = v2.version.get();
         if version != 2 && version != 3 {
-            return Err(Error::unsupported(format!("qcow2 version {version} (only 2 and 3)")));
+            return Err(Error::unsupported(format!(
+                "qcow2 version {version} (only 2 and 3)"
+            )));
         }
         let cluster_bits = v2.cluster_bits.get();
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
@@ -141,7 +143,9 @@ impl Header {
         }
         let cluster_size = 1u64 << cluster_bits;
         if file_len < 72 {
-            return Err(Error::corrupt(format!("qcow2 file is truncated ({file_len} bytes)")));
+            return Err(Error::corrupt(format!(
+                "qcow2 file is truncated ({file_len} bytes)"
+            )));
         }
         let (mut incompatible, mut compatible, mut autoclear, mut refcount_order, mut header_length) =
             (0, 0, 0, 4, 72u32);
@@ -195,7 +199,11 @@ impl Header {
             let data_end = data_start
                 .checked_add(len)
                 .filter(|&e| e <= limit)
-                .ok_or_else(|| Error::corrupt(format!("qcow2 header extension {ty:#x} overruns the header cluster")))?;
+                .ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "qcow2 header extension {ty:#x} overruns the header cluster"
+                    ))
+                })?;
             let data = &bytes[data_start..data_end];
             match ty {
                 EXT_BACKING_FORMAT => backing_format = Some(String::from_utf8_lossy(data).into_owned()),
@@ -230,7 +238,9 @@ impl Header {
             ));
         }
         if incompatible & INCOMPAT_EXTL2 != 0 {
-            return Err(Error::unsupported("qcow2 images with extended L2 entries (subclusters)"));
+            return Err(Error::unsupported(
+                "qcow2 images with extended L2 entries (subclusters)",
+            ));
         }
         let unknown = incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
@@ -253,7 +263,9 @@ impl Header {
         }
         let cluster_aligned = |what: &str, off: u64| -> Result<()> {
             if off % cluster_size != 0 || off == 0 {
-                return Err(Error::corrupt(format!("qcow2 {what} offset {off:#x} is not a cluster offset")));
+                return Err(Error::corrupt(format!(
+                    "qcow2 {what} offset {off:#x} is not a cluster offset"
+                )));
             }
             Ok(())
         };
@@ -269,7 +281,9 @@ impl Header {
         let l1_size = u64::from(v2.l1_size.get());
         let l1_table_offset = v2.l1_table_offset.get();
         if l1_size * 8 > MAX_L1_BYTES {
-            return Err(Error::corrupt(format!("qcow2 L1 table of {l1_size} entries is too large")));
+            return Err(Error::corrupt(format!(
+                "qcow2 L1 table of {l1_size} entries is too large"
+            )));
         }
         let per_l1 = cluster_size * (cluster_size / 8);
         let needed = size.div_ceil(per_l1);
@@ -285,17 +299,25 @@ impl Header {
         let refcount_table_offset = v2.refcount_table_offset.get();
         let refcount_table_clusters = u64::from(v2.refcount_table_clusters.get());
         cluster_aligned("refcount table", refcount_table_offset)?;
-        if refcount_table_clusters == 0 || refcount_table_clusters * cluster_size > MAX_REFTABLE_BYTES.max(cluster_size) {
+        if refcount_table_clusters == 0
+            || refcount_table_clusters * cluster_size > MAX_REFTABLE_BYTES.max(cluster_size)
+        {
             return Err(Error::corrupt(format!(
                 "qcow2 refcount table of {refcount_table_clusters} clusters is invalid"
             )));
         }
-        within("refcount table", refcount_table_offset, refcount_table_clusters * cluster_size)?;
+        within(
+            "refcount table",
+            refcount_table_offset,
+            refcount_table_clusters * cluster_size,
+        )?;
         let backing_file = if v2.backing_file_offset.get() != 0 {
             let off = v2.backing_file_offset.get();
             let len = v2.backing_file_size.get();
             if len == 0 || len > MAX_BACKING_NAME {
-                return Err(Error::corrupt(format!("qcow2 backing file name length {len} is invalid")));
+                return Err(Error::corrupt(format!(
+                    "qcow2 backing file name length {len} is invalid"
+                )));
             }
             let end = off
                 .checked_add(u64::from(len))
@@ -324,7 +346,11 @@ impl Header {
             refcount_order,
             compression,
             backing_file,
-            backing_format: if v2.backing_file_offset.get() != 0 { backing_format } else { None },
+            backing_format: if v2.backing_file_offset.get() != 0 {
+                backing_format
+            } else {
+                None
+            },
         })
     }
 
@@ -459,7 +485,10 @@ mod tests {
     fn rejects_bad_magic() {
         let mut b = fresh();
         b[0] = b'X';
-        assert_eq!(Header::parse(&b, LEN).unwrap_err().kind(), ErrorKind::InvalidFormat);
+        assert_eq!(
+            Header::parse(&b, LEN).unwrap_err().kind(),
+            ErrorKind::InvalidFormat
+        );
     }
 
     #[test]
@@ -477,7 +506,10 @@ mod tests {
     fn rejects_external_data_file() {
         let mut b = fresh();
         set(&mut b, 72, &INCOMPAT_DATA_FILE.to_be_bytes());
-        assert_eq!(Header::parse(&b, LEN).unwrap_err().kind(), ErrorKind::PolicyDenied);
+        assert_eq!(
+            Header::parse(&b, LEN).unwrap_err().kind(),
+            ErrorKind::PolicyDenied
+        );
     }
 
     #[test]

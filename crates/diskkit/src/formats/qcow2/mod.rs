@@ -109,7 +109,11 @@ impl Qcow2Image {
             .collect();
         for (i, &e) in l1.iter().enumerate() {
             let off = geo.l2_offset(e, i as u64)?;
-            if off != 0 && off.checked_add(geo.cluster_size()).is_none_or(|end| end > file_len) {
+            if off != 0
+                && off
+                    .checked_add(geo.cluster_size())
+                    .is_none_or(|end| end > file_len)
+            {
                 return Err(Error::corrupt(format!(
                     "qcow2 L1 entry {i} points to {off:#x}, past the end of the file"
                 )));
@@ -259,7 +263,10 @@ impl Qcow2Image {
     /// Clear autoclear feature bits before the first change (diskkit maintains none of the
     /// structures they vouch for, such as persistent bitmaps).
     fn clear_autoclear(&self) -> Result<()> {
-        if self.header.version == 3 && self.header.autoclear != 0 && !self.modified.swap(true, Ordering::SeqCst) {
+        if self.header.version == 3
+            && self.header.autoclear != 0
+            && !self.modified.swap(true, Ordering::SeqCst)
+        {
             self.storage.write_at(&0u64.to_be_bytes(), OFF_AUTOCLEAR)?;
             self.storage.sync()?;
         }
@@ -323,7 +330,9 @@ impl Layer for Qcow2Image {
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
         let cs = self.geo.cluster_size();
         let (first, n) = self.scan(offset, len, |first, next, k| match (first, next) {
-            (L2Entry::Data { host: h0, .. }, L2Entry::Data { host, .. }) => Some(host) == h0.checked_add(k * cs),
+            (L2Entry::Data { host: h0, .. }, L2Entry::Data { host, .. }) => {
+                Some(host) == h0.checked_add(k * cs)
+            }
             (L2Entry::Unallocated, L2Entry::Unallocated)
             | (L2Entry::Zero { .. }, L2Entry::Zero { .. })
             | (L2Entry::Compressed { .. }, L2Entry::Compressed { .. }) => true,
@@ -372,9 +381,13 @@ impl Layer for Qcow2Image {
         self.check_writable()?;
         let cs = self.geo.cluster_size();
         let (first, n) = self.scan(offset, len, |first, next, k| match (first, next) {
-            (L2Entry::Data { host: h0, copied: true }, L2Entry::Data { host, copied: true }) => {
-                Some(host) == h0.checked_add(k * cs)
-            }
+            (
+                L2Entry::Data {
+                    host: h0,
+                    copied: true,
+                },
+                L2Entry::Data { host, copied: true },
+            ) => Some(host) == h0.checked_add(k * cs),
             (L2Entry::Data { copied: true, .. }, _) | (_, L2Entry::Data { copied: true, .. }) => false,
             _ => true,
         })?;
@@ -391,7 +404,9 @@ impl Layer for Qcow2Image {
         self.check_writable()?;
         let cs = self.geo.cluster_size();
         if offset % cs != 0 || len % cs != 0 || len == 0 {
-            return Err(Error::invalid_argument("qcow2 allocation must be cluster aligned").with_offset(offset));
+            return Err(
+                Error::invalid_argument("qcow2 allocation must be cluster aligned").with_offset(offset),
+            );
         }
         let mut st = self.write_state();
         let gc0 = offset / cs;
@@ -504,7 +519,8 @@ impl Layer for Qcow2Image {
         if !st.is_dirty() {
             return self.storage.sync();
         }
-        st.flush(&*self.storage).map_err(|e| e.with_operation("flushing qcow2 metadata"))
+        st.flush(&*self.storage)
+            .map_err(|e| e.with_operation("flushing qcow2 metadata"))
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
@@ -530,7 +546,9 @@ impl Layer for Qcow2Image {
     }
 
     fn max_size(&self) -> u64 {
-        (header::MAX_L1_BYTES / 8).saturating_mul(self.geo.l2_span()).min(1 << 56)
+        (header::MAX_L1_BYTES / 8)
+            .saturating_mul(self.geo.l2_span())
+            .min(1 << 56)
     }
 
     fn details(&self) -> Vec<(&'static str, String)> {
@@ -542,7 +560,10 @@ impl Layer for Qcow2Image {
             ("refcount bits", d.refcount_bits.to_string()),
             ("compression type", d.compression.name().to_string()),
             ("backing file", d.backing_file.unwrap_or_else(|| "none".into())),
-            ("backing format", d.backing_format.unwrap_or_else(|| "none".into())),
+            (
+                "backing format",
+                d.backing_format.unwrap_or_else(|| "none".into()),
+            ),
             ("internal snapshots", d.snapshots.to_string()),
             ("lazy refcounts", flag(d.lazy_refcounts)),
             ("dirty", flag(d.dirty)),
@@ -558,4 +579,3 @@ impl Layer for Qcow2Image {
         }
     }
 }
-

@@ -109,7 +109,12 @@ impl Refcounts {
 
     /// The refcount table of a new image: `used` clusters from 0, with the table at cluster
     /// `table_cluster` and one block at `block_cluster` (both among the used ones).
-    pub(super) fn new_image(cluster_bits: u32, table_cluster: u64, block_cluster: u64, used: u64) -> Refcounts {
+    pub(super) fn new_image(
+        cluster_bits: u32,
+        table_cluster: u64,
+        block_cluster: u64,
+        used: u64,
+    ) -> Refcounts {
         let cs = 1u64 << cluster_bits;
         let mut table = vec![0u64; (cs / 8) as usize];
         table[0] = block_cluster * cs;
@@ -216,7 +221,9 @@ impl Refcounts {
             .ok_or_else(|| Error::corrupt("qcow2 refcount block vanished"))?;
         let v = read_entry(&b.bytes, order, c % pb);
         if v >= max {
-            return Err(Error::corrupt(format!("qcow2 refcount of cluster {c} would overflow")));
+            return Err(Error::corrupt(format!(
+                "qcow2 refcount of cluster {c} would overflow"
+            )));
         }
         write_entry(&mut b.bytes, order, c % pb, v + 1);
         b.dirty = true;
@@ -232,7 +239,9 @@ impl Refcounts {
         })?;
         let v = read_entry(&b.bytes, order, c % pb);
         if v == 0 {
-            return Err(Error::corrupt(format!("qcow2 cluster {c} is in use but its refcount is 0")));
+            return Err(Error::corrupt(format!(
+                "qcow2 cluster {c} is in use but its refcount is 0"
+            )));
         }
         write_entry(&mut b.bytes, order, c % pb, v - 1);
         b.dirty = true;
@@ -382,12 +391,20 @@ mod tests {
     fn entries_round_trip_at_every_width() {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 64];
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
             for i in 0..8 {
                 write_entry(&mut b, order, i, max.min(i + 1));
             }
             for i in 0..8 {
-                assert_eq!(read_entry(&b, order, i), max.min(i + 1), "order {order} entry {i}");
+                assert_eq!(
+                    read_entry(&b, order, i),
+                    max.min(i + 1),
+                    "order {order} entry {i}"
+                );
             }
         }
     }

@@ -61,7 +61,13 @@ pub(super) struct State {
 }
 
 impl State {
-    pub(super) fn new(geo: Geometry, size: u64, l1: Vec<u64>, l1_offset: u64, refs: Option<Refcounts>) -> State {
+    pub(super) fn new(
+        geo: Geometry,
+        size: u64,
+        l1: Vec<u64>,
+        l1_offset: u64,
+        refs: Option<Refcounts>,
+    ) -> State {
         State {
             geo,
             size,
@@ -102,9 +108,7 @@ impl State {
 
     /// Whether the whole L2 range containing `gc` is unallocated (no table).
     pub(super) fn table_absent(&self, gc: u64) -> bool {
-        self.l1
-            .get(self.l1_index(gc) as usize)
-            .is_none_or(|&e| e == 0)
+        self.l1.get(self.l1_index(gc) as usize).is_none_or(|&e| e == 0)
     }
 
     /// Load the L2 table for guest cluster `gc` (if it has one).
@@ -129,7 +133,13 @@ impl State {
             .chunks_exact(8)
             .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
             .collect();
-        self.l2.insert(i, L2Table { entries, dirty: false });
+        self.l2.insert(
+            i,
+            L2Table {
+                entries,
+                dirty: false,
+            },
+        );
         Ok(())
     }
 
@@ -158,7 +168,9 @@ impl State {
     pub(super) fn set_entry(&mut self, storage: &dyn Storage, gc: u64, raw: u64) -> Result<()> {
         let i = self.l1_index(gc);
         if i >= self.l1.len() as u64 {
-            return Err(Error::corrupt(format!("qcow2 guest cluster {gc} is past the L1 table")));
+            return Err(Error::corrupt(format!(
+                "qcow2 guest cluster {gc} is past the L1 table"
+            )));
         }
         if self.l1[i as usize] == 0 {
             if raw == 0 {
@@ -190,7 +202,13 @@ impl State {
 
     /// Replace the entry of `gc` with `raw`, queueing the old entry's clusters for release
     /// unless `keep_host` names the cluster the new entry still uses.
-    pub(super) fn replace_entry(&mut self, storage: &dyn Storage, gc: u64, raw: u64, keep_host: Option<u64>) -> Result<()> {
+    pub(super) fn replace_entry(
+        &mut self,
+        storage: &dyn Storage,
+        gc: u64,
+        raw: u64,
+        keep_host: Option<u64>,
+    ) -> Result<()> {
         let old_raw = self.raw_entry(storage, gc)?;
         if old_raw == raw {
             return Ok(());

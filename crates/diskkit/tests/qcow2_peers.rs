@@ -407,3 +407,71 @@ fn grow_and_shrink_match_qemu() {
     write_raw(&raw, &expect);
     compare(&img, "qcow2", &raw, "raw");
 }
+
+#[test]
+fn layer_uuids_live_in_a_header_extension_qemu_keeps() {
+    use diskkit::{LayerInfo, LayerType};
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("u.qcow2");
+    let image = DiskImage::create(&img, &CreateOptions::new(ImageFormat::Qcow2, 4 << 20)).unwrap();
+    let first = image
+        .layer_uuid()
+        .expect("diskkit-made qcow2 images have a layer UUID");
+    let stable = image.top_layer().layer_info().stable_uuid.unwrap();
+    image.write_at(&[1u8; 4096], 0).unwrap();
+    let second = image.layer_uuid().unwrap();
+    assert_ne!(first, second, "the layer UUID changes on the first write");
+    image.write_at(&[2u8; 4096], 8192).unwrap();
+    assert_eq!(image.layer_uuid(), Some(second), "and only once per open");
+    image.flush().unwrap();
+    drop(image);
+    check_clean(&img);
+    // QEMU rewrites the header (amend, resize) and keeps the extension.
+    run_ok("qemu-img", &["amend", "-o", "lazy_refcounts=on", s(&img)]);
+    run_ok("qemu-img", &["resize", s(&img), "8M"]);
+    check_clean(&img);
+    let image = DiskImage::open(&img, &OpenOptions::new()).unwrap();
+    let info = image.top_layer().layer_info();
+    assert_eq!(info.layer_uuid, Some(second));
+    assert_eq!(info.stable_uuid, Some(stable));
+    assert_eq!(image.size(), 8 << 20);
+    drop(image);
+
+    // Recording a parent: the backing file for QEMU, the parent UUID and type for diskkit.
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0x61u8; 8 << 20]).unwrap();
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&img, true).unwrap());
+    let layer = open_layer(storage, &OpenOptions::new().writable(true)).unwrap();
+    let parent = uuid::Uuid::new_v4();
+    layer
+        .set_layer_info(&LayerInfo {
+            layer_type: Some(LayerType::Overlay),
+            parent_uuid: Some(parent),
+            parent_path: Some("base.raw".into()),
+            parent_format: Some(ImageFormat::Raw),
+            ..layer.layer_info()
+        })
+        .unwrap();
+    drop(layer);
+    check_clean(&img);
+    let v: serde_json::Value =
+        serde_json::from_str(&run_ok("qemu-img", &["info", "--output=json", s(&img)])).unwrap();
+    assert_eq!(v["backing-filename"], "base.raw");
+    assert_eq!(v["backing-filename-format"], "raw");
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&img, false).unwrap());
+    let info = open_layer(storage, &OpenOptions::new()).unwrap().layer_info();
+    assert_eq!(info.layer_type, Some(LayerType::Overlay));
+    assert_eq!(info.parent_uuid, Some(parent));
+    assert_eq!(info.parent_path.as_deref(), Some("base.raw"));
+    assert_eq!(info.parent_format, Some(ImageFormat::Raw));
+    assert_eq!(info.stable_uuid, Some(stable));
+    // QEMU reads through the new backing file where no cluster was allocated (cluster 0 was
+    // allocated by the writes, the rest of it zeroes).
+    let mut expect = vec![0x61u8; 8 << 20];
+    expect[..65536].fill(0);
+    expect[..4096].fill(1);
+    expect[8192..12288].fill(2);
+    let raw = dir.path().join("expect.raw");
+    write_raw(&raw, &expect);
+    compare(&img, "qcow2", &raw, "raw");
+}

@@ -1,6 +1,7 @@
 //! Creating qcow2 images.
 
 use super::header::{self, NewHeader, MAX_L1_BYTES};
+use super::layer_ext::LayerExt;
 use super::refcount::Refcounts;
 use crate::error::{Error, Result};
 use crate::options::ImageFormat;
@@ -74,6 +75,7 @@ pub(super) fn write_new(storage: &dyn Storage, o: &Qcow2CreateOptions) -> Result
         refcount_table_offset: refs.table_offset,
         refcount_table_clusters: refs.table_clusters as u32,
         backing: o.backing_file.as_deref().map(|b| (b, fmt)),
+        layer_ext: Some(LayerExt::new().encode()),
     })?;
     storage.set_len(refs.end_cluster() * cs)?;
     refs.write_blocks(storage)?;

@@ -7,7 +7,6 @@ use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::options::ImageFormat;
 
 /// `QFI\xfb`.
 pub(super) const MAGIC: u32 = 0x5146_49fb;
@@ -39,6 +38,8 @@ const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// diskkit's layer extension (see `layer_ext.rs`); QEMU keeps extensions it does not know.
+pub(super) const EXT_DISKKIT_LAYER: u32 = 0x646b_6c79;
 
 /// Byte offsets of fields rewritten in place.
 pub(super) const OFF_SIZE: u64 = 24;
@@ -112,6 +113,10 @@ pub(super) struct Header {
     pub(super) compression: CompressionType,
     pub(super) backing_file: Option<String>,
     pub(super) backing_format: Option<String>,
+    /// Bytes of the fixed header (72 or `header_length`).
+    pub(super) header_length: u32,
+    /// Every header extension but the end marker, in order: (type, offset of its data, data).
+    pub(super) extensions: Vec<(u32, u64, Vec<u8>)>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -186,6 +191,7 @@ impl Header {
         let mut backing_format = None;
         let mut data_file = None;
         let mut feature_names = Vec::new();
+        let mut extensions = Vec::new();
         // Header extensions follow the header, each 8-byte aligned, until the end marker.
         let limit = (cluster_size as usize).min(bytes.len());
         let mut pos = header_length_u;
@@ -205,6 +211,7 @@ impl Header {
                     ))
                 })?;
             let data = &bytes[data_start..data_end];
+            extensions.push((ty, data_start as u64, data.to_vec()));
             match ty {
                 EXT_BACKING_FORMAT => backing_format = Some(String::from_utf8_lossy(data).into_owned()),
                 EXT_DATA_FILE => data_file = Some(String::from_utf8_lossy(data).into_owned()),
@@ -346,17 +353,14 @@ impl Header {
             refcount_order,
             compression,
             backing_file,
+            header_length,
+            extensions,
             backing_format: if v2.backing_file_offset.get() != 0 {
                 backing_format
             } else {
                 None
             },
         })
-    }
-
-    /// The backing format as a diskkit format, when it is one diskkit knows.
-    pub(super) fn parent_format(&self) -> Option<ImageFormat> {
-        self.backing_format.as_deref().and_then(|f| f.parse().ok())
     }
 }
 
@@ -369,6 +373,8 @@ pub(super) struct NewHeader<'a> {
     pub(super) refcount_table_offset: u64,
     pub(super) refcount_table_clusters: u32,
     pub(super) backing: Option<(&'a str, Option<&'a str>)>,
+    /// diskkit's layer extension data.
+    pub(super) layer_ext: Option<Vec<u8>>,
 }
 
 /// The bytes of a new version 3 header with its extensions (at most one cluster).
@@ -425,7 +431,14 @@ pub(super) fn build(h: &NewHeader<'_>) -> Result<Vec<u8>> {
         e[2..2 + name.len()].copy_from_slice(name.as_bytes());
         names.extend_from_slice(&e);
     }
-    push_ext(&mut out, EXT_FEATURE_NAMES, &names);
+    // The table does not fit next to the other extensions in a 512-byte cluster: leave it out
+    // there (it only names bits for error messages).
+    if h.cluster_bits >= 10 {
+        push_ext(&mut out, EXT_FEATURE_NAMES, &names);
+    }
+    if let Some(d) = &h.layer_ext {
+        push_ext(&mut out, EXT_DISKKIT_LAYER, d);
+    }
     push_ext(&mut out, EXT_END, &[]);
     if let Some((name, _)) = h.backing {
         if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
@@ -446,6 +459,56 @@ pub(super) fn build(h: &NewHeader<'_>) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The header cluster's bytes rewritten with a new backing file and extension set: the fixed
+/// fields of `fixed` (the first `header_length` bytes of the current header) are kept, except
+/// the backing file fields; extensions of type `replace` are dropped and `add` appended.
+pub(super) fn rebuild(
+    fixed: &[u8],
+    extensions: &[(u32, Vec<u8>)],
+    backing: Option<&str>,
+    cluster_size: u64,
+) -> Result<Vec<u8>> {
+    let mut out = fixed.to_vec();
+    for (ty, data) in extensions {
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(8), 0);
+    }
+    out.extend_from_slice(&[0u8; 8]);
+    let (off, len) = match backing {
+        Some(name) => {
+            if name.is_empty() || name.len() > MAX_BACKING_NAME as usize {
+                return Err(Error::invalid_argument(format!(
+                    "backing file name must be 1 to {MAX_BACKING_NAME} bytes"
+                )));
+            }
+            let off = out.len() as u64;
+            out.extend_from_slice(name.as_bytes());
+            (off, name.len() as u32)
+        }
+        None => (0, 0),
+    };
+    out[8..16].copy_from_slice(&off.to_be_bytes());
+    out[16..20].copy_from_slice(&len.to_be_bytes());
+    if out.len() as u64 > cluster_size {
+        return Err(Error::invalid_argument(
+            "the qcow2 header, its extensions and the backing file name do not fit in one cluster",
+        ));
+    }
+    Ok(out)
+}
+
+/// The feature name table extension's type.
+pub(super) fn feature_names_ext() -> u32 {
+    EXT_FEATURE_NAMES
+}
+
+/// The backing format extension's type.
+pub(super) fn backing_format_ext() -> u32 {
+    EXT_BACKING_FORMAT
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +522,7 @@ mod tests {
             refcount_table_offset: 1 << 16,
             refcount_table_clusters: 1,
             backing: Some(("base.raw", Some("raw"))),
+            layer_ext: None,
         })
         .unwrap();
         b.resize(1 << 16, 0);
@@ -477,7 +541,7 @@ mod tests {
         assert_eq!(h.version, 3);
         assert_eq!(h.size, 1 << 30);
         assert_eq!(h.backing_file.as_deref(), Some("base.raw"));
-        assert_eq!(h.parent_format(), Some(ImageFormat::Raw));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
         assert_eq!(h.compression, CompressionType::Zlib);
     }
 

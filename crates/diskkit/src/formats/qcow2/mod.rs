@@ -14,6 +14,7 @@ mod compressed;
 mod create;
 mod entry;
 mod header;
+mod layer_ext;
 mod refcount;
 mod tables;
 
@@ -23,7 +24,8 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 pub use self::create::{Qcow2CreateOptions, DEFAULT_CLUSTER_SIZE};
 use self::entry::{Geometry, L2Entry, COPIED, ZERO};
 pub use self::header::CompressionType;
-use self::header::{Header, COMPAT_LAZY_REFCOUNTS, OFF_AUTOCLEAR};
+use self::header::{Header, COMPAT_LAZY_REFCOUNTS, EXT_DISKKIT_LAYER, OFF_AUTOCLEAR};
+use self::layer_ext::LayerExt;
 use self::refcount::Refcounts;
 use self::tables::{Reservation, State};
 use crate::error::{Error, ErrorKind, Result};
@@ -73,6 +75,32 @@ pub struct Qcow2Image {
     modified: AtomicBool,
     /// The last decompressed cluster: (L2 entry, bytes).
     last_compressed: Mutex<Option<(u64, u64, Vec<u8>)>>,
+    /// Header data that `set_layer_info` and `begin_modification` change.
+    meta: Mutex<Meta>,
+}
+
+/// The parts of the header that change while the image is open.
+#[derive(Debug, Clone)]
+struct Meta {
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    /// diskkit's layer extension and the file offset of its data.
+    layer: Option<(LayerExt, u64)>,
+}
+
+impl Meta {
+    fn from_header(h: &Header) -> Meta {
+        let layer = h
+            .extensions
+            .iter()
+            .filter(|(ty, _, _)| *ty == EXT_DISKKIT_LAYER)
+            .find_map(|(_, at, d)| LayerExt::decode(d).map(|e| (e, *at)));
+        Meta {
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            layer,
+        }
+    }
 }
 
 /// Clusters looked at per mapping answer, at most.
@@ -133,6 +161,7 @@ impl Qcow2Image {
         };
         let state = State::new(geo, header.size, l1, header.l1_table_offset, refs);
         Ok(Qcow2Image {
+            meta: Mutex::new(Meta::from_header(&header)),
             storage,
             writable,
             size: AtomicU64::new(header.size),
@@ -158,8 +187,8 @@ impl Qcow2Image {
             cluster_size: self.geo.cluster_size(),
             refcount_bits: 1 << h.refcount_order,
             compression: h.compression,
-            backing_file: h.backing_file.clone(),
-            backing_format: h.backing_format.clone(),
+            backing_file: self.meta().backing_file.clone(),
+            backing_format: self.meta().backing_format.clone(),
             snapshots: h.nb_snapshots,
             lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
             dirty: h.incompatible & header::INCOMPAT_DIRTY != 0,
@@ -260,16 +289,37 @@ impl Qcow2Image {
         Ok(out)
     }
 
-    /// Clear autoclear feature bits before the first change (diskkit maintains none of the
-    /// structures they vouch for, such as persistent bitmaps).
-    fn clear_autoclear(&self) -> Result<()> {
-        if self.header.version == 3
-            && self.header.autoclear != 0
-            && !self.modified.swap(true, Ordering::SeqCst)
-        {
+    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Before the first change after opening: clear autoclear feature bits (diskkit maintains
+    /// none of the structures they vouch for, such as persistent bitmaps) and give the layer a
+    /// new layer UUID, durably.
+    fn first_modification(&self) -> Result<()> {
+        if self.modified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut meta = self.meta();
+        if self.modified.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut wrote = false;
+        if self.header.version == 3 && self.header.autoclear != 0 {
             self.storage.write_at(&0u64.to_be_bytes(), OFF_AUTOCLEAR)?;
+            wrote = true;
+        }
+        if let Some((ext, at)) = meta.layer.as_mut() {
+            let new = uuid::Uuid::new_v4();
+            self.storage
+                .write_at(new.as_bytes(), *at + layer_ext::LAYER_UUID_AT)?;
+            ext.layer_uuid = new;
+            wrote = true;
+        }
+        if wrote {
             self.storage.sync()?;
         }
+        self.modified.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -370,7 +420,7 @@ impl Layer for Qcow2Image {
 
     fn begin_modification(&self) -> Result<()> {
         self.check_writable()?;
-        self.clear_autoclear()
+        self.first_modification()
     }
 
     fn allocation_granularity(&self) -> u64 {
@@ -572,10 +622,66 @@ impl Layer for Qcow2Image {
     }
 
     fn layer_info(&self) -> LayerInfo {
+        let meta = self.meta();
+        let ext = meta.layer.map(|(e, _)| e);
         LayerInfo {
-            parent_path: self.header.backing_file.clone(),
-            parent_format: self.header.parent_format(),
-            ..LayerInfo::default()
+            layer_type: ext.and_then(|e| e.layer_type),
+            layer_uuid: ext.map(|e| e.layer_uuid),
+            stable_uuid: ext.map(|e| e.stable_uuid),
+            parent_uuid: ext.and_then(|e| e.parent_uuid),
+            parent_path: meta.backing_file.clone(),
+            parent_format: meta.backing_format.as_deref().and_then(|f| f.parse().ok()),
         }
+    }
+
+    /// Records the parent as the qcow2 backing file (name and format) and the layer type and
+    /// UUIDs in diskkit's layer extension, by rewriting the header cluster (one write, synced
+    /// after the metadata is flushed). Like `qemu-img rebase -u`: the data is not changed.
+    fn set_layer_info(&self, info: &LayerInfo) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        // Flush first, then read the fixed header fields as they are on disk now.
+        let mut st = self.write_state();
+        if st.is_dirty() {
+            st.flush(&*self.storage)?;
+        }
+        let mut meta = self.meta();
+        let file_len = self.storage.len()?;
+        let mut head = vec![0u8; file_len.min(cs) as usize];
+        self.storage.read_at(&mut head, 0)?;
+        let current = Header::parse(&head, file_len)?;
+        let old = meta.layer.map(|(e, _)| e).unwrap_or_else(LayerExt::new);
+        let ext = LayerExt {
+            layer_type: info.layer_type,
+            layer_uuid: info.layer_uuid.unwrap_or(old.layer_uuid),
+            parent_uuid: info.parent_uuid,
+            stable_uuid: old.stable_uuid,
+        };
+        let mut exts: Vec<(u32, Vec<u8>)> = current
+            .extensions
+            .iter()
+            .filter(|(ty, _, _)| *ty != EXT_DISKKIT_LAYER && *ty != header::backing_format_ext())
+            .map(|(ty, _, d)| (*ty, d.clone()))
+            .collect();
+        let format = info.parent_format.map(|f| f.name().to_string());
+        if let (Some(_), Some(f)) = (&info.parent_path, &format) {
+            exts.insert(0, (header::backing_format_ext(), f.as_bytes().to_vec()));
+        }
+        exts.push((EXT_DISKKIT_LAYER, ext.encode()));
+        let fixed = &head[..current.header_length as usize];
+        let bytes = match header::rebuild(fixed, &exts, info.parent_path.as_deref(), cs) {
+            Ok(b) => b,
+            Err(_) => {
+                // Small clusters: drop the feature name table (it only names bits) and retry.
+                exts.retain(|(ty, _)| *ty != header::feature_names_ext());
+                header::rebuild(fixed, &exts, info.parent_path.as_deref(), cs)?
+            }
+        };
+        self.storage.write_at(&bytes, 0)?;
+        self.storage.sync()?;
+        let written = Header::parse(&bytes, file_len.max(bytes.len() as u64))?;
+        *meta = Meta::from_header(&written);
+        drop(st);
+        Ok(())
     }
 }

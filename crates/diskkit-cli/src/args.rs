@@ -44,6 +44,10 @@ pub(crate) struct OpenArgs {
     /// guest has written to: detection could be fooled by what the guest wrote.
     #[arg(short = 'f', long = "image-format", value_enum)]
     pub(crate) format: Option<Format>,
+    /// Open only the named layer, without its parent (a qcow2 backing file): ranges it does
+    /// not hold show as absent and read as zeroes. Read-only.
+    #[arg(long)]
+    pub(crate) detached: bool,
     #[command(flatten)]
     pub(crate) parents: ParentArgs,
 }
@@ -111,6 +115,15 @@ pub(crate) enum Command {
         /// ASIF chunk size (default 1 MiB).
         #[arg(long)]
         chunk_size: Option<String>,
+        /// qcow2 cluster size (default 64 KiB).
+        #[arg(long)]
+        cluster_size: Option<String>,
+        /// qcow2: record a backing file (as the new image will find it; not opened).
+        #[arg(long, short = 'b')]
+        backing: Option<String>,
+        /// qcow2: the backing file's format to record.
+        #[arg(long, short = 'F', value_enum, requires = "backing")]
+        backing_format: Option<Format>,
         /// Replace the file if it exists.
         #[arg(long)]
         force: bool,
@@ -140,6 +153,9 @@ pub(crate) enum Command {
         /// ASIF chunk size of the output (default 1 MiB).
         #[arg(long)]
         chunk_size: Option<String>,
+        /// qcow2 cluster size of the output (default 64 KiB).
+        #[arg(long)]
+        cluster_size: Option<String>,
         /// Replace the destination if it exists.
         #[arg(long)]
         force: bool,

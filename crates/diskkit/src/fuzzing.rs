@@ -10,11 +10,41 @@ use crate::storage::{MemStorage, Storage};
 /// disk and the allocation map, then writes, zeroing, a resize and a flush, then a reopen.
 /// Must never panic, whatever `data` holds.
 pub fn asif_open(data: &[u8]) {
+    exercise(data, ImageFormat::Asif);
+}
+
+/// Open `data` as a qcow2 image and exercise it as [`asif_open`] does; an image that records
+/// a backing file is opened detached (read-only) instead. Must never panic.
+pub fn qcow2_open(data: &[u8]) {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(data.to_vec()));
+    let detached = OpenOptions::new().format(ImageFormat::Qcow2);
+    if let Ok(layer) = crate::image::open_layer(storage, &detached) {
+        if layer.layer_info().parent_path.is_some() {
+            let size = layer.size();
+            let span = size.min(8 << 20);
+            let mut pos = 0;
+            let mut buf = vec![0u8; 65536];
+            while pos < span {
+                let Ok((m, n)) = layer.map(pos, span - pos) else {
+                    return;
+                };
+                let n = n.clamp(1, span - pos);
+                let k = n.min(buf.len() as u64) as usize;
+                if m == crate::mapping::Mapping::Special && layer.read_special(pos, &mut buf[..k]).is_err() {
+                    return;
+                }
+                pos += n;
+            }
+            return;
+        }
+    }
+    exercise(data, ImageFormat::Qcow2);
+}
+
+fn exercise(data: &[u8], format: ImageFormat) {
     let storage = Arc::new(MemStorage::from_bytes(data.to_vec()));
     let dyn_storage: Arc<dyn Storage> = storage.clone();
-    let options = OpenOptions::new()
-        .mode(OpenMode::ReadWrite)
-        .format(ImageFormat::Asif);
+    let options = OpenOptions::new().mode(OpenMode::ReadWrite).format(format);
     let Ok(image) = DiskImage::open_storage(dyn_storage, &options) else {
         return;
     };
@@ -49,7 +79,7 @@ pub fn asif_open(data: &[u8]) {
     let _ = image.flush();
     drop(image);
     let reopened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(storage.to_bytes()));
-    if let Ok(image) = DiskImage::open_storage(reopened, &OpenOptions::new().format(ImageFormat::Asif)) {
+    if let Ok(image) = DiskImage::open_storage(reopened, &OpenOptions::new().format(format)) {
         let n = image.size().min(65536) as usize;
         let _ = image.read_at(&mut buf[..n], 0);
     }

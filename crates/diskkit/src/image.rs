@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::asif::AsifImage;
+use crate::formats::qcow2::{Qcow2CreateOptions, Qcow2Image};
 use crate::formats::raw::RawImage;
 use crate::io::{self, Level};
 use crate::layer::{Layer, LayerInfo};
@@ -47,6 +48,8 @@ pub struct LayerDescription {
     pub file_size: u64,
     /// Host bytes allocated, if known.
     pub allocated_bytes: Option<u64>,
+    /// Format-specific details (name, value), see [`Layer::details`].
+    pub details: Vec<(&'static str, String)>,
 }
 
 impl DiskImage {
@@ -83,7 +86,15 @@ impl DiskImage {
     /// as far as [`OpenOptions::parents`] allows (by default no parent is followed and opening
     /// such a layer fails with [`ErrorKind::PolicyDenied`]).
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<DiskImage> {
-        crate::stack::open_chain(path.as_ref(), options)
+        let path = path.as_ref();
+        if options.detached {
+            let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, options.mode.is_writable())?);
+            let layer = open_layer(storage, options).map_err(|e| e.with_path(path))?;
+            let mut image = DiskImage::detached(layer, options.mode).map_err(|e| e.with_path(path))?;
+            image.paths[0] = Some(path.to_path_buf());
+            return Ok(image);
+        }
+        crate::stack::open_chain(path, options)
     }
 
     /// Open one image file as a layer, without following its parent.
@@ -95,6 +106,40 @@ impl DiskImage {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
         let options = options.clone().writable(writable);
         open_layer(storage, &options).map_err(|e| e.with_path(path))
+    }
+
+    /// Create a new image file at `path` (under a temporary name, renamed when complete)
+    /// without opening it; unlike [`DiskImage::create`] this also makes layers that record a
+    /// parent (a qcow2 image with a backing file), whose parent is not opened.
+    pub fn create_file(path: impl AsRef<Path>, options: &CreateOptions) -> Result<()> {
+        options.validate()?;
+        let path = path.as_ref();
+        let pending = PendingFile::new(path, options.overwrite)?;
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_new(pending.temp_path())?);
+        let layer = create_layer(storage, options).map_err(|e| e.with_path(path))?;
+        layer.flush().map_err(|e| e.with_path(path))?;
+        drop(layer);
+        pending.persist()
+    }
+
+    /// One layer on its own, parent or not; see [`OpenOptions::detached`].
+    fn detached(layer: Arc<dyn Layer>, mode: OpenMode) -> Result<DiskImage> {
+        let info = layer.layer_info();
+        let has_parent = info.parent_uuid.is_some() || info.parent_path.is_some();
+        if mode.is_writable() && has_parent {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "a layer with a parent can only be opened detached read-only",
+            ));
+        }
+        if mode.is_writable() && !layer.writable() {
+            return Err(Error::from_kind(ErrorKind::ReadOnly));
+        }
+        Ok(DiskImage {
+            levels: vec![Level::new(layer, info.layer_type)],
+            paths: vec![None],
+            mode,
+        })
     }
 
     /// Open an image on any storage (memory, a custom backend).
@@ -211,6 +256,7 @@ impl DiskImage {
                 writable: layer.writable(),
                 file_size: layer.storage().len()?,
                 allocated_bytes: layer.allocated_bytes()?,
+                details: layer.details(),
             });
         }
         Ok(out)
@@ -396,7 +442,17 @@ pub(crate) fn create_layer(storage: Arc<dyn Storage>, options: &CreateOptions) -
             options.block_size,
             options.chunk_size,
         )?),
-        ImageFormat::Qcow2 => return Err(Error::unsupported("creating qcow2 images")),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::create(
+            storage,
+            &Qcow2CreateOptions {
+                size: options.size,
+                cluster_size: options
+                    .cluster_size
+                    .unwrap_or(crate::formats::qcow2::DEFAULT_CLUSTER_SIZE),
+                backing_file: options.backing.as_ref().map(|b| b.0.clone()),
+                backing_format: options.backing.as_ref().and_then(|b| b.1),
+            },
+        )?),
     })
 }
 
@@ -414,6 +470,6 @@ pub fn open_layer(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Ar
             writable,
         )?),
         ImageFormat::Asif => Arc::new(AsifImage::open(storage, writable)?),
-        ImageFormat::Qcow2 => return Err(Error::unsupported("qcow2 images")),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open(storage, writable)?),
     })
 }

@@ -158,6 +158,11 @@ pub trait Layer: Send + Sync + Debug {
         )))
     }
 
+    /// Format-specific details for `info`, as (name, value) pairs.
+    fn details(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     /// Bytes of host storage the layer uses, if known.
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         self.storage().allocated_bytes()

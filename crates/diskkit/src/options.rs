@@ -129,6 +129,7 @@ pub struct CreateOptions {
     pub(crate) block_size: u32,
     pub(crate) chunk_size: u32,
     pub(crate) cluster_size: Option<u32>,
+    pub(crate) backing: Option<(String, Option<ImageFormat>)>,
     pub(crate) overwrite: bool,
 }
 
@@ -156,6 +157,7 @@ impl CreateOptions {
             block_size: 512,
             chunk_size: DEFAULT_CHUNK_SIZE,
             cluster_size: None,
+            backing: None,
             overwrite: false,
         }
     }
@@ -178,6 +180,13 @@ impl CreateOptions {
         self
     }
 
+    /// Record a backing file (qcow2 only): its name, as the new image will look it up, and
+    /// optionally its format. The backing file is not opened.
+    pub fn backing_file(mut self, name: impl Into<String>, format: Option<ImageFormat>) -> Self {
+        self.backing = Some((name.into(), format));
+        self
+    }
+
     /// Replace an existing file instead of failing.
     pub fn overwrite(mut self, overwrite: bool) -> Self {
         self.overwrite = overwrite;
@@ -195,6 +204,12 @@ impl CreateOptions {
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
+        if self.backing.is_some() && self.format != ImageFormat::Qcow2 {
+            return Err(Error::invalid_argument(format!(
+                "{} images cannot record a backing file",
+                self.format
+            )));
+        }
         if self.block_size != 512 && self.block_size != 4096 {
             return Err(Error::invalid_argument(format!(
                 "block size must be 512 or 4096, not {}",
@@ -218,6 +233,7 @@ pub struct OpenOptions {
     pub(crate) format: Option<ImageFormat>,
     pub(crate) block_size: Option<u32>,
     pub(crate) parents: ParentPolicy,
+    pub(crate) detached: bool,
 }
 
 impl OpenOptions {
@@ -247,6 +263,14 @@ impl OpenOptions {
     /// that guests have written to.
     pub fn format(mut self, format: ImageFormat) -> Self {
         self.format = Some(format);
+        self
+    }
+
+    /// Open only the named layer even if it records a parent (a qcow2 backing file): what the
+    /// layer does not hold maps as absent and reads as zeroes. Read-only: writing without the
+    /// parent would fill partly written clusters with zeroes instead of the parent's data.
+    pub fn detached(mut self, detached: bool) -> Self {
+        self.detached = detached;
         self
     }
 

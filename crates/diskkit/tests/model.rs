@@ -65,9 +65,13 @@ fn open(storage: &Arc<MemStorage>, cfg: Config) -> DiskImage {
 
 fn create(storage: &Arc<MemStorage>, cfg: Config, size: u64) -> DiskImage {
     let s: Arc<dyn Storage> = storage.clone();
-    let opts = CreateOptions::new(cfg.format, size)
-        .block_size(cfg.block)
-        .chunk_size(cfg.chunk);
+    let mut opts = CreateOptions::new(cfg.format, size).block_size(cfg.block);
+    if cfg.format == ImageFormat::Qcow2 {
+        // For qcow2 the "chunk" is the cluster size.
+        opts = opts.cluster_size(cfg.chunk);
+    } else {
+        opts = opts.chunk_size(cfg.chunk);
+    }
     DiskImage::create_on(s, &opts).expect("create")
 }
 
@@ -144,7 +148,7 @@ fn run(cfg: Config, initial: u64, ops: &[Op]) {
     check_all(&open(&storage, cfg), &model);
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 8] = [
     Config {
         format: ImageFormat::Raw,
         block: 512,
@@ -169,6 +173,21 @@ const CONFIGS: [Config; 5] = [
         format: ImageFormat::Asif,
         block: 4096,
         chunk: 1 << 20,
+    },
+    Config {
+        format: ImageFormat::Qcow2,
+        block: 512,
+        chunk: 512,
+    },
+    Config {
+        format: ImageFormat::Qcow2,
+        block: 512,
+        chunk: 4096,
+    },
+    Config {
+        format: ImageFormat::Qcow2,
+        block: 512,
+        chunk: 64 << 10,
     },
 ];
 

@@ -21,6 +21,7 @@ pub(crate) fn run(
     let open = |format, path| {
         let args = OpenArgs {
             format,
+            detached: false,
             parents: parents.clone(),
         };
         open_image(&args, path, false)

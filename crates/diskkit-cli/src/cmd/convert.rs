@@ -15,7 +15,7 @@ pub(crate) fn run(
     open: &OpenArgs,
     output_format: Option<Format>,
     block_size: Option<u32>,
-    chunk_size: Option<&str>,
+    (chunk_size, cluster_size): (Option<&str>, Option<&str>),
     force: bool,
     src: &Path,
     dst: &Path,
@@ -32,6 +32,9 @@ pub(crate) fn run(
         .overwrite(force);
     if let Some(c) = chunk_size {
         options = options.chunk_size(u32::try_from(parse_size(c)?).context("chunk size too large")?);
+    }
+    if let Some(c) = cluster_size {
+        options = options.cluster_size(u32::try_from(parse_size(c)?).context("cluster size too large")?);
     }
     let pending = DiskImage::create_pending(dst, &options)
         .with_context(|| format!("cannot create '{}'", dst.display()))?;

@@ -24,6 +24,9 @@ struct Info {
     cluster_size: u64,
     file_size: u64,
     allocated_bytes: Option<u64>,
+    /// Format-specific details (qcow2: version, cluster size, backing file, compression...).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    format_specific: std::collections::BTreeMap<String, String>,
     layers: Vec<LayerJson>,
 }
 
@@ -59,6 +62,11 @@ pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
         cluster_size: top.cluster_size,
         file_size: top.file_size,
         allocated_bytes: top.allocated_bytes,
+        format_specific: top
+            .details
+            .iter()
+            .map(|(k, v)| (k.replace(' ', "_"), v.clone()))
+            .collect(),
         layers: layers
             .iter()
             .enumerate()
@@ -101,8 +109,11 @@ fn print_human(i: &Info) {
     if let Some(s) = &i.stable_uuid {
         println!("stable uuid: {s}");
     }
-    if i.format != "raw" {
+    if i.format != "raw" && !i.format_specific.contains_key("cluster_size") {
         println!("cluster size: {}", i.cluster_size);
+    }
+    for (k, v) in &i.format_specific {
+        println!("{}: {v}", k.replace('_', " "));
     }
     println!("file size: {} ({} bytes)", human(i.file_size), i.file_size);
     if let Some(a) = i.allocated_bytes {

@@ -23,15 +23,31 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             size,
             block_size,
             chunk_size,
+            cluster_size,
+            backing,
+            backing_format,
             force,
             path,
-        } => create::run(format, &size, block_size, chunk_size.as_deref(), force, &path),
+        } => create::run(
+            &create::Request {
+                format,
+                size: &size,
+                block_size,
+                chunk_size: chunk_size.as_deref(),
+                cluster_size: cluster_size.as_deref(),
+                backing: backing.as_deref(),
+                backing_format,
+                force,
+            },
+            &path,
+        ),
         Command::Info { open, output, path } => info::run(&open, output, &path),
         Command::Convert {
             open,
             output_format,
             block_size,
             chunk_size,
+            cluster_size,
             force,
             src,
             dst,
@@ -39,7 +55,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             &open,
             output_format,
             block_size,
-            chunk_size.as_deref(),
+            (chunk_size.as_deref(), cluster_size.as_deref()),
             force,
             &src,
             &dst,
@@ -76,7 +92,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             &open,
             output_format,
             None,
-            chunk_size.as_deref(),
+            (chunk_size.as_deref(), None),
             force,
             &top,
             &dst,
@@ -113,7 +129,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
 /// same directory by default, plus `--allow-parent-dir`, or anything with
 /// `--allow-any-parent`).
 pub(crate) fn open_options(open: &OpenArgs, writable: bool) -> OpenOptions {
-    let mut options = OpenOptions::new().writable(writable);
+    let mut options = OpenOptions::new().writable(writable).detached(open.detached);
     if let Some(f) = open.format {
         options = options.format(f.into());
     }

@@ -1,4 +1,5 @@
 //! Format drivers.
 
 pub mod asif;
+pub mod qcow2;
 pub mod raw;

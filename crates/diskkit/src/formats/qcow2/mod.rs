@@ -1,0 +1,687 @@
+//! qcow2 (QEMU copy-on-write, versions 2 and 3) as a [`Layer`].
+//!
+//! The driver answers mapping questions from the L1/L2 tables: a standard cluster is
+//! [`Mapping::Data`] at its host offset in this file, a zero cluster is [`Mapping::Zero`], an
+//! unallocated cluster is [`Mapping::Absent`] (it falls through to whatever layer lies below,
+//! which is how a backing file works), and a compressed cluster is [`Mapping::Special`], read
+//! by [`Layer::read_special`]. The backing file named in the header is reported in
+//! [`LayerInfo::parent_path`] but never opened here: stacks open parents through a policy.
+//!
+//! Writes allocate whole clusters ([`Layer::allocate`] reserves, [`Layer::commit`] maps);
+//! the crash-consistency rules are in [`tables`].
+
+mod compressed;
+mod create;
+mod entry;
+mod header;
+mod layer_ext;
+mod refcount;
+mod tables;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub use self::create::{Qcow2CreateOptions, DEFAULT_CLUSTER_SIZE};
+use self::entry::{Geometry, L2Entry, COPIED, ZERO};
+pub use self::header::CompressionType;
+use self::header::{Header, COMPAT_LAZY_REFCOUNTS, EXT_DISKKIT_LAYER, OFF_AUTOCLEAR};
+use self::layer_ext::LayerExt;
+use self::refcount::Refcounts;
+use self::tables::{Reservation, State};
+use crate::error::{Error, ErrorKind, Result};
+use crate::layer::{Allocation, Layer, LayerInfo, WritePlan};
+use crate::mapping::Mapping;
+use crate::options::ImageFormat;
+use crate::storage::Storage;
+
+/// The magic at offset 0 of a qcow2 file.
+pub const MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Format details shown by `info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Details {
+    /// 2 or 3.
+    pub version: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// How compressed clusters are compressed.
+    pub compression: CompressionType,
+    /// The backing file name recorded in the header.
+    pub backing_file: Option<String>,
+    /// The backing format recorded in the header.
+    pub backing_format: Option<String>,
+    /// Internal snapshots (diskkit reads the active image only).
+    pub snapshots: u32,
+    /// Lazy refcounts enabled.
+    pub lazy_refcounts: bool,
+    /// Dirty bit (always false for an image diskkit opened: dirty images are refused).
+    pub dirty: bool,
+    /// Corrupt bit (likewise).
+    pub corrupt: bool,
+}
+
+/// A qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2Image {
+    storage: Arc<dyn Storage>,
+    writable: bool,
+    header: Header,
+    geo: Geometry,
+    state: RwLock<State>,
+    size: AtomicU64,
+    /// Autoclear bits have been cleared for this open.
+    modified: AtomicBool,
+    /// The last decompressed cluster: (L2 entry, bytes).
+    last_compressed: Mutex<Option<(u64, u64, Vec<u8>)>>,
+    /// Header data that `set_layer_info` and `begin_modification` change.
+    meta: Mutex<Meta>,
+}
+
+/// The parts of the header that change while the image is open.
+#[derive(Debug, Clone)]
+struct Meta {
+    backing_file: Option<String>,
+    backing_format: Option<String>,
+    /// diskkit's layer extension and the file offset of its data.
+    layer: Option<(LayerExt, u64)>,
+}
+
+impl Meta {
+    fn from_header(h: &Header) -> Meta {
+        let layer = h
+            .extensions
+            .iter()
+            .filter(|(ty, _, _)| *ty == EXT_DISKKIT_LAYER)
+            .find_map(|(_, at, d)| LayerExt::decode(d).map(|e| (e, *at)));
+        Meta {
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            layer,
+        }
+    }
+}
+
+/// Clusters looked at per mapping answer, at most.
+const MAX_RUN_CLUSTERS: u64 = 1 << 16;
+
+impl Qcow2Image {
+    /// Open a qcow2 image on `storage`. Images with the dirty or corrupt bit, an external data
+    /// file, unknown incompatible features or encryption are refused.
+    pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
+        let writable = writable && !storage.read_only();
+        let file_len = storage.len()?;
+        let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
+        storage.read_at(&mut head, 0)?;
+        let header = Header::parse(&head, file_len)?;
+        if writable && header.nb_snapshots > 0 {
+            return Err(Error::unsupported(format!(
+                "writing qcow2 images with internal snapshots ({} here); open it read-only",
+                header.nb_snapshots
+            )));
+        }
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            v3: header.version == 3,
+        };
+        let mut l1_bytes = vec![0u8; (header.l1_size * 8) as usize];
+        if header.l1_size > 0 {
+            storage
+                .read_at(&mut l1_bytes, header.l1_table_offset)
+                .map_err(|e| e.with_operation("reading the qcow2 L1 table"))?;
+        }
+        let l1: Vec<u64> = l1_bytes
+            .chunks_exact(8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
+            .collect();
+        for (i, &e) in l1.iter().enumerate() {
+            let off = geo.l2_offset(e, i as u64)?;
+            if off != 0
+                && off
+                    .checked_add(geo.cluster_size())
+                    .is_none_or(|end| end > file_len)
+            {
+                return Err(Error::corrupt(format!(
+                    "qcow2 L1 entry {i} points to {off:#x}, past the end of the file"
+                )));
+            }
+        }
+        let refs = if writable {
+            Some(Refcounts::load(
+                &*storage,
+                header.cluster_bits,
+                header.refcount_order,
+                header.refcount_table_offset,
+                header.refcount_table_clusters,
+                file_len,
+            )?)
+        } else {
+            None
+        };
+        let state = State::new(geo, header.size, l1, header.l1_table_offset, refs);
+        Ok(Qcow2Image {
+            meta: Mutex::new(Meta::from_header(&header)),
+            storage,
+            writable,
+            size: AtomicU64::new(header.size),
+            header,
+            geo,
+            state: RwLock::new(state),
+            modified: AtomicBool::new(false),
+            last_compressed: Mutex::new(None),
+        })
+    }
+
+    /// Create a qcow2 image on empty `storage`; the backing file, if any, is recorded only.
+    pub fn create(storage: Arc<dyn Storage>, options: &Qcow2CreateOptions) -> Result<Self> {
+        create::write_new(&*storage, options)?;
+        Qcow2Image::open(storage, true)
+    }
+
+    /// Format details for `info`.
+    pub fn qcow2_details(&self) -> Qcow2Details {
+        let h = &self.header;
+        Qcow2Details {
+            version: h.version,
+            cluster_size: self.geo.cluster_size(),
+            refcount_bits: 1 << h.refcount_order,
+            compression: h.compression,
+            backing_file: self.meta().backing_file.clone(),
+            backing_format: self.meta().backing_format.clone(),
+            snapshots: h.nb_snapshots,
+            lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
+            dirty: h.incompatible & header::INCOMPAT_DIRTY != 0,
+            corrupt: h.incompatible & header::INCOMPAT_CORRUPT != 0,
+        }
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(Error::from_kind(ErrorKind::ReadOnly))
+        }
+    }
+
+    /// The entry at `offset` and how many bytes from `offset` (at most `len`) continue it,
+    /// as judged by `same(first, next, k)` for the cluster `k` clusters after the first. Loads
+    /// missing L2 tables under the write lock.
+    fn scan(
+        &self,
+        offset: u64,
+        len: u64,
+        same: impl Fn(L2Entry, L2Entry, u64) -> bool,
+    ) -> Result<(L2Entry, u64)> {
+        let cs = self.geo.cluster_size();
+        loop {
+            let st = self.read_state();
+            match self.scan_cached(&st, offset, len, &same) {
+                Some(r) => return r,
+                None => {
+                    drop(st);
+                    self.write_state().load(&*self.storage, offset / cs)?;
+                }
+            }
+        }
+    }
+
+    /// `None` if the first cluster's table is not cached. Stops early at uncached tables.
+    fn scan_cached(
+        &self,
+        st: &State,
+        offset: u64,
+        len: u64,
+        same: &impl Fn(L2Entry, L2Entry, u64) -> bool,
+    ) -> Option<Result<(L2Entry, u64)>> {
+        let cs = self.geo.cluster_size();
+        let per_table = self.geo.l2_entries();
+        let end = offset.saturating_add(len);
+        let gc0 = offset / cs;
+        let first = match st.cached_entry(gc0)? {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut gc = gc0 + 1;
+        while gc * cs < end && gc - gc0 < MAX_RUN_CLUSTERS {
+            // Whole unallocated L2 ranges in one step.
+            if st.table_absent(gc) && same(first, L2Entry::Unallocated, gc - gc0) {
+                gc = (gc / per_table + 1) * per_table;
+                continue;
+            }
+            match st.cached_entry(gc) {
+                Some(Ok(e)) if same(first, e, gc - gc0) => gc += 1,
+                _ => break,
+            }
+        }
+        Some(Ok((first, (gc * cs).min(end) - offset)))
+    }
+
+    fn decompress_cluster(&self, gc: u64, host: u64, len: u64, raw_key: u64) -> Result<Vec<u8>> {
+        let mut cache = self.last_compressed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((g, k, bytes)) = cache.as_ref() {
+            if *g == gc && *k == raw_key {
+                return Ok(bytes.clone());
+            }
+        }
+        let file_len = self.storage.len()?;
+        let avail = file_len.saturating_sub(host).min(len);
+        if avail == 0 {
+            return Err(Error::corrupt(format!(
+                "qcow2 compressed cluster at {host:#x} lies past the end of the file"
+            ))
+            .with_offset(gc * self.geo.cluster_size()));
+        }
+        let mut input = vec![0u8; avail as usize];
+        self.storage.read_at(&mut input, host)?;
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
+        compressed::decompress(self.header.compression, &input, &mut out)
+            .map_err(|e| e.with_offset(gc * self.geo.cluster_size()))?;
+        *cache = Some((gc, raw_key, out.clone()));
+        Ok(out)
+    }
+
+    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Before the first change after opening: clear autoclear feature bits (diskkit maintains
+    /// none of the structures they vouch for, such as persistent bitmaps) and give the layer a
+    /// new layer UUID, durably.
+    fn first_modification(&self) -> Result<()> {
+        if self.modified.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut meta = self.meta();
+        if self.modified.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut wrote = false;
+        if self.header.version == 3 && self.header.autoclear != 0 {
+            self.storage.write_at(&0u64.to_be_bytes(), OFF_AUTOCLEAR)?;
+            wrote = true;
+        }
+        if let Some((ext, at)) = meta.layer.as_mut() {
+            let new = uuid::Uuid::new_v4();
+            self.storage
+                .write_at(new.as_bytes(), *at + layer_ext::LAYER_UUID_AT)?;
+            ext.layer_uuid = new;
+            wrote = true;
+        }
+        if wrote {
+            self.storage.sync()?;
+        }
+        self.modified.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Zero the bytes of guest cluster `gc` from `from` (shrinking to a size inside it).
+    fn zero_cluster_tail(&self, st: &mut State, gc: u64, from: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        match st.entry(&*self.storage, gc)? {
+            L2Entry::Data { host, copied: true } => self.storage.write_zeroes(host + from, cs - from),
+            L2Entry::Data { host, .. } => {
+                let mut bytes = vec![0u8; cs as usize];
+                self.storage.read_at(&mut bytes[..from as usize], host)?;
+                self.rewrite_cluster(st, gc, &bytes)
+            }
+            L2Entry::Compressed { host, len } => {
+                let raw_key = host ^ len;
+                let mut bytes = self.decompress_cluster(gc, host, len, raw_key)?;
+                bytes[from as usize..].fill(0);
+                self.rewrite_cluster(st, gc, &bytes)
+            }
+            L2Entry::Unallocated | L2Entry::Zero { .. } => Ok(()),
+        }
+    }
+
+    /// Store `bytes` as guest cluster `gc` in a new cluster.
+    fn rewrite_cluster(&self, st: &mut State, gc: u64, bytes: &[u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let c = st.refs()?.alloc_counted(1)?;
+        self.storage.write_at(bytes, c * cs)?;
+        st.replace_entry(&*self.storage, gc, (c * cs) | COPIED, None)
+    }
+}
+
+impl Layer for Qcow2Image {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn block_size(&self) -> u32 {
+        512
+    }
+
+    fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        let cs = self.geo.cluster_size();
+        let (first, n) = self.scan(offset, len, |first, next, k| match (first, next) {
+            (L2Entry::Data { host: h0, .. }, L2Entry::Data { host, .. }) => {
+                Some(host) == h0.checked_add(k * cs)
+            }
+            (L2Entry::Unallocated, L2Entry::Unallocated)
+            | (L2Entry::Zero { .. }, L2Entry::Zero { .. })
+            | (L2Entry::Compressed { .. }, L2Entry::Compressed { .. }) => true,
+            _ => false,
+        })?;
+        let m = match first {
+            L2Entry::Data { host, .. } => Mapping::Data {
+                host_offset: host + offset % cs,
+            },
+            L2Entry::Zero { .. } => Mapping::Zero,
+            L2Entry::Unallocated => Mapping::Absent,
+            L2Entry::Compressed { .. } => Mapping::Special,
+        };
+        Ok((m, n))
+    }
+
+    fn read_special(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = offset + pos as u64;
+            let gc = at / cs;
+            let entry = self.write_state().entry(&*self.storage, gc)?;
+            let L2Entry::Compressed { host, len } = entry else {
+                return Err(Error::corrupt("qcow2 cluster is no longer compressed").with_offset(at));
+            };
+            let bytes = self.decompress_cluster(gc, host, len, host ^ len)?;
+            let in_c = (at % cs) as usize;
+            let n = (cs as usize - in_c).min(buf.len() - pos);
+            buf[pos..pos + n].copy_from_slice(&bytes[in_c..in_c + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn begin_modification(&self) -> Result<()> {
+        self.check_writable()?;
+        self.first_modification()
+    }
+
+    fn allocation_granularity(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        let (first, n) = self.scan(offset, len, |first, next, k| match (first, next) {
+            (
+                L2Entry::Data {
+                    host: h0,
+                    copied: true,
+                },
+                L2Entry::Data { host, copied: true },
+            ) => Some(host) == h0.checked_add(k * cs),
+            (L2Entry::Data { copied: true, .. }, _) | (_, L2Entry::Data { copied: true, .. }) => false,
+            _ => true,
+        })?;
+        Ok(match first {
+            L2Entry::Data { host, copied: true } => WritePlan::InPlace {
+                host_offset: host + offset % cs,
+                len: n,
+            },
+            _ => WritePlan::Allocate { len: n },
+        })
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        if offset % cs != 0 || len % cs != 0 || len == 0 {
+            return Err(
+                Error::invalid_argument("qcow2 allocation must be cluster aligned").with_offset(offset),
+            );
+        }
+        let mut st = self.write_state();
+        let gc0 = offset / cs;
+        // A preallocated zero cluster is reused in place.
+        if let L2Entry::Zero { host, copied: true } = st.entry(&*self.storage, gc0)? {
+            if host != 0 {
+                st.reserved.insert(
+                    gc0,
+                    Reservation {
+                        host_cluster: host / cs,
+                        reuse: true,
+                    },
+                );
+                return Ok(Allocation {
+                    host_offset: host,
+                    len: cs,
+                });
+            }
+        }
+        let mut count = 1;
+        while count < len / cs {
+            match st.entry(&*self.storage, gc0 + count)? {
+                L2Entry::Zero { host, copied: true } if host != 0 => break,
+                L2Entry::Data { copied: true, .. } => break,
+                _ => count += 1,
+            }
+        }
+        let start = st.refs()?.reserve(count, count == 1)?;
+        for i in 0..count {
+            st.reserved.insert(
+                gc0 + i,
+                Reservation {
+                    host_cluster: start + i,
+                    reuse: false,
+                },
+            );
+        }
+        Ok(Allocation {
+            host_offset: start * cs,
+            len: count * cs,
+        })
+    }
+
+    fn commit(&self, offset: u64, len: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let mut st = self.write_state();
+        for gc in offset / cs..(offset + len).div_ceil(cs) {
+            let r = st.reserved.remove(&gc).ok_or_else(|| {
+                Error::invalid_argument("qcow2 commit of a range that was not allocated").with_offset(gc * cs)
+            })?;
+            if !r.reuse {
+                st.refs()?.incref(r.host_cluster)?;
+            }
+            let host = r.host_cluster * cs;
+            st.replace_entry(&*self.storage, gc, host | COPIED, Some(r.host_cluster))?;
+        }
+        Ok(())
+    }
+
+    fn zero_granularity(&self, _hide_below: bool) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    fn set_zero(&self, offset: u64, len: u64, unmap: bool, hide_below: bool) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        if offset % cs != 0 || len % cs != 0 {
+            return Err(Error::invalid_argument("qcow2 zeroing must be cluster aligned").with_offset(offset));
+        }
+        let hide = hide_below || self.header.backing_file.is_some();
+        let mut st = self.write_state();
+        let end = (offset + len).min(st.size.next_multiple_of(cs));
+        for gc in offset / cs..end / cs {
+            let old = st.entry(&*self.storage, gc)?;
+            if !self.geo.v3 {
+                // Version 2 has no zero flag: deallocate, or store zeroes.
+                if !hide && unmap {
+                    st.replace_entry(&*self.storage, gc, 0, None)?;
+                } else if let L2Entry::Data { host, copied: true } = old {
+                    self.storage.write_zeroes(host, cs)?;
+                } else {
+                    let c = st.refs()?.alloc_counted(1)?;
+                    self.storage.write_zeroes(c * cs, cs)?;
+                    st.replace_entry(&*self.storage, gc, (c * cs) | COPIED, None)?;
+                }
+                continue;
+            }
+            let new: u64 = match old {
+                L2Entry::Data { host, copied: true } | L2Entry::Zero { host, copied: true }
+                    if !unmap && host != 0 =>
+                {
+                    host | COPIED | ZERO
+                }
+                _ if hide => ZERO,
+                _ if unmap => 0,
+                _ => ZERO,
+            };
+            let host = new & entry::OFFSET_MASK;
+            let keep = (host != 0).then_some(host / cs);
+            st.replace_entry(&*self.storage, gc, new, keep)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut st = self.write_state();
+        if !st.is_dirty() {
+            return self.storage.sync();
+        }
+        st.flush(&*self.storage)
+            .map_err(|e| e.with_operation("flushing qcow2 metadata"))
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        if new_size > self.max_size() {
+            return Err(Error::out_of_bounds(format!(
+                "{new_size} bytes is larger than this qcow2 image can grow ({} bytes)",
+                self.max_size()
+            )));
+        }
+        let cs = self.geo.cluster_size();
+        let mut st = self.write_state();
+        let old = st.size;
+        if new_size < old {
+            if new_size % cs != 0 {
+                self.zero_cluster_tail(&mut st, new_size / cs, new_size % cs)?;
+            }
+            st.truncate(&*self.storage, new_size.div_ceil(cs))?;
+        }
+        st.set_size(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    fn max_size(&self) -> u64 {
+        (header::MAX_L1_BYTES / 8)
+            .saturating_mul(self.geo.l2_span())
+            .min(1 << 56)
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let d = self.qcow2_details();
+        let flag = |b: bool| if b { "yes" } else { "no" }.to_string();
+        vec![
+            ("qcow2 version", d.version.to_string()),
+            ("cluster size", d.cluster_size.to_string()),
+            ("refcount bits", d.refcount_bits.to_string()),
+            ("compression type", d.compression.name().to_string()),
+            ("backing file", d.backing_file.unwrap_or_else(|| "none".into())),
+            (
+                "backing format",
+                d.backing_format.unwrap_or_else(|| "none".into()),
+            ),
+            ("internal snapshots", d.snapshots.to_string()),
+            ("lazy refcounts", flag(d.lazy_refcounts)),
+            ("dirty", flag(d.dirty)),
+            ("corrupt", flag(d.corrupt)),
+        ]
+    }
+
+    fn layer_info(&self) -> LayerInfo {
+        let meta = self.meta();
+        let ext = meta.layer.map(|(e, _)| e);
+        LayerInfo {
+            layer_type: ext.and_then(|e| e.layer_type),
+            layer_uuid: ext.map(|e| e.layer_uuid),
+            stable_uuid: ext.map(|e| e.stable_uuid),
+            parent_uuid: ext.and_then(|e| e.parent_uuid),
+            parent_path: meta.backing_file.clone(),
+            parent_format: meta.backing_format.as_deref().and_then(|f| f.parse().ok()),
+        }
+    }
+
+    /// Records the parent as the qcow2 backing file (name and format) and the layer type and
+    /// UUIDs in diskkit's layer extension, by rewriting the header cluster (one write, synced
+    /// after the metadata is flushed). Like `qemu-img rebase -u`: the data is not changed.
+    fn set_layer_info(&self, info: &LayerInfo) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.geo.cluster_size();
+        // Flush first, then read the fixed header fields as they are on disk now.
+        let mut st = self.write_state();
+        if st.is_dirty() {
+            st.flush(&*self.storage)?;
+        }
+        let mut meta = self.meta();
+        let file_len = self.storage.len()?;
+        let mut head = vec![0u8; file_len.min(cs) as usize];
+        self.storage.read_at(&mut head, 0)?;
+        let current = Header::parse(&head, file_len)?;
+        let old = meta.layer.map(|(e, _)| e).unwrap_or_else(LayerExt::new);
+        let ext = LayerExt {
+            layer_type: info.layer_type,
+            layer_uuid: info.layer_uuid.unwrap_or(old.layer_uuid),
+            parent_uuid: info.parent_uuid,
+            stable_uuid: old.stable_uuid,
+        };
+        let mut exts: Vec<(u32, Vec<u8>)> = current
+            .extensions
+            .iter()
+            .filter(|(ty, _, _)| *ty != EXT_DISKKIT_LAYER && *ty != header::backing_format_ext())
+            .map(|(ty, _, d)| (*ty, d.clone()))
+            .collect();
+        let format = info.parent_format.map(|f| f.name().to_string());
+        if let (Some(_), Some(f)) = (&info.parent_path, &format) {
+            exts.insert(0, (header::backing_format_ext(), f.as_bytes().to_vec()));
+        }
+        exts.push((EXT_DISKKIT_LAYER, ext.encode()));
+        let fixed = &head[..current.header_length as usize];
+        let bytes = match header::rebuild(fixed, &exts, info.parent_path.as_deref(), cs) {
+            Ok(b) => b,
+            Err(_) => {
+                // Small clusters: drop the feature name table (it only names bits) and retry.
+                exts.retain(|(ty, _)| *ty != header::feature_names_ext());
+                header::rebuild(fixed, &exts, info.parent_path.as_deref(), cs)?
+            }
+        };
+        self.storage.write_at(&bytes, 0)?;
+        self.storage.sync()?;
+        let written = Header::parse(&bytes, file_len.max(bytes.len() as u64))?;
+        *meta = Meta::from_header(&written);
+        drop(st);
+        Ok(())
+    }
+}

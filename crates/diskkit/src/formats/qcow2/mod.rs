@@ -182,13 +182,14 @@ impl Qcow2Image {
     /// Format details for `info`.
     pub fn qcow2_details(&self) -> Qcow2Details {
         let h = &self.header;
+        let meta = self.meta().clone();
         Qcow2Details {
             version: h.version,
             cluster_size: self.geo.cluster_size(),
             refcount_bits: 1 << h.refcount_order,
             compression: h.compression,
-            backing_file: self.meta().backing_file.clone(),
-            backing_format: self.meta().backing_format.clone(),
+            backing_file: meta.backing_file,
+            backing_format: meta.backing_format,
             snapshots: h.nb_snapshots,
             lazy_refcounts: h.compatible & COMPAT_LAZY_REFCOUNTS != 0,
             dirty: h.incompatible & header::INCOMPAT_DIRTY != 0,

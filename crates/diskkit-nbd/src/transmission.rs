@@ -1,0 +1,479 @@
+//! The transmission phase: a reading loop decodes requests and hands them to a small pool of
+//! workers; each worker executes its request on the shared image and sends the reply under the
+//! connection's writer lock, so replies can leave out of order (cookies are echoed).
+
+use std::io::{self, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Condvar, Mutex};
+
+use diskkit::{DiskImage, ErrorKind, ExtentKind};
+
+use crate::export::{CacheMode, ServerConfig, SyncMode};
+use crate::handshake::{read_full, Session, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATION};
+use crate::proto::*;
+use crate::request::{validate, Header, Limits, HEADER_LEN};
+
+/// Bytes of request data (write payloads and read buffers) one connection may hold at once.
+const BUDGET: u64 = 64 << 20;
+/// Most extents sent in one block status chunk (the specification allows 2^20).
+const MAX_EXTENTS: usize = 16 * 1024;
+/// Most separate chunks in one structured read; the rest is sent as one data chunk.
+const MAX_READ_SEGMENTS: usize = 64;
+
+/// Why the request loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection or sent something unrecoverable.
+    Closed,
+}
+
+struct Job {
+    header: Header,
+    data: Vec<u8>,
+    cost: u64,
+}
+
+/// A bounded byte budget: the reader waits when workers hold too much data.
+struct Budget {
+    used: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn acquire(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *used > 0 && *used + n > BUDGET {
+            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += n;
+    }
+    fn release(&self, n: u64) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(n);
+        self.freed.notify_all();
+    }
+}
+
+/// The connection's reply side: one lock so chunks of different replies never interleave.
+struct Replies<'a, W: Write> {
+    w: Mutex<W>,
+    broken: AtomicBool,
+    kill: &'a (dyn Fn() + Sync),
+}
+
+impl<W: Write> Replies<'_, W> {
+    fn send(&self, parts: &[&[u8]]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        let r = parts
+            .iter()
+            .try_for_each(|p| w.write_all(p))
+            .and_then(|()| w.flush());
+        if r.is_err() {
+            self.broken.store(true, Ordering::Relaxed);
+            (self.kill)();
+        }
+    }
+}
+
+/// Serve requests for `session` until the client disconnects. `kill` shuts the connection
+/// down (called when a reply cannot be written, so the reading side stops too).
+pub fn serve<R: Read, W: Write + Send>(
+    reader: R,
+    writer: W,
+    config: &ServerConfig,
+    session: Session,
+    kill: &(dyn Fn() + Sync),
+) -> io::Result<End> {
+    let export = &config.exports[session.export];
+    let limits = Limits {
+        size: export.image.size(),
+        writable: export.writable(),
+        structured: session.structured,
+        has_contexts: session.contexts.base_allocation || session.contexts.allocation_depth,
+    };
+    let exec = Exec {
+        image: &export.image,
+        config,
+        session,
+        limits,
+    };
+    let replies = Replies {
+        w: Mutex::new(writer),
+        broken: AtomicBool::new(false),
+        kill,
+    };
+    let mut reader = BufReader::with_capacity(128 * 1024, reader);
+    if config.workers == 0 {
+        loop {
+            match next_job(&mut reader, &exec)? {
+                Next::Job(job) => exec.run(&job, &replies),
+                Next::End(end) => return Ok(end),
+            }
+        }
+    }
+    let budget = Budget {
+        used: Mutex::new(0),
+        freed: Condvar::new(),
+    };
+    let (tx, rx) = mpsc::sync_channel::<Job>(config.workers * 2);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..config.workers {
+            scope.spawn(|| worker(&rx, &exec, &replies, &budget));
+        }
+        let result = loop {
+            match next_job(&mut reader, &exec) {
+                Ok(Next::Job(job)) => {
+                    budget.acquire(job.cost);
+                    if tx.send(job).is_err() {
+                        break Ok(End::Closed);
+                    }
+                }
+                Ok(Next::End(end)) => break Ok(end),
+                Err(e) => break Err(e),
+            }
+        };
+        // Closing the queue lets the workers finish what is in flight and stop.
+        drop(tx);
+        result
+    })
+}
+
+fn worker<W: Write>(rx: &Mutex<Receiver<Job>>, exec: &Exec<'_>, replies: &Replies<'_, W>, budget: &Budget) {
+    loop {
+        let job = {
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(job) = job else { return };
+        exec.run(&job, replies);
+        budget.release(job.cost);
+    }
+}
+
+enum Next {
+    Job(Job),
+    End(End),
+}
+
+/// Read the next request (and its payload). Invalid requests become jobs too: their reply is
+/// an error. Only a wrong magic or a truncated stream ends the loop.
+fn next_job<R: Read>(r: &mut R, exec: &Exec<'_>) -> io::Result<Next> {
+    let mut hb = [0u8; HEADER_LEN];
+    match read_full(r, &mut hb) {
+        Ok(true) => {}
+        Ok(false) => return Ok(Next::End(End::Closed)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Next::End(End::Closed)),
+        Err(e) => return Err(e),
+    }
+    let Some(header) = Header::parse(&hb) else {
+        return Ok(Next::End(End::Closed));
+    };
+    if header.typ == CMD_DISC {
+        return Ok(Next::End(End::Disconnect));
+    }
+    let payload = header.payload_len();
+    let mut data = Vec::new();
+    if payload > 0 {
+        if payload <= MAX_PAYLOAD {
+            data = vec![0u8; payload as usize];
+            if !read_full(r, &mut data)? {
+                return Ok(Next::End(End::Closed));
+            }
+        } else {
+            // Too large to accept: skip it so the stream stays in step, then reply EINVAL.
+            let skipped = io::copy(&mut r.take(u64::from(payload)), &mut io::sink())?;
+            if skipped < u64::from(payload) {
+                return Ok(Next::End(End::Closed));
+            }
+        }
+    }
+    let cost = match header.typ {
+        CMD_WRITE => data.len() as u64,
+        CMD_READ if exec.limits.structured || header.length <= MAX_PAYLOAD => {
+            u64::from(header.length.min(MAX_PAYLOAD))
+        }
+        _ => 0,
+    };
+    Ok(Next::Job(Job { header, data, cost }))
+}
+
+struct Exec<'a> {
+    image: &'a DiskImage,
+    config: &'a ServerConfig,
+    session: Session,
+    limits: Limits,
+}
+
+/// One contiguous piece of a structured read.
+struct Segment {
+    start: usize,
+    len: usize,
+    hole: bool,
+}
+
+enum Outcome {
+    Done,
+    Read { buf: Vec<u8>, segments: Vec<Segment> },
+    Status(Vec<(u32, Vec<u8>)>),
+}
+
+fn nbd_error(e: &diskkit::Error, write: bool) -> u32 {
+    match e.kind() {
+        ErrorKind::ReadOnly => EPERM,
+        ErrorKind::OutOfBounds if write => ENOSPC,
+        ErrorKind::OutOfBounds | ErrorKind::InvalidArgument => EINVAL,
+        ErrorKind::Unsupported => ENOTSUP,
+        _ => match e.raw_os_error() {
+            Some(28) => ENOSPC,
+            Some(12) => ENOMEM,
+            _ => EIO,
+        },
+    }
+}
+
+impl Exec<'_> {
+    fn run<W: Write>(&self, job: &Job, replies: &Replies<'_, W>) {
+        let h = &job.header;
+        let result = validate(h, &self.limits).and_then(|()| self.execute(h, &job.data));
+        let cookie = h.cookie;
+        let structured = self.session.structured;
+        let sr_reply = structured && matches!(h.typ, CMD_READ | CMD_BLOCK_STATUS);
+        match result {
+            Err(code) if sr_reply => {
+                let mut b = Buf::with_capacity(26);
+                b.u32(STRUCTURED_REPLY_MAGIC)
+                    .u16(REPLY_FLAG_DONE)
+                    .u16(REPLY_TYPE_ERROR)
+                    .u64(cookie)
+                    .u32(6)
+                    .u32(code)
+                    .u16(0);
+                replies.send(&[&b.0]);
+            }
+            Err(code) => replies.send(&[&simple(code, cookie)]),
+            Ok(Outcome::Done) if sr_reply => replies.send(&[&chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                cookie,
+                0,
+            )]),
+            Ok(Outcome::Done) => replies.send(&[&simple(0, cookie)]),
+            Ok(Outcome::Read { buf, .. }) if !structured => {
+                replies.send(&[&simple(0, cookie), &buf]);
+            }
+            Ok(Outcome::Read { buf, segments }) => {
+                let n = segments.len();
+                let mut heads: Vec<Vec<u8>> = Vec::with_capacity(n);
+                for (i, s) in segments.iter().enumerate() {
+                    let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+                    let offset = h.offset + s.start as u64;
+                    let mut b = Buf::with_capacity(32);
+                    if s.hole {
+                        b.bytes(&chunk_header(flags, REPLY_TYPE_OFFSET_HOLE, cookie, 12))
+                            .u64(offset)
+                            .u32(s.len as u32);
+                    } else {
+                        b.bytes(&chunk_header(
+                            flags,
+                            REPLY_TYPE_OFFSET_DATA,
+                            cookie,
+                            8 + s.len as u32,
+                        ))
+                        .u64(offset);
+                    }
+                    heads.push(b.0);
+                }
+                let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * n);
+                for (s, head) in segments.iter().zip(&heads) {
+                    parts.push(head);
+                    if !s.hole {
+                        parts.push(&buf[s.start..s.start + s.len]);
+                    }
+                }
+                replies.send(&parts);
+            }
+            Ok(Outcome::Status(chunks)) => {
+                let n = chunks.len();
+                let mut out = Buf::default();
+                for (i, (id, descs)) in chunks.iter().enumerate() {
+                    let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
+                    out.bytes(&chunk_header(
+                        flags,
+                        REPLY_TYPE_BLOCK_STATUS,
+                        cookie,
+                        4 + descs.len() as u32,
+                    ))
+                    .u32(*id)
+                    .bytes(descs);
+                }
+                replies.send(&[&out.0]);
+            }
+        }
+    }
+
+    fn execute(&self, h: &Header, data: &[u8]) -> Result<Outcome, u32> {
+        let img = self.image;
+        let fua = h.flags & CMD_FLAG_FUA != 0;
+        match h.typ {
+            CMD_READ => self.read(h),
+            CMD_WRITE => {
+                img.write_at(data, h.offset).map_err(|e| nbd_error(&e, true))?;
+                self.after_write(fua)
+            }
+            CMD_FLUSH => {
+                self.sync()?;
+                Ok(Outcome::Done)
+            }
+            CMD_TRIM => {
+                img.discard(h.offset, u64::from(h.length))
+                    .map_err(|e| nbd_error(&e, false))?;
+                self.after_write(fua)
+            }
+            CMD_WRITE_ZEROES => {
+                let unmap = h.flags & CMD_FLAG_NO_HOLE == 0;
+                // Zeroing never writes data blocks here (holes, fallocate, chunk states), so it
+                // is always cheaper than a write: FAST_ZERO requests are honoured the same way.
+                img.write_zeroes(h.offset, u64::from(h.length), unmap)
+                    .map_err(|e| nbd_error(&e, true))?;
+                self.after_write(fua)
+            }
+            CMD_CACHE => Ok(Outcome::Done),
+            CMD_BLOCK_STATUS => self.block_status(h),
+            _ => Err(EINVAL),
+        }
+    }
+
+    fn sync(&self) -> Result<(), u32> {
+        if self.config.sync == SyncMode::None {
+            return Ok(());
+        }
+        self.image.flush().map_err(|e| nbd_error(&e, true))
+    }
+
+    fn after_write(&self, fua: bool) -> Result<Outcome, u32> {
+        if fua || self.config.cache == CacheMode::None {
+            self.sync()?;
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn read(&self, h: &Header) -> Result<Outcome, u32> {
+        let len = h.length as usize;
+        let mut buf = vec![0u8; len];
+        let whole = |buf: &mut Vec<u8>| self.image.read_at(buf, h.offset).map_err(|e| nbd_error(&e, false));
+        if !self.session.structured || h.flags & CMD_FLAG_DF != 0 || len == 0 {
+            whole(&mut buf)?;
+            let segments = if len == 0 {
+                Vec::new()
+            } else {
+                vec![Segment {
+                    start: 0,
+                    len,
+                    hole: false,
+                }]
+            };
+            return Ok(Outcome::Read { buf, segments });
+        }
+        let mut segments: Vec<Segment> = Vec::new();
+        let end = h.offset + len as u64;
+        let mut pos = h.offset;
+        while pos < end {
+            let start = (pos - h.offset) as usize;
+            if segments.len() >= MAX_READ_SEGMENTS {
+                self.image
+                    .read_at(&mut buf[start..], pos)
+                    .map_err(|e| nbd_error(&e, false))?;
+                push_segment(&mut segments, start, len - start, false);
+                break;
+            }
+            let e = self.image.status(pos, end - pos).map_err(|e| nbd_error(&e, false))?;
+            let n = e.length.min(end - pos) as usize;
+            let hole = e.reads_as_zero();
+            if !hole {
+                self.image
+                    .read_at(&mut buf[start..start + n], pos)
+                    .map_err(|e| nbd_error(&e, false))?;
+            }
+            push_segment(&mut segments, start, n, hole);
+            pos += n as u64;
+        }
+        Ok(Outcome::Read { buf, segments })
+    }
+
+    fn block_status(&self, h: &Header) -> Result<Outcome, u32> {
+        let ctx = self.session.contexts;
+        let one = h.flags & CMD_FLAG_REQ_ONE != 0;
+        let end = h.offset + u64::from(h.length);
+        // (length, flags) runs for each context, merged.
+        let mut base: Vec<(u64, u32)> = Vec::new();
+        let mut depth: Vec<(u64, u32)> = Vec::new();
+        let mut pos = h.offset;
+        let limit = if one { 1 } else { MAX_EXTENTS };
+        // Stop once a context has more runs than it can send: every run before the last is
+        // then complete, and the other context's runs cover a prefix exactly.
+        let full = |v: &Vec<(u64, u32)>, on: bool| on && v.len() > limit;
+        while pos < end {
+            if full(&base, ctx.base_allocation) || full(&depth, ctx.allocation_depth) {
+                break;
+            }
+            let e = self.image.status(pos, end - pos).map_err(|e| nbd_error(&e, false))?;
+            let n = e.length.min(end - pos);
+            let flags = match e.kind {
+                ExtentKind::Data => 0,
+                ExtentKind::Zero | ExtentKind::Absent => STATE_HOLE | STATE_ZERO,
+            };
+            merge(&mut base, n, flags);
+            merge(&mut depth, n, e.depth);
+            pos += n;
+        }
+        let mut chunks = Vec::new();
+        for (on, id, runs) in [
+            (ctx.base_allocation, ID_BASE_ALLOCATION, &base),
+            (ctx.allocation_depth, ID_ALLOCATION_DEPTH, &depth),
+        ] {
+            if !on {
+                continue;
+            }
+            let mut b = Buf::default();
+            for &(len, flags) in runs.iter().take(limit) {
+                // Runs are at most the request length, which fits in 32 bits.
+                b.u32(len.min(u64::from(u32::MAX)) as u32).u32(flags);
+            }
+            chunks.push((id, b.0));
+        }
+        Ok(Outcome::Status(chunks))
+    }
+}
+
+fn merge(runs: &mut Vec<(u64, u32)>, len: u64, flags: u32) {
+    match runs.last_mut() {
+        Some((l, f)) if *f == flags => *l += len,
+        _ => runs.push((len, flags)),
+    }
+}
+
+fn push_segment(segments: &mut Vec<Segment>, start: usize, len: usize, hole: bool) {
+    match segments.last_mut() {
+        Some(s) if s.hole == hole => s.len += len,
+        _ => segments.push(Segment { start, len, hole }),
+    }
+}
+
+fn simple(error: u32, cookie: u64) -> Vec<u8> {
+    let mut b = Buf::with_capacity(16);
+    b.u32(SIMPLE_REPLY_MAGIC).u32(error).u64(cookie);
+    b.0
+}
+
+fn chunk_header(flags: u16, typ: u16, cookie: u64, len: u32) -> Vec<u8> {
+    let mut b = Buf::with_capacity(20);
+    b.u32(STRUCTURED_REPLY_MAGIC).u16(flags).u16(typ).u64(cookie).u32(len);
+    b.0
+}

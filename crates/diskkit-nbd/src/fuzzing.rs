@@ -67,5 +67,5 @@ pub fn session(data: &[u8]) {
         }
     };
     let Scripted { input } = client;
-    let _ = transmission::serve(Scripted { input }, io::sink(), &config, session, &|| {});
+    let _ = transmission::serve(Scripted { input }, io::sink(), &config, session, 0, &|| {});
 }

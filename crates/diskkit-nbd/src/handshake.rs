@@ -88,7 +88,9 @@ pub struct Haggle {
 /// the server does not know (the connection is to be dropped).
 pub fn greet<S: Read + Write>(s: &mut S) -> io::Result<Option<Haggle>> {
     let mut b = Buf::with_capacity(18);
-    b.u64(NBDMAGIC).u64(IHAVEOPT).u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    b.u64(NBDMAGIC)
+        .u64(IHAVEOPT)
+        .u16(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
     s.write_all(&b.0)?;
     s.flush()?;
     let mut f = [0u8; 4];
@@ -239,7 +241,10 @@ pub fn negotiate<S: Read + Write>(
                     .u16(e.transmission_flags(structured, config.multi_conn()));
                 reply(s, opt, REP_INFO, &b.0)?;
                 let mut b = Buf::default();
-                b.u16(INFO_BLOCK_SIZE).u32(1).u32(PREFERRED_BLOCK).u32(MAX_PAYLOAD);
+                b.u16(INFO_BLOCK_SIZE)
+                    .u32(1)
+                    .u32(PREFERRED_BLOCK)
+                    .u32(MAX_PAYLOAD);
                 reply(s, opt, REP_INFO, &b.0)?;
                 if requests.contains(&INFO_NAME) {
                     let mut b = Buf::default();
@@ -289,12 +294,14 @@ pub fn negotiate<S: Read + Write>(
                 let ctx = match_queries(&parsed.queries, set);
                 if ctx.base_allocation {
                     let mut b = Buf::default();
-                    b.u32(ID_BASE_ALLOCATION).bytes(CONTEXT_BASE_ALLOCATION.as_bytes());
+                    b.u32(ID_BASE_ALLOCATION)
+                        .bytes(CONTEXT_BASE_ALLOCATION.as_bytes());
                     reply(s, opt, REP_META_CONTEXT, &b.0)?;
                 }
                 if ctx.allocation_depth {
                     let mut b = Buf::default();
-                    b.u32(ID_ALLOCATION_DEPTH).bytes(CONTEXT_ALLOCATION_DEPTH.as_bytes());
+                    b.u32(ID_ALLOCATION_DEPTH)
+                        .bytes(CONTEXT_ALLOCATION_DEPTH.as_bytes());
                     reply(s, opt, REP_META_CONTEXT, &b.0)?;
                 }
                 reply(s, opt, REP_ACK, &[])?;

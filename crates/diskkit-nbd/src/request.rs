@@ -159,10 +159,16 @@ mod tests {
         assert_eq!(validate(&h(CMD_READ, CMD_FLAG_NO_HOLE, 0, 1), &RW), Err(EINVAL));
         assert_eq!(validate(&h(99, 0, 0, 1), &RW), Err(EINVAL));
         assert_eq!(validate(&h(CMD_READ, 0, 0, MAX_PAYLOAD + 1), &RW), Err(EINVAL));
-        let ro = Limits { writable: false, ..RW };
+        let ro = Limits {
+            writable: false,
+            ..RW
+        };
         assert_eq!(validate(&h(CMD_WRITE, 0, 0, 1), &ro), Err(EPERM));
         assert_eq!(validate(&h(CMD_TRIM, 0, 0, 1), &ro), Err(EPERM));
-        let simple = Limits { structured: false, ..RW };
+        let simple = Limits {
+            structured: false,
+            ..RW
+        };
         assert_eq!(validate(&h(CMD_READ, CMD_FLAG_DF, 0, 1), &simple), Err(EINVAL));
         assert_eq!(validate(&h(CMD_BLOCK_STATUS, 0, 0, 1), &simple), Err(EINVAL));
     }
@@ -175,9 +181,20 @@ mod tests {
         let big = Limits { size: 8 << 30, ..RW };
         assert_eq!(validate(&h(CMD_TRIM, 0, 0, u32::MAX), &big), Ok(()));
         assert_eq!(
-            validate(&h(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO, 0, u32::MAX), &big),
+            validate(
+                &h(
+                    CMD_WRITE_ZEROES,
+                    CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+                    0,
+                    u32::MAX
+                ),
+                &big
+            ),
             Ok(())
         );
-        assert_eq!(validate(&h(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 512), &RW), Ok(()));
+        assert_eq!(
+            validate(&h(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 0, 512), &RW),
+            Ok(())
+        );
     }
 }

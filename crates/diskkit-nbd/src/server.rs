@@ -161,7 +161,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("address", &self.address).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
     }
 }
 
@@ -258,7 +260,7 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name(format!("nbd-conn-{id}"))
                 .spawn(move || {
-                    if let Err(e) = handle_connection(stream, &config) {
+                    if let Err(e) = handle_connection(stream, &config, id) {
                         if config.verbose {
                             let _ = writeln!(io::stderr(), "diskkit serve: connection {id}: {e}");
                         }
@@ -269,7 +271,11 @@ impl Server {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     self.log(format_args!("cannot start a connection thread: {e}"));
-                    self.state.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    self.state
+                        .conns
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
                 }
             }
         }
@@ -312,7 +318,7 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 }
 
 /// Handshake, then transmission, for one client.
-fn handle_connection(mut stream: Stream, config: &ServerConfig) -> io::Result<()> {
+fn handle_connection(mut stream: Stream, config: &ServerConfig, id: u64) -> io::Result<()> {
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let Some(mut haggle) = greet(&mut stream)? else {
         return Ok(());
@@ -321,13 +327,23 @@ fn handle_connection(mut stream: Stream, config: &ServerConfig) -> io::Result<()
         Outcome::Transmission(s) => s,
         Outcome::StartTls | Outcome::Closed => return Ok(()),
     };
+    if config.verbose {
+        let e = &config.exports[session.export];
+        let _ = writeln!(
+            io::stderr(),
+            "diskkit serve: conn {id}: export '{}' structured={} contexts={:?}",
+            e.name,
+            session.structured,
+            session.contexts
+        );
+    }
     stream.set_read_timeout(None)?;
     let reader = stream.try_clone()?;
     let killer = stream.try_clone()?;
     let kill = move || {
         let _ = killer.shutdown(Shutdown::Both);
     };
-    let result = transmission::serve(reader, stream, config, session, &kill);
+    let result = transmission::serve(reader, stream, config, session, id, &kill);
     finish_session(config, session.export);
     result.map(|_| ())
 }

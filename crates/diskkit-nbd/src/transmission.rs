@@ -88,6 +88,7 @@ pub fn serve<R: Read, W: Write + Send>(
     writer: W,
     config: &ServerConfig,
     session: Session,
+    conn_id: u64,
     kill: &(dyn Fn() + Sync),
 ) -> io::Result<End> {
     let export = &config.exports[session.export];
@@ -102,6 +103,7 @@ pub fn serve<R: Read, W: Write + Send>(
         config,
         session,
         limits,
+        conn_id,
     };
     let replies = Replies {
         w: Mutex::new(writer),
@@ -209,6 +211,7 @@ struct Exec<'a> {
     config: &'a ServerConfig,
     session: Session,
     limits: Limits,
+    conn_id: u64,
 }
 
 /// One contiguous piece of a structured read.
@@ -242,6 +245,9 @@ impl Exec<'_> {
     fn run<W: Write>(&self, job: &Job, replies: &Replies<'_, W>) {
         let h = &job.header;
         let result = validate(h, &self.limits).and_then(|()| self.execute(h, &job.data));
+        if self.config.verbose {
+            trace(self.conn_id, h, &result);
+        }
         let cookie = h.cookie;
         let structured = self.session.structured;
         let sr_reply = structured && matches!(h.typ, CMD_READ | CMD_BLOCK_STATUS);
@@ -258,12 +264,9 @@ impl Exec<'_> {
                 replies.send(&[&b.0]);
             }
             Err(code) => replies.send(&[&simple(code, cookie)]),
-            Ok(Outcome::Done) if sr_reply => replies.send(&[&chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_NONE,
-                cookie,
-                0,
-            )]),
+            Ok(Outcome::Done) if sr_reply => {
+                replies.send(&[&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)])
+            }
             Ok(Outcome::Done) => replies.send(&[&simple(0, cookie)]),
             Ok(Outcome::Read { buf, .. }) if !structured => {
                 replies.send(&[&simple(0, cookie), &buf]);
@@ -367,7 +370,11 @@ impl Exec<'_> {
     fn read(&self, h: &Header) -> Result<Outcome, u32> {
         let len = h.length as usize;
         let mut buf = vec![0u8; len];
-        let whole = |buf: &mut Vec<u8>| self.image.read_at(buf, h.offset).map_err(|e| nbd_error(&e, false));
+        let whole = |buf: &mut Vec<u8>| {
+            self.image
+                .read_at(buf, h.offset)
+                .map_err(|e| nbd_error(&e, false))
+        };
         if !self.session.structured || h.flags & CMD_FLAG_DF != 0 || len == 0 {
             whole(&mut buf)?;
             let segments = if len == 0 {
@@ -393,7 +400,10 @@ impl Exec<'_> {
                 push_segment(&mut segments, start, len - start, false);
                 break;
             }
-            let e = self.image.status(pos, end - pos).map_err(|e| nbd_error(&e, false))?;
+            let e = self
+                .image
+                .status(pos, end - pos)
+                .map_err(|e| nbd_error(&e, false))?;
             let n = e.length.min(end - pos) as usize;
             let hole = e.reads_as_zero();
             if !hole {
@@ -423,7 +433,10 @@ impl Exec<'_> {
             if full(&base, ctx.base_allocation) || full(&depth, ctx.allocation_depth) {
                 break;
             }
-            let e = self.image.status(pos, end - pos).map_err(|e| nbd_error(&e, false))?;
+            let e = self
+                .image
+                .status(pos, end - pos)
+                .map_err(|e| nbd_error(&e, false))?;
             let n = e.length.min(end - pos);
             let flags = match e.kind {
                 ExtentKind::Data => 0,
@@ -452,6 +465,44 @@ impl Exec<'_> {
     }
 }
 
+/// `--verbose`: one line per request, naming the command and its flags.
+fn trace(conn_id: u64, h: &Header, result: &Result<Outcome, u32>) {
+    let cmd = match h.typ {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_CACHE => "CACHE",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "BLOCK_STATUS",
+        _ => "UNKNOWN",
+    };
+    let mut flags = String::new();
+    for (bit, name) in [
+        (CMD_FLAG_FUA, "FUA"),
+        (CMD_FLAG_NO_HOLE, "NO_HOLE"),
+        (CMD_FLAG_DF, "DF"),
+        (CMD_FLAG_REQ_ONE, "REQ_ONE"),
+        (CMD_FLAG_FAST_ZERO, "FAST_ZERO"),
+    ] {
+        if h.flags & bit != 0 {
+            flags.push_str(if flags.is_empty() { "" } else { "|" });
+            flags.push_str(name);
+        }
+    }
+    let error = match result {
+        Ok(_) => 0,
+        Err(e) => *e,
+    };
+    let _ = writeln!(
+        io::stderr(),
+        "diskkit serve: conn {conn_id}: {cmd} offset={} length={} flags=[{flags}] cookie={:#x} error={error}",
+        h.offset,
+        h.length,
+        h.cookie
+    );
+}
+
 fn merge(runs: &mut Vec<(u64, u32)>, len: u64, flags: u32) {
     match runs.last_mut() {
         Some((l, f)) if *f == flags => *l += len,
@@ -474,6 +525,10 @@ fn simple(error: u32, cookie: u64) -> Vec<u8> {
 
 fn chunk_header(flags: u16, typ: u16, cookie: u64, len: u32) -> Vec<u8> {
     let mut b = Buf::with_capacity(20);
-    b.u32(STRUCTURED_REPLY_MAGIC).u16(flags).u16(typ).u64(cookie).u32(len);
+    b.u32(STRUCTURED_REPLY_MAGIC)
+        .u16(flags)
+        .u16(typ)
+        .u64(cookie)
+        .u32(len);
     b.0
 }

@@ -121,7 +121,11 @@ pub(crate) fn run(args: &ServeArgs) -> Result<u8> {
         write_pid_file(p)?;
     }
     if args.verbose {
-        let _ = writeln!(std::io::stderr(), "diskkit serve: listening on {:?}", server.address());
+        let _ = writeln!(
+            std::io::stderr(),
+            "diskkit serve: listening on {:?}",
+            server.address()
+        );
     }
     if std::env::var_os(NOTIFY_ENV).is_some() {
         let mut out = std::io::stdout();
@@ -185,12 +189,16 @@ fn open_export(
     if let Some(f) = format {
         options = options.format(f.into());
     }
-    let image = DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let image =
+        DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
     Ok(Export::new(name, Arc::new(image)))
 }
 
 fn write_pid_file(path: &Path) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().context("--pid-file needs a file name")?;
     let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     std::fs::write(&tmp, format!("{}\n", std::process::id()))
@@ -225,5 +233,12 @@ fn start_background() -> Result<u8> {
     let _ = child.wait();
     let err = err.trim();
     let err = err.strip_prefix("diskkit: error: ").unwrap_or(err);
-    bail!("{}", if err.is_empty() { "the background server exited" } else { err })
+    bail!(
+        "{}",
+        if err.is_empty() {
+            "the background server exited"
+        } else {
+            err
+        }
+    )
 }

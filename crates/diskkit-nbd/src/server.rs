@@ -345,6 +345,9 @@ fn handle_connection(mut stream: Stream, config: &ServerConfig, id: u64) -> io::
     };
     let result = transmission::serve(reader, stream, config, session, id, &kill);
     finish_session(config, session.export);
+    if config.verbose {
+        let _ = writeln!(io::stderr(), "diskkit serve: conn {id}: closed");
+    }
     result.map(|_| ())
 }
 

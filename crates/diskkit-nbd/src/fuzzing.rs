@@ -10,9 +10,10 @@ use crate::export::{Export, ServerConfig};
 use crate::handshake::{greet, negotiate, Contexts, Outcome, Session, TlsState};
 use crate::transmission;
 
-/// A client that sends `input` and whose replies are thrown away.
+/// A client that sends `input` and records what the server answers.
 struct Scripted<'a> {
     input: &'a [u8],
+    output: Vec<u8>,
 }
 
 impl Read for Scripted<'_> {
@@ -23,6 +24,7 @@ impl Read for Scripted<'_> {
 
 impl Write for Scripted<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -36,25 +38,34 @@ impl Write for Scripted<'_> {
 /// Serves a 1 MiB in-memory RAW image, with requests executed in the reading thread. Must
 /// never panic and always terminates, whatever `data` holds.
 pub fn session(data: &[u8]) {
+    let _ = session_output(data);
+}
+
+/// Like [`session`], returning everything the server sent (greeting, option replies, then
+/// transmission replies, in order: requests are executed one at a time).
+pub fn session_output(data: &[u8]) -> Vec<u8> {
     let Some((&mode, rest)) = data.split_first() else {
-        return;
+        return Vec::new();
     };
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let Ok(image) = DiskImage::create_on(storage, &CreateOptions::raw(1 << 20)) else {
-        return;
+        return Vec::new();
     };
     let mut export = Export::new("disk", Arc::new(image));
     export.description = Some("fuzz disk".into());
     let mut config = ServerConfig::new(vec![export]);
     config.workers = 0;
-    let mut client = Scripted { input: rest };
+    let mut client = Scripted {
+        input: rest,
+        output: Vec::new(),
+    };
     let session = if mode & 1 == 0 {
         let Ok(Some(mut haggle)) = greet(&mut client) else {
-            return;
+            return client.output;
         };
         match negotiate(&mut client, &config, &mut haggle, TlsState::NONE) {
             Ok(Outcome::Transmission(s)) => s,
-            _ => return,
+            _ => return client.output,
         }
     } else {
         Session {
@@ -66,6 +77,13 @@ pub fn session(data: &[u8]) {
             },
         }
     };
-    let Scripted { input } = client;
-    let _ = transmission::serve(Scripted { input }, io::sink(), &config, session, 0, &|| {});
+    let Scripted { input, mut output } = client;
+    let reader = Scripted {
+        input,
+        output: Vec::new(),
+    };
+    let mut replies = Vec::new();
+    let _ = transmission::serve(reader, &mut replies, &config, session, 0, &|| {});
+    output.extend_from_slice(&replies);
+    output
 }

@@ -271,6 +271,10 @@ impl Exec<'_> {
             Ok(Outcome::Read { buf, .. }) if !structured => {
                 replies.send(&[&simple(0, cookie), &buf]);
             }
+            Ok(Outcome::Read { segments, .. }) if segments.is_empty() => {
+                // A zero-length read: one empty final chunk.
+                replies.send(&[&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)]);
+            }
             Ok(Outcome::Read { buf, segments }) => {
                 let n = segments.len();
                 let mut heads: Vec<Vec<u8>> = Vec::with_capacity(n);

@@ -92,6 +92,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Worker threads per connection executing requests (0 = in the reading thread).
     pub workers: usize,
+    /// TLS, if offered (`NBD_OPT_STARTTLS`).
+    pub tls: Option<crate::tls::TlsSettings>,
     /// Print connection events and errors on stderr.
     pub verbose: bool,
 }
@@ -106,6 +108,7 @@ impl ServerConfig {
             cache: CacheMode::Writeback,
             max_connections: 16,
             workers: 4,
+            tls: None,
             verbose: false,
         }
     }

@@ -16,7 +16,9 @@ pub mod handshake;
 pub mod proto;
 pub mod request;
 mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use export::{CacheMode, Export, ServerConfig, SyncMode};
 pub use server::{Address, Server, ShutdownHandle, Stream, HANDSHAKE_TIMEOUT};
+pub use tls::TlsSettings;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::export::{ServerConfig, SyncMode};
 use crate::handshake::{greet, negotiate, Outcome, TlsState};
-use crate::transmission;
+use crate::{tls, transmission};
 
 /// How long a client may take to finish the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -323,20 +323,37 @@ fn handle_connection(mut stream: Stream, config: &ServerConfig, id: u64) -> io::
     let Some(mut haggle) = greet(&mut stream)? else {
         return Ok(());
     };
-    let session = match negotiate(&mut stream, config, &mut haggle, TlsState::NONE)? {
-        Outcome::Transmission(s) => s,
-        Outcome::StartTls | Outcome::Closed => return Ok(()),
+    let mut tls_state = TlsState {
+        offered: config.tls.is_some(),
+        required: config.tls.as_ref().is_some_and(|t| t.required),
+        active: false,
     };
-    if config.verbose {
-        let e = &config.exports[session.export];
-        let _ = writeln!(
-            io::stderr(),
-            "diskkit serve: conn {id}: export '{}' structured={} contexts={:?}",
-            e.name,
-            session.structured,
-            session.contexts
-        );
-    }
+    let session = match negotiate(&mut stream, config, &mut haggle, tls_state)? {
+        Outcome::Transmission(s) => s,
+        Outcome::Closed => return Ok(()),
+        Outcome::StartTls => {
+            let Some(settings) = &config.tls else {
+                return Ok(());
+            };
+            let mut tls = tls::accept(settings, stream)?;
+            tls_state.active = true;
+            // Options negotiated before STARTTLS are forgotten: haggling starts afresh.
+            let session = match negotiate(&mut tls, config, &mut haggle, tls_state)? {
+                Outcome::Transmission(s) => s,
+                Outcome::StartTls | Outcome::Closed => return Ok(()),
+            };
+            log_session(config, id, session, true);
+            tls.sock.set_read_timeout(None)?;
+            let killer = tls.sock.try_clone()?;
+            let kill = move || {
+                let _ = killer.shutdown(Shutdown::Both);
+            };
+            let (reader, writer) = tls::split(tls)?;
+            let result = transmission::serve(reader, writer, config, session, id, &kill);
+            return end_session(config, session.export, id, result);
+        }
+    };
+    log_session(config, id, session, false);
     stream.set_read_timeout(None)?;
     let reader = stream.try_clone()?;
     let killer = stream.try_clone()?;
@@ -344,7 +361,29 @@ fn handle_connection(mut stream: Stream, config: &ServerConfig, id: u64) -> io::
         let _ = killer.shutdown(Shutdown::Both);
     };
     let result = transmission::serve(reader, stream, config, session, id, &kill);
-    finish_session(config, session.export);
+    end_session(config, session.export, id, result)
+}
+
+fn log_session(config: &ServerConfig, id: u64, session: crate::handshake::Session, tls: bool) {
+    if config.verbose {
+        let e = &config.exports[session.export];
+        let _ = writeln!(
+            io::stderr(),
+            "diskkit serve: conn {id}: export '{}' structured={} contexts={:?} tls={tls}",
+            e.name,
+            session.structured,
+            session.contexts
+        );
+    }
+}
+
+fn end_session(
+    config: &ServerConfig,
+    export: usize,
+    id: u64,
+    result: io::Result<transmission::End>,
+) -> io::Result<()> {
+    finish_session(config, export);
     if config.verbose {
         let _ = writeln!(io::stderr(), "diskkit serve: conn {id}: closed");
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use diskkit::{DiskImage, OpenOptions};
-use diskkit_nbd::{Address, CacheMode, Export, Server, ServerConfig, SyncMode};
+use diskkit_nbd::{Address, CacheMode, Export, Server, ServerConfig, SyncMode, TlsSettings};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
@@ -38,6 +38,15 @@ pub(crate) enum CacheArg {
     Writeback,
     /// Write-through: each write is durable before it is acknowledged.
     None,
+}
+
+/// Whether clients must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TlsArg {
+    /// Every option but STARTTLS and ABORT is refused until TLS is active.
+    Require,
+    /// Clients may use TLS or not.
+    Allow,
 }
 
 /// Arguments of `diskkit serve`.
@@ -74,6 +83,15 @@ pub(crate) struct ServeArgs {
     /// Worker threads per connection.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     workers: u16,
+    /// PEM certificate chain offered with STARTTLS (X.509).
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// With a certificate: refuse plaintext (require, the default) or offer TLS (allow).
+    #[arg(long, value_enum, requires = "tls_cert")]
+    tls: Option<TlsArg>,
     /// Write the server's process id to this file (removed when the server stops).
     #[arg(long)]
     pid_file: Option<PathBuf>,
@@ -104,6 +122,10 @@ pub(crate) fn run(args: &ServeArgs) -> Result<u8> {
     config.max_connections = usize::from(args.shared);
     config.workers = usize::from(args.workers);
     config.verbose = args.verbose;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let required = args.tls != Some(TlsArg::Allow);
+        config.tls = Some(TlsSettings::from_pem_files(cert, key, required).context("cannot set up TLS")?);
+    }
     let address = match (&args.socket, args.listen) {
         (Some(p), _) => Address::Unix(p.clone()),
         (None, Some(a)) => Address::Tcp(a),

@@ -20,6 +20,11 @@ const BUDGET: u64 = 64 << 20;
 const MAX_EXTENTS: usize = 16 * 1024;
 /// Most separate chunks in one structured read; the rest is sent as one data chunk.
 const MAX_READ_SEGMENTS: usize = 64;
+/// Structured reads shorter than this are sent as one data chunk without asking the image
+/// where its holes are (not worth the mapping calls for small requests).
+const MIN_SPARSE_READ: usize = 64 * 1024;
+/// Replies up to this size are copied into one buffer and written with one call.
+const SMALL_REPLY: usize = 64 * 1024;
 
 /// Why the request loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,11 +74,15 @@ impl<W: Write> Replies<'_, W> {
         if self.broken.load(Ordering::Relaxed) {
             return;
         }
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        // Small replies go out in one system call; large ones without copying the data.
+        let joined = (parts.len() > 1 && total <= SMALL_REPLY).then(|| parts.concat());
         let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
-        let r = parts
-            .iter()
-            .try_for_each(|p| w.write_all(p))
-            .and_then(|()| w.flush());
+        let r = match &joined {
+            Some(j) => w.write_all(j),
+            None => parts.iter().try_for_each(|p| w.write_all(p)),
+        }
+        .and_then(|()| w.flush());
         if r.is_err() {
             self.broken.store(true, Ordering::Relaxed);
             (self.kill)();
@@ -379,7 +388,7 @@ impl Exec<'_> {
                 .read_at(buf, h.offset)
                 .map_err(|e| nbd_error(&e, false))
         };
-        if !self.session.structured || h.flags & CMD_FLAG_DF != 0 || len == 0 {
+        if !self.session.structured || h.flags & CMD_FLAG_DF != 0 || len < MIN_SPARSE_READ {
             whole(&mut buf)?;
             let segments = if len == 0 {
                 Vec::new()

@@ -230,3 +230,40 @@ fn startup_errors_are_reported() {
     let out = diskkit(&["serve", "--foreground", "--socket", &d.s("s.sock")]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn shared_limit_queues_clients_instead_of_dropping_them() {
+    let d = Dir::new();
+    let img = d.s("d.raw");
+    diskkit_ok(&["create", "--format", "raw", "--size", "16M", &img]);
+    let s = Served::start(&d.path("x.sock"), &["--shared", "1", "--export", "disk", &img]);
+    // --shared 1: no multi-conn.
+    assert_eq!(
+        client("nbdinfo", &["--can", "multi-conn", &s.uri("disk")])
+            .status
+            .code(),
+        Some(2)
+    );
+    let mut holder = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import nbd,sys,time\nh=nbd.NBD(); h.connect_uri(sys.argv[1]); print('x', flush=True); time.sleep(600)",
+            &s.uri("disk"),
+        ])
+        .env("PATH", debian_path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(first_line(&mut holder), "x");
+    let waiter = Command::new("nbdinfo")
+        .args(["--size", &s.uri("disk")])
+        .env("PATH", debian_path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let out = waiter.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "16777216");
+}

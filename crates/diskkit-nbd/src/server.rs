@@ -12,7 +12,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -112,7 +112,18 @@ impl Drop for Listener {
 struct State {
     stopping: AtomicBool,
     conns: Mutex<HashMap<u64, Stream>>,
+    /// Connections being served; the accepting thread waits while `--shared` are.
+    active: Mutex<usize>,
+    slot_freed: Condvar,
     wake: Address,
+}
+
+impl State {
+    fn release_slot(&self) {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        *active = active.saturating_sub(1);
+        self.slot_freed.notify_all();
+    }
 }
 
 /// Stops a running [`Server`] from another thread (a signal handler thread).
@@ -131,6 +142,7 @@ impl ShutdownHandle {
     /// Stop accepting, let in-flight requests finish, then end every connection.
     pub fn shutdown(&self) {
         self.state.stopping.store(true, Ordering::SeqCst);
+        self.state.slot_freed.notify_all();
         // Wake the accepting thread; it sees `stopping` and leaves its loop.
         let wake = match &self.state.wake {
             Address::Tcp(a) if a.ip().is_unspecified() => {
@@ -192,6 +204,8 @@ impl Server {
         let state = Arc::new(State {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
+            active: Mutex::new(0),
+            slot_freed: Condvar::new(),
             wake: address.clone(),
         });
         Ok(Server {
@@ -220,6 +234,22 @@ impl Server {
         let next_id = AtomicU64::new(0);
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         loop {
+            // At the connection limit, stop accepting until a client leaves (new clients
+            // wait in the listen queue instead of being dropped).
+            {
+                let mut active = self.state.active.lock().unwrap_or_else(|e| e.into_inner());
+                while *active >= self.config.max_connections && !self.state.stopping.load(Ordering::SeqCst) {
+                    active = self
+                        .state
+                        .slot_freed
+                        .wait_timeout(active, Duration::from_millis(200))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+            if self.state.stopping.load(Ordering::SeqCst) {
+                break;
+            }
             let accepted = match &self.listener {
                 Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
                 Listener::Tcp(l) => l.accept().map(|(s, _)| {
@@ -240,13 +270,7 @@ impl Server {
                 }
             };
             threads.retain(|t| !t.is_finished());
-            if threads.len() >= self.config.max_connections {
-                self.log(format_args!(
-                    "refusing a client: {} connections already (--shared)",
-                    threads.len()
-                ));
-                continue;
-            }
+            *self.state.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             if let Ok(clone) = stream.try_clone() {
                 self.state
@@ -266,6 +290,7 @@ impl Server {
                         }
                     }
                     state.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    state.release_slot();
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -276,6 +301,7 @@ impl Server {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&id);
+                    self.state.release_slot();
                 }
             }
         }

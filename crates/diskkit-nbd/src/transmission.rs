@@ -1,11 +1,12 @@
-//! The transmission phase: a reading loop decodes requests and hands them to a small pool of
-//! workers; each worker executes its request on the shared image and sends the reply under the
-//! connection's writer lock, so replies can leave out of order (cookies are echoed).
+//! The transmission phase: each connection has a small pool of workers. A worker takes the
+//! next request off the socket (one worker reads at a time), executes it on the shared image
+//! and sends the reply under the connection's writer lock, so several requests are in flight
+//! and replies can leave out of order (cookies are echoed). Each worker holds at most one
+//! request (at most 32 MiB of data), which bounds a connection's memory.
 
 use std::io::{self, BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 
 use diskkit::{DiskImage, ErrorKind, ExtentKind};
 
@@ -14,8 +15,6 @@ use crate::handshake::{read_full, Session, ID_ALLOCATION_DEPTH, ID_BASE_ALLOCATI
 use crate::proto::*;
 use crate::request::{validate, Header, Limits, HEADER_LEN};
 
-/// Bytes of request data (write payloads and read buffers) one connection may hold at once.
-const BUDGET: u64 = 64 << 20;
 /// Most extents sent in one block status chunk (the specification allows 2^20).
 const MAX_EXTENTS: usize = 16 * 1024;
 /// Most separate chunks in one structured read; the rest is sent as one data chunk.
@@ -38,28 +37,6 @@ pub enum End {
 struct Job {
     header: Header,
     data: Vec<u8>,
-    cost: u64,
-}
-
-/// A bounded byte budget: the reader waits when workers hold too much data.
-struct Budget {
-    used: Mutex<u64>,
-    freed: Condvar,
-}
-
-impl Budget {
-    fn acquire(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *used > 0 && *used + n > BUDGET {
-            used = self.freed.wait(used).unwrap_or_else(|e| e.into_inner());
-        }
-        *used += n;
-    }
-    fn release(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used = used.saturating_sub(n);
-        self.freed.notify_all();
-    }
 }
 
 /// The connection's reply side: one lock so chunks of different replies never interleave.
@@ -92,7 +69,7 @@ impl<W: Write> Replies<'_, W> {
 
 /// Serve requests for `session` until the client disconnects. `kill` shuts the connection
 /// down (called when a reply cannot be written, so the reading side stops too).
-pub fn serve<R: Read, W: Write + Send>(
+pub fn serve<R: Read + Send, W: Write + Send>(
     reader: R,
     writer: W,
     config: &ServerConfig,
@@ -122,49 +99,53 @@ pub fn serve<R: Read, W: Write + Send>(
     let mut reader = BufReader::with_capacity(128 * 1024, reader);
     if config.workers == 0 {
         loop {
-            match next_job(&mut reader, &exec)? {
+            match next_job(&mut reader)? {
                 Next::Job(job) => exec.run(&job, &replies),
                 Next::End(end) => return Ok(end),
             }
         }
     }
-    let budget = Budget {
-        used: Mutex::new(0),
-        freed: Condvar::new(),
-    };
-    let (tx, rx) = mpsc::sync_channel::<Job>(config.workers * 2);
-    let rx = Mutex::new(rx);
+    let intake = Mutex::new(Intake { reader, end: None });
     std::thread::scope(|scope| {
-        for _ in 0..config.workers {
-            scope.spawn(|| worker(&rx, &exec, &replies, &budget));
+        for _ in 1..config.workers {
+            scope.spawn(|| worker(&intake, &exec, &replies));
         }
-        let result = loop {
-            match next_job(&mut reader, &exec) {
-                Ok(Next::Job(job)) => {
-                    budget.acquire(job.cost);
-                    if tx.send(job).is_err() {
-                        break Ok(End::Closed);
-                    }
-                }
-                Ok(Next::End(end)) => break Ok(end),
-                Err(e) => break Err(e),
-            }
-        };
-        // Closing the queue lets the workers finish what is in flight and stop.
-        drop(tx);
-        result
-    })
+        worker(&intake, &exec, &replies);
+    });
+    let end = intake.into_inner().unwrap_or_else(|e| e.into_inner()).end;
+    end.unwrap_or(Ok(End::Closed))
 }
 
-fn worker<W: Write>(rx: &Mutex<Receiver<Job>>, exec: &Exec<'_>, replies: &Replies<'_, W>, budget: &Budget) {
+/// The reading side of a connection, taken by one worker at a time.
+struct Intake<R> {
+    reader: R,
+    /// Set by the worker that saw the end of the request stream.
+    end: Option<io::Result<End>>,
+}
+
+/// Take the next request off the connection (holding the intake lock only while reading it),
+/// execute it and reply; repeat until the stream ends. Several workers per connection keep
+/// several requests in flight without handing requests between threads.
+fn worker<R: Read, W: Write>(intake: &Mutex<Intake<R>>, exec: &Exec<'_>, replies: &Replies<'_, W>) {
     loop {
         let job = {
-            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
-            rx.recv()
+            let mut i = intake.lock().unwrap_or_else(|e| e.into_inner());
+            if i.end.is_some() {
+                return;
+            }
+            match next_job(&mut i.reader) {
+                Ok(Next::Job(job)) => job,
+                Ok(Next::End(end)) => {
+                    i.end = Some(Ok(end));
+                    return;
+                }
+                Err(e) => {
+                    i.end = Some(Err(e));
+                    return;
+                }
+            }
         };
-        let Ok(job) = job else { return };
         exec.run(&job, replies);
-        budget.release(job.cost);
     }
 }
 
@@ -175,7 +156,7 @@ enum Next {
 
 /// Read the next request (and its payload). Invalid requests become jobs too: their reply is
 /// an error. Only a wrong magic or a truncated stream ends the loop.
-fn next_job<R: Read>(r: &mut R, exec: &Exec<'_>) -> io::Result<Next> {
+fn next_job<R: Read>(r: &mut R) -> io::Result<Next> {
     let mut hb = [0u8; HEADER_LEN];
     match read_full(r, &mut hb) {
         Ok(true) => {}
@@ -205,14 +186,7 @@ fn next_job<R: Read>(r: &mut R, exec: &Exec<'_>) -> io::Result<Next> {
             }
         }
     }
-    let cost = match header.typ {
-        CMD_WRITE => data.len() as u64,
-        CMD_READ if exec.limits.structured || header.length <= MAX_PAYLOAD => {
-            u64::from(header.length.min(MAX_PAYLOAD))
-        }
-        _ => 0,
-    };
-    Ok(Next::Job(Job { header, data, cost }))
+    Ok(Next::Job(Job { header, data }))
 }
 
 struct Exec<'a> {

@@ -25,6 +25,7 @@ head -c "$size" /dev/urandom > "$work/src.raw"
 cp "$work/src.raw" "$work/dst.raw"
 rm -f "$work/dst.asif"
 "$dk" convert -O asif "$work/src.raw" "$work/dst.asif"
+sync   # no writeback of the fresh copies during the first measurements
 cat "$work/src.raw" "$work/dst.raw" "$work/dst.asif" > /dev/null
 
 pid=
@@ -58,28 +59,29 @@ PY
 }
 record() { echo "$1 $2 $3" >> "$results"; }
 
-bench() {  # server-name
+bench_once() {  # server-name: one run of every test
   local name=$1 s e
   uri="nbd+unix:///disk?socket=$sock"
-  for run in $(seq "$RUNS"); do
-    s=$(now); nbdcopy "$uri" null:; e=$(now); record "$name" read_nbdcopy "$(mbps "$s" "$e")"
-    record "$name" read_fio_1M_qd16 "$(fio_run read 1M 16)"
-    s=$(now); nbdcopy "$work/src.raw" "$uri"; e=$(now); record "$name" write_nbdcopy "$(mbps "$s" "$e")"
-    record "$name" write_fio_1M_qd16 "$(fio_run write 1M 16)"
-    record "$name" randread_4k_qd32_iops "$(fio_run randread 4k 32 5)"
-    record "$name" randwrite_4k_qd32_iops "$(fio_run randwrite 4k 32 5)"
-    echo "$name run $run done" >&2
-  done
+  s=$(now); nbdcopy "$uri" null:; e=$(now); record "$name" read_nbdcopy "$(mbps "$s" "$e")"
+  record "$name" read_fio_1M_qd16 "$(fio_run read 1M 16)"
+  s=$(now); nbdcopy "$work/src.raw" "$uri"; e=$(now); record "$name" write_nbdcopy "$(mbps "$s" "$e")"
+  record "$name" write_fio_1M_qd16 "$(fio_run write 1M 16)"
+  record "$name" randread_4k_qd32_iops "$(fio_run randread 4k 32 5)"
+  record "$name" randwrite_4k_qd32_iops "$(fio_run randwrite 4k 32 5)"
 }
 
-start "$dk" serve --foreground -f raw --socket "$sock" --export disk --shared 16 --sync fsync "$work/dst.raw"
-bench diskkit-raw; stop
-start qemu-nbd -t --shared=16 -k "$sock" -f raw -x disk "$work/dst.raw"
-bench qemu-nbd-raw; stop
-start nbdkit -f -U "$sock" -e disk file "$work/dst.raw"
-bench nbdkit-raw; stop
-start "$dk" serve --foreground -f asif --socket "$sock" --export disk --shared 16 --sync fsync "$work/dst.asif"
-bench diskkit-asif; stop
+# Servers take turns within each run, so slow phases of a noisy machine hit all of them.
+for run in $(seq "$RUNS"); do
+  start "$dk" serve --foreground -f raw --socket "$sock" --export disk --shared 16 --sync fsync "$work/dst.raw"
+  bench_once diskkit-raw; stop
+  start qemu-nbd -t --shared=16 -k "$sock" -f raw -x disk "$work/dst.raw"
+  bench_once qemu-nbd-raw; stop
+  start nbdkit -f -U "$sock" -e disk file "$work/dst.raw"
+  bench_once nbdkit-raw; stop
+  start "$dk" serve --foreground -f asif --socket "$sock" --export disk --shared 16 --sync fsync "$work/dst.asif"
+  bench_once diskkit-asif; stop
+  echo "run $run done" >&2
+done
 
 python3 - "$results" <<'PY'
 import sys, statistics, collections

@@ -13,7 +13,7 @@ use support::{diskkit, diskkit_ok, Dir};
 
 /// `write SEED`: writes 24 pieces (FUA on some), FLUSHes, prints "flushed", then keeps writing
 /// elsewhere until killed. `verify SEED`: checks the 24 pieces. `nowait SEED`: writes the
-/// pieces and disconnects without FLUSH.
+/// pieces and disconnects without FLUSH. `hold SEED`: writes them and stays connected.
 const PIECES: &str = r#"
 import nbd, sys, random
 uri, mode, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -31,6 +31,9 @@ if mode == "nowait":
     h.shutdown()
     print("done", flush=True)
     sys.exit(0)
+if mode == "hold":
+    print("written", flush=True)
+    import time; time.sleep(600)
 h.flush()
 print("flushed", flush=True)
 buf = nbd.Buffer.from_bytearray(bytearray(b"\xaa" * (1 << 20)))
@@ -266,4 +269,25 @@ fn shared_limit_queues_clients_instead_of_dropping_them() {
     let out = waiter.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "16777216");
+}
+
+#[test]
+fn cache_none_is_write_through() {
+    // Every acknowledged write is durable: SIGKILL with the client still connected and no
+    // FLUSH sent loses nothing (ASIF keeps its tables in memory until a flush).
+    let d = Dir::new();
+    let img = d.s("d.asif");
+    diskkit_ok(&["create", "--format", "asif", "--size", "64M", &img]);
+    let sock = d.path("x.sock");
+    let s = Served::start(
+        &sock,
+        &["--cache", "none", "--sync", "fsync", "--export", "disk", &img],
+    );
+    let mut c = pieces(&s.uri("disk"), "hold", 21);
+    assert_eq!(first_line(&mut c), "written");
+    s.signal("KILL");
+    drop(s);
+    let _ = c.kill();
+    let _ = c.wait();
+    verify(&sock, &img, 21);
 }

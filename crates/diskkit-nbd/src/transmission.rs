@@ -34,10 +34,28 @@ pub enum End {
     Closed,
 }
 
-struct Job {
-    header: Header,
-    data: Vec<u8>,
+/// A worker's reusable buffers (no allocation, page faults or unmapping per request).
+#[derive(Default)]
+struct Buffers {
+    /// WRITE payload.
+    payload: Vec<u8>,
+    /// READ data.
+    read: Vec<u8>,
 }
+
+impl Buffers {
+    /// Give back memory after an unusually large request.
+    fn trim(&mut self) {
+        for b in [&mut self.payload, &mut self.read] {
+            if b.capacity() > KEEP_BUFFER {
+                *b = Vec::new();
+            }
+        }
+    }
+}
+
+/// Largest buffer a worker keeps between requests.
+const KEEP_BUFFER: usize = 4 << 20;
 
 /// The connection's reply side: one lock so chunks of different replies never interleave.
 struct Replies<'a, W: Write> {
@@ -98,9 +116,13 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     };
     let mut reader = BufReader::with_capacity(128 * 1024, reader);
     if config.workers == 0 {
+        let mut bufs = Buffers::default();
         loop {
-            match next_job(&mut reader)? {
-                Next::Job(job) => exec.run(&job, &replies),
+            match next_job(&mut reader, &mut bufs.payload)? {
+                Next::Job(header) => {
+                    exec.run(&header, &mut bufs, &replies);
+                    bufs.trim();
+                }
                 Next::End(end) => return Ok(end),
             }
         }
@@ -127,14 +149,15 @@ struct Intake<R> {
 /// execute it and reply; repeat until the stream ends. Several workers per connection keep
 /// several requests in flight without handing requests between threads.
 fn worker<R: Read, W: Write>(intake: &Mutex<Intake<R>>, exec: &Exec<'_>, replies: &Replies<'_, W>) {
+    let mut bufs = Buffers::default();
     loop {
-        let job = {
+        let header = {
             let mut i = intake.lock().unwrap_or_else(|e| e.into_inner());
             if i.end.is_some() {
                 return;
             }
-            match next_job(&mut i.reader) {
-                Ok(Next::Job(job)) => job,
+            match next_job(&mut i.reader, &mut bufs.payload) {
+                Ok(Next::Job(header)) => header,
                 Ok(Next::End(end)) => {
                     i.end = Some(Ok(end));
                     return;
@@ -145,18 +168,20 @@ fn worker<R: Read, W: Write>(intake: &Mutex<Intake<R>>, exec: &Exec<'_>, replies
                 }
             }
         };
-        exec.run(&job, replies);
+        exec.run(&header, &mut bufs, replies);
+        bufs.trim();
     }
 }
 
 enum Next {
-    Job(Job),
+    Job(Header),
     End(End),
 }
 
-/// Read the next request (and its payload). Invalid requests become jobs too: their reply is
-/// an error. Only a wrong magic or a truncated stream ends the loop.
-fn next_job<R: Read>(r: &mut R) -> io::Result<Next> {
+/// Read the next request; a WRITE's payload goes to `payload_buf` (empty otherwise). Invalid
+/// requests are returned too: their reply is an error. Only a wrong magic or a truncated
+/// stream ends the loop.
+fn next_job<R: Read>(r: &mut R, payload_buf: &mut Vec<u8>) -> io::Result<Next> {
     let mut hb = [0u8; HEADER_LEN];
     match read_full(r, &mut hb) {
         Ok(true) => {}
@@ -171,11 +196,13 @@ fn next_job<R: Read>(r: &mut R) -> io::Result<Next> {
         return Ok(Next::End(End::Disconnect));
     }
     let payload = header.payload_len();
-    let mut data = Vec::new();
+    if payload == 0 || payload > MAX_PAYLOAD {
+        payload_buf.clear();
+    }
     if payload > 0 {
         if payload <= MAX_PAYLOAD {
-            data = vec![0u8; payload as usize];
-            if !read_full(r, &mut data)? {
+            set_len(payload_buf, payload as usize);
+            if !read_full(r, payload_buf)? {
                 return Ok(Next::End(End::Closed));
             }
         } else {
@@ -186,7 +213,7 @@ fn next_job<R: Read>(r: &mut R) -> io::Result<Next> {
             }
         }
     }
-    Ok(Next::Job(Job { header, data }))
+    Ok(Next::Job(header))
 }
 
 struct Exec<'a> {
@@ -206,7 +233,10 @@ struct Segment {
 
 enum Outcome {
     Done,
-    Read { buf: Vec<u8>, segments: Vec<Segment> },
+    /// Data is in the worker's read buffer.
+    Read {
+        segments: Vec<Segment>,
+    },
     Status(Vec<(u32, Vec<u8>)>),
 }
 
@@ -225,9 +255,9 @@ fn nbd_error(e: &diskkit::Error, write: bool) -> u32 {
 }
 
 impl Exec<'_> {
-    fn run<W: Write>(&self, job: &Job, replies: &Replies<'_, W>) {
-        let h = &job.header;
-        let result = validate(h, &self.limits).and_then(|()| self.execute(h, &job.data));
+    fn run<W: Write>(&self, h: &Header, bufs: &mut Buffers, replies: &Replies<'_, W>) {
+        let result = validate(h, &self.limits).and_then(|()| self.execute(h, bufs));
+        let buf = &bufs.read;
         if self.config.verbose {
             trace(self.conn_id, h, &result);
         }
@@ -251,14 +281,14 @@ impl Exec<'_> {
                 replies.send(&[&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)])
             }
             Ok(Outcome::Done) => replies.send(&[&simple(0, cookie)]),
-            Ok(Outcome::Read { buf, .. }) if !structured => {
-                replies.send(&[&simple(0, cookie), &buf]);
+            Ok(Outcome::Read { .. }) if !structured => {
+                replies.send(&[&simple(0, cookie), buf]);
             }
             Ok(Outcome::Read { segments, .. }) if segments.is_empty() => {
                 // A zero-length read: one empty final chunk.
                 replies.send(&[&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)]);
             }
-            Ok(Outcome::Read { buf, segments }) => {
+            Ok(Outcome::Read { segments }) => {
                 let n = segments.len();
                 let mut heads: Vec<Vec<u8>> = Vec::with_capacity(n);
                 for (i, s) in segments.iter().enumerate() {
@@ -308,11 +338,12 @@ impl Exec<'_> {
         }
     }
 
-    fn execute(&self, h: &Header, data: &[u8]) -> Result<Outcome, u32> {
+    fn execute(&self, h: &Header, bufs: &mut Buffers) -> Result<Outcome, u32> {
+        let data = &bufs.payload;
         let img = self.image;
         let fua = h.flags & CMD_FLAG_FUA != 0;
         match h.typ {
-            CMD_READ => self.read(h),
+            CMD_READ => self.read(h, &mut bufs.read),
             CMD_WRITE => {
                 img.write_at(data, h.offset).map_err(|e| nbd_error(&e, true))?;
                 self.after_write(fua)
@@ -354,16 +385,15 @@ impl Exec<'_> {
         Ok(Outcome::Done)
     }
 
-    fn read(&self, h: &Header) -> Result<Outcome, u32> {
+    fn read(&self, h: &Header, buf: &mut Vec<u8>) -> Result<Outcome, u32> {
         let len = h.length as usize;
-        let mut buf = vec![0u8; len];
-        let whole = |buf: &mut Vec<u8>| {
+        // Every byte sent is read first, and holes are sent as hole chunks, so old contents
+        // of the buffer never leave: no need to zero it.
+        set_len(buf, len);
+        if !self.session.structured || h.flags & CMD_FLAG_DF != 0 || len < MIN_SPARSE_READ {
             self.image
                 .read_at(buf, h.offset)
-                .map_err(|e| nbd_error(&e, false))
-        };
-        if !self.session.structured || h.flags & CMD_FLAG_DF != 0 || len < MIN_SPARSE_READ {
-            whole(&mut buf)?;
+                .map_err(|e| nbd_error(&e, false))?;
             let segments = if len == 0 {
                 Vec::new()
             } else {
@@ -373,7 +403,7 @@ impl Exec<'_> {
                     hole: false,
                 }]
             };
-            return Ok(Outcome::Read { buf, segments });
+            return Ok(Outcome::Read { segments });
         }
         let mut segments: Vec<Segment> = Vec::new();
         let end = h.offset + len as u64;
@@ -401,7 +431,7 @@ impl Exec<'_> {
             push_segment(&mut segments, start, n, hole);
             pos += n as u64;
         }
-        Ok(Outcome::Read { buf, segments })
+        Ok(Outcome::Read { segments })
     }
 
     fn block_status(&self, h: &Header) -> Result<Outcome, u32> {
@@ -488,6 +518,15 @@ fn trace(conn_id: u64, h: &Header, result: &Result<Outcome, u32>) {
         h.length,
         h.cookie
     );
+}
+
+/// Make `buf` `len` bytes long, zeroing only bytes it never had (the caller overwrites them).
+fn set_len(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() > len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
 }
 
 fn merge(runs: &mut Vec<(u64, u32)>, len: u64, flags: u32) {

@@ -291,3 +291,15 @@ fn cache_none_is_write_through() {
     let _ = c.wait();
     verify(&sock, &img, 21);
 }
+
+#[test]
+fn sigterm_stops_a_server_whose_socket_path_was_removed() {
+    // The accepting thread is woken through the listening socket itself, not its path.
+    let d = Dir::new();
+    let img = d.s("d.raw");
+    diskkit_ok(&["create", "--format", "raw", "--size", "16M", &img]);
+    let sock = d.path("x.sock");
+    let s = Served::start(&sock, &["--export", "disk", &img]);
+    std::fs::remove_file(&sock).unwrap();
+    assert!(s.stop().success());
+}

@@ -116,6 +116,8 @@ struct State {
     active: Mutex<usize>,
     slot_freed: Condvar,
     wake: Address,
+    /// Another handle to the listening socket, shut down to wake the accepting thread.
+    listener: Option<std::os::fd::OwnedFd>,
 }
 
 impl State {
@@ -143,7 +145,12 @@ impl ShutdownHandle {
     pub fn shutdown(&self) {
         self.state.stopping.store(true, Ordering::SeqCst);
         self.state.slot_freed.notify_all();
-        // Wake the accepting thread; it sees `stopping` and leaves its loop.
+        // Wake the accepting thread; it sees `stopping` and leaves its loop. Shutting the
+        // listening socket down makes a blocked accept() fail at once (Linux); connecting to
+        // it is the fallback (it only works while the socket path still leads to it).
+        if let Some(l) = &self.state.listener {
+            let _ = rustix::net::shutdown(l, rustix::net::Shutdown::Read);
+        }
         let wake = match &self.state.wake {
             Address::Tcp(a) if a.ip().is_unspecified() => {
                 let ip: std::net::IpAddr = if a.is_ipv4() {
@@ -201,12 +208,17 @@ impl Server {
                 (Listener::Tcp(l), Address::Tcp(local))
             }
         };
+        let listener_fd = match &listener {
+            Listener::Unix(l, _) => l.try_clone().ok().map(std::os::fd::OwnedFd::from),
+            Listener::Tcp(l) => l.try_clone().ok().map(std::os::fd::OwnedFd::from),
+        };
         let state = Arc::new(State {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             active: Mutex::new(0),
             slot_freed: Condvar::new(),
             wake: address.clone(),
+            listener: listener_fd,
         });
         Ok(Server {
             config: Arc::new(config),

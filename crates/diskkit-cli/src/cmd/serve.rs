@@ -135,7 +135,8 @@ pub(crate) fn run(args: &ServeArgs) -> Result<u8> {
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     let handle = server.shutdown_handle();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        // Every signal repeats the (idempotent) request to stop.
+        for _ in signals.forever() {
             handle.shutdown();
         }
     });

@@ -297,6 +297,8 @@ pub(crate) enum Command {
         #[arg(long)]
         length: String,
     },
+    /// Serve images over NBD (to QEMU, libnbd tools, the Linux kernel, macOS VZ).
+    Serve(crate::cmd::serve::ServeArgs),
 }
 
 fn block_size(s: &str) -> Result<u32, String> {

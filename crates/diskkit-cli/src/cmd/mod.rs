@@ -6,6 +6,7 @@ mod convert;
 mod create;
 mod info;
 mod map;
+pub(crate) mod serve;
 mod stack;
 
 use std::path::Path;
@@ -122,6 +123,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             offset,
             length,
         } => access::discard(&open, &path, &offset, &length),
+        Command::Serve(args) => serve::run(&args),
     }
 }
 

@@ -1,0 +1,267 @@
+//! `diskkit serve`: serve images over NBD.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use diskkit::{DiskImage, OpenOptions};
+use diskkit_nbd::{Address, CacheMode, Export, Server, ServerConfig, SyncMode, TlsSettings};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::args::OpenArgs;
+
+/// Set in the environment of the background server started without `--foreground`: it prints
+/// `ready` on stdout once it listens.
+const NOTIFY_ENV: &str = "DISKKIT_SERVE_NOTIFY";
+
+/// Where FLUSH/FUA/disconnect make data durable (VZ's synchronization mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SyncArg {
+    /// FLUSH and FUA are durable, and so is every client's disconnect.
+    Full,
+    /// FLUSH and FUA are durable.
+    Fsync,
+    /// FLUSH is acknowledged without a durable sync.
+    None,
+}
+
+/// Host cache use (VZ's caching mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CacheArg {
+    /// Writes go through the page cache; FLUSH/FUA make them durable.
+    Writeback,
+    /// Write-through: each write is durable before it is acknowledged.
+    None,
+}
+
+/// Whether clients must use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum TlsArg {
+    /// Every option but STARTTLS and ABORT is refused until TLS is active.
+    Require,
+    /// Clients may use TLS or not.
+    Allow,
+}
+
+/// Arguments of `diskkit serve`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    open: OpenArgs,
+    /// The image to serve (optional when every export is given as --export NAME=PATH).
+    image: Option<PathBuf>,
+    /// Listen on this Unix socket.
+    #[arg(long, conflicts_with = "listen")]
+    socket: Option<PathBuf>,
+    /// Listen on this TCP address (default 127.0.0.1:10809 when no --socket is given).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Export name of IMAGE (default: empty), or NAME=PATH to serve another image; repeatable.
+    #[arg(long = "export", value_name = "NAME|NAME=PATH")]
+    exports: Vec<String>,
+    /// Description of IMAGE's export, shown by `nbdinfo --list` and `qemu-nbd -L`.
+    #[arg(long)]
+    description: Option<String>,
+    /// Serve every export read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Most clients connected at once; above 1 the server advertises multi-conn.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    shared: u16,
+    /// Host cache use (VZ caching mode: automatic/cached = writeback, uncached = none).
+    #[arg(long, value_enum, default_value = "writeback")]
+    cache: CacheArg,
+    /// Durability of FLUSH, FUA and disconnect (VZ synchronization mode full/fsync/none).
+    #[arg(long, value_enum, default_value = "full")]
+    sync: SyncArg,
+    /// Worker threads per connection.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
+    /// PEM certificate chain offered with STARTTLS (X.509).
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// With a certificate: refuse plaintext (require, the default) or offer TLS (allow).
+    #[arg(long, value_enum, requires = "tls_cert")]
+    tls: Option<TlsArg>,
+    /// Write the server's process id to this file (removed when the server stops).
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Stay in the foreground (by default the server goes to the background once it listens).
+    #[arg(long)]
+    foreground: bool,
+    /// Log connections and errors on stderr.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// Run `diskkit serve`.
+pub(crate) fn run(args: &ServeArgs) -> Result<u8> {
+    if !args.foreground && std::env::var_os(NOTIFY_ENV).is_none() {
+        return start_background();
+    }
+    let exports = open_exports(args)?;
+    let mut config = ServerConfig::new(exports);
+    config.sync = match args.sync {
+        SyncArg::Full => SyncMode::Full,
+        SyncArg::Fsync => SyncMode::Fsync,
+        SyncArg::None => SyncMode::None,
+    };
+    config.cache = match args.cache {
+        CacheArg::Writeback => CacheMode::Writeback,
+        CacheArg::None => CacheMode::None,
+    };
+    config.max_connections = usize::from(args.shared);
+    config.workers = usize::from(args.workers);
+    config.verbose = args.verbose;
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let required = args.tls != Some(TlsArg::Allow);
+        config.tls = Some(TlsSettings::from_pem_files(cert, key, required).context("cannot set up TLS")?);
+    }
+    let address = match (&args.socket, args.listen) {
+        (Some(p), _) => Address::Unix(p.clone()),
+        (None, Some(a)) => Address::Tcp(a),
+        (None, None) => Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 10809))),
+    };
+    let server = Server::bind(&address, config).context("cannot start the NBD server")?;
+    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let handle = server.shutdown_handle();
+    std::thread::spawn(move || {
+        // Every signal repeats the (idempotent) request to stop.
+        for _ in signals.forever() {
+            handle.shutdown();
+        }
+    });
+    if let Some(p) = &args.pid_file {
+        write_pid_file(p)?;
+    }
+    if args.verbose {
+        let _ = writeln!(
+            std::io::stderr(),
+            "diskkit serve: listening on {:?}",
+            server.address()
+        );
+    }
+    if std::env::var_os(NOTIFY_ENV).is_some() {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+    let result = server.run();
+    if let Some(p) = &args.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    result.context("NBD server")?;
+    Ok(0)
+}
+
+fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
+    let mut main_name: Option<&str> = None;
+    let mut extra: Vec<(&str, &str)> = Vec::new();
+    for e in &args.exports {
+        match e.split_once('=') {
+            Some((name, path)) => extra.push((name, path)),
+            None if main_name.is_none() => main_name = Some(e),
+            None => bail!("--export NAME given twice for IMAGE ('{e}'); use NAME=PATH for more images"),
+        }
+    }
+    let mut exports = Vec::new();
+    match &args.image {
+        Some(path) => {
+            let mut e = open_export(main_name.unwrap_or(""), path, args.open.format, args.read_only)?;
+            e.description = args.description.clone();
+            exports.push(e);
+        }
+        None if main_name.is_some() || args.description.is_some() => {
+            bail!("--export NAME and --description need IMAGE")
+        }
+        None => {}
+    }
+    for (name, path) in extra {
+        exports.push(open_export(name, Path::new(path), None, args.read_only)?);
+    }
+    if exports.is_empty() {
+        bail!("nothing to serve: give IMAGE or --export NAME=PATH");
+    }
+    for (i, a) in exports.iter().enumerate() {
+        if exports[..i].iter().any(|b| b.name == a.name) {
+            bail!("export name '{}' is used twice", a.name);
+        }
+        if a.name.len() > 4096 {
+            bail!("export names are limited to 4096 bytes");
+        }
+    }
+    Ok(exports)
+}
+
+fn open_export(
+    name: &str,
+    path: &Path,
+    format: Option<crate::args::Format>,
+    read_only: bool,
+) -> Result<Export> {
+    let mut options = OpenOptions::new().writable(!read_only);
+    if let Some(f) = format {
+        options = options.format(f.into());
+    }
+    let image =
+        DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
+    Ok(Export::new(name, Arc::new(image)))
+}
+
+fn write_pid_file(path: &Path) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().context("--pid-file needs a file name")?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write pid file '{}'", path.display()))
+}
+
+/// Start this same command in the background (its own process group, so a terminal's ^C does
+/// not reach it) and return once it listens, or with its error.
+fn start_background() -> Result<u8> {
+    let exe = std::env::current_exe().context("cannot find the diskkit executable")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("cannot start the background server")?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(0);
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = child.wait();
+    let err = err.trim();
+    let err = err.strip_prefix("diskkit: error: ").unwrap_or(err);
+    bail!(
+        "{}",
+        if err.is_empty() {
+            "the background server exited"
+        } else {
+            err
+        }
+    )
+}

@@ -4,8 +4,10 @@ mod access;
 mod compare;
 mod convert;
 mod create;
+mod fs;
 mod info;
 mod map;
+mod partitions;
 
 use std::path::Path;
 
@@ -71,6 +73,21 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             offset,
             length,
         } => access::discard(&open, &path, &offset, &length),
+        Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
+        Command::Ls {
+            fs,
+            long,
+            output,
+            target,
+        } => fs::ls(&fs, long, output, &target),
+        Command::Cat { fs, target } => fs::cat(&fs, &target),
+        Command::Stat { fs, output, target } => fs::stat(&fs, output, &target),
+        Command::Cp {
+            fs,
+            output,
+            src,
+            dest,
+        } => fs::cp(&fs, output, &src, &dest),
     }
 }
 

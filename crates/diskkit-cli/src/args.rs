@@ -248,6 +248,33 @@ pub(crate) enum Command {
         /// Destination on the host (an existing directory receives the copy under its name).
         dest: PathBuf,
     },
+    /// Find the bootable kernel in an image (UKI, or kernel + initramfs) and extract it.
+    Kernel {
+        #[command(flatten)]
+        fs: FsArgs,
+        /// Write the kernel, initramfs (or UKI) and cmdline into this directory; without it,
+        /// only show what would be extracted.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// List every kernel found instead of choosing one.
+        #[arg(long)]
+        list: bool,
+        /// Choose this kernel version instead of the highest.
+        #[arg(long, value_name = "V")]
+        kernel_version: Option<String>,
+        /// For a UKI, also write its .linux, .initrd and .cmdline sections as vmlinuz,
+        /// initramfs and cmdline.
+        #[arg(long)]
+        split_uki: bool,
+        /// Replace existing files in the output directory.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// IMAGE[@PART] (or an image reference with --apple-store).
+        image: String,
+    },
 }
 
 fn block_size(s: &str) -> Result<u32, String> {

@@ -14,6 +14,14 @@ use diskkit_ext4::read::{Filesystem, PartitionSelector};
 use super::open_image;
 use crate::args::{FsArgs, Output};
 
+/// Print `value` as pretty JSON on stdout (a closed pipe is an error, not a panic).
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
 /// A parsed `IMAGE[@PART][:/path]` argument.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Target {
@@ -96,7 +104,7 @@ pub(crate) fn ls(args: &FsArgs, long: bool, output: Output, target: &str) -> Res
     let fs = open_fs(args, &t)?;
     let entries = fs.list(&t.path)?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+        Output::Json => super::fs::print_json(&entries)?,
         Output::Human => {
             let mut out = io::stdout().lock();
             for e in &entries {
@@ -164,7 +172,7 @@ pub(crate) fn stat(args: &FsArgs, output: Output, target: &str) -> Result<u8> {
     let fs = open_fs(args, &t)?;
     let e = fs.stat(&t.path)?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+        Output::Json => super::fs::print_json(&e)?,
         Output::Human => {
             println!("  path: {}", e.path);
             println!("  type: {}", e.file_type);
@@ -199,7 +207,7 @@ pub(crate) fn cp(args: &FsArgs, output: Output, src: &str, dest: &Path) -> Resul
         eprintln!("diskkit: warning: skipped special file {s}");
     }
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Json => super::fs::print_json(&report)?,
         Output::Human => {
             if report.dirs > 0 {
                 eprintln!(

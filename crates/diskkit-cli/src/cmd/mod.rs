@@ -6,6 +6,7 @@ mod convert;
 mod create;
 mod fs;
 mod info;
+mod kernel;
 mod map;
 mod partitions;
 
@@ -88,6 +89,27 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             src,
             dest,
         } => fs::cp(&fs, output, &src, &dest),
+        Command::Kernel {
+            fs,
+            out,
+            list,
+            kernel_version,
+            split_uki,
+            force,
+            output,
+            image,
+        } => kernel::run(
+            &fs,
+            &kernel::Request {
+                out: out.as_deref(),
+                list,
+                version: kernel_version.as_deref(),
+                split_uki,
+                force,
+                output,
+            },
+            &image,
+        ),
     }
 }
 

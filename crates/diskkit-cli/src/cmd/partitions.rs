@@ -69,7 +69,7 @@ pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
         None => json.whole_disk_ext = has_ext_superblock(&image, 0, image.size())?,
     }
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+        Output::Json => super::fs::print_json(&json)?,
         Output::Human => {
             if table.is_none() {
                 if json.whole_disk_ext {

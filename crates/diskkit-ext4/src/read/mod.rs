@@ -5,7 +5,12 @@
 pub mod apple_store;
 pub mod entry;
 pub mod extract;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod kernel;
 pub mod partition;
+pub mod pe;
+pub mod version;
 pub mod volume;
 
 pub use entry::Entry;

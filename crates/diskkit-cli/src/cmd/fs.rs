@@ -102,7 +102,7 @@ pub(crate) fn open_store_snapshot(
 pub(crate) fn ls(args: &FsArgs, long: bool, output: Output, target: &str) -> Result<u8> {
     let t = parse_target(target, true, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
-    let entries = fs.list(&t.path)?;
+    let entries = fs.list(&t.path).with_context(|| format!("in '{}'", t.image))?;
     match output {
         Output::Json => super::fs::print_json(&entries)?,
         Output::Human => {
@@ -162,7 +162,8 @@ pub(crate) fn cat(args: &FsArgs, target: &str) -> Result<u8> {
     let t = parse_target(target, false, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
     let mut out = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
-    fs.copy_file_to(&t.path, &mut out)?;
+    fs.copy_file_to(&t.path, &mut out)
+        .with_context(|| format!("in '{}'", t.image))?;
     out.flush()?;
     Ok(0)
 }
@@ -170,7 +171,7 @@ pub(crate) fn cat(args: &FsArgs, target: &str) -> Result<u8> {
 pub(crate) fn stat(args: &FsArgs, output: Output, target: &str) -> Result<u8> {
     let t = parse_target(target, false, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
-    let e = fs.stat(&t.path)?;
+    let e = fs.stat(&t.path).with_context(|| format!("in '{}'", t.image))?;
     match output {
         Output::Json => super::fs::print_json(&e)?,
         Output::Human => {

@@ -319,7 +319,13 @@ impl AppleStore {
                         chosen = Some((d.to_owned(), p));
                         break;
                     }
-                    available.push(p.to_string());
+                    let attestation = m
+                        .pointer("/annotations/vnd.docker.reference.type")
+                        .and_then(Value::as_str)
+                        == Some("attestation-manifest");
+                    if !attestation {
+                        available.push(p.to_string());
+                    }
                 }
                 chosen.ok_or_else(|| {
                     Error::new(

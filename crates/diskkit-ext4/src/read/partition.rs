@@ -96,6 +96,7 @@ impl PartitionType {
                 0xef => "EFI System",
                 0x0b | 0x0c => "FAT32",
                 0x07 => "NTFS/exFAT",
+                0x05 | 0x0f | 0x85 => "Extended",
                 _ => "unknown",
             },
         }

@@ -130,7 +130,7 @@ fn join(dir: &str, name: &str) -> String {
 impl Filesystem {
     fn entry_from(&self, path: &str, name: String, md: &Metadata) -> Result<Entry> {
         let target = if md.is_symlink() {
-            let t = self.ext4().read_link(path).map_err(|e| ext4_error(e, path))?;
+            let t = self.ext4().read_link(path).map_err(|e| ext4_error(&e, path))?;
             let bytes: &[u8] = t.as_ref();
             if bytes.len() as u64 > MAX_LINK {
                 return Err(Error::corrupt("symlink target too long").with_path(path));
@@ -161,7 +161,7 @@ impl Filesystem {
         let md = self
             .ext4()
             .symlink_metadata(path.as_str())
-            .map_err(|e| ext4_error(e, &path))?;
+            .map_err(|e| ext4_error(&e, &path))?;
         self.entry_from(&path, last_component(&path), &md)
     }
 
@@ -171,7 +171,7 @@ impl Filesystem {
         let md = self
             .ext4()
             .metadata(path.as_str())
-            .map_err(|e| ext4_error(e, &path))?;
+            .map_err(|e| ext4_error(&e, &path))?;
         self.entry_from(&path, last_component(&path), &md)
     }
 
@@ -180,7 +180,7 @@ impl Filesystem {
         match self.ext4().metadata(path) {
             Ok(_) => Ok(true),
             Err(ext4_view::Ext4Error::NotFound) => Ok(false),
-            Err(e) => Err(ext4_error(e, path)),
+            Err(e) => Err(ext4_error(&e, path)),
         }
     }
 
@@ -190,10 +190,10 @@ impl Filesystem {
         let raw = path.as_ref();
         let lossy = String::from_utf8_lossy(raw);
         let path = lossy.as_ref();
-        let iter = self.ext4().read_dir(raw).map_err(|e| ext4_error(e, path))?;
+        let iter = self.ext4().read_dir(raw).map_err(|e| ext4_error(&e, path))?;
         let mut names = Vec::new();
         for entry in iter {
-            let entry = entry.map_err(|e| ext4_error(e, path))?;
+            let entry = entry.map_err(|e| ext4_error(&e, path))?;
             let name = entry.file_name();
             let name: &[u8] = name.as_ref();
             if name == b"." || name == b".." {
@@ -211,7 +211,7 @@ impl Filesystem {
         let md = self
             .ext4()
             .metadata(path.as_str())
-            .map_err(|e| ext4_error(e, &path))?;
+            .map_err(|e| ext4_error(&e, &path))?;
         if !md.is_dir() {
             return Ok(vec![self.stat(&path)?]);
         }
@@ -222,7 +222,7 @@ impl Filesystem {
             let md = self
                 .ext4()
                 .symlink_metadata(child.as_str())
-                .map_err(|e| ext4_error(e, &child))?;
+                .map_err(|e| ext4_error(&e, &child))?;
             out.push(self.entry_from(&child, name, &md)?);
         }
         Ok(out)
@@ -245,7 +245,7 @@ impl Filesystem {
         let raw = path.as_ref();
         let path = String::from_utf8_lossy(raw);
         let path = path.as_ref();
-        let mut file = self.ext4().open(raw).map_err(|e| ext4_error(e, path))?;
+        let mut file = self.ext4().open(raw).map_err(|e| ext4_error(&e, path))?;
         let size = file.metadata().len();
         if !file.metadata().file_type().is_regular_file() {
             return Err(Error::new(ErrorKind::InvalidArgument, "not a regular file").with_path(path));
@@ -262,14 +262,14 @@ impl Filesystem {
         if offset > end {
             return Err(Error::out_of_bounds("offset past the end of the file").with_path(path));
         }
-        file.seek_to(offset).map_err(|e| ext4_error(e, path))?;
+        file.seek_to(offset).map_err(|e| ext4_error(&e, path))?;
         let mut buf = vec![0u8; 1 << 16];
         let mut pos = offset;
         while pos < end {
             let want = ((end - pos) as usize).min(buf.len());
             let n = file
                 .read_bytes(&mut buf[..want])
-                .map_err(|e| ext4_error(e, path))?;
+                .map_err(|e| ext4_error(&e, path))?;
             if n == 0 {
                 return Err(Error::corrupt("file ended before its recorded size").with_path(path));
             }
@@ -282,7 +282,7 @@ impl Filesystem {
 
     /// Read a small regular file fully, refusing files larger than `limit` bytes.
     pub fn read_small(&self, path: &str, limit: u64) -> Result<Vec<u8>> {
-        let md = self.ext4().metadata(path).map_err(|e| ext4_error(e, path))?;
+        let md = self.ext4().metadata(path).map_err(|e| ext4_error(&e, path))?;
         if md.len() > limit {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,

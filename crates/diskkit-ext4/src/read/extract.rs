@@ -66,7 +66,7 @@ fn safe_name(name: &[u8], dir: &str) -> Result<()> {
 fn to_timespec(secs: i64, nsec: u32) -> Timespec {
     Timespec {
         tv_sec: secs,
-        tv_nsec: i64::from(nsec.min(999_999_999)).try_into().unwrap_or(0),
+        tv_nsec: i64::from(nsec.min(999_999_999)),
     }
 }
 
@@ -92,7 +92,7 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
     let canonical = fs
         .ext4()
         .canonicalize(src.as_str())
-        .map_err(|e| ext4_error(e, &src))?;
+        .map_err(|e| ext4_error(&e, &src))?;
     let canonical_bytes: &[u8] = canonical.as_ref();
     let given_name = src.rsplit('/').next().unwrap_or("");
     let name: Vec<u8> = if given_name.is_empty() || given_name == ".." {
@@ -125,7 +125,7 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
     let md = fs
         .ext4()
         .metadata(canonical_bytes)
-        .map_err(|e| ext4_error(e, &src))?;
+        .map_err(|e| ext4_error(&e, &src))?;
     let mut report = CopyReport {
         dest: target.clone(),
         ..CopyReport::default()
@@ -153,7 +153,7 @@ fn write_file(fs: &Filesystem, src: &[u8], path: &Path, sync: bool) -> Result<u6
     let md = fs
         .ext4()
         .metadata(src)
-        .map_err(|e| ext4_error(e, &String::from_utf8_lossy(src)))?;
+        .map_err(|e| ext4_error(&e, &String::from_utf8_lossy(src)))?;
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -264,7 +264,7 @@ fn copy_dir(
         let md = fs
             .ext4()
             .symlink_metadata(child.as_slice())
-            .map_err(|e| ext4_error(e, &child_display))?;
+            .map_err(|e| ext4_error(&e, &child_display))?;
         let ft = md.file_type();
         if ft.is_dir() {
             fs::create_dir(&out).map_err(|e| io_err(e, &out, "creating"))?;
@@ -276,7 +276,7 @@ fn copy_dir(
             let target = fs
                 .ext4()
                 .read_link(child.as_slice())
-                .map_err(|e| ext4_error(e, &child_display))?;
+                .map_err(|e| ext4_error(&e, &child_display))?;
             let target: &[u8] = target.as_ref();
             std::os::unix::fs::symlink(OsStr::from_bytes(target), &out)
                 .map_err(|e| io_err(e, &out, "creating a symlink"))?;
@@ -292,7 +292,10 @@ fn copy_dir(
         }
     }
     // Mode and times last: a read-only directory must still receive its children.
-    let md = fs.ext4().metadata(src).map_err(|e| ext4_error(e, &src_display))?;
+    let md = fs
+        .ext4()
+        .metadata(src)
+        .map_err(|e| ext4_error(&e, &src_display))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(host_mode(md.mode())))
         .map_err(|e| io_err(e, dir, "setting the mode"))?;
     set_times(

@@ -132,7 +132,7 @@ struct FileSource<'a> {
 
 impl<'a> FileSource<'a> {
     fn open(fs: &'a Filesystem, path: &'a str) -> Result<FileSource<'a>> {
-        let file = fs.ext4().open(path).map_err(|e| ext4_error(e, path))?;
+        let file = fs.ext4().open(path).map_err(|e| ext4_error(&e, path))?;
         Ok(FileSource {
             path,
             size: file.metadata().len(),
@@ -147,12 +147,12 @@ impl SectorSource for FileSource<'_> {
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut f = self.file.borrow_mut();
-        f.seek_to(offset).map_err(|e| ext4_error(e, self.path))?;
+        f.seek_to(offset).map_err(|e| ext4_error(&e, self.path))?;
         let mut done = 0;
         while done < buf.len() {
             let n = f
                 .read_bytes(&mut buf[done..])
-                .map_err(|e| ext4_error(e, self.path))?;
+                .map_err(|e| ext4_error(&e, self.path))?;
             if n == 0 {
                 return Err(Error::corrupt("unexpected end of file").with_path(self.path));
             }
@@ -183,7 +183,7 @@ fn is_file(fs: &Filesystem, path: &str, warnings: &mut Vec<String>) -> Result<bo
             warnings.push(format!("{path}: symlink loop"));
             Ok(false)
         }
-        Err(e) => Err(ext4_error(e, path)),
+        Err(e) => Err(ext4_error(&e, path)),
     }
 }
 
@@ -191,7 +191,7 @@ fn is_dir(fs: &Filesystem, path: &str) -> Result<bool> {
     match fs.ext4().metadata(path) {
         Ok(m) => Ok(m.is_dir()),
         Err(ext4_view::Ext4Error::NotFound | ext4_view::Ext4Error::TooManySymlinks) => Ok(false),
-        Err(e) => Err(ext4_error(e, path)),
+        Err(e) => Err(ext4_error(&e, path)),
     }
 }
 
@@ -384,7 +384,7 @@ pub fn discover(fs: &Filesystem) -> Result<Discovery> {
             let target = fs
                 .ext4()
                 .canonicalize("/boot/vmlinuz")
-                .map_err(|e| ext4_error(e, "/boot/vmlinuz"))?;
+                .map_err(|e| ext4_error(&e, "/boot/vmlinuz"))?;
             let target = String::from_utf8_lossy(target.as_ref()).into_owned();
             let already = c.iter().any(|k| {
                 fs.ext4()

@@ -128,15 +128,15 @@ impl Ext4Read for ImageReader {
 }
 
 /// Turn an `ext4-view` error into a diskkit error about `path`.
-pub fn ext4_error(err: Ext4Error, path: &str) -> Error {
-    let kind = match &err {
+pub fn ext4_error(err: &Ext4Error, path: &str) -> Error {
+    let kind = match err {
         Ext4Error::NotFound => ErrorKind::NotFound,
         Ext4Error::Corrupt(_) => ErrorKind::Corrupt,
         Ext4Error::Incompatible(_) | Ext4Error::Encrypted => ErrorKind::Unsupported,
         Ext4Error::Io(_) => ErrorKind::Io,
         _ => ErrorKind::InvalidArgument,
     };
-    let message = match &err {
+    let message = match err {
         Ext4Error::Io(e) => format!("reading the filesystem: {e}"),
         other => other.to_string(),
     };
@@ -338,7 +338,7 @@ impl Filesystem {
                 Some(p) => format!("partition {}", p.number),
                 None => "the whole disk".to_owned(),
             };
-            let err = ext4_error(e, "/");
+            let err = ext4_error(&e, "/");
             Error::new(err.kind(), format!("cannot open the ext filesystem on {where_}"))
                 .with_offset(location.offset)
                 .with_source(err)

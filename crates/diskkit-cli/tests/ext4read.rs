@@ -532,3 +532,50 @@ fn corrupt_gpt_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CRC"), "{err}");
 }
+
+#[test]
+fn huge_and_lying_file_sizes() {
+    let dir = Dir::new();
+    let tree = dir.path("tree");
+    make_tree(&tree);
+    let img = dir.path("fs.img");
+    mkfs(&tree, &img, 32);
+    // A file whose inode claims 1 GiB (the data is 8 bytes): copied as a sparse 1 GiB file.
+    debugfs_w(&img, "sif /etc/hostname size 0x40000000");
+    // One that claims more than ext4 can hold: refused as corrupt, nothing written.
+    debugfs_w(&img, "sif /empty size 0x200000000000");
+    let i = img.to_string_lossy().into_owned();
+    let v: Value = serde_json::from_str(&diskkit_ok(&[
+        "stat",
+        "--output",
+        "json",
+        &format!("{i}:/etc/hostname"),
+    ]))
+    .unwrap();
+    assert_eq!(v["size"], 1u64 << 30);
+    diskkit_ok(&["cp", &format!("{i}:/etc/hostname"), &dir.s("big")]);
+    let m = fs::metadata(dir.path("big")).unwrap();
+    assert_eq!(m.len(), 1 << 30);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "output is not sparse: {} blocks",
+        m.blocks()
+    );
+    let head = fs::read(dir.path("big")).unwrap();
+    assert_eq!(&head[..8], b"fixture\n");
+    let out = diskkit(&["cp", &format!("{i}:/empty"), &dir.s("huge")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corrupt") && err.contains("/empty"), "{err}");
+    assert!(!dir.path("huge").exists());
+    let leftovers: Vec<_> = fs::read_dir(dir.0.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("diskkit"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn debugfs_w(image: &Path, request: &str) {
+    tool_ok("debugfs", &["-w", "-R", request, &image.to_string_lossy()]);
+}

@@ -441,3 +441,21 @@ fn boot(kernel: &Path, initrd: &Path, cmdline: &str) -> String {
     assert!(status.success(), "qemu failed ({status}): {err}\n{console}");
     console
 }
+
+#[test]
+fn lying_kernel_size_is_refused_before_writing() {
+    let f = Fixture::new();
+    f.file("/boot/vmlinuz-6.4.0", b"kernel")
+        .file("/boot/initrd.img-6.4.0", b"initrd");
+    let img = f.build(16);
+    tool_ok(
+        "debugfs",
+        &["-w", "-R", "sif /boot/initrd.img-6.4.0 size 0x10000000000", &img],
+    );
+    let err = kernel_err(&["--out", &f.out().to_string_lossy(), &img]);
+    assert!(
+        err.contains("/boot/initrd.img-6.4.0") && err.contains("more than any kernel"),
+        "{err}"
+    );
+    assert!(!f.out().exists());
+}

@@ -13,7 +13,6 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::BufWriter;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -160,11 +159,16 @@ fn write_file(fs: &Filesystem, src: &[u8], path: &Path, sync: bool) -> Result<u6
         .mode(0o600)
         .open(path)
         .map_err(|e| io_err(e, path, "creating"))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
+    if md.len() > MAX_FILE_SIZE {
+        return Err(Error::corrupt(format!(
+            "file claims {} bytes, more than ext4 allows ({MAX_FILE_SIZE})",
+            md.len()
+        ))
+        .with_path(String::from_utf8_lossy(src).as_ref()));
+    }
+    let mut w = SparseWriter::new(file);
     let n = fs.copy_file_to(src, &mut w)?;
-    let file = w
-        .into_inner()
-        .map_err(|e| io_err(e.into_error(), path, "writing"))?;
+    let file = w.finish().map_err(|e| io_err(e, path, "writing"))?;
     file.set_permissions(fs::Permissions::from_mode(host_mode(md.mode())))
         .map_err(|e| io_err(e, path, "setting the mode"))?;
     if sync {
@@ -178,6 +182,65 @@ fn write_file(fs: &Filesystem, src: &[u8], path: &Path, sync: bool) -> Result<u6
         md.modified().nanoseconds(),
     )?;
     Ok(n)
+}
+
+/// Largest file size ext4 can record (16 TiB with 4 KiB blocks); anything larger is corrupt.
+pub const MAX_FILE_SIZE: u64 = 16 << 40;
+
+/// Writes a file, leaving holes where whole 64 KiB pieces are zero (an image's sparse files
+/// stay sparse on the host).
+struct SparseWriter {
+    file: fs::File,
+    buf: Vec<u8>,
+    pos: u64,
+}
+
+const PIECE: usize = 64 << 10;
+
+impl SparseWriter {
+    fn new(file: fs::File) -> SparseWriter {
+        SparseWriter {
+            file,
+            buf: Vec::with_capacity(1 << 20),
+            pos: 0,
+        }
+    }
+
+    fn drain(&mut self, all: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut start = 0;
+        while self.buf.len() - start >= PIECE || (all && start < self.buf.len()) {
+            let end = (start + PIECE).min(self.buf.len());
+            let piece = &self.buf[start..end];
+            if piece.iter().any(|&b| b != 0) {
+                self.file.write_all_at(piece, self.pos)?;
+            }
+            self.pos += piece.len() as u64;
+            start = end;
+        }
+        self.buf.drain(..start);
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<fs::File> {
+        self.drain(true)?;
+        self.file.set_len(self.pos)?;
+        Ok(self.file)
+    }
+}
+
+impl std::io::Write for SparseWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 1 << 20 {
+            self.drain(false)?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Build the tree under a temporary sibling of `target`, then rename it into place.

@@ -43,6 +43,21 @@ const MAX_UKI_DEPTH: usize = 4;
 const MAX_DIR_ENTRIES: usize = 100_000;
 const MAX_CMDLINE: u64 = 64 << 10;
 const MAX_UNAME: u64 = 256;
+/// Largest kernel, initramfs or UKI extracted: far above any real one, far below what a
+/// corrupt size field can claim.
+pub const MAX_KERNEL_FILE: u64 = 4 << 30;
+
+fn check_size(fs: &Filesystem, path: &str) -> Result<()> {
+    let len = fs.stat_follow(path)?.size;
+    if len > MAX_KERNEL_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("{len} bytes, more than any kernel or initramfs ({MAX_KERNEL_FILE} accepted)"),
+        )
+        .with_path(path));
+    }
+    Ok(())
+}
 
 /// What kind of kernel a candidate is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -575,6 +590,10 @@ pub fn extract(
     dir: &Path,
     options: ExtractOptions,
 ) -> Result<Vec<Written>> {
+    check_size(fs, &selection.chosen.kernel)?;
+    if let Some(i) = &selection.chosen.initramfs {
+        check_size(fs, i)?;
+    }
     match fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(Error::invalid_argument("output is not a directory").with_path(dir)),

@@ -41,6 +41,14 @@ fn make_tree(root: &Path) {
     symlink("../../../../../../etc/passwd", root.join("escape-link")).unwrap();
     symlink("loop-b", root.join("loop-a")).unwrap();
     symlink("loop-a", root.join("loop-b")).unwrap();
+    fs::create_dir_all(root.join("srv/latin1")).unwrap();
+    use std::os::unix::ffi::OsStrExt;
+    fs::write(
+        root.join("srv/latin1")
+            .join(std::ffi::OsStr::from_bytes(b"caf\xe9")),
+        "not utf-8\n",
+    )
+    .unwrap();
     fs::create_dir(root.join("ro-dir")).unwrap();
     fs::write(root.join("ro-dir/inside"), "x").unwrap();
     fs::set_permissions(root.join("ro-dir"), fs::Permissions::from_mode(0o555)).unwrap();
@@ -376,6 +384,10 @@ fn stat_reports_metadata() {
     assert_eq!(v["target"], "/etc/hostname");
     let human = diskkit_ok(&["stat", &format!("{img}:/usr/lib/tool")]);
     assert!(human.contains("0755 (-rwxr-xr-x)"), "{human}");
+    assert_eq!(
+        diskkit_ok(&["ls", &format!("{img}:/srv/latin1")]),
+        "caf\u{fffd}\n"
+    );
     let long = diskkit_ok(&["ls", "-l", &format!("{img}:/")]);
     assert!(
         long.contains("lrwxrwxrwx") && long.contains("abs-link -> /etc/hostname"),

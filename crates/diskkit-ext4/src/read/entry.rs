@@ -119,18 +119,12 @@ pub fn normalize(path: &str) -> Result<String> {
     Ok(format!("/{}", parts.join("/")))
 }
 
-fn join(dir: &str, name: &str) -> String {
-    if dir == "/" {
-        format!("/{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
 impl Filesystem {
-    fn entry_from(&self, path: &str, name: String, md: &Metadata) -> Result<Entry> {
+    fn entry_from(&self, raw: &[u8], name: String, md: &Metadata) -> Result<Entry> {
+        let lossy = String::from_utf8_lossy(raw);
+        let path = lossy.as_ref();
         let target = if md.is_symlink() {
-            let t = self.ext4().read_link(path).map_err(|e| ext4_error(&e, path))?;
+            let t = self.ext4().read_link(raw).map_err(|e| ext4_error(&e, path))?;
             let bytes: &[u8] = t.as_ref();
             if bytes.len() as u64 > MAX_LINK {
                 return Err(Error::corrupt("symlink target too long").with_path(path));
@@ -162,7 +156,7 @@ impl Filesystem {
             .ext4()
             .symlink_metadata(path.as_str())
             .map_err(|e| ext4_error(&e, &path))?;
-        self.entry_from(&path, last_component(&path), &md)
+        self.entry_from(path.as_bytes(), last_component(&path), &md)
     }
 
     /// Metadata of `path`, following symlinks inside the image.
@@ -172,7 +166,7 @@ impl Filesystem {
             .ext4()
             .metadata(path.as_str())
             .map_err(|e| ext4_error(&e, &path))?;
-        self.entry_from(&path, last_component(&path), &md)
+        self.entry_from(path.as_bytes(), last_component(&path), &md)
     }
 
     /// Whether `path` exists (following symlinks inside the image).
@@ -216,13 +210,17 @@ impl Filesystem {
             return Ok(vec![self.stat(&path)?]);
         }
         let mut out = Vec::new();
-        for name in self.read_dir_names(&path)? {
-            let name = String::from_utf8_lossy(&name).into_owned();
-            let child = join(&path, &name);
+        for raw_name in self.read_dir_names(&path)? {
+            let name = String::from_utf8_lossy(&raw_name).into_owned();
+            let mut child = path.as_bytes().to_vec();
+            if child != b"/" {
+                child.push(b'/');
+            }
+            child.extend_from_slice(&raw_name);
             let md = self
                 .ext4()
-                .symlink_metadata(child.as_str())
-                .map_err(|e| ext4_error(&e, &child))?;
+                .symlink_metadata(child.as_slice())
+                .map_err(|e| ext4_error(&e, &String::from_utf8_lossy(&child)))?;
             out.push(self.entry_from(&child, name, &md)?);
         }
         Ok(out)

@@ -459,3 +459,70 @@ fn lying_kernel_size_is_refused_before_writing() {
     );
     assert!(!f.out().exists());
 }
+
+#[test]
+fn fedora_modules_kernel_pairs_with_boot_initramfs() {
+    // Classic Fedora: the kernel in /usr/lib/modules/<v>/ and /boot, the initramfs only in /boot.
+    let f = Fixture::new();
+    let v = "6.11.4-301.fc41.x86_64";
+    f.file(&format!("/usr/lib/modules/{v}/vmlinuz"), b"fedora-kernel")
+        .file(&format!("/boot/vmlinuz-{v}"), b"fedora-kernel")
+        .file(&format!("/boot/initramfs-{v}.img"), b"fedora-initramfs");
+    let img = f.build(16);
+    let j = kernel_json(&["--out", &f.out().to_string_lossy(), &img]);
+    assert_eq!(j["chosen"]["kernel"], format!("/usr/lib/modules/{v}/vmlinuz"));
+    assert_eq!(j["chosen"]["initramfs"], format!("/boot/initramfs-{v}.img"));
+    assert!(j["note"].as_str().unwrap().contains("2 copies"), "{j}");
+    assert_eq!(read(&f.out().join("initramfs")), b"fedora-initramfs");
+}
+
+#[test]
+fn kernel_in_a_gpt_root_partition() {
+    let f = Fixture::new();
+    f.file("/boot/vmlinuz-6.6.0", b"partitioned-kernel")
+        .file("/boot/initrd.img-6.6.0", b"partitioned-initrd");
+    let fs_img = f.build(16);
+    let disk = f.dir.path("disk.img");
+    fs::File::create(&disk).unwrap().set_len(24 << 20).unwrap();
+    let d = disk.to_string_lossy().into_owned();
+    tool_ok(
+        "sgdisk",
+        &[
+            "-n",
+            "1:2048:+2M",
+            "-t",
+            "1:ef00",
+            "-n",
+            "2:0:+16M",
+            "-t",
+            "2:8304",
+            "-c",
+            "2:root",
+            &d,
+        ],
+    );
+    let start = 2048 + 2 * 2048;
+    tool_ok(
+        "dd",
+        &[
+            &format!("if={fs_img}"),
+            &format!("of={d}"),
+            "bs=512",
+            &format!("seek={start}"),
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    diskkit_ok(&["convert", "-O", "asif", &d, &f.dir.s("disk.asif")]);
+    for image in [
+        d.clone(),
+        f.dir.s("disk.asif"),
+        format!("{d}@2"),
+        format!("{d}@root"),
+    ] {
+        let out = f.dir.path(&format!("out-{}", image.len()));
+        let j = kernel_json(&["--out", &out.to_string_lossy(), &image]);
+        assert_eq!(j["chosen"]["version"], "6.6.0", "{image}");
+        assert_eq!(read(&out.join("vmlinuz")), b"partitioned-kernel");
+    }
+}

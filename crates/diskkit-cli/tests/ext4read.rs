@@ -591,3 +591,30 @@ fn huge_and_lying_file_sizes() {
 fn debugfs_w(image: &Path, request: &str) {
     tool_ok("debugfs", &["-w", "-R", request, &image.to_string_lossy()]);
 }
+
+#[test]
+fn directory_loop_is_bounded_and_cleaned_up() {
+    let dir = Dir::new();
+    let tree = dir.path("tree");
+    fs::create_dir_all(tree.join("a/b")).unwrap();
+    fs::write(tree.join("a/b/f"), "x").unwrap();
+    let img = dir.path("fs.img");
+    mkfs(&tree, &img, 8);
+    // A corrupt filesystem: a directory entry in /a/b that points back at /a.
+    debugfs_w(&img, "ln /a /a/b/up");
+    let i = img.to_string_lossy().into_owned();
+    assert_eq!(diskkit_ok(&["ls", &format!("{i}:/a/b/up/b")]), "f\nup\n");
+    let out = diskkit(&["cp", &format!("{i}:/a"), &dir.s("out")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nested deeper than") || err.contains("too long"),
+        "{err}"
+    );
+    let mut names: Vec<_> = fs::read_dir(dir.0.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["fs.img", "tree"], "partial output left behind");
+}

@@ -63,6 +63,9 @@ pub(crate) fn parse_target(s: &str, path_optional: bool, reference: bool) -> Res
 /// Open the filesystem a target names.
 pub(crate) fn open_fs(args: &FsArgs, target: &Target) -> Result<Filesystem> {
     if let Some(root) = &args.apple_store {
+        if args.partition.is_some() {
+            bail!("--partition does not apply to --apple-store snapshots (they are whole-disk ext4)");
+        }
         return open_store_snapshot(root, args.platform.as_deref(), &target.image);
     }
     let selector = match (&target.partition, &args.partition) {

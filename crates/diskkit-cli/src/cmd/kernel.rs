@@ -124,6 +124,9 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
             for w in &written {
                 println!("wrote {} ({} bytes) from {}", w.path.display(), w.size, w.source);
             }
+            if req.out.is_none() {
+                eprintln!("diskkit: nothing written; give --out DIR to extract it");
+            }
         }
     }
     Ok(0)

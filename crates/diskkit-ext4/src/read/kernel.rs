@@ -226,6 +226,12 @@ fn names(fs: &Filesystem, dir: &str) -> Result<Vec<String>> {
         .collect())
 }
 
+/// `*.efi`, any case (byte-wise: names are not trusted to be split at char boundaries).
+fn has_efi_extension(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() > 4 && b[b.len() - 4..].eq_ignore_ascii_case(b".efi")
+}
+
 /// The version in a UKI file name such as `fedora-6.8.5-301.fc40.x86_64.efi` (what follows
 /// the first `-` that precedes a digit).
 fn version_from_uki_name(name: &str) -> Option<String> {
@@ -296,10 +302,7 @@ fn find_ukis_in(
 ) -> Result<()> {
     for name in names(fs, dir)? {
         let path = join(dir, &name);
-        if name.len() > 4
-            && name[name.len() - 4..].eq_ignore_ascii_case(".efi")
-            && is_file(fs, &path, warnings)?
-        {
+        if has_efi_extension(&name) && is_file(fs, &path, warnings)? {
             if let Some(c) = uki_candidate(fs, path, None, "boot-efi-linux", 0, warnings)? {
                 out.push(c);
             }
@@ -344,10 +347,7 @@ pub fn discover(fs: &Filesystem) -> Result<Discovery> {
             }
             for name in names(fs, &dir)? {
                 let path = join(&dir, &name);
-                if name.len() > 4
-                    && name[name.len() - 4..].eq_ignore_ascii_case(".efi")
-                    && is_file(fs, &path, &mut warnings)?
-                {
+                if has_efi_extension(&name) && is_file(fs, &path, &mut warnings)? {
                     if let Some(k) = uki_candidate(fs, path, Some(&v), "modules-uki", 1, &mut warnings)? {
                         c.push(k);
                     }
@@ -688,6 +688,14 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn efi_extension_is_byte_safe() {
+        assert!(has_efi_extension("a.EFI"));
+        assert!(!has_efi_extension(".efi"));
+        assert!(!has_efi_extension("abé"));
+        assert!(!has_efi_extension("x.éfi"));
+    }
 
     #[test]
     fn uki_names() {

@@ -526,3 +526,78 @@ fn kernel_in_a_gpt_root_partition() {
         assert_eq!(read(&out.join("vmlinuz")), b"partitioned-kernel");
     }
 }
+
+#[test]
+fn separate_boot_partition_next_to_root() {
+    // Fedora-style: /boot is its own partition (kernels at its root), the root holds the cmdline.
+    let boot = Fixture::new();
+    let v = "6.5.6-300.fc39.x86_64";
+    boot.file(&format!("/vmlinuz-{v}"), b"boot-part-kernel")
+        .file(&format!("/initramfs-{v}.img"), b"boot-part-initramfs")
+        .mkdir("/loader/entries");
+    let boot_img = boot.build(16);
+    let root = Fixture::new();
+    root.file("/etc/kernel/cmdline", b"root=LABEL=root ro\n")
+        .mkdir("/usr/lib/modules");
+    let root_img = root.build(16);
+    let disk = root.dir.path("disk.img");
+    fs::File::create(&disk).unwrap().set_len(40 << 20).unwrap();
+    let d = disk.to_string_lossy().into_owned();
+    // Root first in the table: the boot partition must still be preferred for the kernel.
+    tool_ok(
+        "sgdisk",
+        &[
+            "-n",
+            "1:2048:+16M",
+            "-t",
+            "1:8304",
+            "-c",
+            "1:root",
+            "-n",
+            "2:0:+16M",
+            "-t",
+            "2:ea00",
+            "-c",
+            "2:boot",
+            &d,
+        ],
+    );
+    for (img, start) in [(&root_img, 2048u64), (&boot_img, 2048 + 16 * 2048)] {
+        tool_ok(
+            "dd",
+            &[
+                &format!("if={img}"),
+                &format!("of={d}"),
+                "bs=512",
+                &format!("seek={start}"),
+                "conv=notrunc",
+                "status=none",
+            ],
+        );
+    }
+    let out = root.out();
+    let res = diskkit(&["kernel", "--output", "json", "--out", &out.to_string_lossy(), &d]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("partition 2"));
+    let j: Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(j["chosen"]["kernel"], format!("/vmlinuz-{v}"));
+    assert_eq!(j["chosen"]["layout"], "boot-partition");
+    assert_eq!(read(&out.join("vmlinuz")), b"boot-part-kernel");
+    assert_eq!(read(&out.join("initramfs")), b"boot-part-initramfs");
+    assert_eq!(read(&out.join("cmdline")), b"root=LABEL=root ro\n");
+    // Naming the root partition: no kernel there, and the error says where it looked.
+    let err = kernel_err(&[&format!("{d}@root")]);
+    assert!(err.contains("no kernel found"), "{err}");
+    // File access picks the one Linux-root-typed partition among several ext ones...
+    assert_eq!(
+        diskkit_ok(&["cat", &format!("{d}:/etc/kernel/cmdline")]),
+        "root=LABEL=root ro\n"
+    );
+    // ...and needs a choice when none is root-typed.
+    tool_ok("sgdisk", &["-t", "1:8300", &d]);
+    let err = String::from_utf8_lossy(&diskkit(&["ls", &format!("{d}:/")]).stderr).into_owned();
+    assert!(
+        err.contains("several partitions") && err.contains("\"boot\"") && err.contains("\"root\""),
+        "{err}"
+    );
+}

@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::Result;
-use diskkit_ext4::read::kernel::{discover, extract, select, ExtractOptions, KernelCandidate, SEARCHED};
+use anyhow::{Context, Result};
+use diskkit_ext4::read::kernel::{
+    discover, discover_disk, extract, select, ExtractOptions, KernelCandidate, SEARCHED,
+};
 use serde::Serialize;
 
 use super::fs::{open_fs, parse_target};
@@ -50,8 +52,19 @@ fn describe(k: &KernelCandidate) -> String {
 
 pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
     let t = parse_target(image, true, args.apple_store.is_some())?;
-    let fs = open_fs(args, &t)?;
-    let d = discover(&fs)?;
+    let (fs, d) = if args.apple_store.is_none() && t.partition.is_none() && args.partition.is_none() {
+        let path = std::path::PathBuf::from(&t.image);
+        let disk = std::sync::Arc::new(super::open_image(&args.open, &path, false)?);
+        let (fs, d, note) = discover_disk(disk).with_context(|| format!("'{}'", path.display()))?;
+        if let Some(n) = note {
+            eprintln!("diskkit: note: {n}");
+        }
+        (fs, d)
+    } else {
+        let fs = open_fs(args, &t)?;
+        let d = discover(&fs)?;
+        (fs, d)
+    };
     for w in &d.warnings {
         eprintln!("diskkit: warning: {w}");
     }

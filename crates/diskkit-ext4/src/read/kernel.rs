@@ -28,12 +28,14 @@ use super::version::compare_versions;
 use super::volume::{ext4_error, Filesystem};
 
 /// Where kernels are looked for, for error messages and `--list`.
-pub const SEARCHED: [&str; 5] = [
+pub const SEARCHED: [&str; 7] = [
     "/boot/EFI/Linux/**/*.efi (UKI)",
     "/usr/lib/modules/<version>/*.efi (UKI)",
     "/usr/lib/modules/<version>/vmlinuz + initramfs.img",
     "/boot/vmlinuz-<version> + /boot/initrd.img-<version> or /boot/initramfs-<version>.img",
     "/boot/vmlinuz + /boot/initrd.img or /boot/initramfs.img",
+    "/EFI/Linux/**/*.efi (UKI, separate /boot partition)",
+    "/vmlinuz-<version> + /initrd.img-<version> or /initramfs-<version>.img (separate /boot partition)",
 ];
 
 /// Kernel command line files, the first found wins (as for kernel-install).
@@ -320,15 +322,52 @@ fn find_ukis_in(
 }
 
 fn boot_initramfs(fs: &Filesystem, v: &str, warnings: &mut Vec<String>) -> Result<Option<String>> {
+    initramfs_in(fs, "/boot", v, warnings)
+}
+
+fn initramfs_in(fs: &Filesystem, dir: &str, v: &str, warnings: &mut Vec<String>) -> Result<Option<String>> {
     for p in [
-        format!("/boot/initrd.img-{v}"),
-        format!("/boot/initramfs-{v}.img"),
+        join(dir, &format!("initrd.img-{v}")),
+        join(dir, &format!("initramfs-{v}.img")),
     ] {
         if is_file(fs, &p, warnings)? {
             return Ok(Some(p));
         }
     }
     Ok(None)
+}
+
+/// `vmlinuz-<v>` files in `dir` (named `names`), each with the same version's initramfs.
+fn scan_versioned(
+    fs: &Filesystem,
+    dir: &str,
+    names: &[String],
+    layout: &'static str,
+    rank: u8,
+    c: &mut Vec<KernelCandidate>,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    for name in names {
+        let Some(v) = name.strip_prefix("vmlinuz-") else {
+            continue;
+        };
+        if v.is_empty() {
+            continue;
+        }
+        let path = join(dir, name);
+        if !is_file(fs, &path, warnings)? {
+            continue;
+        }
+        c.push(KernelCandidate {
+            kind: KernelKind::Kernel,
+            version: Some(v.to_owned()),
+            kernel: path,
+            initramfs: initramfs_in(fs, dir, v, warnings)?,
+            layout,
+            rank,
+        });
+    }
+    Ok(())
 }
 
 /// Find every kernel in the filesystem.
@@ -374,26 +413,7 @@ pub fn discover(fs: &Filesystem) -> Result<Discovery> {
     }
     if is_dir(fs, "/boot")? {
         let boot_names = names(fs, "/boot")?;
-        for name in &boot_names {
-            let Some(v) = name.strip_prefix("vmlinuz-") else {
-                continue;
-            };
-            if v.is_empty() {
-                continue;
-            }
-            let path = join("/boot", name);
-            if !is_file(fs, &path, &mut warnings)? {
-                continue;
-            }
-            c.push(KernelCandidate {
-                kind: KernelKind::Kernel,
-                version: Some(v.to_owned()),
-                kernel: path,
-                initramfs: boot_initramfs(fs, v, &mut warnings)?,
-                layout: "boot",
-                rank: 3,
-            });
-        }
+        scan_versioned(fs, "/boot", &boot_names, "boot", 3, &mut c, &mut warnings)?;
         if boot_names.iter().any(|n| n == "vmlinuz") && is_file(fs, "/boot/vmlinuz", &mut warnings)? {
             // Unversioned name, usually a link to a versioned kernel listed above.
             let target = fs
@@ -430,6 +450,19 @@ pub fn discover(fs: &Filesystem) -> Result<Discovery> {
             }
         }
     }
+    if !is_dir(fs, "/boot")? {
+        // A separate /boot (XBOOTLDR) partition: its root is what the system mounts at /boot.
+        if is_dir(fs, "/EFI/Linux")? {
+            let mut ukis = Vec::new();
+            find_ukis_in(fs, "/EFI/Linux", 0, &mut ukis, &mut warnings)?;
+            for mut k in ukis {
+                k.layout = "boot-partition-efi-linux";
+                c.push(k);
+            }
+        }
+        let root_names = names(fs, "/")?;
+        scan_versioned(fs, "/", &root_names, "boot-partition", 5, &mut c, &mut warnings)?;
+    }
     c.sort_by(order);
     let mut cmdline = None;
     for p in CMDLINE_FILES {
@@ -453,6 +486,57 @@ pub fn discover(fs: &Filesystem) -> Result<Discovery> {
         cmdline,
         warnings,
     })
+}
+
+/// Discover kernels on a whole disk whose filesystem was not named: when several partitions
+/// hold ext filesystems (a separate `/boot` next to the root, say), use the first one with a
+/// kernel (boot partitions first), and take the command line from any of them.
+/// Returns the filesystem the kernel is on, the discovery and a note naming the partition.
+pub fn discover_disk(
+    image: std::sync::Arc<diskkit::DiskImage>,
+) -> Result<(Filesystem, Discovery, Option<String>)> {
+    use super::volume::{ext_locations, PartitionSelector};
+    let locations = ext_locations(&image)?;
+    if locations.len() <= 1 {
+        let fs = Filesystem::open(image, &PartitionSelector::Auto)?;
+        let d = discover(&fs)?;
+        return Ok((fs, d, None));
+    }
+    let mut found: Option<(Filesystem, Discovery, u32)> = None;
+    let mut cmdline = None;
+    let mut warnings = Vec::new();
+    for loc in locations {
+        let number = loc.partition.as_ref().map_or(0, |p| p.number);
+        let fs = Filesystem::open_at(image.clone(), loc)?;
+        let d = discover(&fs)?;
+        warnings.extend(d.warnings.iter().map(|w| format!("partition {number}: {w}")));
+        if cmdline.is_none() {
+            cmdline.clone_from(&d.cmdline);
+        }
+        if found.is_none() && !d.candidates.is_empty() {
+            found = Some((fs, d, number));
+        }
+    }
+    let Some((fs, mut d, number)) = found else {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no kernel found in any ext partition; searched: {}",
+                SEARCHED.join("; ")
+            ),
+        ));
+    };
+    if d.cmdline.is_none() {
+        d.cmdline = cmdline;
+    }
+    d.warnings = warnings;
+    Ok((
+        fs,
+        d,
+        Some(format!(
+            "several ext filesystems; using the kernel in partition {number}"
+        )),
+    ))
 }
 
 /// Choose a kernel: the best candidate, or the best one of `version`.

@@ -290,6 +290,40 @@ pub fn locate(image: &DiskImage, selector: &PartitionSelector) -> Result<FsLocat
     }
 }
 
+/// Every ext2/3/4 filesystem on `image`: the whole disk, or each partition that holds one,
+/// XBOOTLDR (`/boot`) partitions and partitions named `boot` first.
+pub fn ext_locations(image: &DiskImage) -> Result<Vec<FsLocation>> {
+    if has_ext_superblock(image, 0, image.size())? {
+        return Ok(vec![FsLocation {
+            partition: None,
+            offset: 0,
+            size: image.size(),
+        }]);
+    }
+    let Some(table) = read_partition_table(image, image.block_size())? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for p in &table.partitions {
+        if has_ext_superblock(image, p.offset, p.size)? {
+            out.push(FsLocation {
+                partition: Some(p.clone()),
+                offset: p.offset,
+                size: p.size,
+            });
+        }
+    }
+    let is_boot = |l: &FsLocation| {
+        l.partition.as_ref().is_some_and(|p| {
+            p.name.eq_ignore_ascii_case("boot")
+                || matches!(p.kind, PartitionType::Guid(g) if g.to_string() == "bc13c2ff-59e6-4262-a352-b275fd6f7172")
+                || p.kind == PartitionType::Mbr(0xea)
+        })
+    };
+    out.sort_by_key(|l| !is_boot(l));
+    Ok(out)
+}
+
 fn list(table: &PartitionTable) -> String {
     if table.partitions.is_empty() {
         return "no partitions".to_owned();

@@ -369,3 +369,34 @@ fn copy_dir(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_single_components_are_created() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/etc", b"x\0y"] {
+            assert!(safe_name(bad, "/d").is_err(), "{bad:?}");
+        }
+        for good in [&b"a"[..], b"...", b"caf\xe9", b" sp ace"] {
+            assert!(safe_name(good, "/d").is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn sparse_writer_leaves_holes_and_keeps_data() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut w = SparseWriter::new(fs::File::create(&path).unwrap());
+        let mut expected = vec![0u8; 3 << 20];
+        expected[100] = 1;
+        expected[(2 << 20) + 7] = 2;
+        for chunk in expected.chunks(7000) {
+            w.write_all(chunk).unwrap();
+        }
+        w.finish().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), expected);
+    }
+}

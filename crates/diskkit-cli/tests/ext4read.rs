@@ -632,3 +632,49 @@ fn directory_loop_is_bounded_and_cleaned_up() {
     names.sort();
     assert_eq!(names, ["fs.img", "tree"], "partial output left behind");
 }
+
+#[test]
+fn gpt_with_4096_byte_sectors() {
+    let dir = Dir::new();
+    make_tree(&dir.path("tree"));
+    let fs_image = dir.path("fs.img");
+    mkfs(&dir.path("tree"), &fs_image, 16);
+    let disk = dir.path("4k.img");
+    fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let d = disk.to_string_lossy().into_owned();
+    // fdisk -b 4096: a GPT laid out in 4 KiB logical sectors (header at byte 4096).
+    let mut child = std::process::Command::new("fdisk")
+        .args(["-b", "4096", &d])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("fdisk (installed by .ci/run)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"g\nn\n\n256\n+16M\nw\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let listing = tool_ok("fdisk", &["-b", "4096", "-l", &d]);
+    assert!(listing.contains("256"), "{listing}");
+    tool_ok(
+        "dd",
+        &[
+            &format!("if={}", fs_image.display()),
+            &format!("of={d}"),
+            "bs=4096",
+            "seek=256",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    let v: Value = serde_json::from_str(&diskkit_ok(&["partitions", "--output", "json", &d])).unwrap();
+    assert_eq!(v["table"], "gpt");
+    assert_eq!(v["sector_size"], 4096);
+    assert_eq!(v["partitions"][0]["offset"], 256 * 4096);
+    assert_eq!(v["partitions"][0]["size"], 16 << 20);
+    assert_eq!(v["partitions"][0]["ext"], true);
+    check_against_debugfs(&fs_image, &format!("{d}@1"), &dir);
+}

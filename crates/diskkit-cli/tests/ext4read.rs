@@ -541,7 +541,19 @@ fn corrupt_superblock_is_a_clear_error() {
     assert!(
         err.contains("no partition table and no ext2/3/4 filesystem"),
         "{err}"
-    );
+    ); // A truncated image: reads past its end are reported with the offsets.
+    let cut = dir.path("cut.img");
+    mkfs(&dir.path("tree"), &cut, 32);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let out = diskkit(&["cat", &format!("{}:/usr/lib/big.bin", cut.display())]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("past its end"), "{err}");
 }
 
 #[test]

@@ -582,6 +582,7 @@ fn separate_boot_partition_next_to_root() {
     let j: Value = serde_json::from_slice(&res.stdout).unwrap();
     assert_eq!(j["chosen"]["kernel"], format!("/vmlinuz-{v}"));
     assert_eq!(j["chosen"]["layout"], "boot-partition");
+    assert_eq!(j["partition"], 2);
     assert_eq!(read(&out.join("vmlinuz")), b"boot-part-kernel");
     assert_eq!(read(&out.join("initramfs")), b"boot-part-initramfs");
     assert_eq!(read(&out.join("cmdline")), b"root=LABEL=root ro\n");

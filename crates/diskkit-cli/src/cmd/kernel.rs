@@ -23,6 +23,8 @@ pub(crate) struct Request<'a> {
 
 #[derive(Serialize)]
 struct Report<'a> {
+    /// Partition number the filesystem was read from (`null`: the whole disk).
+    partition: Option<u32>,
     searched: &'a [&'a str],
     candidates: &'a [KernelCandidate],
     chosen: Option<&'a KernelCandidate>,
@@ -72,6 +74,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
         match req.output {
             Output::Json => {
                 let r = Report {
+                    partition: fs.location().partition.as_ref().map(|p| p.number),
                     searched: &SEARCHED,
                     candidates: &d.candidates,
                     chosen: None,
@@ -119,6 +122,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
     match req.output {
         Output::Json => {
             let r = Report {
+                partition: fs.location().partition.as_ref().map(|p| p.number),
                 searched: &SEARCHED,
                 candidates: &d.candidates,
                 chosen: Some(&sel.chosen),

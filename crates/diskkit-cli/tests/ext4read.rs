@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use serde_json::Value;
@@ -49,6 +49,7 @@ fn make_tree(root: &Path) {
         "not utf-8\n",
     )
     .unwrap();
+    tool_ok("mkfifo", &[&root.join("srv/fifo").to_string_lossy()]);
     fs::create_dir(root.join("ro-dir")).unwrap();
     fs::write(root.join("ro-dir/inside"), "x").unwrap();
     fs::set_permissions(root.join("ro-dir"), fs::Permissions::from_mode(0o555)).unwrap();
@@ -101,6 +102,7 @@ fn type_bits(t: &str) -> u32 {
         "dir" => 0o040000,
         "symlink" => 0o120000,
         "file" => 0o100000,
+        "fifo" => 0o010000,
         other => panic!("unexpected type {other}"),
     }
 }
@@ -126,13 +128,14 @@ fn diskkit_ls(target: &str) -> BTreeMap<String, (u32, u32, u32, Option<u64>)> {
         .collect()
 }
 
-const DIRS: [&str; 7] = [
+const DIRS: [&str; 8] = [
     "/",
     "/etc",
     "/etc/ssh",
     "/usr",
     "/usr/lib",
     "/usr/lib/deep/er/still",
+    "/srv",
     "/srv/with space",
 ];
 const FILES: [&str; 8] = [
@@ -439,6 +442,7 @@ fn cp_copies_trees_with_modes_symlinks_and_times() {
     ]))
     .unwrap();
     assert!(report["files"].as_u64().unwrap() >= 8, "{report}");
+    assert_eq!(report["skipped"], serde_json::json!(["/srv/fifo"]));
     compare_trees_at(&tree, &out, true);
     let root: Value =
         serde_json::from_str(&diskkit_ok(&["stat", "--output", "json", &format!("{img}:/")])).unwrap();
@@ -504,7 +508,8 @@ fn compare_trees_at(a: &Path, b: &Path, root: bool) {
             v
         };
         let mut na = names(a);
-        na.retain(|n| n != "lost+found");
+        // lost+found is mkfs's; FIFOs are skipped by cp (and reported).
+        na.retain(|n| n != "lost+found" && !fs::symlink_metadata(a.join(n)).unwrap().file_type().is_fifo());
         let mut nb = names(b);
         nb.retain(|n| n != "lost+found");
         assert_eq!(na, nb, "entries of {}", b.display());

@@ -99,6 +99,25 @@ pub(crate) enum LayerCommand {
     },
 }
 
+/// Where to find a filesystem: an image (with its partition) or an Apple `container` store.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct FsArgs {
+    #[command(flatten)]
+    pub(crate) open: OpenArgs,
+    /// Partition to read: a number, a GPT partition name or UUID, an ext label or UUID, or
+    /// `disk` for the whole disk (default: the whole disk if it holds ext, else the only ext
+    /// partition). Same as IMAGE@N.
+    #[arg(long)]
+    pub(crate) partition: Option<String>,
+    /// Read from the Apple `container` image store at ROOT: the image argument is then an
+    /// image reference (e.g. `alpine:latest`), resolved to its unpacked ext4 snapshot.
+    #[arg(long, value_name = "ROOT")]
+    pub(crate) apple_store: Option<PathBuf>,
+    /// Platform for --apple-store as OS/ARCH[/VARIANT] (default: linux and the host's CPU).
+    #[arg(long, requires = "apple_store")]
+    pub(crate) platform: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Create a blank image (like `diskutil image create blank --fs none`).
@@ -299,6 +318,85 @@ pub(crate) enum Command {
     },
     /// Serve images over NBD (to QEMU, libnbd tools, the Linux kernel, macOS VZ).
     Serve(crate::cmd::serve::ServeArgs),
+    /// List the partitions of a disk image (GPT or MBR).
+    Partitions {
+        #[command(flatten)]
+        open: OpenArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// The image.
+        path: PathBuf,
+    },
+    /// List a directory inside an image's ext2/3/4 filesystem: IMAGE[@PART]:/path.
+    Ls {
+        #[command(flatten)]
+        fs: FsArgs,
+        /// Long listing: type, mode, owner, size, modification time, symlink target.
+        #[arg(short = 'l', long)]
+        long: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// IMAGE[@PART][:/path] (the root when no path is given).
+        target: String,
+    },
+    /// Write a file inside an image to stdout: IMAGE[@PART]:/path.
+    Cat {
+        #[command(flatten)]
+        fs: FsArgs,
+        /// IMAGE[@PART]:/path.
+        target: String,
+    },
+    /// Show the metadata of a file inside an image: IMAGE[@PART]:/path.
+    Stat {
+        #[command(flatten)]
+        fs: FsArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// IMAGE[@PART]:/path.
+        target: String,
+    },
+    /// Copy a file or directory tree out of an image (modes, symlinks and times kept).
+    Cp {
+        #[command(flatten)]
+        fs: FsArgs,
+        /// Output format of the summary.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// IMAGE[@PART]:/path.
+        src: String,
+        /// Destination on the host (an existing directory receives the copy under its name).
+        dest: PathBuf,
+    },
+    /// Find the bootable kernel in an image (UKI, or kernel + initramfs) and extract it.
+    Kernel {
+        #[command(flatten)]
+        fs: FsArgs,
+        /// Write the kernel, initramfs (or UKI) and cmdline into this directory; without it,
+        /// only show what would be extracted.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// List every kernel found instead of choosing one.
+        #[arg(long)]
+        list: bool,
+        /// Choose this kernel version instead of the highest.
+        #[arg(long, value_name = "V")]
+        kernel_version: Option<String>,
+        /// For a UKI, also write its .linux, .initrd and .cmdline sections as vmlinuz,
+        /// initramfs and cmdline.
+        #[arg(long)]
+        split_uki: bool,
+        /// Replace existing files in the output directory.
+        #[arg(long)]
+        force: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// IMAGE[@PART] (or an image reference with --apple-store).
+        image: String,
+    },
 }
 
 fn block_size(s: &str) -> Result<u32, String> {

@@ -4,10 +4,13 @@ mod access;
 mod compare;
 mod convert;
 mod create;
+mod fs;
 mod info;
+mod kernel;
 mod map;
 pub(crate) mod serve;
 mod stack;
+mod partitions;
 
 use std::path::Path;
 
@@ -124,6 +127,42 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             length,
         } => access::discard(&open, &path, &offset, &length),
         Command::Serve(args) => serve::run(&args),
+        Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
+        Command::Ls {
+            fs,
+            long,
+            output,
+            target,
+        } => fs::ls(&fs, long, output, &target),
+        Command::Cat { fs, target } => fs::cat(&fs, &target),
+        Command::Stat { fs, output, target } => fs::stat(&fs, output, &target),
+        Command::Cp {
+            fs,
+            output,
+            src,
+            dest,
+        } => fs::cp(&fs, output, &src, &dest),
+        Command::Kernel {
+            fs,
+            out,
+            list,
+            kernel_version,
+            split_uki,
+            force,
+            output,
+            image,
+        } => kernel::run(
+            &fs,
+            &kernel::Request {
+                out: out.as_deref(),
+                list,
+                version: kernel_version.as_deref(),
+                split_uki,
+                force,
+                output,
+            },
+            &image,
+        ),
     }
 }
 

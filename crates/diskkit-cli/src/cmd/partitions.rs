@@ -1,0 +1,108 @@
+//! `diskkit partitions`: list a disk's GPT or MBR partitions.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use diskkit_ext4::read::volume::has_ext_superblock;
+use diskkit_ext4::read::{read_partition_table, PartitionTable};
+use serde::Serialize;
+
+use super::open_image;
+use crate::args::{OpenArgs, Output};
+use crate::size::human;
+
+#[derive(Serialize)]
+struct TableJson {
+    /// `gpt`, `mbr`, or `none`.
+    table: String,
+    sector_size: Option<u32>,
+    disk_id: Option<String>,
+    /// Whether the whole disk holds an ext filesystem (no partition table).
+    whole_disk_ext: bool,
+    partitions: Vec<PartJson>,
+}
+
+#[derive(Serialize)]
+struct PartJson {
+    number: u32,
+    offset: u64,
+    size: u64,
+    #[serde(rename = "type")]
+    kind: String,
+    type_name: String,
+    name: String,
+    uuid: Option<String>,
+    attributes: u64,
+    ext: bool,
+}
+
+pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
+    let image = open_image(open, path, false)?;
+    let table: Option<PartitionTable> = read_partition_table(&image, image.block_size())
+        .with_context(|| format!("cannot read the partition table of '{}'", path.display()))?;
+    let mut json = TableJson {
+        table: "none".to_owned(),
+        sector_size: None,
+        disk_id: None,
+        whole_disk_ext: false,
+        partitions: Vec::new(),
+    };
+    match &table {
+        Some(t) => {
+            json.table = t.kind.to_string();
+            json.sector_size = Some(t.sector_size);
+            json.disk_id = Some(t.disk_id.clone());
+            for p in &t.partitions {
+                json.partitions.push(PartJson {
+                    number: p.number,
+                    offset: p.offset,
+                    size: p.size,
+                    kind: p.kind.to_string(),
+                    type_name: p.kind.name().to_owned(),
+                    name: p.name.clone(),
+                    uuid: p.uuid.map(|u| u.to_string()),
+                    attributes: p.attributes,
+                    ext: has_ext_superblock(&image, p.offset, p.size)?,
+                });
+            }
+        }
+        None => json.whole_disk_ext = has_ext_superblock(&image, 0, image.size())?,
+    }
+    match output {
+        Output::Json => super::fs::print_json(&json)?,
+        Output::Human => {
+            if table.is_none() {
+                if json.whole_disk_ext {
+                    println!("no partition table; the whole disk holds an ext2/3/4 filesystem");
+                } else {
+                    println!("no partition table");
+                }
+                return Ok(0);
+            }
+            println!(
+                "table: {} (sector size {}, disk id {})",
+                json.table,
+                json.sector_size.unwrap_or(512),
+                json.disk_id.as_deref().unwrap_or("-")
+            );
+            println!(
+                "{:>3} {:>14} {:>14} {:>9}  {:<22} {:<4} {:<36} name",
+                "#", "offset", "size", "", "type", "fs", "uuid"
+            );
+            for p in &json.partitions {
+                println!(
+                    "{:>3} {:>14} {:>14} {:>9}  {:<22} {:<4} {:<36} {}",
+                    p.number,
+                    p.offset,
+                    p.size,
+                    human(p.size),
+                    p.type_name,
+                    if p.ext { "ext" } else { "-" },
+                    p.uuid.as_deref().unwrap_or("-"),
+                    p.name
+                );
+            }
+        }
+    }
+    Ok(0)
+}

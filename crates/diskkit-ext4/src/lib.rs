@@ -1,2 +1,4 @@
 //! ext4 (and ext2/3) filesystems inside diskkit images.
 #![forbid(unsafe_code)]
+
+pub mod writer;

@@ -1,0 +1,161 @@
+//! The ext4 writer against e2fsck and debugfs.
+
+mod support;
+
+use diskkit::ImageFormat;
+use diskkit_ext4::writer::{Metadata, Node, NodeKind, Options, Timestamp, Tree};
+use support::{build, debugfs, dump, e2fsck, Contents};
+
+fn meta(mode: u16) -> Metadata {
+    Metadata {
+        mode,
+        mtime: Timestamp {
+            secs: 1_700_000_000,
+            nanos: 123_456_789,
+        },
+        ..Metadata::default()
+    }
+}
+
+fn add(tree: &mut Tree, dir: usize, name: &str, kind: NodeKind, meta: Metadata) -> usize {
+    let id = tree.add(Node { kind, meta });
+    tree.link(dir, name.as_bytes(), id).unwrap();
+    id
+}
+
+fn sample(contents: &mut Contents) -> Tree {
+    let mut t = Tree::new(meta(0o755));
+    let etc = add(&mut t, 0, "etc", NodeKind::Directory(vec![]), meta(0o755));
+    let c = contents.add(b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
+    add(&mut t, etc, "passwd", NodeKind::File { size: 30, content: c }, meta(0o644));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let c = contents.add(big);
+    let f = add(&mut t, 0, "big", NodeKind::File { size: 300_000, content: c }, meta(0o4755));
+    t.link(etc, b"big-link", f).unwrap();
+    let c = contents.add(Vec::new());
+    add(&mut t, 0, "empty", NodeKind::File { size: 0, content: c }, meta(0o600));
+    add(&mut t, 0, "fast", NodeKind::Symlink(b"etc/passwd".to_vec()), meta(0o777));
+    add(&mut t, 0, "slow", NodeKind::Symlink(vec![b'x'; 200]), meta(0o777));
+    let dev = add(&mut t, 0, "dev", NodeKind::Directory(vec![]), meta(0o755));
+    add(&mut t, dev, "null", NodeKind::CharDevice { major: 1, minor: 3 }, meta(0o666));
+    add(&mut t, dev, "big", NodeKind::BlockDevice { major: 259, minor: 70000 }, meta(0o660));
+    add(&mut t, dev, "fifo", NodeKind::Fifo, meta(0o644));
+    let mut m = meta(0o1777);
+    m.uid = 70000;
+    m.gid = 100_000;
+    m.mtime = Timestamp { secs: -86_400 * 365, nanos: 5 };
+    add(&mut t, 0, "tmp", NodeKind::Directory(vec![]), m);
+    let mut m = meta(0o755);
+    m.xattrs = vec![
+        (b"security.capability".to_vec(), vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        (b"user.a".to_vec(), vec![b'a'; 50]),
+        (b"user.spill".to_vec(), vec![b'b'; 300]),
+    ];
+    let c = contents.add(b"x".to_vec());
+    add(&mut t, 0, "xattrs", NodeKind::File { size: 1, content: c }, m);
+    let many = add(&mut t, 0, "many", NodeKind::Directory(vec![]), meta(0o755));
+    for i in 0..1500 {
+        let c = contents.add(Vec::new());
+        add(&mut t, many, &format!("file-with-a-longish-name-{i:05}"), NodeKind::File { size: 0, content: c }, meta(0o644));
+    }
+    t
+}
+
+#[test]
+fn sample_tree_is_clean_and_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut contents = Contents::default();
+    let tree = sample(&mut contents);
+    build(&tree, &mut contents, &img, ImageFormat::Raw, Options::default());
+    e2fsck(&img);
+    assert_eq!(dump(&img, "/etc/passwd"), contents.0[0]);
+    assert_eq!(dump(&img, "/big"), contents.0[1]);
+    let st = debugfs(&img, "stat /big");
+    assert!(st.contains("Mode:  04755"), "{st}");
+    assert!(st.contains("Links: 2"), "{st}");
+    let st = debugfs(&img, "stat /tmp");
+    assert!(st.contains("User: 70000   Group: 100000"), "{st}");
+    assert!(st.contains("Mode:  01777"), "{st}");
+    assert!(st.contains("1969"), "{st}");
+    let st = debugfs(&img, "stat /dev/null");
+    assert!(st.contains("Device major/minor number: 01:03"), "{st}");
+    let st = debugfs(&img, "stat /dev/big");
+    assert!(st.contains("Device major/minor number: 259:70000"), "{st}");
+    assert!(debugfs(&img, "stat /fast").contains("Fast link dest: \"etc/passwd\""));
+    assert_eq!(dump(&img, "/slow"), vec![b'x'; 200]);
+    let ea = debugfs(&img, "ea_list /xattrs");
+    assert!(ea.contains("security.capability (20)"), "{ea}");
+    assert!(ea.contains("user.spill (300)"), "{ea}");
+    let ls = debugfs(&img, "ls -p /dev");
+    assert!(ls.contains("/020666/0/0/null/"), "{ls}");
+    assert!(ls.contains("/010644/0/0/fifo/"), "{ls}");
+    let ls = debugfs(&img, "ls /many");
+    assert!(ls.contains("file-with-a-longish-name-01499"));
+    assert!(debugfs(&img, "stat /etc/passwd").contains("123456789"));
+}
+
+#[test]
+fn asif_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.asif");
+    let mut contents = Contents::default();
+    let tree = sample(&mut contents);
+    let options = Options {
+        size: Some(200 << 20),
+        ..Options::default()
+    };
+    build(&tree, &mut contents, &img, ImageFormat::Asif, options);
+    // Copy the virtual disk out to a raw file for e2fsck.
+    let image = diskkit::DiskImage::open(&img, &diskkit::OpenOptions::new()).unwrap();
+    assert_eq!(image.format(), ImageFormat::Asif);
+    let raw = dir.path().join("fs.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(image.size()).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < image.size() {
+        image.read_at(&mut buf, off).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &buf, off).unwrap();
+        off += buf.len() as u64;
+    }
+    e2fsck(&raw);
+    assert_eq!(dump(&raw, "/big"), contents.0[1]);
+}
+
+#[test]
+fn fixed_size_is_sparse_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut contents = Contents::default();
+    let tree = sample(&mut contents);
+    let options = Options {
+        size: Some(20 << 30),
+        ..Options::default()
+    };
+    build(&tree, &mut contents, &img, ImageFormat::Raw, options);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 20 << 30);
+    e2fsck(&img);
+    let h = debugfs(&img, "stats");
+    assert!(h.contains("Block count:              5242880"), "{h}");
+}
+
+#[test]
+fn reproducible_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut images = Vec::new();
+    for i in 0..2 {
+        let img = dir.path().join(format!("fs{i}.img"));
+        let mut contents = Contents::default();
+        let tree = sample(&mut contents);
+        let options = Options {
+            uuid: [7; 16],
+            hash_seed: [9; 16],
+            time: 1_000_000,
+            ..Options::default()
+        };
+        build(&tree, &mut contents, &img, ImageFormat::Raw, options);
+        images.push(std::fs::read(&img).unwrap());
+    }
+    assert!(images[0] == images[1]);
+}

@@ -92,7 +92,8 @@ fn sample_tree_is_clean_and_readable() {
     assert!(ls.contains("/010644/0/0/fifo/"), "{ls}");
     let ls = debugfs(&img, "ls /many");
     assert!(ls.contains("file-with-a-longish-name-01499"));
-    assert!(debugfs(&img, "stat /etc/passwd").contains("123456789"));
+    // mtime_extra = nanoseconds << 2 = 123456789 << 2.
+    assert!(debugfs(&img, "stat /etc/passwd").contains("0x6553f100:1d6f3454"));
 }
 
 #[test]
@@ -158,4 +159,38 @@ fn reproducible_output() {
         images.push(std::fs::read(&img).unwrap());
     }
     assert!(images[0] == images[1]);
+}
+
+/// Content that is all zeroes except a marker at the start of every 128 MiB extent.
+struct Marked;
+
+impl diskkit_ext4::writer::ContentSource for Marked {
+    fn read_content(&mut self, _c: u64, offset: u64, buf: &mut [u8]) -> diskkit::Result<()> {
+        buf.fill(0);
+        if offset % (128 << 20) == 0 {
+            buf[..8].copy_from_slice(&offset.to_le_bytes());
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn file_needing_an_extent_index_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut t = Tree::new(meta(0o755));
+    let size = 5 * (128u64 << 20) + 4097; // 6 extents: more than the inode's 4
+    add(&mut t, 0, "huge", NodeKind::File { size, content: 0 }, meta(0o644));
+    let plan = diskkit_ext4::writer::Plan::new(&t, Options::default()).unwrap();
+    let pending = diskkit::DiskImage::create_pending(&img, &diskkit::CreateOptions::raw(plan.size_bytes())).unwrap();
+    plan.write(pending.image(), &mut Marked).unwrap();
+    pending.persist().unwrap();
+    e2fsck(&img);
+    let st = debugfs(&img, "stat /huge");
+    assert!(st.contains(&format!("Size: {size}")), "{st}");
+    let ex = debugfs(&img, "ex /huge");
+    assert!(ex.contains(" 0/ 1 "), "depth-1 tree expected: {ex}");
+    // The image stays sparse: zero chunks are not written.
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 64 << 20);
 }

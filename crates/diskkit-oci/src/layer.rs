@@ -1,0 +1,370 @@
+//! Reading one layer: digest check, decompression by magic, diff_id check, tar entries.
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Read};
+use std::rc::Rc;
+
+use diskkit::{Error, ErrorKind, Result};
+use diskkit_ext4::writer::{Metadata, Timestamp};
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+
+use crate::merge::{clean_path, Entry, EntryKind, MergedTree, WHITEOUT};
+use crate::spool::Spool;
+
+/// A running SHA-256 and byte count shared with the reader that feeds it.
+#[derive(Clone, Default)]
+pub(crate) struct Hash(Rc<RefCell<(Sha256, u64)>>);
+
+impl Hash {
+    pub(crate) fn hex(&self) -> String {
+        let d = self.0.borrow().0.clone().finalize();
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0.borrow().1
+    }
+}
+
+/// A reader that hashes what passes through it.
+pub(crate) struct Hashing<R> {
+    inner: R,
+    hash: Hash,
+    progress: Option<Rc<dyn Fn(u64)>>,
+}
+
+impl<R: Read> Hashing<R> {
+    pub(crate) fn new(inner: R, hash: Hash) -> Self {
+        Hashing {
+            inner,
+            hash,
+            progress: None,
+        }
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut h = self.hash.0.borrow_mut();
+        h.0.update(&buf[..n]);
+        h.1 += n as u64;
+        if let Some(p) = &self.progress {
+            p(h.1);
+        }
+        Ok(n)
+    }
+}
+
+/// What the layer's blob is expected to be.
+pub(crate) struct LayerInfo {
+    /// Expected `sha256:` hex of the blob, if known.
+    pub(crate) digest: Option<String>,
+    /// Expected blob size, if known.
+    pub(crate) size: Option<u64>,
+    /// Expected `sha256:` hex of the uncompressed tar (diff_id), if known.
+    pub(crate) diff_id: Option<String>,
+    /// Media type, if known.
+    pub(crate) media_type: Option<String>,
+    /// Name for messages.
+    pub(crate) name: String,
+}
+
+fn layer_err(info: &LayerInfo, e: Error) -> Error {
+    Error::new(e.kind(), format!("layer {}", info.name)).with_source(e)
+}
+
+fn io_err(e: std::io::Error, what: &'static str) -> Error {
+    let kind = match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
+            ErrorKind::Corrupt
+        }
+        _ => ErrorKind::Io,
+    };
+    Error::new(kind, format!("{what}: {e}"))
+}
+
+/// Read one layer blob into `tree`, spooling file data. Whiteouts are applied first (see
+/// [`crate::merge`]); every digest that is known is verified before returning.
+pub(crate) fn apply_layer(
+    blob: Box<dyn Read>,
+    info: &LayerInfo,
+    tree: &mut MergedTree,
+    spool: &mut Spool,
+    progress: Option<Rc<dyn Fn(u64)>>,
+) -> Result<()> {
+    if let Some(mt) = &info.media_type {
+        if mt.contains("encrypted") {
+            return Err(Error::unsupported(format!("encrypted layer {} ({mt})", info.name)));
+        }
+    }
+    let blob_hash = Hash::default();
+    let mut hashing = Hashing::new(blob, blob_hash.clone());
+    hashing.progress = progress;
+    let mut buffered = BufReader::with_capacity(1 << 20, hashing);
+    let magic = buffered
+        .fill_buf()
+        .map_err(|e| layer_err(info, io_err(e, "reading the blob")))?;
+    let decoded: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(buffered)
+                .map_err(|e| layer_err(info, io_err(e, "starting zstd")))?,
+        )
+    } else {
+        Box::new(buffered)
+    };
+    let diff_hash = Hash::default();
+    let tar_stream = Hashing::new(decoded, diff_hash.clone());
+    let mut archive = tar::Archive::new(tar_stream);
+    let entries = read_entries(&mut archive, spool).map_err(|e| layer_err(info, e))?;
+    // Drain the rest (end-of-archive padding) so the digests cover the whole stream.
+    let mut rest = archive.into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink())
+        .map_err(|e| layer_err(info, io_err(e, "reading past the end of the archive")))?;
+    drop(rest);
+    if let Some(want) = &info.diff_id {
+        let got = format!("sha256:{}", diff_hash.hex());
+        if &got != want {
+            return Err(Error::corrupt(format!(
+                "layer {}: diff_id mismatch: config says {want}, content is {got}",
+                info.name
+            )));
+        }
+    }
+    if let Some(want) = &info.digest {
+        let got = format!("sha256:{}", blob_hash.hex());
+        if &got != want {
+            return Err(Error::corrupt(format!(
+                "layer {}: digest mismatch: expected {want}, blob is {got}",
+                info.name
+            )));
+        }
+    }
+    if let Some(size) = info.size {
+        if blob_hash.bytes() != size {
+            return Err(Error::corrupt(format!(
+                "layer {}: size mismatch: expected {size} bytes, blob has {}",
+                info.name,
+                blob_hash.bytes()
+            )));
+        }
+    }
+    for e in entries.iter().filter(|e| is_whiteout(e)) {
+        tree.whiteout(&e.path)?;
+    }
+    for e in entries {
+        tree.apply(e)?;
+    }
+    Ok(())
+}
+
+fn is_whiteout(e: &Entry) -> bool {
+    e.path.last().is_some_and(|n| n.starts_with(WHITEOUT))
+}
+
+/// Parse a PAX time (`-12.5`, `1700000000.123456789`).
+fn pax_time(v: &[u8]) -> Option<Timestamp> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = int.parse().ok()?;
+    let mut nanos: u32 = 0;
+    for (i, c) in frac.bytes().take(9).enumerate() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        nanos += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
+    }
+    Some(if neg {
+        if nanos == 0 {
+            Timestamp { secs: -secs, nanos: 0 }
+        } else {
+            Timestamp {
+                secs: -secs - 1,
+                nanos: 1_000_000_000 - nanos,
+            }
+        }
+    } else {
+        Timestamp { secs, nanos }
+    })
+}
+
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | val(c)?;
+        }
+        acc <<= 6 * (4 - chunk.len() as u32);
+        let bytes = acc.to_be_bytes();
+        let n = match chunk.len() {
+            4 => 3,
+            3 => 2,
+            2 => 1,
+            _ => return None,
+        };
+        out.extend_from_slice(&bytes[1..1 + n]);
+    }
+    Some(out)
+}
+
+fn url_decode(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let Ok(b) = u8::from_str_radix(&String::from_utf8_lossy(&s[i + 1..i + 3]), 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Xattrs that describe the overlay of the machine that built the layer, not the file.
+fn dropped_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
+}
+
+fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let iter = archive
+        .entries()
+        .map_err(|e| io_err(e, "reading the tar archive"))?;
+    for entry in iter {
+        let mut entry = entry.map_err(|e| io_err(e, "reading a tar header"))?;
+        let etype = entry.header().entry_type();
+        if matches!(etype, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+            continue;
+        }
+        let raw_path = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw_path).into_owned();
+        let bad = |what: &str| Error::corrupt(format!("tar entry {name}: {what}"));
+        let hdr = entry.header();
+        let mode = (hdr.mode().map_err(|_| bad("bad mode"))? & 0o7777) as u16;
+        let uid = u32::try_from(hdr.uid().map_err(|_| bad("bad uid"))?).map_err(|_| bad("uid too large"))?;
+        let gid = u32::try_from(hdr.gid().map_err(|_| bad("bad gid"))?).map_err(|_| bad("gid too large"))?;
+        let mtime_raw = hdr.mtime().unwrap_or(0);
+        let mut mtime = Timestamp {
+            secs: i64::try_from(mtime_raw).unwrap_or(0),
+            nanos: 0,
+        };
+        let mut atime = None;
+        let mut ctime = None;
+        let mut xattrs = Vec::new();
+        let device = (
+            hdr.device_major().ok().flatten().unwrap_or(0),
+            hdr.device_minor().ok().flatten().unwrap_or(0),
+        );
+        if let Some(pax) = entry.pax_extensions().map_err(|e| io_err(e, "reading PAX headers"))? {
+            for ext in pax {
+                let ext = ext.map_err(|e| io_err(e, "reading PAX headers"))?;
+                let key = ext.key_bytes();
+                let value = ext.value_bytes();
+                if key == b"mtime" {
+                    mtime = pax_time(value).ok_or_else(|| bad("bad PAX mtime"))?;
+                } else if key == b"atime" {
+                    atime = pax_time(value);
+                } else if key == b"ctime" {
+                    ctime = pax_time(value);
+                } else if let Some(n) = key.strip_prefix(b"SCHILY.xattr.") {
+                    if !dropped_xattr(n) {
+                        xattrs.push((n.to_vec(), value.to_vec()));
+                    }
+                } else if let Some(n) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
+                    let n = url_decode(n);
+                    let v = base64_decode(value).ok_or_else(|| bad("bad base64 xattr value"))?;
+                    if !dropped_xattr(&n) {
+                        xattrs.push((n, v));
+                    }
+                } else if key.starts_with(b"GNU.sparse.") {
+                    return Err(Error::unsupported(format!(
+                        "tar entry {name}: PAX sparse files"
+                    )));
+                }
+            }
+        }
+        let meta = Metadata {
+            mode,
+            uid,
+            gid,
+            mtime,
+            atime: atime.unwrap_or(mtime),
+            ctime: ctime.unwrap_or(mtime),
+            xattrs,
+        };
+        let path = clean_path(&raw_path);
+        let kind = match etype {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let size = entry.size();
+                let spool_at = spool.append(&mut entry, size).map_err(|e| {
+                    Error::new(e.kind(), format!("tar entry {name}")).with_source(e)
+                })?;
+                EntryKind::File {
+                    size,
+                    spool: spool_at,
+                }
+            }
+            EntryType::Directory => EntryKind::Dir,
+            EntryType::Symlink => {
+                let t = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| bad("symlink without a target"))?;
+                EntryKind::Symlink(t.into_owned())
+            }
+            EntryType::Link => {
+                let t = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| bad("hard link without a target"))?;
+                EntryKind::HardLink(clean_path(&t))
+            }
+            EntryType::Char => EntryKind::Char(device.0, device.1),
+            EntryType::Block => EntryKind::Block(device.0, device.1),
+            EntryType::Fifo => EntryKind::Fifo,
+            _ => continue, // volume labels, sockets and other types carry no file
+        };
+        out.push(Entry { path, kind, meta });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pax_times() {
+        assert_eq!(pax_time(b"12.5"), Some(Timestamp { secs: 12, nanos: 500_000_000 }));
+        assert_eq!(pax_time(b"-1.25"), Some(Timestamp { secs: -2, nanos: 750_000_000 }));
+        assert_eq!(pax_time(b"-100"), Some(Timestamp { secs: -100, nanos: 0 }));
+        assert_eq!(pax_time(b"x"), None);
+    }
+
+    #[test]
+    fn decoders() {
+        assert_eq!(base64_decode(b"aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(url_decode(b"user.a%3Db"), b"user.a=b");
+    }
+}

@@ -1,0 +1,76 @@
+//! The spool: a temporary file holding every regular file's bytes, in archive order.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use diskkit::{Error, Result};
+use diskkit_ext4::writer::ContentSource;
+
+/// Appends file contents to an unnamed temporary file and reads them back by offset.
+#[derive(Debug)]
+pub struct Spool {
+    writer: BufWriter<File>,
+    reader: File,
+    len: u64,
+}
+
+impl Spool {
+    /// A new spool in `dir` (the file is unlinked at once and vanishes on drop).
+    pub fn new_in(dir: &Path) -> Result<Spool> {
+        let file = tempfile::tempfile_in(dir)
+            .map_err(|e| Error::io(e).with_path(dir).with_operation("creating the spool file"))?;
+        let reader = file
+            .try_clone()
+            .map_err(|e| Error::io(e).with_operation("creating the spool file"))?;
+        Ok(Spool {
+            writer: BufWriter::with_capacity(1 << 20, file),
+            reader,
+            len: 0,
+        })
+    }
+
+    /// Copy exactly `size` bytes from `from` into the spool; returns their offset.
+    pub fn append(&mut self, from: &mut dyn Read, size: u64) -> Result<u64> {
+        let start = self.len;
+        let copied = std::io::copy(&mut from.take(size), &mut self.writer)
+            .map_err(|e| Error::io(e).with_operation("reading file data from a layer"))?;
+        if copied != size {
+            return Err(Error::corrupt(format!(
+                "layer truncated: file data ended after {copied} of {size} bytes"
+            )));
+        }
+        self.len += size;
+        Ok(start)
+    }
+
+    /// Bytes spooled so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing was spooled.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Flush buffered bytes so they can be read back.
+    pub fn finish(&mut self) -> Result<()> {
+        self.writer
+            .flush()
+            .map_err(|e| Error::io(e).with_operation("writing the spool file"))
+    }
+}
+
+impl ContentSource for Spool {
+    fn read_content(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = content
+            .checked_add(offset)
+            .filter(|a| a.saturating_add(buf.len() as u64) <= self.len)
+            .ok_or_else(|| Error::out_of_bounds("spool read past its end"))?;
+        self.reader
+            .read_exact_at(buf, at)
+            .map_err(|e| Error::io(e).with_offset(at).with_operation("reading the spool file"))
+    }
+}

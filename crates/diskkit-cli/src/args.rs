@@ -177,6 +177,29 @@ pub(crate) enum Command {
         #[arg(long)]
         length: String,
     },
+    /// Build a merged ext4 root filesystem from an OCI image (layout directory, OCI archive or
+    /// docker-archive), rootless, with diskkit's own ext4 writer.
+    Unpack {
+        /// Output container format (raw or asif).
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+        /// Platform OS/ARCH[/VARIANT] (default: the host's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Filesystem size (sparse); default: compact (content plus ~10%).
+        #[arg(long)]
+        size: Option<String>,
+        /// Fixed UUID, hash seed and times derived from the manifest digest.
+        #[arg(long)]
+        reproducible: bool,
+        /// Replace the output if it exists.
+        #[arg(long)]
+        force: bool,
+        /// The image: PATH or PATH:REF (REF: tag, ref.name annotation or sha256:digest).
+        src: String,
+        /// The ext4 image to create.
+        dst: PathBuf,
+    },
 }
 
 fn block_size(s: &str) -> Result<u32, String> {

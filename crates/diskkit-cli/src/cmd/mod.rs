@@ -6,6 +6,7 @@ mod convert;
 mod create;
 mod info;
 mod map;
+mod unpack;
 
 use std::path::Path;
 
@@ -71,6 +72,23 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             offset,
             length,
         } => access::discard(&open, &path, &offset, &length),
+        Command::Unpack {
+            format,
+            platform,
+            size,
+            reproducible,
+            force,
+            src,
+            dst,
+        } => unpack::run(
+            format,
+            platform.as_deref(),
+            size.as_deref(),
+            reproducible,
+            force,
+            &src,
+            &dst,
+        ),
     }
 }
 

@@ -63,7 +63,11 @@ pub fn debugfs(path: &Path, request: &str) -> String {
         .arg(path)
         .output()
         .expect("debugfs must be installed");
-    assert!(out.status.success(), "debugfs failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "debugfs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -27,27 +27,75 @@ fn sample(contents: &mut Contents) -> Tree {
     let mut t = Tree::new(meta(0o755));
     let etc = add(&mut t, 0, "etc", NodeKind::Directory(vec![]), meta(0o755));
     let c = contents.add(b"root:x:0:0:root:/root:/bin/sh\n".to_vec());
-    add(&mut t, etc, "passwd", NodeKind::File { size: 30, content: c }, meta(0o644));
+    add(
+        &mut t,
+        etc,
+        "passwd",
+        NodeKind::File { size: 30, content: c },
+        meta(0o644),
+    );
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let c = contents.add(big);
-    let f = add(&mut t, 0, "big", NodeKind::File { size: 300_000, content: c }, meta(0o4755));
+    let f = add(
+        &mut t,
+        0,
+        "big",
+        NodeKind::File {
+            size: 300_000,
+            content: c,
+        },
+        meta(0o4755),
+    );
     t.link(etc, b"big-link", f).unwrap();
     let c = contents.add(Vec::new());
-    add(&mut t, 0, "empty", NodeKind::File { size: 0, content: c }, meta(0o600));
-    add(&mut t, 0, "fast", NodeKind::Symlink(b"etc/passwd".to_vec()), meta(0o777));
+    add(
+        &mut t,
+        0,
+        "empty",
+        NodeKind::File { size: 0, content: c },
+        meta(0o600),
+    );
+    add(
+        &mut t,
+        0,
+        "fast",
+        NodeKind::Symlink(b"etc/passwd".to_vec()),
+        meta(0o777),
+    );
     add(&mut t, 0, "slow", NodeKind::Symlink(vec![b'x'; 200]), meta(0o777));
     let dev = add(&mut t, 0, "dev", NodeKind::Directory(vec![]), meta(0o755));
-    add(&mut t, dev, "null", NodeKind::CharDevice { major: 1, minor: 3 }, meta(0o666));
-    add(&mut t, dev, "big", NodeKind::BlockDevice { major: 259, minor: 70000 }, meta(0o660));
+    add(
+        &mut t,
+        dev,
+        "null",
+        NodeKind::CharDevice { major: 1, minor: 3 },
+        meta(0o666),
+    );
+    add(
+        &mut t,
+        dev,
+        "big",
+        NodeKind::BlockDevice {
+            major: 259,
+            minor: 70000,
+        },
+        meta(0o660),
+    );
     add(&mut t, dev, "fifo", NodeKind::Fifo, meta(0o644));
     let mut m = meta(0o1777);
     m.uid = 70000;
     m.gid = 100_000;
-    m.mtime = Timestamp { secs: -86_400 * 365, nanos: 5 };
+    m.mtime = Timestamp {
+        secs: -86_400 * 365,
+        nanos: 5,
+    };
     add(&mut t, 0, "tmp", NodeKind::Directory(vec![]), m);
     let mut m = meta(0o755);
     m.xattrs = vec![
-        (b"security.capability".to_vec(), vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        (
+            b"security.capability".to_vec(),
+            vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ),
         (b"user.a".to_vec(), vec![b'a'; 50]),
         (b"user.spill".to_vec(), vec![b'b'; 300]),
     ];
@@ -56,7 +104,13 @@ fn sample(contents: &mut Contents) -> Tree {
     let many = add(&mut t, 0, "many", NodeKind::Directory(vec![]), meta(0o755));
     for i in 0..1500 {
         let c = contents.add(Vec::new());
-        add(&mut t, many, &format!("file-with-a-longish-name-{i:05}"), NodeKind::File { size: 0, content: c }, meta(0o644));
+        add(
+            &mut t,
+            many,
+            &format!("file-with-a-longish-name-{i:05}"),
+            NodeKind::File { size: 0, content: c },
+            meta(0o644),
+        );
     }
     t
 }
@@ -180,9 +234,16 @@ fn file_needing_an_extent_index_block() {
     let img = dir.path().join("fs.img");
     let mut t = Tree::new(meta(0o755));
     let size = 5 * (128u64 << 20) + 4097; // 6 extents: more than the inode's 4
-    add(&mut t, 0, "huge", NodeKind::File { size, content: 0 }, meta(0o644));
+    add(
+        &mut t,
+        0,
+        "huge",
+        NodeKind::File { size, content: 0 },
+        meta(0o644),
+    );
     let plan = diskkit_ext4::writer::Plan::new(&t, Options::default()).unwrap();
-    let pending = diskkit::DiskImage::create_pending(&img, &diskkit::CreateOptions::raw(plan.size_bytes())).unwrap();
+    let pending =
+        diskkit::DiskImage::create_pending(&img, &diskkit::CreateOptions::raw(plan.size_bytes())).unwrap();
     plan.write(pending.image(), &mut Marked).unwrap();
     pending.persist().unwrap();
     e2fsck(&img);

@@ -76,11 +76,11 @@ fn layer_err(info: &LayerInfo, e: Error) -> Error {
 }
 
 fn io_err(e: std::io::Error, what: &'static str) -> Error {
-    let kind = match e.kind() {
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput => {
-            ErrorKind::Corrupt
-        }
-        _ => ErrorKind::Io,
+    // Errors without an OS error code come from the decoders and the tar parser: bad data.
+    let kind = if e.raw_os_error().is_some() {
+        ErrorKind::Io
+    } else {
+        ErrorKind::Corrupt
     };
     Error::new(kind, format!("{what}: {e}"))
 }
@@ -96,7 +96,10 @@ pub(crate) fn apply_layer(
 ) -> Result<()> {
     if let Some(mt) = &info.media_type {
         if mt.contains("encrypted") {
-            return Err(Error::unsupported(format!("encrypted layer {} ({mt})", info.name)));
+            return Err(Error::unsupported(format!(
+                "encrypted layer {} ({mt})",
+                info.name
+            )));
         }
     }
     let blob_hash = Hash::default();
@@ -183,7 +186,10 @@ fn pax_time(v: &[u8]) -> Option<Timestamp> {
     }
     Some(if neg {
         if nanos == 0 {
-            Timestamp { secs: -secs, nanos: 0 }
+            Timestamp {
+                secs: -secs,
+                nanos: 0,
+            }
         } else {
             Timestamp {
                 secs: -secs - 1,
@@ -206,7 +212,11 @@ fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
             _ => return None,
         } as u32)
     };
-    let s: Vec<u8> = s.iter().copied().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).collect();
+    let s: Vec<u8> = s
+        .iter()
+        .copied()
+        .filter(|&c| c != b'=' && !c.is_ascii_whitespace())
+        .collect();
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     for chunk in s.chunks(4) {
         let mut acc = 0u32;
@@ -256,7 +266,10 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
     for entry in iter {
         let mut entry = entry.map_err(|e| io_err(e, "reading a tar header"))?;
         let etype = entry.header().entry_type();
-        if matches!(etype, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+        if matches!(
+            etype,
+            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+        ) {
             continue;
         }
         let raw_path = entry.path_bytes().into_owned();
@@ -278,7 +291,10 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
             hdr.device_major().ok().flatten().unwrap_or(0),
             hdr.device_minor().ok().flatten().unwrap_or(0),
         );
-        if let Some(pax) = entry.pax_extensions().map_err(|e| io_err(e, "reading PAX headers"))? {
+        if let Some(pax) = entry
+            .pax_extensions()
+            .map_err(|e| io_err(e, "reading PAX headers"))?
+        {
             for ext in pax {
                 let ext = ext.map_err(|e| io_err(e, "reading PAX headers"))?;
                 let key = ext.key_bytes();
@@ -300,9 +316,7 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
                         xattrs.push((n, v));
                     }
                 } else if key.starts_with(b"GNU.sparse.") {
-                    return Err(Error::unsupported(format!(
-                        "tar entry {name}: PAX sparse files"
-                    )));
+                    return Err(Error::unsupported(format!("tar entry {name}: PAX sparse files")));
                 }
             }
         }
@@ -319,9 +333,9 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
         let kind = match etype {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
-                let spool_at = spool.append(&mut entry, size).map_err(|e| {
-                    Error::new(e.kind(), format!("tar entry {name}")).with_source(e)
-                })?;
+                let spool_at = spool
+                    .append(&mut entry, size)
+                    .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
                 EntryKind::File {
                     size,
                     spool: spool_at,
@@ -356,8 +370,20 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        assert_eq!(pax_time(b"12.5"), Some(Timestamp { secs: 12, nanos: 500_000_000 }));
-        assert_eq!(pax_time(b"-1.25"), Some(Timestamp { secs: -2, nanos: 750_000_000 }));
+        assert_eq!(
+            pax_time(b"12.5"),
+            Some(Timestamp {
+                secs: 12,
+                nanos: 500_000_000
+            })
+        );
+        assert_eq!(
+            pax_time(b"-1.25"),
+            Some(Timestamp {
+                secs: -2,
+                nanos: 750_000_000
+            })
+        );
         assert_eq!(pax_time(b"-100"), Some(Timestamp { secs: -100, nanos: 0 }));
         assert_eq!(pax_time(b"x"), None);
     }

@@ -23,7 +23,10 @@ pub(crate) const OPAQUE: &[u8] = b".wh..wh..opq";
 pub(crate) enum EntryKind {
     Dir,
     /// Regular file: size and offset of its bytes in the spool.
-    File { size: u64, spool: u64 },
+    File {
+        size: u64,
+        spool: u64,
+    },
     Symlink(Vec<u8>),
     /// Hard link to another path (relative to the root).
     HardLink(Vec<Vec<u8>>),
@@ -69,7 +72,10 @@ pub(crate) fn clean_path(path: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn lossy(path: &[Vec<u8>]) -> String {
-    let v: Vec<String> = path.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+    let v: Vec<String> = path
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
     format!("/{}", v.join("/"))
 }
 
@@ -243,13 +249,9 @@ impl MergedTree {
                 }
                 id
             }
-            EntryKind::File { size, spool } => self.push(
-                MKind::Other(NodeKind::File {
-                    size,
-                    content: spool,
-                }),
-                entry.meta,
-            ),
+            EntryKind::File { size, spool } => {
+                self.push(MKind::Other(NodeKind::File { size, content: spool }), entry.meta)
+            }
             EntryKind::Symlink(t) => self.push(MKind::Other(NodeKind::Symlink(t)), entry.meta),
             EntryKind::Char(major, minor) => {
                 self.push(MKind::Other(NodeKind::CharDevice { major, minor }), entry.meta)
@@ -283,7 +285,9 @@ impl MergedTree {
         map[0] = Some(Tree::ROOT);
         let mut stack = vec![0usize];
         while let Some(id) = stack.pop() {
-            let Some(children) = self.children(id) else { continue };
+            let Some(children) = self.children(id) else {
+                continue;
+            };
             let tid = map[id].unwrap_or(Tree::ROOT);
             for (name, &child) in children {
                 let cid = match map[child] {
@@ -332,7 +336,10 @@ mod tests {
     }
 
     fn names(t: &mut MergedTree, path: &str) -> Vec<String> {
-        let d = t.resolve_dir(&clean_path(path.as_bytes()), false).unwrap().unwrap();
+        let d = t
+            .resolve_dir(&clean_path(path.as_bytes()), false)
+            .unwrap()
+            .unwrap();
         t.children(d)
             .unwrap()
             .keys()
@@ -342,7 +349,10 @@ mod tests {
 
     #[test]
     fn paths_are_contained() {
-        assert_eq!(clean_path(b"/../a/./b//../c/"), vec![b"a".to_vec(), b"c".to_vec()]);
+        assert_eq!(
+            clean_path(b"/../a/./b//../c/"),
+            vec![b"a".to_vec(), b"c".to_vec()]
+        );
         assert!(clean_path(b"../..").is_empty());
     }
 
@@ -350,7 +360,8 @@ mod tests {
     fn symlinked_parent_and_opaque() {
         let mut t = MergedTree::new();
         t.apply(e("usr/lib/", EntryKind::Dir)).unwrap();
-        t.apply(e("lib", EntryKind::Symlink(b"usr/lib".to_vec()))).unwrap();
+        t.apply(e("lib", EntryKind::Symlink(b"usr/lib".to_vec())))
+            .unwrap();
         t.apply(e("lib/x", EntryKind::Fifo)).unwrap();
         assert_eq!(names(&mut t, "usr/lib"), ["x"]);
         // Next layer: opaque usr/lib after a sibling of the same layer.
@@ -371,6 +382,8 @@ mod tests {
         t.apply(e("l1", EntryKind::Symlink(b"l2".to_vec()))).unwrap();
         t.apply(e("l2", EntryKind::Symlink(b"l1".to_vec()))).unwrap();
         assert!(t.apply(e("l1/x", EntryKind::Fifo)).is_err());
-        assert!(t.apply(e("c", EntryKind::HardLink(clean_path(b"missing")))).is_err());
+        assert!(t
+            .apply(e("c", EntryKind::HardLink(clean_path(b"missing"))))
+            .is_err());
     }
 }

@@ -37,7 +37,11 @@ impl Store {
         if path.is_dir() {
             return Ok(Store::Dir(path.to_path_buf()));
         }
-        let file = File::open(path).map_err(|e| Error::io(e).with_path(path).with_operation("opening the image archive"))?;
+        let file = File::open(path).map_err(|e| {
+            Error::io(e)
+                .with_path(path)
+                .with_operation("opening the image archive")
+        })?;
         let mut archive = tar::Archive::new(file);
         let mut index = HashMap::new();
         let mut links = Vec::new();
@@ -45,7 +49,8 @@ impl Store {
             .entries_with_seek()
             .map_err(|e| Error::invalid_format(format!("not a tar archive: {e}")).with_path(path))?;
         for entry in entries {
-            let entry = entry.map_err(|e| Error::corrupt(format!("reading the archive: {e}")).with_path(path))?;
+            let entry =
+                entry.map_err(|e| Error::corrupt(format!("reading the archive: {e}")).with_path(path))?;
             let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
             let Some(name) = normalize(&name) else { continue };
             match entry.header().entry_type() {
@@ -56,7 +61,9 @@ impl Store {
                     if let Some(t) = entry.link_name_bytes() {
                         let t = String::from_utf8_lossy(&t).into_owned();
                         let base = if entry.header().entry_type() == tar::EntryType::Symlink {
-                            name.rsplit_once('/').map(|(d, _)| format!("{d}/{t}")).unwrap_or(t)
+                            name.rsplit_once('/')
+                                .map(|(d, _)| format!("{d}/{t}"))
+                                .unwrap_or(t)
                         } else {
                             t
                         };
@@ -91,7 +98,8 @@ impl Store {
     fn open_member(&self, member: &str) -> Result<(Box<dyn Read>, u64)> {
         let name = normalize(member)
             .ok_or_else(|| Error::invalid_argument(format!("path escapes the image: {member}")))?;
-        let not_found = || Error::new(ErrorKind::NotFound, format!("{name} is missing")).with_path(self.describe());
+        let not_found =
+            || Error::new(ErrorKind::NotFound, format!("{name} is missing")).with_path(self.describe());
         match self {
             Store::Dir(dir) => {
                 let p = dir.join(&name);
@@ -108,7 +116,8 @@ impl Store {
             Store::Tar(path, idx) => {
                 let (off, len) = *idx.get(&name).ok_or_else(not_found)?;
                 let mut f = File::open(path).map_err(|e| Error::io(e).with_path(path))?;
-                f.seek(SeekFrom::Start(off)).map_err(|e| Error::io(e).with_path(path))?;
+                f.seek(SeekFrom::Start(off))
+                    .map_err(|e| Error::io(e).with_path(path))?;
                 Ok((Box::new(f.take(len)), len))
             }
         }
@@ -117,10 +126,14 @@ impl Store {
     fn read_json<T: for<'de> Deserialize<'de>>(&self, member: &str) -> Result<T> {
         let (r, len) = self.open_member(member)?;
         if len > MAX_JSON {
-            return Err(Error::unsupported(format!("{member} is larger than {MAX_JSON} bytes")));
+            return Err(Error::unsupported(format!(
+                "{member} is larger than {MAX_JSON} bytes"
+            )));
         }
         let mut buf = Vec::new();
-        r.take(MAX_JSON).read_to_end(&mut buf).map_err(|e| Error::io(e).with_path(self.describe()))?;
+        r.take(MAX_JSON)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(e).with_path(self.describe()))?;
         serde_json::from_slice(&buf)
             .map_err(|e| Error::invalid_format(format!("{member}: {e}")).with_path(self.describe()))
     }
@@ -240,7 +253,9 @@ impl std::str::FromStr for Platform {
                 architecture: (*arch).into(),
                 variant: Some((*v).into()),
             }),
-            _ => Err(Error::invalid_argument(format!("platform must be OS/ARCH[/VARIANT], not {s}"))),
+            _ => Err(Error::invalid_argument(format!(
+                "platform must be OS/ARCH[/VARIANT], not {s}"
+            ))),
         }
     }
 }
@@ -289,7 +304,11 @@ fn blob_member(digest: &str) -> Result<String> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| Error::unsupported(format!("digest algorithm of {digest}")))?;
-    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    {
         return Err(Error::invalid_format(format!("malformed digest {digest}")));
     }
     Ok(format!("blobs/sha256/{hex}"))
@@ -305,27 +324,48 @@ fn is_index(mt: Option<&str>) -> bool {
 
 /// Open `src` and choose the image named by `reference` (a tag, a `ref.name` annotation or a
 /// manifest digest) for `platform`.
-pub fn select(src: &Path, reference: Option<&str>, platform: &Platform, platform_given: bool) -> Result<SelectedImage> {
+pub fn select(
+    src: &Path,
+    reference: Option<&str>,
+    platform: &Platform,
+    platform_given: bool,
+) -> Result<SelectedImage> {
     let store = Store::open(src)?;
     if store.exists("index.json") {
         select_oci(store, reference, platform, platform_given)
     } else if store.exists("manifest.json") {
         select_docker(store, reference)
     } else {
-        Err(Error::invalid_format("neither an OCI layout (index.json) nor a docker-archive (manifest.json)").with_path(src))
+        Err(
+            Error::invalid_format("neither an OCI layout (index.json) nor a docker-archive (manifest.json)")
+                .with_path(src),
+        )
     }
 }
 
-fn select_oci(store: Store, reference: Option<&str>, platform: &Platform, platform_given: bool) -> Result<SelectedImage> {
+fn select_oci(
+    store: Store,
+    reference: Option<&str>,
+    platform: &Platform,
+    platform_given: bool,
+) -> Result<SelectedImage> {
     let index: Index = store.read_json("index.json")?;
     let mut candidates: Vec<Descriptor> = match reference {
         None => index.manifests.clone(),
-        Some(r) if r.starts_with("sha256:") => index.manifests.iter().filter(|d| d.digest == r).cloned().collect(),
+        Some(r) if r.starts_with("sha256:") => index
+            .manifests
+            .iter()
+            .filter(|d| d.digest == r)
+            .cloned()
+            .collect(),
         Some(r) => index
             .manifests
             .iter()
             .filter(|d| {
-                d.annotations.get("org.opencontainers.image.ref.name").map(String::as_str) == Some(r)
+                d.annotations
+                    .get("org.opencontainers.image.ref.name")
+                    .map(String::as_str)
+                    == Some(r)
                     || d.annotations
                         .get("io.containerd.image.name")
                         .is_some_and(|n| n == r || n.ends_with(&format!(":{r}")))
@@ -337,11 +377,19 @@ fn select_oci(store: Store, reference: Option<&str>, platform: &Platform, platfo
         let names: Vec<&str> = index
             .manifests
             .iter()
-            .filter_map(|d| d.annotations.get("org.opencontainers.image.ref.name").map(String::as_str))
+            .filter_map(|d| {
+                d.annotations
+                    .get("org.opencontainers.image.ref.name")
+                    .map(String::as_str)
+            })
             .collect();
         return Err(Error::new(
             ErrorKind::NotFound,
-            format!("no image {} in the layout (references: {})", reference.unwrap_or("(any)"), names.join(", ")),
+            format!(
+                "no image {} in the layout (references: {})",
+                reference.unwrap_or("(any)"),
+                names.join(", ")
+            ),
         )
         .with_path(store.describe()));
     }
@@ -384,14 +432,25 @@ fn select_oci(store: Store, reference: Option<&str>, platform: &Platform, platfo
     }
     let chosen = match candidates.len() {
         0 => {
-            return Err(Error::new(ErrorKind::NotFound, format!("no manifest for platform {platform}")).with_path(store.describe()))
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no manifest for platform {platform}"),
+            )
+            .with_path(store.describe()))
         }
         1 => candidates.remove(0),
         n => {
             // Prefer the one that names the platform explicitly.
-            let explicit: Vec<Descriptor> = candidates.iter().filter(|d| d.platform.is_some()).cloned().collect();
+            let explicit: Vec<Descriptor> = candidates
+                .iter()
+                .filter(|d| d.platform.is_some())
+                .cloned()
+                .collect();
             if explicit.len() == 1 {
-                explicit.into_iter().next().ok_or_else(|| Error::invalid_argument("no manifest"))?
+                explicit
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Error::invalid_argument("no manifest"))?
             } else {
                 return Err(Error::invalid_argument(format!(
                     "{n} images match; name one by reference or digest"
@@ -449,17 +508,31 @@ fn select_docker(store: Store, reference: Option<&str>) -> Result<SelectedImage>
     let chosen = match reference {
         Some(r) => entries
             .iter()
-            .find(|e| e.repo_tags.as_ref().is_some_and(|t| t.iter().any(|t| t == r || t.ends_with(&format!("/{r}")))))
+            .find(|e| {
+                e.repo_tags
+                    .as_ref()
+                    .is_some_and(|t| t.iter().any(|t| t == r || t.ends_with(&format!("/{r}"))))
+            })
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no image tagged {r} in the archive")))?,
         None if entries.len() == 1 => &entries[0],
-        None => return Err(Error::invalid_argument("the archive holds several images; name one by tag")),
+        None => {
+            return Err(Error::invalid_argument(
+                "the archive holds several images; name one by tag",
+            ))
+        }
     };
     let config: Config = store.read_json(&chosen.config)?;
     let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
     if diff_ids.len() != chosen.layers.len() {
-        return Err(Error::invalid_format("config diff_ids do not match the layer list"));
+        return Err(Error::invalid_format(
+            "config diff_ids do not match the layer list",
+        ));
     }
-    let digest_of = |p: &str| p.strip_prefix("blobs/sha256/").filter(|h| h.len() == 64).map(|h| format!("sha256:{h}"));
+    let digest_of = |p: &str| {
+        p.strip_prefix("blobs/sha256/")
+            .filter(|h| h.len() == 64)
+            .map(|h| format!("sha256:{h}"))
+    };
     let layers = chosen
         .layers
         .iter()
@@ -473,7 +546,15 @@ fn select_docker(store: Store, reference: Option<&str>) -> Result<SelectedImage>
         })
         .collect();
     let config_digest = digest_of(&chosen.config).unwrap_or_else(|| {
-        format!("sha256:{}", chosen.config.trim_end_matches(".json").rsplit('/').next().unwrap_or(""))
+        format!(
+            "sha256:{}",
+            chosen
+                .config
+                .trim_end_matches(".json")
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+        )
     });
     Ok(SelectedImage {
         store,

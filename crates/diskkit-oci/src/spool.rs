@@ -19,8 +19,11 @@ pub struct Spool {
 impl Spool {
     /// A new spool in `dir` (the file is unlinked at once and vanishes on drop).
     pub fn new_in(dir: &Path) -> Result<Spool> {
-        let file = tempfile::tempfile_in(dir)
-            .map_err(|e| Error::io(e).with_path(dir).with_operation("creating the spool file"))?;
+        let file = tempfile::tempfile_in(dir).map_err(|e| {
+            Error::io(e)
+                .with_path(dir)
+                .with_operation("creating the spool file")
+        })?;
         let reader = file
             .try_clone()
             .map_err(|e| Error::io(e).with_operation("creating the spool file"))?;
@@ -34,8 +37,13 @@ impl Spool {
     /// Copy exactly `size` bytes from `from` into the spool; returns their offset.
     pub fn append(&mut self, from: &mut dyn Read, size: u64) -> Result<u64> {
         let start = self.len;
-        let copied = std::io::copy(&mut from.take(size), &mut self.writer)
-            .map_err(|e| Error::io(e).with_operation("reading file data from a layer"))?;
+        let copied = std::io::copy(&mut from.take(size), &mut self.writer).map_err(|e| {
+            if e.raw_os_error().is_some() {
+                Error::io(e).with_operation("spooling file data")
+            } else {
+                Error::corrupt(format!("reading file data from a layer: {e}"))
+            }
+        })?;
         if copied != size {
             return Err(Error::corrupt(format!(
                 "layer truncated: file data ended after {copied} of {size} bytes"
@@ -69,8 +77,10 @@ impl ContentSource for Spool {
             .checked_add(offset)
             .filter(|a| a.saturating_add(buf.len() as u64) <= self.len)
             .ok_or_else(|| Error::out_of_bounds("spool read past its end"))?;
-        self.reader
-            .read_exact_at(buf, at)
-            .map_err(|e| Error::io(e).with_offset(at).with_operation("reading the spool file"))
+        self.reader.read_exact_at(buf, at).map_err(|e| {
+            Error::io(e)
+                .with_offset(at)
+                .with_operation("reading the spool file")
+        })
     }
 }

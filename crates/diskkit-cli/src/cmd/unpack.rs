@@ -32,7 +32,13 @@ struct Bars {
 }
 
 impl Progress for Bars {
-    fn layer_start(&mut self, index: usize, count: usize, digest: &str, size: Option<u64>) -> Option<Rc<dyn Fn(u64)>> {
+    fn layer_start(
+        &mut self,
+        index: usize,
+        count: usize,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Option<Rc<dyn Fn(u64)>> {
         let bar = self.multi.add(ProgressBar::new(size.unwrap_or(0)));
         bar.set_style(
             ProgressStyle::with_template("layer {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")

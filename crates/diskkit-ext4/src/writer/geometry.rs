@@ -69,7 +69,9 @@ pub(crate) fn compute(inodes_used: u64, data_blocks: u64, size: Option<u64>) -> 
     if let Some(size) = size {
         let total = size / BLOCK_SIZE as u64;
         if total > max_blocks {
-            return Err(Error::unsupported("filesystems over 16 TiB (needs the 64bit feature)"));
+            return Err(Error::unsupported(
+                "filesystems over 16 TiB (needs the 64bit feature)",
+            ));
         }
         let groups = total.div_ceil(BLOCKS_PER_GROUP).max(1);
         let want = (inodes_used + 16)
@@ -94,8 +96,7 @@ pub(crate) fn compute(inodes_used: u64, data_blocks: u64, size: Option<u64>) -> 
     let want = inodes_used + inodes_used / 10 + 64;
     let mut groups = want.div_ceil(BLOCKS_PER_GROUP).max(1);
     loop {
-        let Some((ipg, itb, gdt_blocks, data_start, used_end)) = layout(groups, want, data_blocks)
-        else {
+        let Some((ipg, itb, gdt_blocks, data_start, used_end)) = layout(groups, want, data_blocks) else {
             groups += 1;
             continue;
         };
@@ -109,7 +110,9 @@ pub(crate) fn compute(inodes_used: u64, data_blocks: u64, size: Option<u64>) -> 
             total = total.max((groups - 1) * BLOCKS_PER_GROUP + 256);
         }
         if total > max_blocks {
-            return Err(Error::unsupported("filesystems over 16 TiB (needs the 64bit feature)"));
+            return Err(Error::unsupported(
+                "filesystems over 16 TiB (needs the 64bit feature)",
+            ));
         }
         return Ok(Geometry {
             groups,

@@ -123,7 +123,9 @@ pub(crate) fn write_inodes(
     for p in &layout.inodes {
         let (kind, meta) = match p.source {
             Source::Node(id) => {
-                let n = tree.node(id).ok_or_else(|| Error::invalid_argument("bad node id"))?;
+                let n = tree
+                    .node(id)
+                    .ok_or_else(|| Error::invalid_argument("bad node id"))?;
                 (Some(&n.kind), &n.meta)
             }
             Source::LostFound => (None, &lost_found_meta),
@@ -133,8 +135,7 @@ pub(crate) fn write_inodes(
             None | Some(NodeKind::Directory(_)) => {
                 let data = dir::encode(&p.entries, p.data_blocks);
                 image.write_at(&data, p.first_block * BLOCK_SIZE as u64)?;
-                let (i_block, tree_blocks) =
-                    extent::build(p.data_blocks, p.first_block, p.tree_start());
+                let (i_block, tree_blocks) = extent::build(p.data_blocks, p.first_block, p.tree_start());
                 for (blk, data) in tree_blocks {
                     image.write_at(&data, blk * BLOCK_SIZE as u64)?;
                 }
@@ -149,8 +150,7 @@ pub(crate) fn write_inodes(
             }
             Some(NodeKind::File { size, content }) => {
                 write_content(image, source, *content, *size, p.first_block, &mut buf)?;
-                let (i_block, tree_blocks) =
-                    extent::build(p.data_blocks, p.first_block, p.tree_start());
+                let (i_block, tree_blocks) = extent::build(p.data_blocks, p.first_block, p.tree_start());
                 for (blk, data) in tree_blocks {
                     image.write_at(&data, blk * BLOCK_SIZE as u64)?;
                 }
@@ -265,10 +265,7 @@ mod tests {
     #[test]
     fn times() {
         assert_eq!(encode_time(Timestamp { secs: 0, nanos: 5 }), (0, 20));
-        assert_eq!(
-            encode_time(Timestamp { secs: -1, nanos: 0 }),
-            (u32::MAX, 0)
-        );
+        assert_eq!(encode_time(Timestamp { secs: -1, nanos: 0 }), (u32::MAX, 0));
         assert_eq!(
             encode_time(Timestamp {
                 secs: 1 << 31,

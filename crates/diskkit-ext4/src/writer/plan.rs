@@ -98,7 +98,9 @@ pub(crate) fn index_of(ino: u32) -> usize {
 }
 
 pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
-    let root = tree.node(Tree::ROOT).ok_or_else(|| Error::invalid_argument("empty tree"))?;
+    let root = tree
+        .node(Tree::ROOT)
+        .ok_or_else(|| Error::invalid_argument("empty tree"))?;
     if !matches!(root.kind, NodeKind::Directory(_)) {
         return Err(Error::invalid_argument("the root is not a directory"));
     }
@@ -165,8 +167,7 @@ pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
                     ino_of[*child]
                 }
             } else {
-                let ino = u32::try_from(next_ino)
-                    .map_err(|_| Error::unsupported("more than 2^32 inodes"))?;
+                let ino = u32::try_from(next_ino).map_err(|_| Error::unsupported("more than 2^32 inodes"))?;
                 next_ino += 1;
                 ino_of[*child] = ino;
                 inodes.push(new_inode(ino, Source::Node(*child)));
@@ -209,7 +210,9 @@ pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
     for p in &mut inodes {
         if let Source::Node(id) = p.source {
             // OK to unwrap-free: every planned node id came from the tree.
-            let node = tree.node(id).ok_or_else(|| Error::invalid_argument("bad node id"))?;
+            let node = tree
+                .node(id)
+                .ok_or_else(|| Error::invalid_argument("bad node id"))?;
             match &node.kind {
                 NodeKind::File { size, .. } => {
                     let blocks = size.div_ceil(BLOCK_SIZE as u64);

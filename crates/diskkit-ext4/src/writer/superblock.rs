@@ -94,8 +94,16 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
     put32(&mut sb, 76, 1); // dynamic revision
     put32(&mut sb, 84, FIRST_INO);
     put16(&mut sb, 88, INODE_SIZE as u16);
-    put32(&mut sb, 92, COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2);
-    put32(&mut sb, 96, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_FLEX_BG);
+    put32(
+        &mut sb,
+        92,
+        COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2,
+    );
+    put32(
+        &mut sb,
+        96,
+        INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_FLEX_BG,
+    );
     put32(
         &mut sb,
         100,

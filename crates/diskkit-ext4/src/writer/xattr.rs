@@ -44,9 +44,8 @@ pub(crate) fn place(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Placed> {
     for (name, value) in xattrs {
         let (index, suffix) = split_name(name)?;
         let value = if index == 2 || index == 3 {
-            acl_to_disk(value).map_err(|m| {
-                Error::invalid_argument(format!("{}: {m}", String::from_utf8_lossy(name)))
-            })?
+            acl_to_disk(value)
+                .map_err(|m| Error::invalid_argument(format!("{}: {m}", String::from_utf8_lossy(name))))?
         } else {
             value.clone()
         };

@@ -1,0 +1,337 @@
+//! End-to-end: fixture layers (python tarfile) → OCI layout (mkoci-layout.sh) → `unpack` →
+//! e2fsck -fn, debugfs, and a comparison with `umoci unpack --rootless`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use diskkit::ImageFormat;
+use diskkit_oci::{unpack, NoProgress, UnpackOptions};
+
+const MKOCI: &str = "/work/shared/tools/mkoci-layout.sh";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} must be installed: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn mkoci() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkoci-layout.sh");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(MKOCI)
+    }
+}
+
+/// Fixture layers in `dir`: l1.tar.gz, l2.tar.zst, l3.tar plus gz copies of all three.
+fn fixtures(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_layers.py");
+    run(Command::new("python3").arg(script).arg(dir));
+    for l in ["l1.tar", "l2.tar", "l3.tar"] {
+        run(Command::new("gzip").args(["-n", "-k", "-f"]).arg(dir.join(l)));
+    }
+    run(Command::new("zstd").args(["-q", "-f"]).arg(dir.join("l2.tar")));
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(dir.join("lay"))
+        .arg("v1")
+        .arg(dir.join("l1.tar.gz"))
+        .arg(dir.join("l2.tar.zst"))
+        .arg(dir.join("l3.tar")));
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(dir.join("laygz"))
+        .arg("v1")
+        .arg(dir.join("l1.tar.gz"))
+        .arg(dir.join("l2.tar.gz"))
+        .arg(dir.join("l3.tar.gz")));
+}
+
+fn e2fsck(img: &Path) {
+    run(Command::new("e2fsck").arg("-fn").arg(img));
+}
+
+fn debugfs(img: &Path, req: &str) -> String {
+    run(Command::new("debugfs").args(["-R", req]).arg(img))
+}
+
+fn dump(img: &Path, file: &str) -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x");
+    debugfs(img, &format!("dump {file} {}", out.display()));
+    std::fs::read(out).unwrap_or_default()
+}
+
+fn do_unpack(src: &Path, reference: Option<&str>, dst: &Path) -> diskkit::Result<()> {
+    let options = UnpackOptions {
+        reference: reference.map(str::to_owned),
+        ..UnpackOptions::default()
+    };
+    unpack(src, dst, &options, &mut NoProgress).map(|_| ())
+}
+
+/// path -> (octal mode, size, sha256 of content for regular files) from debugfs.
+fn listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![String::new()];
+    while let Some(d) = dirs.pop() {
+        let ls = debugfs(img, &format!("ls -p /{d}"));
+        for line in ls.lines() {
+            // /ino/mode/uid/gid/name/size/
+            let f: Vec<&str> = line.split('/').collect();
+            if f.len() < 7 || f[5] == "." || f[5] == ".." || f[5] == "lost+found" {
+                continue;
+            }
+            let path = if d.is_empty() {
+                f[5].to_owned()
+            } else {
+                format!("{d}/{}", f[5])
+            };
+            let mode = f[2].to_owned();
+            let size = f[6].parse().unwrap_or(0);
+            let mut hash = String::new();
+            if mode.starts_with("04") {
+                dirs.push(path.clone());
+            } else if mode.starts_with("10") {
+                hash = sha(&dump(img, &format!("/{path}")));
+            }
+            out.insert(path, (mode, size, hash));
+        }
+    }
+    out
+}
+
+fn sha(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn merged_semantics() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let img = t.path().join("out.img");
+    do_unpack(&t.path().join("lay"), Some("v1"), &img).unwrap();
+    e2fsck(&img);
+    let l = listing(&img);
+    let has = |p: &str| l.contains_key(p);
+    // Whiteouts: file, recursive directory, missing target, AUFS metadata skipped.
+    assert!(!has("etc/gone") && has("etc/passwd"));
+    assert!(!has("olddir") && !has("missing"));
+    assert!(!l.keys().any(|k| k.contains(".wh.")), "{l:?}");
+    // Opaque marker after its sibling: only the lower layer is hidden.
+    assert!(has("opq/new") && !has("opq/old"));
+    // Type replacements.
+    assert!(l["ftod"].0.starts_with("040700") && has("ftod/inner"));
+    assert!(l["dtof"].0.starts_with("100") && !has("dtof/child"));
+    assert!(l["dtos"].0.starts_with("120"));
+    assert!(l["dev/null"].0 == "010644");
+    // Parent through a symlink (merged-usr).
+    assert_eq!(dump(&img, "/usr/lib/x.so"), b"through the symlink\n");
+    // Contained path, duplicate path (last wins).
+    assert_eq!(dump(&img, "/escape"), b"contained\n");
+    assert_eq!(dump(&img, "/dup"), b"second\n");
+    // Hard links: cross-layer link whose first name is deleted; link whose target is deleted.
+    assert_eq!(dump(&img, "/hl2"), b"linked across layers\n");
+    assert!(debugfs(&img, "stat /hl2").contains("Links: 1"));
+    let st = debugfs(&img, "stat /bin/ping2");
+    assert!(st.contains("Mode:  04755") && st.contains("Links: 1"), "{st}");
+    assert!(debugfs(&img, "ea_list /bin/ping2").contains("security.capability (20) = 01 00 00 02"));
+    // Owners, modes, devices, times, long names and links, xattr spill.
+    let st = debugfs(&img, "stat /owner");
+    assert!(
+        st.contains("User: 70000   Group: 70001") && st.contains("Mode:  02750"),
+        "{st}"
+    );
+    assert!(debugfs(&img, "stat /tmp").contains("Mode:  01777"));
+    assert!(debugfs(&img, "stat /dev/sda").contains("Device major/minor number: 08:00"));
+    let st = debugfs(&img, "stat /old-time");
+    // -12345.5 s: seconds -12346 (0xffffcfc6), nanoseconds 5e8 << 2 = 0x77359400.
+    assert!(st.contains("mtime: 0xffffcfc6:77359400"), "{st}");
+    assert!(has(&format!("a/{}", "n".repeat(200))));
+    assert_eq!(l["longlink"].1, 100);
+    let ea = debugfs(&img, "ea_list /bigxattr");
+    assert!(
+        ea.contains("user.big (300)") && ea.contains("user.small (1)"),
+        "{ea}"
+    );
+}
+
+#[test]
+fn matches_umoci_rootless() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let img = t.path().join("out.img");
+    do_unpack(&t.path().join("laygz"), Some("v1"), &img).unwrap();
+    e2fsck(&img);
+    let bundle = t.path().join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", t.path().join("laygz").display()))
+        .arg(&bundle));
+    let root = bundle.join("rootfs");
+    let mut expected = BTreeMap::new();
+    let mut stack = vec![root.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            let mut hash = String::new();
+            let mut size = md.size();
+            if md.is_dir() {
+                stack.push(p.clone());
+                size = 0;
+            } else if md.is_file() {
+                hash = sha(&std::fs::read(&p).unwrap());
+            }
+            expected.insert(rel, (format!("{:06o}", md.mode()), size, hash));
+        }
+    }
+    let mut ours = listing(&img);
+    for v in ours.values_mut() {
+        if v.0.starts_with("04") {
+            v.1 = 0;
+        }
+    }
+    // Rootless umoci cannot create device nodes (it writes empty files) nor own files.
+    for m in [&mut expected, &mut ours] {
+        m.remove("dev/sda");
+    }
+    assert_eq!(ours, expected);
+}
+
+#[test]
+fn archives_as_sources() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let reference = t.path().join("ref.img");
+    do_unpack(&t.path().join("laygz"), None, &reference).unwrap();
+    let want = listing(&reference);
+    // OCI archive: the layout as a tar.
+    let oci = t.path().join("oci.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(t.path().join("laygz"))
+        .arg("-cf")
+        .arg(&oci)
+        .arg("."));
+    let img = t.path().join("oci.img");
+    do_unpack(&oci, Some("v1"), &img).unwrap();
+    e2fsck(&img);
+    assert_eq!(listing(&img), want);
+    // docker-archive written by skopeo.
+    let docker = t.path().join("docker.tar");
+    run(Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci:{}:v1", t.path().join("laygz").display()))
+        .arg(format!("docker-archive:{}:test:v1", docker.display())));
+    let img = t.path().join("docker.img");
+    do_unpack(&docker, Some("test:v1"), &img).unwrap();
+    e2fsck(&img);
+    assert_eq!(listing(&img), want);
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn corrupt_layers_fail_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let out = t.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    // A truncated plain tar whose digests match its (truncated) bytes.
+    let l1 = std::fs::read(t.path().join("l1.tar")).unwrap();
+    std::fs::write(t.path().join("trunc.tar"), &l1[..l1.len() / 2 + 100]).unwrap();
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(t.path().join("bad1"))
+        .arg("v1")
+        .arg(t.path().join("trunc.tar")));
+    let e = do_unpack(&t.path().join("bad1"), None, &out.join("a.img")).unwrap_err();
+    assert_eq!(e.kind(), diskkit::ErrorKind::Corrupt, "{e:?}");
+    // A gzip blob cut short (the digest no longer matches either).
+    let lay = t.path().join("laygz");
+    let blob = std::fs::read_dir(lay.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(&[0x1f, 0x8b]))
+        .unwrap();
+    let data = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &data[..data.len() - 40]).unwrap();
+    let e = do_unpack(&lay, None, &out.join("b.img")).unwrap_err();
+    assert_eq!(e.kind(), diskkit::ErrorKind::Corrupt, "{e:?}");
+    // Flipped bytes in the middle of a zstd layer.
+    let lay = t.path().join("lay");
+    let blob = std::fs::read_dir(lay.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(&[0x28, 0xb5, 0x2f, 0xfd]))
+        .unwrap();
+    let mut data = std::fs::read(&blob).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    std::fs::write(&blob, &data).unwrap();
+    assert!(do_unpack(&lay, None, &out.join("c.img")).is_err());
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+}
+
+#[test]
+fn reproducible_and_asif() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let mut bytes = Vec::new();
+    for name in ["r1.img", "r2.img"] {
+        let options = UnpackOptions {
+            reproducible: true,
+            ..UnpackOptions::default()
+        };
+        let img = t.path().join(name);
+        unpack(&t.path().join("lay"), &img, &options, &mut NoProgress).unwrap();
+        bytes.push(std::fs::read(&img).unwrap());
+    }
+    assert!(bytes[0] == bytes[1], "reproducible images differ");
+    let options = UnpackOptions {
+        format: ImageFormat::Asif,
+        size: Some(1 << 30),
+        ..UnpackOptions::default()
+    };
+    let asif = t.path().join("out.asif");
+    unpack(&t.path().join("lay"), &asif, &options, &mut NoProgress).unwrap();
+    let image = diskkit::DiskImage::open(&asif, &diskkit::OpenOptions::new()).unwrap();
+    assert_eq!(image.format(), ImageFormat::Asif);
+    assert_eq!(image.size(), 1 << 30);
+    let raw = t.path().join("asif.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(image.size()).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < image.size() {
+        image.read_at(&mut buf, off).unwrap();
+        if buf.iter().any(|&b| b != 0) {
+            std::os::unix::fs::FileExt::write_all_at(&f, &buf, off).unwrap();
+        }
+        off += buf.len() as u64;
+    }
+    e2fsck(&raw);
+    assert_eq!(listing(&raw), listing(&t.path().join("r1.img")));
+}

@@ -75,7 +75,7 @@ fn layer_err(info: &LayerInfo, e: Error) -> Error {
     Error::new(e.kind(), format!("layer {}", info.name)).with_source(e)
 }
 
-fn io_err(e: std::io::Error, what: &'static str) -> Error {
+fn io_err(e: &std::io::Error, what: &'static str) -> Error {
     // Errors without an OS error code come from the decoders and the tar parser: bad data.
     let kind = if e.raw_os_error().is_some() {
         ErrorKind::Io
@@ -108,13 +108,13 @@ pub(crate) fn apply_layer(
     let mut buffered = BufReader::with_capacity(1 << 20, hashing);
     let magic = buffered
         .fill_buf()
-        .map_err(|e| layer_err(info, io_err(e, "reading the blob")))?;
+        .map_err(|e| layer_err(info, io_err(&e, "reading the blob")))?;
     let decoded: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(buffered)
-                .map_err(|e| layer_err(info, io_err(e, "starting zstd")))?,
+                .map_err(|e| layer_err(info, io_err(&e, "starting zstd")))?,
         )
     } else {
         Box::new(buffered)
@@ -126,7 +126,7 @@ pub(crate) fn apply_layer(
     // Drain the rest (end-of-archive padding) so the digests cover the whole stream.
     let mut rest = archive.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink())
-        .map_err(|e| layer_err(info, io_err(e, "reading past the end of the archive")))?;
+        .map_err(|e| layer_err(info, io_err(&e, "reading past the end of the archive")))?;
     drop(rest);
     if let Some(want) = &info.diff_id {
         let got = format!("sha256:{}", diff_hash.hex());
@@ -262,9 +262,9 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
     let mut out = Vec::new();
     let iter = archive
         .entries()
-        .map_err(|e| io_err(e, "reading the tar archive"))?;
+        .map_err(|e| io_err(&e, "reading the tar archive"))?;
     for entry in iter {
-        let mut entry = entry.map_err(|e| io_err(e, "reading a tar header"))?;
+        let mut entry = entry.map_err(|e| io_err(&e, "reading a tar header"))?;
         let etype = entry.header().entry_type();
         if matches!(
             etype,
@@ -293,10 +293,10 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
         );
         if let Some(pax) = entry
             .pax_extensions()
-            .map_err(|e| io_err(e, "reading PAX headers"))?
+            .map_err(|e| io_err(&e, "reading PAX headers"))?
         {
             for ext in pax {
-                let ext = ext.map_err(|e| io_err(e, "reading PAX headers"))?;
+                let ext = ext.map_err(|e| io_err(&e, "reading PAX headers"))?;
                 let key = ext.key_bytes();
                 let value = ext.value_bytes();
                 if key == b"mtime" {

@@ -32,7 +32,7 @@ pub(crate) const ROOT_INO: u32 = 2;
 pub(crate) const FIRST_INO: u32 = 11;
 
 /// How to build the filesystem.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     /// Exact filesystem size in bytes (rounded down to 4 KiB); `None` for compact.
     pub size: Option<u64>,
@@ -44,18 +44,6 @@ pub struct Options {
     pub time: i64,
     /// Volume label (at most 16 bytes are kept).
     pub label: Vec<u8>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            size: None,
-            uuid: [0; 16],
-            hash_seed: [0; 16],
-            time: 0,
-            label: Vec::new(),
-        }
-    }
 }
 
 /// A tree laid out as an ext4 filesystem, ready to be written.

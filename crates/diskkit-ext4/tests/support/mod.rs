@@ -1,5 +1,5 @@
 //! Shared helpers for the writer tests: in-memory content, image creation, e2fsck and debugfs.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, missing_docs)]
 
 use std::path::Path;
 use std::process::Command;

@@ -8,6 +8,8 @@
 //! temporary name. Only the final tree's data reaches the image; nothing is left behind on error.
 #![forbid(unsafe_code)]
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod layer;
 mod merge;
 mod source;

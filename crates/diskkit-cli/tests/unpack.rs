@@ -1,0 +1,61 @@
+//! `diskkit unpack` from the command line.
+
+mod support;
+
+use support::{diskkit, diskkit_ok, tool_ok, Dir};
+
+fn layout(d: &Dir) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/../diskkit-oci/tests/fixtures");
+    tool_ok("python3", &[&format!("{fixtures}/make_layers.py"), &d.s("")]);
+    tool_ok("gzip", &["-n", "-k", &d.s("l1.tar")]);
+    tool_ok(
+        "bash",
+        &[
+            &format!("{fixtures}/mkoci-layout.sh"),
+            &d.s("lay"),
+            "v1",
+            &d.s("l1.tar.gz"),
+            &d.s("l2.tar"),
+        ],
+    );
+    d.s("lay")
+}
+
+#[test]
+fn unpack_raw_and_asif() {
+    let d = Dir::new();
+    let lay = layout(&d);
+    let out = diskkit_ok(&["unpack", "--reproducible", &format!("{lay}:v1"), &d.s("root.img")]);
+    assert!(out.contains("(2 layers)"), "{out}");
+    tool_ok("e2fsck", &["-fn", &d.s("root.img")]);
+    let ls = tool_ok("debugfs", &["-R", "ls -p /opq", &d.s("root.img")]);
+    assert!(ls.contains("/new/") && !ls.contains("/old/"), "{ls}");
+    // Refuses to replace without --force.
+    let o = diskkit(&["unpack", &lay, &d.s("root.img")]);
+    assert!(!o.status.success());
+    diskkit_ok(&[
+        "unpack",
+        "--force",
+        "--format",
+        "asif",
+        "--size",
+        "1G",
+        &lay,
+        &d.s("root.img"),
+    ]);
+    let info = diskkit_ok(&["info", &d.s("root.img")]);
+    assert!(info.to_lowercase().contains("asif"), "{info}");
+}
+
+#[test]
+fn unpack_errors() {
+    let d = Dir::new();
+    let lay = layout(&d);
+    let o = diskkit(&["unpack", &format!("{lay}:nope"), &d.s("x.img")]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no image nope"));
+    let o = diskkit(&["unpack", "--platform", "linux/s390x", &lay, &d.s("x.img")]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("linux/s390x"));
+    assert!(!d.path("x.img").exists());
+}

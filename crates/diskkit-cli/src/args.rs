@@ -195,10 +195,15 @@ pub(crate) enum Command {
         /// Replace the output if it exists.
         #[arg(long)]
         force: bool,
+        /// Write an Apple `container` snapshot store entry in DIR
+        /// (snapshots/<manifest-hex>/snapshot + snapshot-info) instead of DST; reused if present.
+        #[arg(long, value_name = "DIR", conflicts_with = "dst")]
+        store: Option<PathBuf>,
         /// The image: PATH or PATH:REF (REF: tag, ref.name annotation or sha256:digest).
         src: String,
         /// The ext4 image to create.
-        dst: PathBuf,
+        #[arg(required_unless_present = "store")]
+        dst: Option<PathBuf>,
     },
 }
 

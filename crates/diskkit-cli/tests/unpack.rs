@@ -59,3 +59,37 @@ fn unpack_errors() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("linux/s390x"));
     assert!(!d.path("x.img").exists());
 }
+
+#[test]
+fn unpack_into_store() {
+    let d = Dir::new();
+    let lay = layout(&d);
+    let store = d.s("store");
+    let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
+    assert!(out.starts_with("stored: "), "{out}");
+    let snapshots = d.path("store/snapshots");
+    let entries: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "ingest")
+        .collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].len(), 64);
+    let dir = snapshots.join(&entries[0]);
+    tool_ok("e2fsck", &["-fn", &dir.join("snapshot").to_string_lossy()]);
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("snapshot-info")).unwrap()).unwrap();
+    assert_eq!(info["type"]["block"]["format"], "ext4");
+    assert_eq!(
+        info["source"],
+        dir.canonicalize()
+            .unwrap()
+            .join("snapshot")
+            .to_string_lossy()
+            .as_ref()
+    );
+    // The ingest directory is left empty.
+    assert_eq!(std::fs::read_dir(snapshots.join("ingest")).unwrap().count(), 0);
+    let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
+    assert!(out.starts_with("cached: "), "{out}");
+}

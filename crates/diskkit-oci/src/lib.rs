@@ -14,6 +14,7 @@ mod layer;
 mod merge;
 mod source;
 mod spool;
+mod store;
 
 use std::path::Path;
 use std::rc::Rc;
@@ -25,6 +26,7 @@ use sha2::{Digest, Sha256};
 pub use merge::MergedTree;
 pub use source::{select, Platform, SelectedImage};
 pub use spool::Spool;
+pub use store::{unpack_to_store, StoreEntry};
 
 /// How to unpack.
 #[derive(Clone, Debug)]
@@ -105,13 +107,27 @@ pub fn unpack(
     options: &UnpackOptions,
     progress: &mut dyn Progress,
 ) -> Result<UnpackReport> {
+    let image = select_for(src, options)?;
+    unpack_selected(&image, dst, options, progress)
+}
+
+fn select_for(src: &Path, options: &UnpackOptions) -> Result<SelectedImage> {
     let platform = options.platform.clone().unwrap_or_else(Platform::host);
-    let image = source::select(
+    source::select(
         src,
         options.reference.as_deref(),
         &platform,
         options.platform.is_some(),
-    )?;
+    )
+}
+
+/// Unpack an image already chosen with [`select`] into a new ext4 image at `dst`.
+pub fn unpack_selected(
+    image: &SelectedImage,
+    dst: &Path,
+    options: &UnpackOptions,
+    progress: &mut dyn Progress,
+) -> Result<UnpackReport> {
     let dir = match dst.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),

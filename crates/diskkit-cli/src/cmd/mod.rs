@@ -78,16 +78,20 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             size,
             reproducible,
             force,
+            store,
             src,
             dst,
         } => unpack::run(
-            format,
-            platform.as_deref(),
-            size.as_deref(),
-            reproducible,
-            force,
+            unpack::Args {
+                format,
+                platform: platform.as_deref(),
+                size: size.as_deref(),
+                reproducible,
+                force,
+                store: store.as_deref(),
+            },
             &src,
-            &dst,
+            dst.as_deref(),
         ),
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
-use diskkit_oci::{unpack, Platform, Progress, UnpackOptions};
+use diskkit_oci::{unpack, unpack_to_store, Platform, Progress, UnpackOptions};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::args::Format;
@@ -58,29 +58,31 @@ impl Progress for Bars {
     }
 }
 
-pub(crate) fn run(
-    format: Format,
-    platform: Option<&str>,
-    size: Option<&str>,
-    reproducible: bool,
-    force: bool,
-    src: &str,
-    dst: &Path,
-) -> Result<u8> {
+/// Options of `diskkit unpack`.
+pub(crate) struct Args<'a> {
+    pub(crate) format: Format,
+    pub(crate) platform: Option<&'a str>,
+    pub(crate) size: Option<&'a str>,
+    pub(crate) reproducible: bool,
+    pub(crate) force: bool,
+    pub(crate) store: Option<&'a Path>,
+}
+
+pub(crate) fn run(args: Args<'_>, src: &str, dst: Option<&Path>) -> Result<u8> {
     let (path, reference) = split_source(src);
-    let format = match format {
-        Format::Raw | Format::Asif => format.into(),
+    let format = match args.format {
+        Format::Raw | Format::Asif => args.format.into(),
         Format::Qcow2 => bail!("unpack writes raw or asif images (qcow2 creation is not available yet)"),
     };
-    let size = size.map(parse_size).transpose()?;
-    let platform = platform.map(str::parse::<Platform>).transpose()?;
+    let size = args.size.map(parse_size).transpose()?;
+    let platform = args.platform.map(str::parse::<Platform>).transpose()?;
     let options = UnpackOptions {
         reference,
         platform,
         format,
         size,
-        reproducible,
-        overwrite: force,
+        reproducible: args.reproducible,
+        overwrite: args.force,
     };
     let target = if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()
@@ -90,6 +92,19 @@ pub(crate) fn run(
     let mut bars = Bars {
         multi: MultiProgress::with_draw_target(target),
         current: None,
+    };
+    if let Some(store) = args.store {
+        let entry = unpack_to_store(&path, store, &options, &mut bars)
+            .with_context(|| format!("cannot unpack '{src}' into the store '{}'", store.display()))?;
+        if entry.cache_hit {
+            println!("cached: '{}'", entry.snapshot.display());
+        } else {
+            println!("stored: '{}'", entry.snapshot.display());
+        }
+        return Ok(0);
+    }
+    let Some(dst) = dst else {
+        bail!("give DST or --store DIR");
     };
     let report = unpack(&path, dst, &options, &mut bars)
         .with_context(|| format!("cannot unpack '{src}' into '{}'", dst.display()))?;

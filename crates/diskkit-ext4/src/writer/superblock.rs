@@ -132,10 +132,37 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
 fn fill_bitmap(bitmap: &mut [u8], used: u64, valid: u64) -> bool {
     bitmap.fill(0);
     let total = bitmap.len() as u64 * 8;
-    let mut any = false;
-    for bit in (0..used).chain(valid..total) {
-        bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
-        any = true;
+    set_bits(bitmap, 0, used);
+    set_bits(bitmap, valid, total);
+    used > 0 || valid < total
+}
+
+/// Set bits `[from, to)`.
+fn set_bits(bitmap: &mut [u8], from: u64, to: u64) {
+    let mut bit = from;
+    while bit < to {
+        if bit % 8 == 0 && to - bit >= 8 {
+            let bytes = ((to - bit) / 8) as usize;
+            let at = (bit / 8) as usize;
+            bitmap[at..at + bytes].fill(0xff);
+            bit += bytes as u64 * 8;
+        } else {
+            bitmap[(bit / 8) as usize] |= 1 << (bit % 8);
+            bit += 1;
+        }
     }
-    any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmaps() {
+        let mut b = vec![0u8; 8];
+        assert!(fill_bitmap(&mut b, 13, 50));
+        assert_eq!(b, [0xff, 0x1f, 0, 0, 0, 0, 0xfc, 0xff]);
+        assert!(!fill_bitmap(&mut b, 0, 64));
+        assert_eq!(b, [0; 8]);
+    }
 }

@@ -59,6 +59,7 @@ impl Progress for Bars {
 }
 
 /// Options of `diskkit unpack`.
+#[derive(Clone, Copy)]
 pub(crate) struct Args<'a> {
     pub(crate) format: Format,
     pub(crate) platform: Option<&'a str>,

@@ -74,7 +74,7 @@ fn realize(gens: &[Gen], contents: &mut Contents) -> (Tree, Expect, BTreeMap<Str
                 });
                 tree.link(parent, name.as_bytes(), id).unwrap();
                 dirs.push((id, path.clone()));
-                expect.insert(path, (format!("04{:04o}", m), 0, 0, vec![]));
+                expect.insert(path, (format!("04{m:04o}"), 0, 0, vec![]));
             }
             Gen::File(_, data, m, uid) => {
                 let c = contents.add(data.clone());
@@ -90,7 +90,7 @@ fn realize(gens: &[Gen], contents: &mut Contents) -> (Tree, Expect, BTreeMap<Str
                 links.insert(path.clone(), 1);
                 expect.insert(
                     path,
-                    (format!("10{:04o}", m), data.len() as u64, *uid, data.clone()),
+                    (format!("10{m:04o}"), data.len() as u64, *uid, data.clone()),
                 );
             }
             Gen::Symlink(_, n) => {

@@ -192,6 +192,9 @@ pub(crate) enum Command {
         /// Fixed UUID, hash seed and times derived from the manifest digest.
         #[arg(long)]
         reproducible: bool,
+        /// Write ext4 metadata checksums (metadata_csum; needs Linux 3.18 or later).
+        #[arg(long)]
+        metadata_csum: bool,
         /// Replace the output if it exists.
         #[arg(long)]
         force: bool,

@@ -255,3 +255,31 @@ fn file_needing_an_extent_index_block() {
     use std::os::unix::fs::MetadataExt;
     assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 64 << 20);
 }
+
+#[test]
+fn metadata_csum_passes_e2fsck() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut contents = Contents::default();
+    let mut tree = sample(&mut contents);
+    let size = 5 * (128u64 << 20);
+    let c = contents.add(vec![0; size as usize]);
+    let id = tree.add(Node {
+        kind: NodeKind::File { size, content: c },
+        meta: meta(0o644),
+    });
+    tree.link(0, b"extent-index", id).unwrap();
+    let options = Options {
+        uuid: *b"0123456789abcdef",
+        metadata_csum: true,
+        ..Options::default()
+    };
+    build(&tree, &mut contents, &img, ImageFormat::Raw, options);
+    e2fsck(&img);
+    let h = debugfs(&img, "stats");
+    assert!(h.contains("metadata_csum"), "{h}");
+    assert!(h.contains("Checksum type:            crc32c"), "{h}");
+    assert_eq!(dump(&img, "/big"), contents.0[1]);
+    assert!(debugfs(&img, "ea_list /xattrs").contains("user.spill (300)"));
+    assert!(debugfs(&img, "ls /many").contains("file-with-a-longish-name-01499"));
+}

@@ -135,12 +135,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_trees_read_back(gens in prop::collection::vec(gen(), 1..40)) {
+    fn random_trees_read_back(gens in prop::collection::vec(gen(), 1..40), csum in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("fs.img");
         let mut contents = Contents::default();
         let (tree, expect, links) = realize(&gens, &mut contents);
-        build(&tree, &mut contents, &img, ImageFormat::Raw, Options::default());
+        let options = Options { metadata_csum: csum, uuid: [3; 16], ..Options::default() };
+        build(&tree, &mut contents, &img, ImageFormat::Raw, options);
         e2fsck(&img);
         // Walk the image with debugfs.
         let mut seen = Expect::new();

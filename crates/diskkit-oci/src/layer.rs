@@ -287,6 +287,7 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
         let mut atime = None;
         let mut ctime = None;
         let mut xattrs = Vec::new();
+        let mut sparse = SparseInfo::default();
         let device = (
             hdr.device_major().ok().flatten().unwrap_or(0),
             hdr.device_minor().ok().flatten().unwrap_or(0),
@@ -315,8 +316,8 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
                     if !dropped_xattr(&n) {
                         xattrs.push((n, v));
                     }
-                } else if key.starts_with(b"GNU.sparse.") {
-                    return Err(Error::unsupported(format!("tar entry {name}: PAX sparse files")));
+                } else if let Some(k) = key.strip_prefix(b"GNU.sparse.") {
+                    sparse.record(k, value).map_err(|m| bad(&m))?;
                 }
             }
         }
@@ -329,8 +330,19 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
             ctime: ctime.unwrap_or(mtime),
             xattrs,
         };
-        let path = clean_path(&raw_path);
+        let path = clean_path(sparse.name.as_deref().unwrap_or(&raw_path));
         let kind = match etype {
+            EntryType::Regular | EntryType::Continuous if sparse.is_sparse() => {
+                let stored = entry.size();
+                let (chunks, real) = sparse.map(&mut entry, stored).map_err(|m| bad(&m))?;
+                let spool_at = spool
+                    .append_sparse(&mut entry, &chunks, real)
+                    .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
+                EntryKind::File {
+                    size: real,
+                    spool: spool_at,
+                }
+            }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
                 let spool_at = spool
@@ -362,6 +374,134 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
         out.push(Entry { path, kind, meta });
     }
     Ok(out)
+}
+
+/// Most entries accepted in a sparse map.
+const MAX_SPARSE_CHUNKS: u64 = 1 << 20;
+
+/// PAX sparse-file records (GNU formats 0.0, 0.1 and 1.0).
+#[derive(Debug, Default)]
+struct SparseInfo {
+    major: Option<u64>,
+    name: Option<Vec<u8>>,
+    real_size: Option<u64>,
+    /// 0.0/0.1 map (offset, length).
+    map: Vec<(u64, u64)>,
+    pending_offset: Option<u64>,
+}
+
+fn num(v: &[u8]) -> Result<u64, String> {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("bad number {:?} in a sparse header", String::from_utf8_lossy(v)))
+}
+
+impl SparseInfo {
+    fn record(&mut self, key: &[u8], value: &[u8]) -> Result<(), String> {
+        match key {
+            b"major" => self.major = Some(num(value)?),
+            b"minor" => {}
+            b"name" => self.name = Some(value.to_vec()),
+            b"realsize" | b"size" => self.real_size = Some(num(value)?),
+            b"numblocks" => {}
+            b"offset" => self.pending_offset = Some(num(value)?),
+            b"numbytes" => {
+                let off = self
+                    .pending_offset
+                    .take()
+                    .ok_or("sparse numbytes without offset")?;
+                self.push(off, num(value)?)?;
+            }
+            b"map" => {
+                let nums: Vec<u64> = value
+                    .split(|&c| c == b',')
+                    .filter(|p| !p.is_empty())
+                    .map(num)
+                    .collect::<Result<_, _>>()?;
+                if nums.len() % 2 != 0 {
+                    return Err("odd number of values in GNU.sparse.map".into());
+                }
+                for p in nums.chunks(2) {
+                    self.push(p[0], p[1])?;
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "unknown sparse record GNU.sparse.{}",
+                    String::from_utf8_lossy(key)
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, off: u64, len: u64) -> Result<(), String> {
+        if self.map.len() as u64 >= MAX_SPARSE_CHUNKS {
+            return Err("sparse map too large".into());
+        }
+        self.map.push((off, len));
+        Ok(())
+    }
+
+    fn is_sparse(&self) -> bool {
+        self.real_size.is_some() || self.major.is_some() || !self.map.is_empty()
+    }
+
+    /// The chunk map and the real size; for format 1.0 the map is read from the data.
+    fn map(&mut self, data: &mut dyn Read, stored: u64) -> Result<(Vec<(u64, u64)>, u64), String> {
+        let real = self.real_size.ok_or("sparse file without a real size")?;
+        let mut consumed = 0u64;
+        let map = if self.major == Some(1) {
+            let mut read_num = |consumed: &mut u64| -> Result<u64, String> {
+                let mut v: u64 = 0;
+                let mut digits = 0;
+                loop {
+                    let mut b = [0u8; 1];
+                    data.read_exact(&mut b).map_err(|_| "truncated sparse map")?;
+                    *consumed += 1;
+                    match b[0] {
+                        b'\n' if digits > 0 => return Ok(v),
+                        c @ b'0'..=b'9' if digits < 20 => {
+                            v = v
+                                .checked_mul(10)
+                                .and_then(|v| v.checked_add(u64::from(c - b'0')))
+                                .ok_or("sparse map number overflows")?;
+                            digits += 1;
+                        }
+                        _ => return Err("malformed sparse map".into()),
+                    }
+                }
+            };
+            let n = read_num(&mut consumed)?;
+            if n > MAX_SPARSE_CHUNKS {
+                return Err("sparse map too large".into());
+            }
+            let mut map = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                let off = read_num(&mut consumed)?;
+                let len = read_num(&mut consumed)?;
+                map.push((off, len));
+            }
+            let pad = consumed.next_multiple_of(512) - consumed;
+            std::io::copy(&mut data.take(pad), &mut std::io::sink()).map_err(|_| "truncated sparse map")?;
+            consumed += pad;
+            map
+        } else {
+            std::mem::take(&mut self.map)
+        };
+        let data_bytes: u64 = map
+            .iter()
+            .try_fold(0u64, |a, &(_, n)| a.checked_add(n))
+            .ok_or("sparse map overflows")?;
+        if consumed.checked_add(data_bytes) != Some(stored) {
+            return Err(format!(
+                "sparse map describes {data_bytes} bytes but the entry stores {}",
+                stored.saturating_sub(consumed)
+            ));
+        }
+        Ok((map, real))
+    }
 }
 
 #[cfg(test)]

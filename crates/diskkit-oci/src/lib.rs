@@ -43,6 +43,8 @@ pub struct UnpackOptions {
     pub reproducible: bool,
     /// Replace an existing output.
     pub overwrite: bool,
+    /// Write ext4 metadata checksums (`metadata_csum`).
+    pub metadata_csum: bool,
 }
 
 impl Default for UnpackOptions {
@@ -54,6 +56,7 @@ impl Default for UnpackOptions {
             size: None,
             reproducible: false,
             overwrite: false,
+            metadata_csum: false,
         }
     }
 }
@@ -153,6 +156,7 @@ pub fn unpack_selected(
     let fs_tree = tree.to_tree()?;
     let mut fs_options = Options {
         size: options.size,
+        metadata_csum: options.metadata_csum,
         ..Options::default()
     };
     if options.reproducible {

@@ -1,7 +1,7 @@
 //! The spool: a temporary file holding every regular file's bytes, in archive order.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -50,6 +50,52 @@ impl Spool {
             )));
         }
         self.len += size;
+        Ok(start)
+    }
+
+    /// Spool a sparse file of `real_size` bytes whose data `chunks` (offset, length; ascending,
+    /// not overlapping) follow each other in `from`; the gaps become holes. Returns the offset.
+    pub fn append_sparse(
+        &mut self,
+        from: &mut dyn Read,
+        chunks: &[(u64, u64)],
+        real_size: u64,
+    ) -> Result<u64> {
+        let start = self.len;
+        let mut end = 0u64;
+        for &(off, n) in chunks {
+            let chunk_end = off
+                .checked_add(n)
+                .filter(|&e| off >= end && e <= real_size)
+                .ok_or_else(|| {
+                    Error::corrupt(format!("bad sparse map entry {off}+{n} (size {real_size})"))
+                })?;
+            let at = start + off;
+            self.writer
+                .seek(SeekFrom::Start(at))
+                .map_err(|e| Error::io(e).with_operation("seeking in the spool file"))?;
+            self.len = at;
+            self.append(from, n)?;
+            end = chunk_end;
+        }
+        self.len = start
+            .checked_add(real_size)
+            .ok_or_else(|| Error::corrupt("sparse file too large"))?;
+        self.writer
+            .flush()
+            .map_err(|e| Error::io(e).with_operation("writing the spool file"))?;
+        let file = self.writer.get_ref();
+        let cur = file
+            .metadata()
+            .map_err(|e| Error::io(e).with_operation("writing the spool file"))?
+            .len();
+        if cur < self.len {
+            file.set_len(self.len)
+                .map_err(|e| Error::io(e).with_operation("extending the spool file"))?;
+        }
+        self.writer
+            .seek(SeekFrom::Start(self.len))
+            .map_err(|e| Error::io(e).with_operation("seeking in the spool file"))?;
         Ok(start)
     }
 

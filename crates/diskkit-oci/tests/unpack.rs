@@ -335,3 +335,49 @@ fn reproducible_and_asif() {
     e2fsck(&raw);
     assert_eq!(listing(&raw), listing(&t.path().join("r1.img")));
 }
+
+#[test]
+fn gnu_sparse_files() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let src = d.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let f = std::fs::File::create(src.join("sparse.bin")).unwrap();
+    f.set_len(10 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 5_000_000).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tail", (10 << 20) - 4).unwrap();
+    drop(f);
+    let mut expected = vec![0u8; 10 << 20];
+    expected[5_000_000..5_000_005].copy_from_slice(b"hello");
+    expected[(10 << 20) - 4..].copy_from_slice(b"tail");
+    // PAX 1.0 (GNU tar's default with --format=pax), PAX 0.1 and old GNU sparse.
+    for (format, extra) in [("pax", None), ("pax", Some("0.1")), ("gnu", None)] {
+        let tar = d.join("l.tar");
+        let mut cmd = Command::new("tar");
+        cmd.args(["--sparse", &format!("--format={format}"), "-C"])
+            .arg(&src);
+        if let Some(v) = extra {
+            cmd.arg(format!("--sparse-version={v}"));
+        }
+        run(cmd.arg("-cf").arg(&tar).arg("sparse.bin"));
+        let lay = d.join(format!("lay-{format}-{}", extra.unwrap_or("")));
+        run(Command::new("bash").arg(mkoci()).arg(&lay).arg("v1").arg(&tar));
+        let img = d.join("sparse.img");
+        let _ = std::fs::remove_file(&img);
+        do_unpack(&lay, None, &img).unwrap();
+        e2fsck(&img);
+        let l = listing(&img);
+        assert_eq!(
+            l.keys().collect::<Vec<_>>(),
+            ["sparse.bin"],
+            "{format} {extra:?}: {l:?}"
+        );
+        assert!(
+            dump(&img, "/sparse.bin") == expected,
+            "{format} {extra:?}: content differs"
+        );
+        // Zero ranges are not written: the image file stays small on the host.
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 4 << 20);
+    }
+}

@@ -65,6 +65,7 @@ pub(crate) struct Args<'a> {
     pub(crate) platform: Option<&'a str>,
     pub(crate) size: Option<&'a str>,
     pub(crate) reproducible: bool,
+    pub(crate) metadata_csum: bool,
     pub(crate) force: bool,
     pub(crate) store: Option<&'a Path>,
 }
@@ -84,6 +85,7 @@ pub(crate) fn run(args: Args<'_>, src: &str, dst: Option<&Path>) -> Result<u8> {
         size,
         reproducible: args.reproducible,
         overwrite: args.force,
+        metadata_csum: args.metadata_csum,
     };
     let target = if std::io::stderr().is_terminal() {
         ProgressDrawTarget::stderr()

@@ -9,13 +9,22 @@ fn rec_len(name_len: usize) -> usize {
     (8 + name_len + 3) & !3
 }
 
-/// Number of blocks the entries (including `.` and `..`) take.
-pub(crate) fn block_count(names: impl Iterator<Item = usize>) -> u64 {
+/// Bytes of a block available to entries: all of it, or all but the 12-byte checksum tail.
+pub(crate) fn usable(checksums: bool) -> usize {
+    if checksums {
+        BLOCK_SIZE - 12
+    } else {
+        BLOCK_SIZE
+    }
+}
+
+/// Number of blocks the entries (including `.` and `..`) take with `usable` bytes per block.
+pub(crate) fn block_count(names: impl Iterator<Item = usize>, usable: usize) -> u64 {
     let mut blocks = 1u64;
     let mut used = rec_len(1) + rec_len(2);
     for n in names {
         let r = rec_len(n);
-        if used + r > BLOCK_SIZE {
+        if used + r > usable {
             blocks += 1;
             used = 0;
         }
@@ -24,17 +33,18 @@ pub(crate) fn block_count(names: impl Iterator<Item = usize>) -> u64 {
     blocks
 }
 
-/// Encode `entries` (with `.` and `..` first) into `blocks` blocks; extra blocks are empty.
-pub(crate) fn encode(entries: &[DirEntry], blocks: u64) -> Vec<u8> {
+/// Encode `entries` (with `.` and `..` first) into `blocks` blocks of which `usable` bytes
+/// hold entries; extra blocks are empty. A checksum tail, if any, is filled in later.
+pub(crate) fn encode(entries: &[DirEntry], blocks: u64, usable: usize) -> Vec<u8> {
     let mut out = vec![0u8; blocks as usize * BLOCK_SIZE];
     let mut block_start = 0usize;
     let mut pos = 0usize;
     let mut last: Option<usize> = None;
     for (name, ino, ftype) in entries {
         let r = rec_len(name.len());
-        if pos - block_start + r > BLOCK_SIZE {
+        if pos - block_start + r > usable {
             if let Some(l) = last {
-                let len = (block_start + BLOCK_SIZE - l) as u16;
+                let len = (block_start + usable - l) as u16;
                 out[l + 4..l + 6].copy_from_slice(&len.to_le_bytes());
             }
             block_start += BLOCK_SIZE;
@@ -50,13 +60,13 @@ pub(crate) fn encode(entries: &[DirEntry], blocks: u64) -> Vec<u8> {
         pos += r;
     }
     if let Some(l) = last {
-        let len = (block_start + BLOCK_SIZE - l) as u16;
+        let len = (block_start + usable - l) as u16;
         out[l + 4..l + 6].copy_from_slice(&len.to_le_bytes());
     }
     // Remaining empty blocks: one unused entry spanning the block.
     let mut b = block_start + BLOCK_SIZE;
     while b < out.len() {
-        out[b + 4..b + 6].copy_from_slice(&(BLOCK_SIZE as u16).to_le_bytes());
+        out[b + 4..b + 6].copy_from_slice(&(usable as u16).to_le_bytes());
         b += BLOCK_SIZE;
     }
     out
@@ -69,10 +79,10 @@ mod tests {
     #[test]
     fn packing_matches_count() {
         let names: Vec<Vec<u8>> = (0..1000).map(|i| format!("entry-{i}").into_bytes()).collect();
-        let n = block_count(names.iter().map(|n| n.len()));
+        let n = block_count(names.iter().map(|n| n.len()), BLOCK_SIZE);
         let mut entries = vec![(b".".to_vec(), 2, 2), (b"..".to_vec(), 2, 2)];
         entries.extend(names.iter().map(|n| (n.clone(), 12, 1)));
-        let enc = encode(&entries, n);
+        let enc = encode(&entries, n, BLOCK_SIZE);
         assert_eq!(enc.len() as u64, n * BLOCK_SIZE as u64);
         // Every block's rec_len chain ends exactly at the block end.
         for blk in enc.chunks(BLOCK_SIZE) {

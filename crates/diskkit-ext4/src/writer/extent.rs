@@ -6,7 +6,7 @@ const EXTENT_MAGIC: u16 = 0xF30A;
 /// Entries in the inode's `i_block` root.
 const ROOT_ENTRIES: usize = 4;
 /// Entries in one 4 KiB tree block.
-const BLOCK_ENTRIES: usize = (BLOCK_SIZE - 12) / 12;
+pub(crate) const BLOCK_ENTRIES: usize = (BLOCK_SIZE - 12) / 12;
 /// Longest initialized extent, in blocks.
 pub(crate) const MAX_EXTENT_LEN: u64 = 32768;
 

@@ -2,6 +2,7 @@
 
 use diskkit::{DiskImage, Error, Result};
 
+use super::checksum::{self, Seeds};
 use super::plan::{Layout, PlannedInode, Source, FAST_SYMLINK_MAX};
 use super::tree::{ContentSource, Metadata, NodeKind, Timestamp, Tree};
 use super::{dir, extent, Options, BLOCK_SIZE, INODE_SIZE};
@@ -120,6 +121,16 @@ pub(crate) fn write_inodes(
         ..Metadata::default()
     };
     let mut buf = vec![0u8; CHUNK];
+    let seeds = options.metadata_csum.then(|| Seeds::new(&options.uuid));
+    let write_tree = |ino: u32, blocks: Vec<(u64, Vec<u8>)>| -> Result<()> {
+        for (blk, mut data) in blocks {
+            if let Some(s) = &seeds {
+                checksum::extent_block_csum(s, ino, &mut data, extent::BLOCK_ENTRIES);
+            }
+            image.write_at(&data, blk * BLOCK_SIZE as u64)?;
+        }
+        Ok(())
+    };
     for p in &layout.inodes {
         let (kind, meta) = match p.source {
             Source::Node(id) => {
@@ -133,12 +144,13 @@ pub(crate) fn write_inodes(
         let perm = meta.mode & 0o7777;
         let fields = match kind {
             None | Some(NodeKind::Directory(_)) => {
-                let data = dir::encode(&p.entries, p.data_blocks);
+                let mut data = dir::encode(&p.entries, p.data_blocks, dir::usable(seeds.is_some()));
+                if let Some(s) = &seeds {
+                    checksum::dir_block_csums(s, p.ino, &mut data, BLOCK_SIZE);
+                }
                 image.write_at(&data, p.first_block * BLOCK_SIZE as u64)?;
                 let (i_block, tree_blocks) = extent::build(p.data_blocks, p.first_block, p.tree_start());
-                for (blk, data) in tree_blocks {
-                    image.write_at(&data, blk * BLOCK_SIZE as u64)?;
-                }
+                write_tree(p.ino, tree_blocks)?;
                 InodeFields {
                     mode: S_IFDIR | perm,
                     meta,
@@ -151,9 +163,7 @@ pub(crate) fn write_inodes(
             Some(NodeKind::File { size, content }) => {
                 write_content(image, source, *content, *size, p.first_block, &mut buf)?;
                 let (i_block, tree_blocks) = extent::build(p.data_blocks, p.first_block, p.tree_start());
-                for (blk, data) in tree_blocks {
-                    image.write_at(&data, blk * BLOCK_SIZE as u64)?;
-                }
+                write_tree(p.ino, tree_blocks)?;
                 InodeFields {
                     mode: S_IFREG | perm,
                     meta,
@@ -215,7 +225,11 @@ pub(crate) fn write_inodes(
             },
         };
         if let (Some(blk), Some(data)) = (p.xattr_block(), p.xattrs.block.as_ref()) {
-            image.write_at(data, blk * BLOCK_SIZE as u64)?;
+            let mut data = data.clone();
+            if let Some(s) = &seeds {
+                checksum::xattr_block_csum(s, blk, &mut data);
+            }
+            image.write_at(&data, blk * BLOCK_SIZE as u64)?;
         }
         let idx = u64::from(p.ino - 1);
         let g_of = idx / ipg;
@@ -228,6 +242,9 @@ pub(crate) fn write_inodes(
         }
         let at = (idx % ipg) as usize * INODE_SIZE;
         encode(p, &fields, &mut table[at..at + INODE_SIZE]);
+        if let Some(s) = &seeds {
+            checksum::inode_csum(s, p.ino, &mut table[at..at + INODE_SIZE]);
+        }
         dirty = true;
     }
     if dirty {

@@ -9,6 +9,7 @@
 //! Features: `ext_attr`, `dir_index` (directories stay linear), `sparse_super2`; `filetype`,
 //! `extents`, `flex_bg`; `sparse_super`, `large_file`, `huge_file`, `dir_nlink`, `extra_isize`.
 
+mod checksum;
 mod dir;
 mod extent;
 mod geometry;
@@ -44,6 +45,9 @@ pub struct Options {
     pub time: i64,
     /// Volume label (at most 16 bytes are kept).
     pub label: Vec<u8>,
+    /// Enable `metadata_csum`: crc32c over the superblock, descriptors, bitmaps, inodes,
+    /// extent, directory and xattr blocks.
+    pub metadata_csum: bool,
 }
 
 /// A tree laid out as an ext4 filesystem, ready to be written.

@@ -200,7 +200,10 @@ pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
         let links = subdirs.checked_add(2).filter(|&l| l < 65000).unwrap_or(1);
         let p = &mut inodes[index_of(dino)];
         p.links = links;
-        p.data_blocks = dir::block_count(entries[2..].iter().map(|e| e.0.len()));
+        p.data_blocks = dir::block_count(
+            entries[2..].iter().map(|e| e.0.len()),
+            dir::usable(options.metadata_csum),
+        );
         p.tree_blocks = extent::tree_blocks(extent::extent_count(p.data_blocks));
         p.entries = entries;
     }

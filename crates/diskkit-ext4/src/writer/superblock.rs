@@ -2,6 +2,7 @@
 
 use diskkit::{DiskImage, Result};
 
+use super::checksum::{crc32c, Seeds};
 use super::plan::{Layout, Source};
 use super::{Options, BLOCKS_PER_GROUP, BLOCK_SIZE, FIRST_INO, INODE_SIZE};
 
@@ -16,6 +17,7 @@ const RO_COMPAT_LARGE_FILE: u32 = 0x2;
 const RO_COMPAT_HUGE_FILE: u32 = 0x8;
 const RO_COMPAT_DIR_NLINK: u32 = 0x20;
 const RO_COMPAT_EXTRA_ISIZE: u32 = 0x40;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const FLAGS_SIGNED_HASH: u32 = 0x1;
 const LOG_GROUPS_PER_FLEX: u8 = 4;
 
@@ -44,7 +46,10 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
     let mut total_free_blocks = 0u64;
     let mut total_free_inodes = 0u64;
     let mut bitmap = vec![0u8; BLOCK_SIZE];
+    let seeds = options.metadata_csum.then(|| Seeds::new(&options.uuid));
     for group in 0..g.groups {
+        let mut block_csum = 0u32;
+        let mut inode_csum = 0u32;
         // Block bitmap: used blocks are the prefix [0, used_end); bits past the end are set.
         let first = group * BLOCKS_PER_GROUP;
         let used = g.used_end.saturating_sub(first).min(BLOCKS_PER_GROUP);
@@ -53,11 +58,17 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
         if fill_bitmap(&mut bitmap, used, in_fs) {
             image.write_at(&bitmap, g.block_bitmap(group) * BLOCK_SIZE as u64)?;
         }
+        if let Some(s) = &seeds {
+            block_csum = crc32c(s.fs, &bitmap[..(BLOCKS_PER_GROUP / 8) as usize]);
+        }
         // Inode bitmap: inodes 1..=last_ino are used; bits past inodes_per_group are set.
         let ifirst = group * ipg; // zero-based index of the group's first inode
         let iused = last_ino.saturating_sub(ifirst).min(ipg);
         if fill_bitmap(&mut bitmap, iused, ipg) {
             image.write_at(&bitmap, g.inode_bitmap(group) * BLOCK_SIZE as u64)?;
+        }
+        if let Some(s) = &seeds {
+            inode_csum = crc32c(s.fs, &bitmap[..(ipg / 8) as usize]);
         }
         let free_inodes = ipg - iused;
         total_free_blocks += free_blocks;
@@ -69,6 +80,13 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
         put16(d, 12, free_blocks as u16);
         put16(d, 14, free_inodes as u16);
         put16(d, 16, dirs[group as usize] as u16);
+        if let Some(s) = &seeds {
+            put16(d, 24, block_csum as u16);
+            put16(d, 26, inode_csum as u16);
+            let c = crc32c(s.fs, &(group as u32).to_le_bytes());
+            let c = crc32c(c, &d[..30]);
+            put16(d, 30, c as u16);
+        }
     }
     image.write_at(&gdt, BLOCK_SIZE as u64)?;
 
@@ -111,7 +129,12 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
             | RO_COMPAT_LARGE_FILE
             | RO_COMPAT_HUGE_FILE
             | RO_COMPAT_DIR_NLINK
-            | RO_COMPAT_EXTRA_ISIZE,
+            | RO_COMPAT_EXTRA_ISIZE
+            | if options.metadata_csum {
+                RO_COMPAT_METADATA_CSUM
+            } else {
+                0
+            },
     );
     sb[104..120].copy_from_slice(&options.uuid);
     let label = &options.label[..options.label.len().min(16)];
@@ -124,6 +147,11 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
     put32(&mut sb, 352, FLAGS_SIGNED_HASH);
     sb[372] = LOG_GROUPS_PER_FLEX;
     // s_backup_bgs (588..596) stay 0: no backups.
+    if options.metadata_csum {
+        sb[373] = 1; // crc32c
+        let c = crc32c(!0, &sb[..0x3FC]);
+        sb[0x3FC..].copy_from_slice(&c.to_le_bytes());
+    }
     image.write_at(&sb, 1024)
 }
 

@@ -219,6 +219,10 @@ fn reproducible_output() {
 struct Marked;
 
 impl diskkit_ext4::writer::ContentSource for Marked {
+    fn is_zero(&mut self, _c: u64, offset: u64, _len: u64) -> diskkit::Result<bool> {
+        Ok(offset % (128 << 20) != 0)
+    }
+
     fn read_content(&mut self, _c: u64, offset: u64, buf: &mut [u8]) -> diskkit::Result<()> {
         buf.fill(0);
         if offset % (128 << 20) == 0 {
@@ -282,4 +286,85 @@ fn metadata_csum_passes_e2fsck() {
     assert_eq!(dump(&img, "/big"), contents.0[1]);
     assert!(debugfs(&img, "ea_list /xattrs").contains("user.spill (300)"));
     assert!(debugfs(&img, "ls /many").contains("file-with-a-longish-name-01499"));
+}
+
+#[test]
+fn files_over_4_gib_and_two_level_extent_trees() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut t = Tree::new(meta(0o755));
+    let five = 5u64 << 30;
+    add(
+        &mut t,
+        0,
+        "five-gib",
+        NodeKind::File {
+            size: five,
+            content: 0,
+        },
+        meta(0o644),
+    );
+    // 1361 extents of 128 MiB: more than 4 leaf blocks of 340, so the root indexes index blocks.
+    let deep = 1361 * (128u64 << 20);
+    add(
+        &mut t,
+        0,
+        "deep",
+        NodeKind::File {
+            size: deep,
+            content: 0,
+        },
+        meta(0o644),
+    );
+    let options = Options {
+        metadata_csum: true,
+        uuid: [5; 16],
+        ..Options::default()
+    };
+    let plan = diskkit_ext4::writer::Plan::new(&t, options).unwrap();
+    let pending =
+        diskkit::DiskImage::create_pending(&img, &diskkit::CreateOptions::raw(plan.size_bytes())).unwrap();
+    plan.write(pending.image(), &mut Marked).unwrap();
+    pending.persist().unwrap();
+    e2fsck(&img);
+    assert!(debugfs(&img, "stat /five-gib").contains(&format!("Size: {five}")));
+    let ex = debugfs(&img, "ex /deep");
+    assert!(
+        ex.contains(" 0/ 2 "),
+        "depth-2 tree expected: {}",
+        &ex[..ex.len().min(2000)]
+    );
+    // The marker at the start of the last extent is where it belongs.
+    let last = 1360u64 * 32768;
+    let blk: u64 = {
+        let bm = debugfs(&img, &format!("bmap /deep {last}"));
+        bm.trim().parse().unwrap()
+    };
+    let f = std::fs::File::open(&img).unwrap();
+    let mut b = [0u8; 8];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, blk * 4096).unwrap();
+    assert_eq!(u64::from_le_bytes(b), last * 4096);
+}
+
+#[test]
+fn more_than_65000_subdirectories() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut t = Tree::new(meta(0o755));
+    let d = add(&mut t, 0, "d", NodeKind::Directory(vec![]), meta(0o755));
+    for i in 0..65_010 {
+        add(
+            &mut t,
+            d,
+            &format!("{i}"),
+            NodeKind::Directory(vec![]),
+            meta(0o755),
+        );
+    }
+    let mut contents = Contents::default();
+    build(&t, &mut contents, &img, ImageFormat::Raw, Options::default());
+    e2fsck(&img);
+    let st = debugfs(&img, "stat /d");
+    assert!(st.contains("Links: 1"), "dir_nlink: {st}");
+    assert!(debugfs(&img, "stat /d/65009").contains("Links: 2"));
 }

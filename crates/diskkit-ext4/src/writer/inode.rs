@@ -265,6 +265,10 @@ fn write_content(
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(buf.len() as u64) as usize;
+        if source.is_zero(content, off, n as u64)? {
+            off += n as u64;
+            continue;
+        }
         source.read_content(content, off, &mut buf[..n])?;
         // The image is new and reads as zeroes: leave all-zero chunks unwritten (sparse).
         if buf[..n].iter().any(|&b| b != 0) {

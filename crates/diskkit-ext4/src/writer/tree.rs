@@ -146,4 +146,11 @@ impl Tree {
 pub trait ContentSource {
     /// Fill `buf` with the bytes at `offset` of the content `content`.
     fn read_content(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Whether `len` bytes at `offset` of `content` are known to be zeroes without reading
+    /// them (a hole). The writer then leaves the range unwritten. Defaults to "unknown".
+    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {
+        let _ = (content, offset, len);
+        Ok(false)
+    }
 }

@@ -110,6 +110,33 @@ fn listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
     out
 }
 
+/// path -> (octal mode, size (0 for directories), sha256 for regular files) of a real tree.
+fn walk(root: &Path) -> BTreeMap<String, (String, u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let mut hash = String::new();
+            let mut size = md.size();
+            if md.is_dir() {
+                stack.push(p.clone());
+                size = 0;
+            } else if md.is_file() {
+                hash = sha(&std::fs::read(&p).unwrap());
+            }
+            out.insert(rel, (format!("{:06o}", md.mode()), size, hash));
+        }
+    }
+    out
+}
+
 fn sha(data: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(data)
@@ -181,27 +208,7 @@ fn matches_umoci_rootless() {
         .args(["unpack", "--rootless", "--image"])
         .arg(format!("{}:v1", t.path().join("laygz").display()))
         .arg(&bundle));
-    let root = bundle.join("rootfs");
-    let mut expected = BTreeMap::new();
-    let mut stack = vec![root.clone()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let p = e.path();
-            let rel = p.strip_prefix(&root).unwrap().to_string_lossy().into_owned();
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            use std::os::unix::fs::MetadataExt;
-            let mut hash = String::new();
-            let mut size = md.size();
-            if md.is_dir() {
-                stack.push(p.clone());
-                size = 0;
-            } else if md.is_file() {
-                hash = sha(&std::fs::read(&p).unwrap());
-            }
-            expected.insert(rel, (format!("{:06o}", md.mode()), size, hash));
-        }
-    }
+    let mut expected = walk(&bundle.join("rootfs"));
     let mut ours = listing(&img);
     for v in ours.values_mut() {
         if v.0.starts_with("04") {
@@ -379,5 +386,70 @@ fn gnu_sparse_files() {
         // Zero ranges are not written: the image file stays small on the host.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 4 << 20);
+    }
+}
+
+/// The kernel's ext4 driver reads the image (loop mount, read-only) and sees what umoci
+/// extracts. Runs where loop mounts are allowed (root in CI); prints why and returns otherwise.
+#[test]
+fn kernel_mount_matches_umoci() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let bundle = t.path().join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", t.path().join("laygz").display()))
+        .arg(&bundle));
+    let mut expected = walk(&bundle.join("rootfs"));
+    expected.remove("dev/sda");
+    expected.remove("dev/null");
+    for csum in [false, true] {
+        let img = t.path().join(format!("k{csum}.img"));
+        let options = UnpackOptions {
+            metadata_csum: csum,
+            ..UnpackOptions::default()
+        };
+        unpack(&t.path().join("laygz"), &img, &options, &mut NoProgress).unwrap();
+        let mnt = t.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let out = Command::new("mount")
+            .args(["-o", "loop,ro", "-t", "ext4"])
+            .arg(&img)
+            .arg(&mnt)
+            .output()
+            .expect("mount must be installed");
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED kernel mount check: cannot loop-mount here: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let seen = walk(&mnt);
+        let cap = Command::new("getfattr")
+            .args(["-n", "security.capability", "-e", "hex"])
+            .arg(mnt.join("bin/ping2"))
+            .output();
+        let sda = std::fs::symlink_metadata(mnt.join("dev/sda")).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.rdev(), m.uid())
+        });
+        let owner = std::fs::symlink_metadata(mnt.join("owner")).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.uid(), m.gid())
+        });
+        run(Command::new("umount").arg(&mnt));
+        let mut seen = seen;
+        seen.remove("dev/sda");
+        seen.remove("dev/null");
+        assert_eq!(seen, expected, "metadata_csum={csum}");
+        let cap = cap.expect("getfattr (attr) must be installed");
+        assert!(
+            String::from_utf8_lossy(&cap.stdout).contains("0x0100000200200000"),
+            "{}",
+            String::from_utf8_lossy(&cap.stdout)
+        );
+        assert_eq!(sda.unwrap(), (8 << 8, 0));
+        assert_eq!(owner.unwrap(), (70000, 70001));
     }
 }

@@ -331,6 +331,9 @@ pub fn select(
     platform_given: bool,
 ) -> Result<SelectedImage> {
     let store = Store::open(src)?;
+    if matches!(store, Store::Dir(_)) && store.exists("state.json") && src.join("content/blobs").is_dir() {
+        return select_apple(src, reference, platform, platform_given);
+    }
     if store.exists("index.json") {
         select_oci(store, reference, platform, platform_given)
     } else if store.exists("manifest.json") {
@@ -350,7 +353,7 @@ fn select_oci(
     platform_given: bool,
 ) -> Result<SelectedImage> {
     let index: Index = store.read_json("index.json")?;
-    let mut candidates: Vec<Descriptor> = match reference {
+    let candidates: Vec<Descriptor> = match reference {
         None => index.manifests.clone(),
         Some(r) if r.starts_with("sha256:") => index
             .manifests
@@ -393,6 +396,62 @@ fn select_oci(
         )
         .with_path(store.describe()));
     }
+    resolve(store, candidates, platform, platform_given)
+}
+
+/// Apple `container`'s image store: `state.json` maps references to descriptors; blobs live
+/// in `content/blobs/sha256`.
+fn select_apple(
+    root: &Path,
+    reference: Option<&str>,
+    platform: &Platform,
+    platform_given: bool,
+) -> Result<SelectedImage> {
+    let state: HashMap<String, Descriptor> = Store::Dir(root.to_path_buf()).read_json("state.json")?;
+    let mut names: Vec<&String> = state.keys().collect();
+    names.sort();
+    let chosen: Vec<Descriptor> = match reference {
+        Some(r) if r.starts_with("sha256:") => state
+            .values()
+            .filter(|d| d.digest == r)
+            .take(1)
+            .cloned()
+            .collect(),
+        Some(r) => state
+            .iter()
+            .filter(|(k, _)| *k == r || k.ends_with(&format!("/{r}")))
+            .map(|(_, d)| d.clone())
+            .take(1)
+            .collect(),
+        None if state.len() == 1 => state.values().cloned().collect(),
+        None => {
+            return Err(Error::invalid_argument(format!(
+                "the store holds several images; name one of: {}",
+                names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )))
+        }
+    };
+    if chosen.is_empty() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no image {} in the store (images: {})",
+                reference.unwrap_or(""),
+                names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .with_path(root));
+    }
+    resolve(Store::Dir(root.join("content")), chosen, platform, platform_given)
+}
+
+/// Follow `candidates` through nested indexes to one manifest for `platform` and list its layers.
+fn resolve(
+    store: Store,
+    mut candidates: Vec<Descriptor>,
+    platform: &Platform,
+    platform_given: bool,
+) -> Result<SelectedImage> {
     // Follow nested indexes, keeping manifests for the platform.
     let mut depth = 0;
     loop {
@@ -403,6 +462,12 @@ fn select_oci(
         let mut next = Vec::new();
         let mut nested = false;
         for d in candidates {
+            // Build attestations are manifests too, but carry no filesystem.
+            if d.annotations.get("vnd.docker.reference.type").map(String::as_str)
+                == Some("attestation-manifest")
+            {
+                continue;
+            }
             if let Some(p) = &d.platform {
                 if !platform.matches(&p.os, &p.architecture, p.variant.as_deref()) {
                     continue;

@@ -453,3 +453,29 @@ fn kernel_mount_matches_umoci() {
         assert_eq!(owner.unwrap(), (70000, 70001));
     }
 }
+
+/// Apple `container`'s image store layout: `state.json` + `content/blobs/sha256`.
+#[test]
+fn apple_container_store_as_source() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let lay = t.path().join("lay");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lay.join("index.json")).unwrap()).unwrap();
+    let root = t.path().join("apple");
+    std::fs::create_dir_all(root.join("content")).unwrap();
+    run(Command::new("cp")
+        .arg("-r")
+        .arg(lay.join("blobs"))
+        .arg(root.join("content/blobs")));
+    let state = serde_json::json!({ "docker.io/library/fixture:v1": index["manifests"][0] });
+    std::fs::write(root.join("state.json"), state.to_string()).unwrap();
+    let reference = t.path().join("ref.img");
+    do_unpack(&lay, None, &reference).unwrap();
+    let img = t.path().join("apple.img");
+    do_unpack(&root, Some("fixture:v1"), &img).unwrap();
+    e2fsck(&img);
+    assert_eq!(listing(&img), listing(&reference));
+    let e = do_unpack(&root, Some("other:v1"), &t.path().join("x.img")).unwrap_err();
+    assert_eq!(e.kind(), diskkit::ErrorKind::NotFound);
+}

@@ -1,61 +1,15 @@
 //! Reading one layer: digest check, decompression by magic, diff_id check, tar entries.
 
-use std::cell::RefCell;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::rc::Rc;
 
 use diskkit::{Error, ErrorKind, Result};
 use diskkit_ext4::writer::{Metadata, Timestamp};
-use sha2::{Digest, Sha256};
 use tar::EntryType;
 
+use crate::decode::Decoded;
 use crate::merge::{clean_path, Entry, EntryKind, MergedTree, WHITEOUT};
 use crate::spool::Spool;
-
-/// A running SHA-256 and byte count shared with the reader that feeds it.
-#[derive(Clone, Default)]
-pub(crate) struct Hash(Rc<RefCell<(Sha256, u64)>>);
-
-impl Hash {
-    pub(crate) fn hex(&self) -> String {
-        let d = self.0.borrow().0.clone().finalize();
-        d.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    pub(crate) fn bytes(&self) -> u64 {
-        self.0.borrow().1
-    }
-}
-
-/// A reader that hashes what passes through it.
-pub(crate) struct Hashing<R> {
-    inner: R,
-    hash: Hash,
-    progress: Option<Rc<dyn Fn(u64)>>,
-}
-
-impl<R: Read> Hashing<R> {
-    pub(crate) fn new(inner: R, hash: Hash) -> Self {
-        Hashing {
-            inner,
-            hash,
-            progress: None,
-        }
-    }
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut h = self.hash.0.borrow_mut();
-        h.0.update(&buf[..n]);
-        h.1 += n as u64;
-        if let Some(p) = &self.progress {
-            p(h.1);
-        }
-        Ok(n)
-    }
-}
 
 /// What the layer's blob is expected to be.
 pub(crate) struct LayerInfo {
@@ -88,7 +42,7 @@ fn io_err(e: &std::io::Error, what: &'static str) -> Error {
 /// Read one layer blob into `tree`, spooling file data. Whiteouts are applied first (see
 /// [`crate::merge`]); every digest that is known is verified before returning.
 pub(crate) fn apply_layer(
-    blob: Box<dyn Read>,
+    blob: Box<dyn Read + Send>,
     info: &LayerInfo,
     tree: &mut MergedTree,
     spool: &mut Spool,
@@ -102,34 +56,17 @@ pub(crate) fn apply_layer(
             )));
         }
     }
-    let blob_hash = Hash::default();
-    let mut hashing = Hashing::new(blob, blob_hash.clone());
-    hashing.progress = progress;
-    let mut buffered = BufReader::with_capacity(1 << 20, hashing);
-    let magic = buffered
-        .fill_buf()
-        .map_err(|e| layer_err(info, io_err(&e, "reading the blob")))?;
-    let decoded: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(buffered)
-                .map_err(|e| layer_err(info, io_err(&e, "starting zstd")))?,
-        )
-    } else {
-        Box::new(buffered)
-    };
-    let diff_hash = Hash::default();
-    let tar_stream = Hashing::new(decoded, diff_hash.clone());
-    let mut archive = tar::Archive::new(tar_stream);
+    let decoded = Decoded::spawn(blob, progress)
+        .map_err(|e| layer_err(info, io_err(&e, "starting the decoder thread")))?;
+    let mut archive = tar::Archive::new(decoded);
     let entries = read_entries(&mut archive, spool).map_err(|e| layer_err(info, e))?;
-    // Drain the rest (end-of-archive padding) so the digests cover the whole stream.
-    let mut rest = archive.into_inner();
-    std::io::copy(&mut rest, &mut std::io::sink())
+    // Read to the end (end-of-archive padding) so the digests cover the whole stream.
+    let digests = archive
+        .into_inner()
+        .finish()
         .map_err(|e| layer_err(info, io_err(&e, "reading past the end of the archive")))?;
-    drop(rest);
     if let Some(want) = &info.diff_id {
-        let got = format!("sha256:{}", diff_hash.hex());
+        let got = format!("sha256:{}", digests.diff);
         if &got != want {
             return Err(Error::corrupt(format!(
                 "layer {}: diff_id mismatch: config says {want}, content is {got}",
@@ -138,7 +75,7 @@ pub(crate) fn apply_layer(
         }
     }
     if let Some(want) = &info.digest {
-        let got = format!("sha256:{}", blob_hash.hex());
+        let got = format!("sha256:{}", digests.blob);
         if &got != want {
             return Err(Error::corrupt(format!(
                 "layer {}: digest mismatch: expected {want}, blob is {got}",
@@ -147,11 +84,10 @@ pub(crate) fn apply_layer(
         }
     }
     if let Some(size) = info.size {
-        if blob_hash.bytes() != size {
+        if digests.blob_bytes != size {
             return Err(Error::corrupt(format!(
                 "layer {}: size mismatch: expected {size} bytes, blob has {}",
-                info.name,
-                blob_hash.bytes()
+                info.name, digests.blob_bytes
             )));
         }
     }

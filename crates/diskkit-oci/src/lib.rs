@@ -8,6 +8,7 @@
 //! temporary name. Only the final tree's data reaches the image; nothing is left behind on error.
 #![forbid(unsafe_code)]
 
+mod decode;
 #[doc(hidden)]
 pub mod fuzzing;
 mod layer;

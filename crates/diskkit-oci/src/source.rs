@@ -95,7 +95,7 @@ impl Store {
     }
 
     /// Open `member` (a relative path inside the layout or archive).
-    fn open_member(&self, member: &str) -> Result<(Box<dyn Read>, u64)> {
+    fn open_member(&self, member: &str) -> Result<(Box<dyn Read + Send>, u64)> {
         let name = normalize(member)
             .ok_or_else(|| Error::invalid_argument(format!("path escapes the image: {member}")))?;
         let not_found =
@@ -290,7 +290,7 @@ pub struct SelectedImage {
 }
 
 impl SelectedImage {
-    pub(crate) fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read>> {
+    pub(crate) fn open_layer(&self, layer: &LayerRef) -> Result<Box<dyn Read + Send>> {
         Ok(self.store.open_member(&layer.member)?.0)
     }
 

@@ -65,6 +65,8 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
         Ok(m) => m,
         Err(e) => return fail(e),
     };
+    // An uncompressed blob is its own diff: hash it once.
+    let plain = !magic.starts_with(&[0x1f, 0x8b]) && !magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
     let mut decoded: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
@@ -91,7 +93,9 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
             break;
         }
         buf.truncate(filled);
-        diff.update(&buf);
+        if !plain {
+            diff.update(&buf);
+        }
         let read = state.lock().unwrap_or_else(|p| p.into_inner()).1;
         if tx.send(Msg::Data(buf, read)).is_err() {
             return None; // the reader gave up
@@ -99,10 +103,15 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
     }
     drop(decoded);
     let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let blob = hex(&s.0.clone().finalize());
     Some(Digests {
-        blob: hex(&s.0.clone().finalize()),
+        diff: if plain {
+            blob.clone()
+        } else {
+            hex(&diff.finalize())
+        },
+        blob,
         blob_bytes: s.1,
-        diff: hex(&diff.finalize()),
     })
 }
 

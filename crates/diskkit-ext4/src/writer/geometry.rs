@@ -93,9 +93,19 @@ pub(crate) fn compute(inodes_used: u64, data_blocks: u64, size: Option<u64>) -> 
             total_blocks: total,
         });
     }
+    if data_blocks > max_blocks || inodes_used > u64::from(u32::MAX) {
+        return Err(Error::unsupported(
+            "filesystems over 16 TiB or 2^32 inodes (needs the 64bit feature)",
+        ));
+    }
     let want = inodes_used + inodes_used / 10 + 64;
     let mut groups = want.div_ceil(BLOCKS_PER_GROUP).max(1);
     loop {
+        if groups > max_blocks / BLOCKS_PER_GROUP + 1 {
+            return Err(Error::unsupported(
+                "filesystems over 16 TiB (needs the 64bit feature)",
+            ));
+        }
         let Some((ipg, itb, gdt_blocks, data_start, used_end)) = layout(groups, want, data_blocks) else {
             groups += 1;
             continue;
@@ -109,9 +119,9 @@ pub(crate) fn compute(inodes_used: u64, data_blocks: u64, size: Option<u64>) -> 
         if need < groups {
             total = total.max((groups - 1) * BLOCKS_PER_GROUP + 256);
         }
-        if total > max_blocks {
+        if total > max_blocks || groups * u64::from(ipg) > u64::from(u32::MAX) {
             return Err(Error::unsupported(
-                "filesystems over 16 TiB (needs the 64bit feature)",
+                "filesystems over 16 TiB or 2^32 inodes (needs the 64bit feature)",
             ));
         }
         return Ok(Geometry {

@@ -27,6 +27,7 @@ pub fn layer_unpack(data: &[u8]) -> Option<Vec<u8>> {
             diff_id: None,
             media_type: None,
             name: format!("fuzz{i}"),
+            index: i,
         };
         apply_layer(
             Box::new(Cursor::new(data.to_vec())),

@@ -8,7 +8,7 @@ use diskkit_ext4::writer::{Metadata, Timestamp};
 use tar::EntryType;
 
 use crate::decode::Decoded;
-use crate::merge::{clean_path, Entry, EntryKind, MergedTree, WHITEOUT};
+use crate::merge::{clean_path, Entry, EntryKind, MergedTree};
 use crate::spool::Spool;
 
 /// What the layer's blob is expected to be.
@@ -23,6 +23,8 @@ pub(crate) struct LayerInfo {
     pub(crate) media_type: Option<String>,
     /// Name for messages.
     pub(crate) name: String,
+    /// Position in the image, from 0 (bottom).
+    pub(crate) index: u32,
 }
 
 fn layer_err(info: &LayerInfo, e: Error) -> Error {
@@ -91,17 +93,11 @@ pub(crate) fn apply_layer(
             )));
         }
     }
-    for e in entries.iter().filter(|e| is_whiteout(e)) {
-        tree.whiteout(&e.path)?;
-    }
+    tree.begin_layer(info.index);
     for e in entries {
         tree.apply(e)?;
     }
     Ok(())
-}
-
-fn is_whiteout(e: &Entry) -> bool {
-    e.path.last().is_some_and(|n| n.starts_with(WHITEOUT))
 }
 
 /// Parse a PAX time (`-12.5`, `1700000000.123456789`).

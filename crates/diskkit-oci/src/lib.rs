@@ -149,6 +149,7 @@ pub fn unpack_selected(
             diff_id: l.diff_id.clone(),
             media_type: l.media_type.clone(),
             name,
+            index: u32::try_from(i).map_err(|_| Error::unsupported("more than 2^32 layers"))?,
         };
         layer::apply_layer(blob, &info, &mut tree, &mut spool, tick)?;
         progress.layer_done();

@@ -1,9 +1,11 @@
 //! The merged tree: layers applied in order with OCI whiteout semantics.
 //!
-//! Each layer is applied in two phases: first its whiteouts (`.wh.NAME` and the opaque marker
-//! `.wh..wh..opq`) against the tree as the lower layers left it, then its entries in archive
-//! order. Whiteouts therefore only ever hide lower-layer content, wherever the marker sits in
-//! the archive, as the image spec requires. File contents are referenced (spool offsets), so
+//! Entries are applied in archive order, like containerd does, and every directory entry
+//! (name) carries the number of the layer that created it. A whiteout only removes what lower
+//! layers made: `.wh.NAME` removes NAME if a lower layer created it, and otherwise (NAME was
+//! re-created in this layer) only the lower-layer content merged beneath it; the opaque marker
+//! `.wh..wh..opq` removes the directory's lower-layer children, recursing into same-layer
+//! directories. So the marker may come before or after its siblings, as the spec requires. File contents are referenced (spool offsets), so
 //! deleted files cost nothing in the output: only what the final tree reaches is written.
 
 use std::collections::BTreeMap;
@@ -43,9 +45,16 @@ pub(crate) struct Entry {
     pub(crate) meta: Metadata,
 }
 
+/// A directory entry: the node it names and the layer that created the name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Child {
+    id: usize,
+    stamp: u32,
+}
+
 #[derive(Debug)]
 enum MKind {
-    Dir(BTreeMap<Vec<u8>, usize>),
+    Dir(BTreeMap<Vec<u8>, Child>),
     Other(NodeKind),
 }
 
@@ -83,6 +92,8 @@ fn lossy(path: &[Vec<u8>]) -> String {
 #[derive(Debug)]
 pub struct MergedTree {
     nodes: Vec<MNode>,
+    /// The layer being applied (stamps new names).
+    layer: u32,
 }
 
 impl Default for MergedTree {
@@ -99,17 +110,23 @@ impl MergedTree {
                 kind: MKind::Dir(BTreeMap::new()),
                 meta: implicit_dir_meta(),
             }],
+            layer: 0,
         }
     }
 
-    fn children(&self, id: usize) -> Option<&BTreeMap<Vec<u8>, usize>> {
+    /// Start applying layer `layer` (numbered from 0, increasing).
+    pub(crate) fn begin_layer(&mut self, layer: u32) {
+        self.layer = layer;
+    }
+
+    fn children(&self, id: usize) -> Option<&BTreeMap<Vec<u8>, Child>> {
         match &self.nodes[id].kind {
             MKind::Dir(c) => Some(c),
             MKind::Other(_) => None,
         }
     }
 
-    fn children_mut(&mut self, id: usize) -> Option<&mut BTreeMap<Vec<u8>, usize>> {
+    fn children_mut(&mut self, id: usize) -> Option<&mut BTreeMap<Vec<u8>, Child>> {
         match &mut self.nodes[id].kind {
             MKind::Dir(c) => Some(c),
             MKind::Other(_) => None,
@@ -140,7 +157,7 @@ impl MergedTree {
                 _ => {}
             }
             let cur = *stack.last().unwrap_or(&0);
-            let child = self.children(cur).and_then(|m| m.get(&c)).copied();
+            let child = self.children(cur).and_then(|m| m.get(&c)).map(|ch| ch.id);
             match child.map(|id| &self.nodes[id].kind) {
                 Some(MKind::Dir(_)) => stack.push(child.unwrap_or(0)),
                 Some(MKind::Other(NodeKind::Symlink(target))) => {
@@ -164,8 +181,9 @@ impl MergedTree {
                         return Ok(None);
                     }
                     let id = self.push(MKind::Dir(BTreeMap::new()), implicit_dir_meta());
+                    let stamp = self.layer;
                     if let Some(m) = self.children_mut(cur) {
-                        m.insert(c, id);
+                        m.insert(c, Child { id, stamp });
                     }
                     stack.push(id);
                 }
@@ -174,27 +192,53 @@ impl MergedTree {
         Ok(Some(*stack.last().unwrap_or(&0)))
     }
 
-    /// Apply one layer's whiteouts (`.wh.*` entries); call before [`MergedTree::apply`] for
-    /// the same layer.
+    /// Apply a whiteout entry (`.wh.NAME` or the opaque marker) of the current layer.
     pub(crate) fn whiteout(&mut self, path: &[Vec<u8>]) -> Result<()> {
         let Some((name, parent)) = path.split_last() else {
             return Ok(());
         };
-        let Some(dir) = self.resolve_dir(parent, false)? else {
+        // The opaque marker's directory exists in this layer even without its own entry.
+        let Some(dir) = self.resolve_dir(parent, name.as_slice() == OPAQUE)? else {
             return Ok(()); // nothing below to hide
         };
         if name.as_slice() == OPAQUE {
-            if let Some(m) = self.children_mut(dir) {
-                m.clear();
-            }
+            self.hide_lower(dir);
         } else if let Some(target) = name.strip_prefix(WHITEOUT) {
-            if !target.starts_with(WHITEOUT) && !target.is_empty() {
+            if target.starts_with(WHITEOUT) || target.is_empty() {
+                return Ok(()); // AUFS metadata such as .wh..wh.plnk
+            }
+            let layer = self.layer;
+            let Some(child) = self.children(dir).and_then(|m| m.get(target)).copied() else {
+                return Ok(());
+            };
+            if child.stamp < layer {
                 if let Some(m) = self.children_mut(dir) {
                     m.remove(target);
                 }
+            } else {
+                self.hide_lower(child.id);
             }
         }
         Ok(())
+    }
+
+    /// Remove the lower-layer names under directory `dir`, recursing into directories the
+    /// current layer created or merged.
+    fn hide_lower(&mut self, dir: usize) {
+        let layer = self.layer;
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let mut keep_dirs = Vec::new();
+            if let Some(m) = self.children_mut(d) {
+                m.retain(|_, ch| ch.stamp >= layer);
+                keep_dirs.extend(m.values().map(|ch| ch.id));
+            }
+            stack.extend(
+                keep_dirs
+                    .into_iter()
+                    .filter(|&id| matches!(self.nodes[id].kind, MKind::Dir(_))),
+            );
+        }
     }
 
     /// Apply one non-whiteout entry of a layer.
@@ -207,21 +251,21 @@ impl MergedTree {
             return Ok(());
         };
         if name.starts_with(WHITEOUT) {
-            // Whiteouts were applied in the first phase; an opaque marker's directory must
-            // exist even if the layer has no entry for it.
-            if name.as_slice() == OPAQUE {
-                self.resolve_dir(parent, true)?;
-            }
-            return Ok(());
+            return self.whiteout(&entry.path);
         }
         let dir = self
             .resolve_dir(parent, true)?
             .ok_or_else(|| Error::invalid_argument("unreachable: create resolves"))?;
-        let existing = self.children(dir).and_then(|m| m.get(name)).copied();
+        let existing = self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id);
+        let stamp = self.layer;
         let id = match entry.kind {
             EntryKind::Dir => {
                 if let Some(id) = existing.filter(|&id| matches!(self.nodes[id].kind, MKind::Dir(_))) {
+                    // dir over dir: new attributes, children kept, the name is now this layer's.
                     self.nodes[id].meta = entry.meta;
+                    if let Some(ch) = self.children_mut(dir).and_then(|m| m.get_mut(name)) {
+                        ch.stamp = stamp;
+                    }
                     return Ok(());
                 }
                 self.push(MKind::Dir(BTreeMap::new()), entry.meta)
@@ -244,9 +288,6 @@ impl MergedTree {
                         lossy(&target)
                     )));
                 }
-                if existing == Some(id) {
-                    return Ok(());
-                }
                 id
             }
             EntryKind::File { size, spool } => {
@@ -262,7 +303,7 @@ impl MergedTree {
             EntryKind::Fifo => self.push(MKind::Other(NodeKind::Fifo), entry.meta),
         };
         if let Some(m) = self.children_mut(dir) {
-            m.insert(name.clone(), id);
+            m.insert(name.clone(), Child { id, stamp });
         }
         Ok(())
     }
@@ -275,7 +316,7 @@ impl MergedTree {
         let Some(dir) = self.resolve_dir(parent, false)? else {
             return Ok(None);
         };
-        Ok(self.children(dir).and_then(|m| m.get(name)).copied())
+        Ok(self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id))
     }
 
     /// Convert to the writer's tree (only nodes reachable from the root).
@@ -289,7 +330,7 @@ impl MergedTree {
                 continue;
             };
             let tid = map[id].unwrap_or(Tree::ROOT);
-            for (name, &child) in children {
+            for (name, &Child { id: child, .. }) in children {
                 let cid = match map[child] {
                     Some(c) => c,
                     None => {
@@ -365,7 +406,7 @@ mod tests {
         t.apply(e("lib/x", EntryKind::Fifo)).unwrap();
         assert_eq!(names(&mut t, "usr/lib"), ["x"]);
         // Next layer: opaque usr/lib after a sibling of the same layer.
-        t.whiteout(&clean_path(b"usr/lib/.wh..wh..opq")).unwrap();
+        t.begin_layer(1);
         t.apply(e("usr/lib/y", EntryKind::Fifo)).unwrap();
         t.apply(e("usr/lib/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
             .unwrap();
@@ -373,10 +414,36 @@ mod tests {
     }
 
     #[test]
+    fn same_layer_whiteouts_only_hide_lower_layers() {
+        let mut t = MergedTree::new();
+        t.apply(e("d/", EntryKind::Dir)).unwrap();
+        t.apply(e("d/old", EntryKind::Fifo)).unwrap();
+        t.apply(e("x", EntryKind::Fifo)).unwrap();
+        t.begin_layer(1);
+        // Re-created in this layer, then whited out: only the lower content goes.
+        t.apply(e("d/", EntryKind::Dir)).unwrap();
+        t.apply(e("d/new", EntryKind::Fifo)).unwrap();
+        t.apply(e(".wh.d", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        assert_eq!(names(&mut t, "d"), ["new"]);
+        // Whiteout first, then re-created: fresh.
+        t.apply(e(".wh.x", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        t.apply(e("x/", EntryKind::Dir)).unwrap();
+        assert!(names(&mut t, "x").is_empty());
+        // Opaque marker for a directory with no entry of its own, over a lower file.
+        t.begin_layer(2);
+        t.apply(e("x/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        assert!(names(&mut t, "x").is_empty());
+    }
+
+    #[test]
     fn hard_link_survives_deletion_and_symlink_loops_fail() {
         let mut t = MergedTree::new();
         t.apply(e("a", EntryKind::File { size: 1, spool: 0 })).unwrap();
         t.apply(e("b", EntryKind::HardLink(clean_path(b"a")))).unwrap();
+        t.begin_layer(1);
         t.whiteout(&clean_path(b".wh.a")).unwrap();
         assert_eq!(names(&mut t, ""), ["b"]);
         t.apply(e("l1", EntryKind::Symlink(b"l2".to_vec()))).unwrap();

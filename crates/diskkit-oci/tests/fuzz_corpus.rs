@@ -31,5 +31,6 @@ fn layer_unpack_corpus() {
         }
     }
     assert!(n > 0, "empty corpus in {}", dir.display());
+    eprintln!("{accepted} of {n} inputs accepted");
     assert!(accepted > 0, "no corpus input was accepted");
 }

@@ -742,3 +742,78 @@ proptest::proptest! {
         proptest::prop_assert_eq!(ours, expected);
     }
 }
+
+/// A small real system (busybox, merged-usr) in three layers with deletions and replacements:
+/// e2fsck, umoci comparison, and, where loop mounts work, busybox run from the image.
+#[test]
+fn busybox_system_in_three_layers() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_busybox_layers.py");
+    run(Command::new("python3").arg(script).arg("/usr/bin/busybox").arg(d));
+    let mut cmd = Command::new("bash");
+    cmd.arg(mkoci()).arg(d.join("lay")).arg("v1");
+    for l in ["b1.tar", "b2.tar", "b3.tar"] {
+        run(Command::new("gzip").args(["-n", "-k", "-f"]).arg(d.join(l)));
+        cmd.arg(d.join(format!("{l}.gz")));
+    }
+    run(&mut cmd);
+    let img = d.join("root.img");
+    do_unpack(&d.join("lay"), Some("v1"), &img).unwrap();
+    e2fsck(&img);
+    let l = listing(&img);
+    assert!(!l.contains_key("usr/bin/cat") && !l.contains_key("usr/bin/busybox"));
+    assert_eq!(l["bin"].0, "120777");
+    assert!(l.contains_key("usr/bin/hello"));
+    assert!(l.contains_key("var/log/new.log") && !l.contains_key("var/log/old.log"));
+    assert!(l.contains_key("etc/motd/10-welcome"));
+    assert_eq!(l["usr/local"].0, "120777");
+    let st = debugfs(&img, "stat /usr/bin/sh");
+    assert!(st.contains("Links: 11"), "{st}");
+    let bundle = d.join("bundle");
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", d.join("lay").display()))
+        .arg(&bundle));
+    let mut expected = walk(&bundle.join("rootfs"));
+    let mut ours = l.clone();
+    for v in ours.values_mut() {
+        if v.0.starts_with("04") {
+            v.1 = 0;
+        }
+    }
+    for m in [&mut expected, &mut ours] {
+        m.remove("dev/null");
+        m.remove("dev/zero");
+    }
+    assert_eq!(ours, expected);
+    // Run busybox from the image under the kernel's ext4 driver.
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new("mount")
+        .args(["-o", "loop,ro", "-t", "ext4"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED kernel mount part: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let ran = Command::new("chroot")
+        .arg(&mnt)
+        .args(["/bin/sh", "-c", "/bin/hello; id -u; ls /etc/motd"])
+        .output();
+    run(Command::new("umount").arg(&mnt));
+    let ran = ran.unwrap();
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    assert!(
+        ran.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(stdout, "hello from layer 2\n0\n10-welcome\n");
+}

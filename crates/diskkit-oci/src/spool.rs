@@ -118,6 +118,21 @@ impl Spool {
 }
 
 impl ContentSource for Spool {
+    /// Holes of the spool file (sparse files) are zeroes: found with `SEEK_DATA`, so a sparse
+    /// file costs nothing to write however large it claims to be.
+    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {
+        let Some(at) = content.checked_add(offset) else {
+            return Ok(false);
+        };
+        match rustix::fs::seek(&self.reader, rustix::fs::SeekFrom::Data(at)) {
+            Ok(next) => Ok(next >= at.saturating_add(len)),
+            // No data at or after `at`: the rest of the file is a hole.
+            Err(rustix::io::Errno::NXIO) => Ok(true),
+            // Filesystems without SEEK_DATA: read the bytes instead.
+            Err(_) => Ok(false),
+        }
+    }
+
     fn read_content(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let at = content
             .checked_add(offset)

@@ -817,3 +817,44 @@ fn busybox_system_in_three_layers() {
     );
     assert_eq!(stdout, "hello from layer 2\n0\n10-welcome\n");
 }
+
+/// A 100 GiB sparse file with 5 bytes of data: the holes are found in the spool with
+/// SEEK_DATA and never read or written, and the bytes land in the right block.
+#[test]
+fn huge_sparse_file_is_cheap() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let src = d.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let f = std::fs::File::create(src.join("huge")).unwrap();
+    let size = 100u64 << 30;
+    f.set_len(size).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 50 << 30).unwrap();
+    drop(f);
+    let tar = d.join("l.tar");
+    run(Command::new("tar")
+        .args(["--sparse", "--format=pax", "-C"])
+        .arg(&src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("huge"));
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(d.join("lay"))
+        .arg("v1")
+        .arg(&tar));
+    let img = d.join("out.img");
+    do_unpack(&d.join("lay"), None, &img).unwrap();
+    e2fsck(&img);
+    assert!(debugfs(&img, "stat /huge").contains(&format!("Size: {size}")));
+    let blk: u64 = debugfs(&img, &format!("bmap /huge {}", (50u64 << 30) / 4096))
+        .trim()
+        .parse()
+        .unwrap();
+    let f = std::fs::File::open(&img).unwrap();
+    let mut b = [0u8; 5];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, blk * 4096).unwrap();
+    assert_eq!(&b, b"hello");
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 64 << 20);
+}

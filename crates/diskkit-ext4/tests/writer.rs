@@ -368,3 +368,81 @@ fn more_than_65000_subdirectories() {
     assert!(st.contains("Links: 1"), "dir_nlink: {st}");
     assert!(debugfs(&img, "stat /d/65009").contains("Links: 2"));
 }
+
+/// A 1 GiB file with ten 5-byte islands of data: stored as holes plus ten data blocks.
+struct Islands;
+
+impl Islands {
+    fn at(i: u64) -> u64 {
+        i * 100_000_007
+    }
+}
+
+impl diskkit_ext4::writer::ContentSource for Islands {
+    fn read_content(&mut self, _c: u64, offset: u64, buf: &mut [u8]) -> diskkit::Result<()> {
+        buf.fill(0);
+        for i in 0..10 {
+            let p = Self::at(i);
+            if p >= offset && p + 5 <= offset + buf.len() as u64 {
+                let o = (p - offset) as usize;
+                buf[o..o + 5].copy_from_slice(b"isle!");
+            }
+        }
+        Ok(())
+    }
+
+    fn data_ranges(&mut self, _c: u64, _size: u64) -> diskkit::Result<Option<Vec<(u64, u64)>>> {
+        Ok(Some((0..10).map(|i| (Self::at(i), 5)).collect()))
+    }
+}
+
+#[test]
+fn files_with_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fs.img");
+    let mut t = Tree::new(meta(0o755));
+    let size = 1u64 << 30;
+    add(
+        &mut t,
+        0,
+        "holey",
+        NodeKind::File { size, content: 0 },
+        meta(0o644),
+    );
+    for csum in [false, true] {
+        let _ = std::fs::remove_file(&img);
+        let options = Options {
+            metadata_csum: csum,
+            uuid: [1; 16],
+            ..Options::default()
+        };
+        let plan = diskkit_ext4::writer::Plan::new_sparse(&t, options, &mut Islands).unwrap();
+        assert!(
+            plan.size_bytes() < 16 << 20,
+            "holes take no space: {}",
+            plan.size_bytes()
+        );
+        let pending =
+            diskkit::DiskImage::create_pending(&img, &diskkit::CreateOptions::raw(plan.size_bytes()))
+                .unwrap();
+        plan.write(pending.image(), &mut Islands).unwrap();
+        pending.persist().unwrap();
+        e2fsck(&img);
+        let st = debugfs(&img, "stat /holey");
+        assert!(
+            st.contains("Blockcount: 80\n") && st.contains(&format!("Size: {size}")),
+            "{st}"
+        );
+        for i in 0..10u64 {
+            let p = Islands::at(i);
+            let blk: u64 = debugfs(&img, &format!("bmap /holey {}", p / 4096))
+                .trim()
+                .parse()
+                .unwrap();
+            let f = std::fs::File::open(&img).unwrap();
+            let mut b = [0u8; 5];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, blk * 4096 + p % 4096).unwrap();
+            assert_eq!(&b, b"isle!");
+        }
+    }
+}

@@ -40,7 +40,7 @@ pub fn layer_unpack(data: &[u8]) -> Option<Vec<u8>> {
     }
     spool.finish().ok()?;
     let fs = tree.to_tree().ok()?;
-    let plan = Plan::new(&fs, Options::default()).ok()?;
+    let plan = Plan::new_sparse(&fs, Options::default(), &mut spool).ok()?;
     if plan.size_bytes() > MAX_FS {
         return None;
     }

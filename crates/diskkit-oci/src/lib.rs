@@ -179,7 +179,7 @@ pub fn unpack_selected(
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
     }
-    let plan = Plan::new(&fs_tree, fs_options)?;
+    let plan = Plan::new_sparse(&fs_tree, fs_options, &mut spool)?;
     let size = plan.size_bytes();
     let create = match options.format {
         ImageFormat::Asif => CreateOptions::asif(size / 4096, 4096),

@@ -117,7 +117,41 @@ impl Spool {
     }
 }
 
+/// Most data ranges reported for one file.
+const MAX_RANGES: usize = 1 << 16;
+
 impl ContentSource for Spool {
+    /// Data ranges of a spooled file from `SEEK_DATA`/`SEEK_HOLE`: the holes of sparse files
+    /// become holes in the ext4 file.
+    fn data_ranges(&mut self, content: u64, size: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        use rustix::fs::{seek, SeekFrom};
+        let Some(end) = content.checked_add(size).filter(|&e| e <= self.len) else {
+            return Ok(None);
+        };
+        let mut ranges = Vec::new();
+        let mut pos = content;
+        while pos < end {
+            let data = match seek(&self.reader, SeekFrom::Data(pos)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => return Ok(None),
+            };
+            if data >= end {
+                break;
+            }
+            let hole = match seek(&self.reader, SeekFrom::Hole(data)) {
+                Ok(h) => h.min(end),
+                Err(_) => return Ok(None),
+            };
+            if hole <= data || ranges.len() >= MAX_RANGES {
+                return Ok(None);
+            }
+            ranges.push((data - content, hole - data));
+            pos = hole;
+        }
+        Ok(Some(ranges))
+    }
+
     /// Holes of the spool file (sparse files) are zeroes: found with `SEEK_DATA`, so a sparse
     /// file costs nothing to write however large it claims to be.
     fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {

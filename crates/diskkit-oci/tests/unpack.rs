@@ -857,4 +857,8 @@ fn huge_sparse_file_is_cheap() {
     assert_eq!(&b, b"hello");
     use std::os::unix::fs::MetadataExt;
     assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 64 << 20);
+    // The holes are holes in ext4 too: one data block, and a small filesystem.
+    let st = debugfs(&img, "stat /huge");
+    assert!(st.contains("Blockcount: 8\n"), "{st}");
+    assert!(std::fs::metadata(&img).unwrap().len() < 64 << 20);
 }

@@ -53,15 +53,30 @@ fn index_entry(logical: u32, child: u64) -> Entry {
     (logical, e)
 }
 
+/// Number of extents for runs of blocks (logical start, length).
+pub(crate) fn runs_extent_count(runs: &[(u64, u64)]) -> u64 {
+    runs.iter().map(|&(_, n)| extent_count(n)).sum()
+}
+
 /// Build the extent tree of a file whose `blocks` data blocks start at `data` (contiguous),
 /// with tree blocks from `tree` on. Returns `i_block` and the tree blocks to write.
 pub(crate) fn build(blocks: u64, data: u64, tree: u64) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
-    let mut entries: Vec<Entry> = Vec::with_capacity(extent_count(blocks) as usize);
-    let mut done = 0u64;
-    while done < blocks {
-        let len = (blocks - done).min(MAX_EXTENT_LEN);
-        entries.push(leaf_entry(done as u32, len as u16, data + done));
-        done += len;
+    build_runs(&[(0, blocks)], data, tree)
+}
+
+/// Like [`build`] for a file with holes: `runs` are (first logical block, length), ascending;
+/// their blocks are stored one after the other from `data`.
+pub(crate) fn build_runs(runs: &[(u64, u64)], data: u64, tree: u64) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
+    let mut entries: Vec<Entry> = Vec::with_capacity(runs_extent_count(runs) as usize);
+    let mut phys = data;
+    for &(logical, blocks) in runs {
+        let mut done = 0u64;
+        while done < blocks {
+            let len = (blocks - done).min(MAX_EXTENT_LEN);
+            entries.push(leaf_entry((logical + done) as u32, len as u16, phys));
+            phys += len;
+            done += len;
+        }
     }
     let mut out = Vec::new();
     let mut next = tree;

@@ -161,8 +161,16 @@ pub(crate) fn write_inodes(
                 }
             }
             Some(NodeKind::File { size, content }) => {
-                write_content(image, source, *content, *size, p.first_block, &mut buf)?;
-                let (i_block, tree_blocks) = extent::build(p.data_blocks, p.first_block, p.tree_start());
+                let dense = [(0, p.data_blocks)];
+                let runs: &[(u64, u64)] = if p.runs.is_empty() { &dense } else { &p.runs };
+                let mut phys = p.first_block;
+                for &(logical, blocks) in runs {
+                    let start = logical * BLOCK_SIZE as u64;
+                    let end = ((logical + blocks) * BLOCK_SIZE as u64).min(*size);
+                    write_content(image, source, *content, start, end, phys, &mut buf)?;
+                    phys += blocks;
+                }
+                let (i_block, tree_blocks) = extent::build_runs(runs, p.first_block, p.tree_start());
                 write_tree(p.ino, tree_blocks)?;
                 InodeFields {
                     mode: S_IFREG | perm,
@@ -253,18 +261,20 @@ pub(crate) fn write_inodes(
     Ok(())
 }
 
+/// Write bytes `[start, end)` of `content` at block `first_block`.
 fn write_content(
     image: &DiskImage,
     source: &mut dyn ContentSource,
     content: u64,
-    size: u64,
+    start: u64,
+    end: u64,
     first_block: u64,
     buf: &mut [u8],
 ) -> Result<()> {
     let base = first_block * BLOCK_SIZE as u64;
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
+    let mut off = start;
+    while off < end {
+        let n = (end - off).min(buf.len() as u64) as usize;
         if source.is_zero(content, off, n as u64)? {
             off += n as u64;
             continue;
@@ -272,7 +282,7 @@ fn write_content(
         source.read_content(content, off, &mut buf[..n])?;
         // The image is new and reads as zeroes: leave all-zero chunks unwritten (sparse).
         if buf[..n].iter().any(|&b| b != 0) {
-            image.write_at(&buf[..n], base + off)?;
+            image.write_at(&buf[..n], base + (off - start))?;
         }
         off += n as u64;
     }

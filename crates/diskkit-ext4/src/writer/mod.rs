@@ -61,7 +61,18 @@ pub struct Plan<'t> {
 impl<'t> Plan<'t> {
     /// Lay out `tree`: assign inodes and blocks and choose the geometry.
     pub fn new(tree: &'t Tree, options: Options) -> Result<Plan<'t>> {
-        let layout = plan::plan(tree, &options)?;
+        let layout = plan::plan(tree, &options, None)?;
+        Ok(Plan {
+            tree,
+            options,
+            layout,
+        })
+    }
+
+    /// Like [`Plan::new`], asking `source` which parts of each file hold data
+    /// ([`ContentSource::data_ranges`]): the rest become holes, using no blocks.
+    pub fn new_sparse(tree: &'t Tree, options: Options, source: &mut dyn ContentSource) -> Result<Plan<'t>> {
+        let layout = plan::plan(tree, &options, Some(source))?;
         Ok(Plan {
             tree,
             options,

@@ -31,6 +31,9 @@ pub(crate) struct PlannedInode {
     pub(crate) xattrs: Placed,
     /// First data block (then the extent-tree blocks, then the xattr block).
     pub(crate) first_block: u64,
+    /// For files with holes: the runs of blocks that hold data (first logical block,
+    /// length); empty means all `data_blocks` from logical block 0.
+    pub(crate) runs: Vec<(u64, u64)>,
 }
 
 impl PlannedInode {
@@ -97,7 +100,37 @@ pub(crate) fn index_of(ino: u32) -> usize {
     }
 }
 
-pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
+/// Most data runs accepted for one file (beyond that it is stored dense).
+const MAX_RUNS: usize = 1 << 16;
+
+/// Block runs of a file of `size` bytes from its data byte ranges; `None` if not worth it.
+fn block_runs(ranges: &[(u64, u64)], size: u64) -> Option<Vec<(u64, u64)>> {
+    let bs = BLOCK_SIZE as u64;
+    let blocks = size.div_ceil(bs);
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &(off, len) in ranges {
+        let end = off.checked_add(len)?.min(size);
+        if end <= off {
+            continue;
+        }
+        let (b0, b1) = (off / bs, end.div_ceil(bs).min(blocks));
+        match runs.last_mut() {
+            Some(last) if b0 < last.0 => return None, // not ascending
+            Some(last) if b0 <= last.0 + last.1 => last.1 = last.1.max(b1 - last.0),
+            _ => runs.push((b0, b1 - b0)),
+        }
+        if runs.len() > MAX_RUNS {
+            return None;
+        }
+    }
+    Some(runs)
+}
+
+pub(crate) fn plan(
+    tree: &Tree,
+    options: &Options,
+    mut source: Option<&mut dyn super::tree::ContentSource>,
+) -> Result<Layout> {
     let root = tree
         .node(Tree::ROOT)
         .ok_or_else(|| Error::invalid_argument("empty tree"))?;
@@ -115,6 +148,7 @@ pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
         tree_blocks: 0,
         xattrs: Placed::default(),
         first_block: 0,
+        runs: Vec::new(),
     };
     inodes.push(new_inode(ROOT_INO, Source::Node(Tree::ROOT)));
     inodes.push(new_inode(FIRST_INO, Source::LostFound));
@@ -217,13 +251,26 @@ pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
                 .node(id)
                 .ok_or_else(|| Error::invalid_argument("bad node id"))?;
             match &node.kind {
-                NodeKind::File { size, .. } => {
+                NodeKind::File { size, content } => {
                     let blocks = size.div_ceil(BLOCK_SIZE as u64);
                     if blocks > u64::from(u32::MAX) {
                         return Err(Error::unsupported("files of 16 TiB or more"));
                     }
-                    p.data_blocks = blocks;
-                    p.tree_blocks = extent::tree_blocks(extent::extent_count(blocks));
+                    let ranges = match source.as_deref_mut() {
+                        Some(s) if *size > 0 => s.data_ranges(*content, *size)?,
+                        _ => None,
+                    };
+                    match ranges.and_then(|r| block_runs(&r, *size)) {
+                        Some(runs) if runs != [(0, blocks)] => {
+                            p.data_blocks = runs.iter().map(|r| r.1).sum();
+                            p.tree_blocks = extent::tree_blocks(extent::runs_extent_count(&runs));
+                            p.runs = runs;
+                        }
+                        _ => {
+                            p.data_blocks = blocks;
+                            p.tree_blocks = extent::tree_blocks(extent::extent_count(blocks));
+                        }
+                    }
                 }
                 NodeKind::Symlink(target) => {
                     if target.is_empty() || target.len() >= BLOCK_SIZE || target.contains(&0) {
@@ -250,4 +297,20 @@ pub(crate) fn plan(tree: &Tree, options: &Options) -> Result<Layout> {
     }
     debug_assert_eq!(cursor, geometry.used_end);
     Ok(Layout { inodes, geometry })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_from_ranges() {
+        assert_eq!(block_runs(&[(0, 10), (5000, 10)], 9000), Some(vec![(0, 2)]));
+        assert_eq!(
+            block_runs(&[(0, 1), (3 * 4096, 1)], 5 * 4096),
+            Some(vec![(0, 1), (3, 1)])
+        );
+        assert_eq!(block_runs(&[], 100), Some(vec![]));
+        assert_eq!(block_runs(&[(8192, 1), (0, 1)], 10_000), None);
+    }
 }

@@ -153,4 +153,12 @@ pub trait ContentSource {
         let _ = (content, offset, len);
         Ok(false)
     }
+
+    /// The byte ranges (offset, length) of `content`, `size` bytes long, that may hold data;
+    /// the rest reads as zeroes and becomes holes in the file (used by
+    /// [`crate::writer::Plan::new_sparse`]). `None`, the default, means all of it.
+    fn data_ranges(&mut self, content: u64, size: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let _ = (content, size);
+        Ok(None)
+    }
 }

@@ -53,11 +53,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = start.elapsed().as_secs_f64();
     let bytes = ops * block as u64;
-    println!(
-        "{pattern} {} {:.0} {:.0}",
-        args[2],
-        bytes as f64 / secs / 1e6,
-        ops as f64 / secs
-    );
+    println!("{pattern} {} {:.0} {:.0}", args[2], bytes as f64 / secs / 1e6, ops as f64 / secs);
     Ok(())
 }

@@ -41,15 +41,9 @@ fn slot_of(i: u64) -> u64 {
 #[test]
 #[ignore = "run by sigkill_during_writes as its child process"]
 fn crash_child() {
-    let Ok(path) = std::env::var("DISKKIT_CRASH_IMAGE") else {
-        return;
-    };
+    let Ok(path) = std::env::var("DISKKIT_CRASH_IMAGE") else { return };
     let start: u64 = std::env::var("DISKKIT_CRASH_START").unwrap().parse().unwrap();
-    let image = DiskImage::open(
-        &path,
-        &OpenOptions::new().writable(true).format(ImageFormat::Asif),
-    )
-    .unwrap();
+    let image = DiskImage::open(&path, &OpenOptions::new().writable(true).format(ImageFormat::Asif)).unwrap();
     let stdout = std::io::stdout();
     for i in start.. {
         if i % 7 == 6 && i >= 3 {
@@ -60,9 +54,7 @@ fn crash_child() {
             writeln!(stdout.lock(), "@@ d {i} {j}").unwrap();
         } else {
             let (off, len, fill) = plan(i);
-            image
-                .write_at(&vec![fill; len as usize], slot_of(i) * SLOT + off)
-                .unwrap();
+            image.write_at(&vec![fill; len as usize], slot_of(i) * SLOT + off).unwrap();
             image.flush().unwrap();
             writeln!(stdout.lock(), "@@ w {i}").unwrap();
         }
@@ -116,13 +108,7 @@ fn sigkill_during_writes() {
     let mut kills = 0;
     while kills < 40 {
         let mut child = Command::new(&exe)
-            .args([
-                "--ignored",
-                "--exact",
-                "crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--ignored", "--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env("DISKKIT_CRASH_IMAGE", &path)
             .env("DISKKIT_CRASH_START", next.to_string())
             .stdout(Stdio::piped())
@@ -169,8 +155,5 @@ fn sigkill_during_writes() {
         next = in_flight + 1;
         kills += 1;
     }
-    assert!(
-        next > 100,
-        "the child made too little progress ({next} operations)"
-    );
+    assert!(next > 100, "the child made too little progress ({next} operations)");
 }

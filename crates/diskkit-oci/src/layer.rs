@@ -185,6 +185,26 @@ fn url_decode(s: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Permission bits (`rwxrwxrwx`) an access ACL in the user-space format implies.
+fn acl_mode(v: &[u8]) -> Option<u16> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 || v[..4] != [2, 0, 0, 0] {
+        return None;
+    }
+    let (mut user, mut group, mut mask, mut other) = (None, None, None, None);
+    for e in v[4..].chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) & 7;
+        match tag {
+            0x01 => user = Some(perm),
+            0x04 => group = Some(perm),
+            0x10 => mask = Some(perm),
+            0x20 => other = Some(perm),
+            _ => {}
+        }
+    }
+    Some((user? << 6) | (mask.or(group)? << 3) | other?)
+}
+
 /// Xattrs that describe the overlay of the machine that built the layer, not the file.
 fn dropped_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
@@ -253,6 +273,13 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
                 }
             }
         }
+        // Setting an access ACL sets the permission bits from it (as setxattr does): owner
+        // from USER_OBJ, group from MASK (or GROUP_OBJ), other from OTHER.
+        let mode = xattrs
+            .iter()
+            .find(|(n, _)| n.as_slice() == b"system.posix_acl_access")
+            .and_then(|(_, v)| acl_mode(v))
+            .map_or(mode, |rwx| (mode & 0o7000) | rwx);
         let meta = Metadata {
             mode,
             uid,
@@ -458,6 +485,18 @@ mod tests {
         );
         assert_eq!(pax_time(b"-100"), Some(Timestamp { secs: -100, nanos: 0 }));
         assert_eq!(pax_time(b"x"), None);
+    }
+
+    #[test]
+    fn acl_sets_permission_bits() {
+        let mut v = vec![2, 0, 0, 0];
+        for (t, p) in [(1u16, 6u16), (4, 4), (0x10, 5), (0x20, 0)] {
+            v.extend_from_slice(&t.to_le_bytes());
+            v.extend_from_slice(&p.to_le_bytes());
+            v.extend_from_slice(&[0; 4]);
+        }
+        assert_eq!(acl_mode(&v), Some(0o650));
+        assert_eq!(acl_mode(b"junk"), None);
     }
 
     #[test]

@@ -189,6 +189,12 @@ fn merged_semantics() {
     assert!(st.contains("mtime: 0xffffcfc6:77359400"), "{st}");
     assert!(has(&format!("a/{}", "n".repeat(200))));
     assert_eq!(l["longlink"].1, 100);
+    // POSIX ACL stored in ext4's format (version 1, short entries for *_OBJ, MASK, OTHER).
+    let ea = debugfs(&img, "ea_list /acl");
+    assert!(
+        ea.contains("system.posix_acl_access (28) = 01 00 00 00 01 00 06 00 02 00 04 00 e8 03 00 00 04 00 04 00 10 00 04 00 20 00 00 00"),
+        "{ea}"
+    );
     let ea = debugfs(&img, "ea_list /bigxattr");
     assert!(
         ea.contains("user.big (300)") && ea.contains("user.small (1)"),
@@ -434,6 +440,12 @@ fn kernel_mount_matches_umoci() {
             use std::os::unix::fs::MetadataExt;
             (m.rdev(), m.uid())
         });
+        // The kernel converts the stored ACL back to the user-space format: it must be the
+        // ACL the layer carried (ids of the *_OBJ, MASK and OTHER entries read as -1).
+        let acl = Command::new("getfattr")
+            .args(["-n", "system.posix_acl_access", "-e", "hex"])
+            .arg(mnt.join("acl"))
+            .output();
         let owner = std::fs::symlink_metadata(mnt.join("owner")).map(|m| {
             use std::os::unix::fs::MetadataExt;
             (m.uid(), m.gid())
@@ -451,6 +463,13 @@ fn kernel_mount_matches_umoci() {
         );
         assert_eq!(sda.unwrap(), (8 << 8, 0));
         assert_eq!(owner.unwrap(), (70000, 70001));
+        let acl = String::from_utf8_lossy(&acl.unwrap().stdout).into_owned();
+        assert!(
+            acl.contains(
+                "0x0200000001000600ffffffff02000400e803000004000400ffffffff10000400ffffffff20000000ffffffff"
+            ),
+            "{acl}"
+        );
     }
 }
 

@@ -530,7 +530,10 @@ fn resolve(
         .as_ref()
         .ok_or_else(|| Error::invalid_format(format!("manifest {} has no config", chosen.digest)))?;
     let config: Config = store.read_json(&blob_member(&config_desc.digest)?)?;
-    check_platform(&config, platform, platform_given)?;
+    // The index's platform, when it names one, chose the manifest; otherwise the config says.
+    if chosen.platform.is_none() {
+        check_platform(&config, platform, platform_given)?;
+    }
     let diff_ids = config.rootfs.map(|r| r.diff_ids).unwrap_or_default();
     if diff_ids.len() != manifest.layers.len() {
         return Err(Error::invalid_format(format!(

@@ -881,3 +881,84 @@ fn huge_sparse_file_is_cheap() {
     assert!(st.contains("Blockcount: 8\n"), "{st}");
     assert!(std::fs::metadata(&img).unwrap().len() < 64 << 20);
 }
+
+/// An index of an index of two platform manifests: `--platform` picks the right one, the
+/// host's is the default, a missing platform is a clear error.
+#[test]
+fn multi_platform_nested_index() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let multi = d.join("multi");
+    let blobs = multi.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let mut manifests = Vec::new();
+    for arch in ["amd64", "arm64"] {
+        let src = d.join(format!("src-{arch}"));
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("arch"), arch).unwrap();
+        let tar = d.join(format!("{arch}.tar"));
+        run(Command::new("tar")
+            .arg("-C")
+            .arg(&src)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("arch"));
+        let lay = d.join(format!("lay-{arch}"));
+        run(Command::new("bash").arg(mkoci()).arg(&lay).arg("v1").arg(&tar));
+        for e in std::fs::read_dir(lay.join("blobs/sha256")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), blobs.join(e.file_name())).unwrap();
+        }
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(lay.join("index.json")).unwrap()).unwrap();
+        let mut m = index["manifests"][0].clone();
+        m.as_object_mut().unwrap().remove("annotations");
+        m["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        manifests.push(m);
+    }
+    // The inner index is a blob; the layout's index.json points at it.
+    let inner = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    })
+    .to_string();
+    let hex = sha(inner.as_bytes());
+    std::fs::write(multi.join("blobs/sha256").join(&hex), &inner).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{hex}"),
+            "size": inner.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"},
+        }],
+    });
+    std::fs::write(multi.join("index.json"), top.to_string()).unwrap();
+    std::fs::write(multi.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    for (platform, want) in [
+        (Some("linux/arm64"), "arm64"),
+        (Some("linux/amd64"), "amd64"),
+        (None, "amd64"),
+    ] {
+        let img = d.join(format!("{want}-{}.img", platform.is_some()));
+        let options = UnpackOptions {
+            reference: Some("multi".into()),
+            platform: platform.map(|p| p.parse().unwrap()),
+            ..UnpackOptions::default()
+        };
+        if platform.is_none() && diskkit_oci::Platform::host().architecture != "amd64" {
+            continue; // the default is the host's platform
+        }
+        unpack(&multi, &img, &options, &mut NoProgress).unwrap();
+        e2fsck(&img);
+        assert_eq!(dump(&img, "/arch"), want.as_bytes());
+    }
+    let options = UnpackOptions {
+        platform: Some("linux/riscv64".parse().unwrap()),
+        ..UnpackOptions::default()
+    };
+    let e = unpack(&multi, &d.join("x.img"), &options, &mut NoProgress).unwrap_err();
+    assert_eq!(e.kind(), diskkit::ErrorKind::NotFound);
+    assert!(e.to_string().contains("linux/riscv64"), "{e}");
+}

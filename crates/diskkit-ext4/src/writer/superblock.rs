@@ -84,7 +84,8 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
             put16(d, 24, block_csum as u16);
             put16(d, 26, inode_csum as u16);
             let c = crc32c(s.fs, &(group as u32).to_le_bytes());
-            let c = crc32c(c, &d[..30]);
+            // The whole descriptor, with the checksum field still zero.
+            let c = crc32c(c, &d[..32]);
             put16(d, 30, c as u16);
         }
     }

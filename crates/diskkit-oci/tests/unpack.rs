@@ -1027,3 +1027,47 @@ fn kernel_writes_to_the_image() {
         assert_eq!(dump(&img, "/many/d299/f"), b"x");
     }
 }
+
+/// A sparse file of ten islands needs an extent leaf block: with metadata_csum the kernel
+/// verifies its checksum when it reads the file back.
+#[test]
+fn kernel_reads_extent_blocks_with_checksums() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let src = d.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let f = std::fs::File::create(src.join("holes")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    for i in 0..10u64 {
+        std::os::unix::fs::FileExt::write_all_at(&f, b"isle!", i * 100_000_007).unwrap();
+    }
+    drop(f);
+    let tar = d.join("l.tar");
+    run(Command::new("tar")
+        .args(["--sparse", "--format=pax", "-C"])
+        .arg(&src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("holes"));
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(d.join("lay"))
+        .arg("v1")
+        .arg(&tar));
+    let img = d.join("out.img");
+    let options = UnpackOptions {
+        metadata_csum: true,
+        ..UnpackOptions::default()
+    };
+    unpack(&d.join("lay"), &img, &options, &mut NoProgress).unwrap();
+    e2fsck(&img);
+    assert!(debugfs(&img, "stat /holes").contains("Blockcount: 88\n"));
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    if !mount(&img, &mnt, "loop") {
+        return;
+    }
+    let same = std::fs::read(mnt.join("holes")).map(|b| b == std::fs::read(src.join("holes")).unwrap());
+    run(Command::new("umount").arg(&mnt));
+    assert!(same.unwrap());
+}

@@ -93,3 +93,31 @@ fn unpack_into_store() {
     let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
     assert!(out.starts_with("cached: "), "{out}");
 }
+
+#[test]
+fn failed_store_unpack_leaves_nothing() {
+    let d = Dir::new();
+    let lay = layout(&d);
+    // Corrupt the (gzip) first layer: the digest check fails after the layer was read.
+    let blobs = d.path("lay/blobs/sha256");
+    let gz = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read(p).unwrap().starts_with(&[0x1f, 0x8b]))
+        .unwrap();
+    let mut data = std::fs::read(&gz).unwrap();
+    let n = data.len();
+    data.truncate(n - 30);
+    std::fs::write(&gz, data).unwrap();
+    let o = diskkit(&["unpack", "--store", &d.s("store"), &lay]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("layer sha256:"), "{err}");
+    let snapshots = d.path("store/snapshots");
+    let names: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["ingest"]);
+    assert_eq!(std::fs::read_dir(snapshots.join("ingest")).unwrap().count(), 0);
+}

@@ -397,6 +397,37 @@ pub(crate) enum Command {
         /// IMAGE[@PART] (or an image reference with --apple-store).
         image: String,
     },
+    /// Build a merged ext4 root filesystem from an OCI image (layout directory, OCI archive or
+    /// docker-archive), rootless, with diskkit's own ext4 writer.
+    Unpack {
+        /// Output container format (raw or asif).
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+        /// Platform OS/ARCH[/VARIANT] (default: the host's).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Filesystem size (sparse); default: compact (content plus ~10%).
+        #[arg(long)]
+        size: Option<String>,
+        /// Fixed UUID, hash seed and times derived from the manifest digest.
+        #[arg(long)]
+        reproducible: bool,
+        /// Write ext4 metadata checksums (metadata_csum; needs Linux 3.18 or later).
+        #[arg(long)]
+        metadata_csum: bool,
+        /// Replace the output if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Write an Apple `container` snapshot store entry in DIR
+        /// (snapshots/<manifest-hex>/snapshot + snapshot-info) instead of DST; reused if present.
+        #[arg(long, value_name = "DIR", conflicts_with = "dst")]
+        store: Option<PathBuf>,
+        /// The image: PATH or PATH:REF (REF: tag, ref.name annotation or sha256:digest).
+        src: String,
+        /// The ext4 image to create.
+        #[arg(required_unless_present = "store")]
+        dst: Option<PathBuf>,
+    },
 }
 
 fn block_size(s: &str) -> Result<u32, String> {

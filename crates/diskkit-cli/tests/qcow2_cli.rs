@@ -78,7 +78,8 @@ fn create_with_backing_records_it_and_map_detached_shows_absent() {
     let stacked = diskkit_ok(&["map", "--output", "json", &top]);
     let runs: Vec<serde_json::Value> = serde_json::from_str(&stacked).unwrap();
     assert!(
-        runs.iter().any(|r| r["start"] == 0 && r["depth"] == 2 && r["data"] == true),
+        runs.iter()
+            .any(|r| r["start"] == 0 && r["depth"] == 2 && r["data"] == true),
         "{stacked}"
     );
     assert!(

@@ -1,2 +1,210 @@
 //! OCI images unpacked, layer by layer, into one merged ext4 root filesystem.
+//!
+//! [`unpack`] reads an OCI layout directory, an OCI archive or a docker-archive, picks the
+//! image by reference and platform, streams each layer (gzip, zstd or plain, sniffed by magic)
+//! while verifying its digest and diff_id, merges the layers with whiteout semantics into an
+//! in-memory tree ([`MergedTree`]) whose file contents sit in a temporary spool file, and then
+//! writes the final tree with diskkit's own ext4 writer into a RAW or ASIF image created under a
+//! temporary name. Only the final tree's data reaches the image; nothing is left behind on error.
 #![forbid(unsafe_code)]
+
+mod decode;
+#[doc(hidden)]
+pub mod fuzzing;
+mod layer;
+mod merge;
+mod source;
+mod spool;
+mod store;
+
+use std::path::Path;
+use std::rc::Rc;
+
+use diskkit::{CreateOptions, DiskImage, Error, ImageFormat, Result};
+use diskkit_ext4::writer::{Options, Plan};
+use sha2::{Digest, Sha256};
+
+pub use merge::MergedTree;
+pub use source::{select, Platform, SelectedImage};
+pub use spool::Spool;
+pub use store::{unpack_to_store, StoreEntry};
+
+/// How to unpack.
+#[derive(Clone, Debug)]
+pub struct UnpackOptions {
+    /// Image reference (tag, `ref.name` annotation) or manifest digest.
+    pub reference: Option<String>,
+    /// Platform; `None` means the host's.
+    pub platform: Option<Platform>,
+    /// Output container format (RAW or ASIF).
+    pub format: ImageFormat,
+    /// Filesystem size; `None` for compact.
+    pub size: Option<u64>,
+    /// Fixed UUID, hash seed and timestamps derived from the manifest digest.
+    pub reproducible: bool,
+    /// Replace an existing output.
+    pub overwrite: bool,
+    /// Write ext4 metadata checksums (`metadata_csum`).
+    pub metadata_csum: bool,
+}
+
+impl Default for UnpackOptions {
+    fn default() -> Self {
+        UnpackOptions {
+            reference: None,
+            platform: None,
+            format: ImageFormat::Raw,
+            size: None,
+            reproducible: false,
+            overwrite: false,
+            metadata_csum: false,
+        }
+    }
+}
+
+/// Progress events.
+pub trait Progress {
+    /// Layer `index` (0-based) of `count` starts; `size` is its blob size if known. The
+    /// returned callback, if any, is called with the bytes of the blob read so far.
+    fn layer_start(
+        &mut self,
+        index: usize,
+        count: usize,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Option<Rc<dyn Fn(u64)>>;
+    /// The current layer is done.
+    fn layer_done(&mut self);
+}
+
+/// A progress sink that reports nothing.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn layer_start(&mut self, _: usize, _: usize, _: &str, _: Option<u64>) -> Option<Rc<dyn Fn(u64)>> {
+        None
+    }
+    fn layer_done(&mut self) {}
+}
+
+/// What [`unpack`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnpackReport {
+    /// Digest of the manifest unpacked.
+    pub manifest_digest: String,
+    /// Layers applied.
+    pub layers: usize,
+    /// Filesystem size in bytes.
+    pub fs_size: u64,
+    /// Inodes used.
+    pub inodes: u64,
+    /// Bytes of file data in the final tree plus metadata (blocks used × 4096).
+    pub bytes_used: u64,
+}
+
+/// Unpack the image at `src` into a new ext4 image at `dst`. `spool_dir` holds the temporary
+/// spool file (defaults to `dst`'s directory).
+pub fn unpack(
+    src: &Path,
+    dst: &Path,
+    options: &UnpackOptions,
+    progress: &mut dyn Progress,
+) -> Result<UnpackReport> {
+    let image = select_for(src, options)?;
+    unpack_selected(&image, dst, options, progress)
+}
+
+fn select_for(src: &Path, options: &UnpackOptions) -> Result<SelectedImage> {
+    let platform = options.platform.clone().unwrap_or_else(Platform::host);
+    source::select(
+        src,
+        options.reference.as_deref(),
+        &platform,
+        options.platform.is_some(),
+    )
+}
+
+/// Unpack an image already chosen with [`select`] into a new ext4 image at `dst`.
+pub fn unpack_selected(
+    image: &SelectedImage,
+    dst: &Path,
+    options: &UnpackOptions,
+    progress: &mut dyn Progress,
+) -> Result<UnpackReport> {
+    let dir = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut spool = Spool::new_in(&dir)?;
+    let mut tree = MergedTree::new();
+    let count = image.layers.len();
+    for (i, l) in image.layers.iter().enumerate() {
+        let name = l.digest.clone().unwrap_or_else(|| l.member.clone());
+        let tick = progress.layer_start(i, count, &name, l.size);
+        let blob = image.open_layer(l)?;
+        let info = layer::LayerInfo {
+            digest: l.digest.clone(),
+            size: l.size,
+            diff_id: l.diff_id.clone(),
+            media_type: l.media_type.clone(),
+            name,
+            index: u32::try_from(i).map_err(|_| Error::unsupported("more than 2^32 layers"))?,
+        };
+        layer::apply_layer(blob, &info, &mut tree, &mut spool, tick)?;
+        progress.layer_done();
+    }
+    spool.finish()?;
+    let fs_tree = tree.to_tree()?;
+    let mut fs_options = Options {
+        size: options.size,
+        metadata_csum: options.metadata_csum,
+        ..Options::default()
+    };
+    if options.reproducible {
+        let d = Sha256::digest(image.manifest_digest.as_bytes());
+        fs_options.uuid.copy_from_slice(&d[..16]);
+        fs_options.uuid[6] = (fs_options.uuid[6] & 0x0f) | 0x40;
+        fs_options.uuid[8] = (fs_options.uuid[8] & 0x3f) | 0x80;
+        fs_options.hash_seed.copy_from_slice(&d[16..32]);
+        fs_options.time = std::env::var("SOURCE_DATE_EPOCH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    } else {
+        fs_options.uuid = random16()?;
+        fs_options.hash_seed = random16()?;
+        fs_options.time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+    }
+    let plan = Plan::new_sparse(&fs_tree, fs_options, &mut spool)?;
+    let size = plan.size_bytes();
+    let create = match options.format {
+        ImageFormat::Asif => CreateOptions::asif(size / 4096, 4096),
+        ImageFormat::Raw => CreateOptions::raw(size),
+        f => return Err(Error::unsupported(format!("writing ext4 into {f} images"))),
+    }
+    .overwrite(options.overwrite);
+    let pending = DiskImage::create_pending(dst, &create)?;
+    plan.write(pending.image(), &mut spool)
+        .map_err(|e| e.with_path(dst))?;
+    pending.persist()?;
+    Ok(UnpackReport {
+        manifest_digest: image.manifest_digest.clone(),
+        layers: count,
+        fs_size: size,
+        inodes: plan.inodes_used(),
+        bytes_used: plan.blocks_used() * 4096,
+    })
+}
+
+fn random16() -> Result<[u8; 16]> {
+    let mut b = [0u8; 16];
+    let mut f = std::fs::File::open("/dev/urandom").map_err(Error::io)?;
+    std::io::Read::read_exact(&mut f, &mut b).map_err(Error::io)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    Ok(b)
+}

@@ -8,9 +8,10 @@ mod fs;
 mod info;
 mod kernel;
 mod map;
+mod partitions;
 pub(crate) mod serve;
 mod stack;
-mod partitions;
+mod unpack;
 
 use std::path::Path;
 
@@ -162,6 +163,29 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
                 output,
             },
             &image,
+        ),
+        Command::Unpack {
+            format,
+            platform,
+            size,
+            reproducible,
+            metadata_csum,
+            force,
+            store,
+            src,
+            dst,
+        } => unpack::run(
+            unpack::Args {
+                format,
+                platform: platform.as_deref(),
+                size: size.as_deref(),
+                reproducible,
+                metadata_csum,
+                force,
+                store: store.as_deref(),
+            },
+            &src,
+            dst.as_deref(),
         ),
     }
 }

@@ -1,0 +1,456 @@
+//! The merged tree: layers applied in order with OCI whiteout semantics.
+//!
+//! Entries are applied in archive order, like containerd does, and every directory entry
+//! (name) carries the number of the layer that created it. A whiteout only removes what lower
+//! layers made: `.wh.NAME` removes NAME if a lower layer created it, and otherwise (NAME was
+//! re-created in this layer) only the lower-layer content merged beneath it; the opaque marker
+//! `.wh..wh..opq` removes the directory's lower-layer children, recursing into same-layer
+//! directories. So the marker may come before or after its siblings, as the spec requires. File contents are referenced (spool offsets), so
+//! deleted files cost nothing in the output: only what the final tree reaches is written.
+
+use std::collections::BTreeMap;
+
+use diskkit::{Error, Result};
+use diskkit_ext4::writer::{Metadata, Node, NodeKind, Tree};
+
+/// Most symlinks followed while resolving one path.
+const MAX_SYMLINK_HOPS: u32 = 40;
+/// Whiteout prefix.
+pub(crate) const WHITEOUT: &[u8] = b".wh.";
+/// Opaque-directory marker.
+pub(crate) const OPAQUE: &[u8] = b".wh..wh..opq";
+
+/// What an entry creates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    Dir,
+    /// Regular file: size and offset of its bytes in the spool.
+    File {
+        size: u64,
+        spool: u64,
+    },
+    Symlink(Vec<u8>),
+    /// Hard link to another path (relative to the root).
+    HardLink(Vec<Vec<u8>>),
+    Char(u32, u32),
+    Block(u32, u32),
+    Fifo,
+}
+
+/// One layer entry, path already cleaned into components.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) path: Vec<Vec<u8>>,
+    pub(crate) kind: EntryKind,
+    pub(crate) meta: Metadata,
+}
+
+/// A directory entry: the node it names and the layer that created the name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Child {
+    id: usize,
+    stamp: u32,
+}
+
+#[derive(Debug)]
+enum MKind {
+    Dir(BTreeMap<Vec<u8>, Child>),
+    Other(NodeKind),
+}
+
+#[derive(Debug)]
+struct MNode {
+    kind: MKind,
+    meta: Metadata,
+}
+
+/// Split a tar path into clean components: no empty, `.` or `..` component; `..` never climbs
+/// above the root.
+pub(crate) fn clean_path(path: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for c in path.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            c => out.push(c.to_vec()),
+        }
+    }
+    out
+}
+
+fn lossy(path: &[Vec<u8>]) -> String {
+    let v: Vec<String> = path
+        .iter()
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    format!("/{}", v.join("/"))
+}
+
+/// The merged filesystem tree.
+#[derive(Debug)]
+pub struct MergedTree {
+    nodes: Vec<MNode>,
+    /// The layer being applied (stamps new names).
+    layer: u32,
+}
+
+impl Default for MergedTree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MergedTree {
+    /// An empty tree: a root directory, mode 0755, owned by root.
+    pub fn new() -> Self {
+        MergedTree {
+            nodes: vec![MNode {
+                kind: MKind::Dir(BTreeMap::new()),
+                meta: implicit_dir_meta(),
+            }],
+            layer: 0,
+        }
+    }
+
+    /// Start applying layer `layer` (numbered from 0, increasing).
+    pub(crate) fn begin_layer(&mut self, layer: u32) {
+        self.layer = layer;
+    }
+
+    fn children(&self, id: usize) -> Option<&BTreeMap<Vec<u8>, Child>> {
+        match &self.nodes[id].kind {
+            MKind::Dir(c) => Some(c),
+            MKind::Other(_) => None,
+        }
+    }
+
+    fn children_mut(&mut self, id: usize) -> Option<&mut BTreeMap<Vec<u8>, Child>> {
+        match &mut self.nodes[id].kind {
+            MKind::Dir(c) => Some(c),
+            MKind::Other(_) => None,
+        }
+    }
+
+    fn push(&mut self, kind: MKind, meta: Metadata) -> usize {
+        self.nodes.push(MNode { kind, meta });
+        self.nodes.len() - 1
+    }
+
+    /// Resolve `comps` as a directory, following symlinks (clamped at the root). With
+    /// `create`, missing components and non-directories in the way become directories;
+    /// without it, `None` is returned for them.
+    fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool) -> Result<Option<usize>> {
+        let mut stack = vec![0usize];
+        let mut queue: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
+        let mut hops = 0;
+        while let Some(c) = queue.pop_front() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    if stack.len() > 1 {
+                        stack.pop();
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let cur = *stack.last().unwrap_or(&0);
+            let child = self.children(cur).and_then(|m| m.get(&c)).map(|ch| ch.id);
+            match child.map(|id| &self.nodes[id].kind) {
+                Some(MKind::Dir(_)) => stack.push(child.unwrap_or(0)),
+                Some(MKind::Other(NodeKind::Symlink(target))) => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Err(Error::invalid_argument(format!(
+                            "too many levels of symbolic links resolving {}",
+                            lossy(comps)
+                        )));
+                    }
+                    if target.first() == Some(&b'/') {
+                        stack.truncate(1);
+                    }
+                    let target = target.clone();
+                    for t in target.split(|&b| b == b'/').rev() {
+                        queue.push_front(t.to_vec());
+                    }
+                }
+                _ => {
+                    if !create {
+                        return Ok(None);
+                    }
+                    let id = self.push(MKind::Dir(BTreeMap::new()), implicit_dir_meta());
+                    let stamp = self.layer;
+                    if let Some(m) = self.children_mut(cur) {
+                        m.insert(c, Child { id, stamp });
+                    }
+                    stack.push(id);
+                }
+            }
+        }
+        Ok(Some(*stack.last().unwrap_or(&0)))
+    }
+
+    /// Apply a whiteout entry (`.wh.NAME` or the opaque marker) of the current layer.
+    pub(crate) fn whiteout(&mut self, path: &[Vec<u8>]) -> Result<()> {
+        let Some((name, parent)) = path.split_last() else {
+            return Ok(());
+        };
+        // The opaque marker's directory exists in this layer even without its own entry.
+        let Some(dir) = self.resolve_dir(parent, name.as_slice() == OPAQUE)? else {
+            return Ok(()); // nothing below to hide
+        };
+        if name.as_slice() == OPAQUE {
+            self.hide_lower(dir);
+        } else if let Some(target) = name.strip_prefix(WHITEOUT) {
+            if target.starts_with(WHITEOUT) || target.is_empty() {
+                return Ok(()); // AUFS metadata such as .wh..wh.plnk
+            }
+            let layer = self.layer;
+            let Some(child) = self.children(dir).and_then(|m| m.get(target)).copied() else {
+                return Ok(());
+            };
+            if child.stamp < layer {
+                if let Some(m) = self.children_mut(dir) {
+                    m.remove(target);
+                }
+            } else {
+                self.hide_lower(child.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the lower-layer names under directory `dir`, recursing into directories the
+    /// current layer created or merged.
+    fn hide_lower(&mut self, dir: usize) {
+        let layer = self.layer;
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let mut keep_dirs = Vec::new();
+            if let Some(m) = self.children_mut(d) {
+                m.retain(|_, ch| ch.stamp >= layer);
+                keep_dirs.extend(m.values().map(|ch| ch.id));
+            }
+            stack.extend(
+                keep_dirs
+                    .into_iter()
+                    .filter(|&id| matches!(self.nodes[id].kind, MKind::Dir(_))),
+            );
+        }
+    }
+
+    /// Apply one non-whiteout entry of a layer.
+    pub(crate) fn apply(&mut self, entry: Entry) -> Result<()> {
+        let Some((name, parent)) = entry.path.split_last() else {
+            // The root itself: only a directory entry can set its attributes.
+            if entry.kind == EntryKind::Dir {
+                self.nodes[0].meta = entry.meta;
+            }
+            return Ok(());
+        };
+        if name.starts_with(WHITEOUT) {
+            return self.whiteout(&entry.path);
+        }
+        let dir = self
+            .resolve_dir(parent, true)?
+            .ok_or_else(|| Error::invalid_argument("unreachable: create resolves"))?;
+        let existing = self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id);
+        let stamp = self.layer;
+        let id = match entry.kind {
+            EntryKind::Dir => {
+                if let Some(id) = existing.filter(|&id| matches!(self.nodes[id].kind, MKind::Dir(_))) {
+                    // dir over dir: new attributes, children kept, the name is now this layer's.
+                    self.nodes[id].meta = entry.meta;
+                    if let Some(ch) = self.children_mut(dir).and_then(|m| m.get_mut(name)) {
+                        ch.stamp = stamp;
+                    }
+                    return Ok(());
+                }
+                self.push(MKind::Dir(BTreeMap::new()), entry.meta)
+            }
+            EntryKind::HardLink(target) => {
+                let id = self.lookup(&target)?.ok_or_else(|| {
+                    Error::new(
+                        diskkit::ErrorKind::NotFound,
+                        format!(
+                            "hard link {} -> {}: target not found",
+                            lossy(&entry.path),
+                            lossy(&target)
+                        ),
+                    )
+                })?;
+                if matches!(self.nodes[id].kind, MKind::Dir(_)) {
+                    return Err(Error::invalid_argument(format!(
+                        "hard link {} -> {}: target is a directory",
+                        lossy(&entry.path),
+                        lossy(&target)
+                    )));
+                }
+                id
+            }
+            EntryKind::File { size, spool } => {
+                self.push(MKind::Other(NodeKind::File { size, content: spool }), entry.meta)
+            }
+            EntryKind::Symlink(t) => self.push(MKind::Other(NodeKind::Symlink(t)), entry.meta),
+            EntryKind::Char(major, minor) => {
+                self.push(MKind::Other(NodeKind::CharDevice { major, minor }), entry.meta)
+            }
+            EntryKind::Block(major, minor) => {
+                self.push(MKind::Other(NodeKind::BlockDevice { major, minor }), entry.meta)
+            }
+            EntryKind::Fifo => self.push(MKind::Other(NodeKind::Fifo), entry.meta),
+        };
+        if let Some(m) = self.children_mut(dir) {
+            m.insert(name.clone(), Child { id, stamp });
+        }
+        Ok(())
+    }
+
+    /// Find `path` (parents through symlinks, the last component not followed).
+    fn lookup(&mut self, path: &[Vec<u8>]) -> Result<Option<usize>> {
+        let Some((name, parent)) = path.split_last() else {
+            return Ok(Some(0));
+        };
+        let Some(dir) = self.resolve_dir(parent, false)? else {
+            return Ok(None);
+        };
+        Ok(self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id))
+    }
+
+    /// Convert to the writer's tree (only nodes reachable from the root).
+    pub fn to_tree(&self) -> Result<Tree> {
+        let mut tree = Tree::new(self.nodes[0].meta.clone());
+        let mut map: Vec<Option<usize>> = vec![None; self.nodes.len()];
+        map[0] = Some(Tree::ROOT);
+        let mut stack = vec![0usize];
+        while let Some(id) = stack.pop() {
+            let Some(children) = self.children(id) else {
+                continue;
+            };
+            let tid = map[id].unwrap_or(Tree::ROOT);
+            for (name, &Child { id: child, .. }) in children {
+                let cid = match map[child] {
+                    Some(c) => c,
+                    None => {
+                        let n = &self.nodes[child];
+                        let kind = match &n.kind {
+                            MKind::Dir(_) => {
+                                stack.push(child);
+                                NodeKind::Directory(Vec::new())
+                            }
+                            MKind::Other(k) => k.clone(),
+                        };
+                        let c = tree.add(Node {
+                            kind,
+                            meta: n.meta.clone(),
+                        });
+                        map[child] = Some(c);
+                        c
+                    }
+                };
+                tree.link(tid, name, cid)?;
+            }
+        }
+        Ok(tree)
+    }
+}
+
+fn implicit_dir_meta() -> Metadata {
+    Metadata {
+        mode: 0o755,
+        ..Metadata::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: clean_path(path.as_bytes()),
+            kind,
+            meta: Metadata::default(),
+        }
+    }
+
+    fn names(t: &mut MergedTree, path: &str) -> Vec<String> {
+        let d = t
+            .resolve_dir(&clean_path(path.as_bytes()), false)
+            .unwrap()
+            .unwrap();
+        t.children(d)
+            .unwrap()
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn paths_are_contained() {
+        assert_eq!(
+            clean_path(b"/../a/./b//../c/"),
+            vec![b"a".to_vec(), b"c".to_vec()]
+        );
+        assert!(clean_path(b"../..").is_empty());
+    }
+
+    #[test]
+    fn symlinked_parent_and_opaque() {
+        let mut t = MergedTree::new();
+        t.apply(e("usr/lib/", EntryKind::Dir)).unwrap();
+        t.apply(e("lib", EntryKind::Symlink(b"usr/lib".to_vec())))
+            .unwrap();
+        t.apply(e("lib/x", EntryKind::Fifo)).unwrap();
+        assert_eq!(names(&mut t, "usr/lib"), ["x"]);
+        // Next layer: opaque usr/lib after a sibling of the same layer.
+        t.begin_layer(1);
+        t.apply(e("usr/lib/y", EntryKind::Fifo)).unwrap();
+        t.apply(e("usr/lib/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        assert_eq!(names(&mut t, "usr/lib"), ["y"]);
+    }
+
+    #[test]
+    fn same_layer_whiteouts_only_hide_lower_layers() {
+        let mut t = MergedTree::new();
+        t.apply(e("d/", EntryKind::Dir)).unwrap();
+        t.apply(e("d/old", EntryKind::Fifo)).unwrap();
+        t.apply(e("x", EntryKind::Fifo)).unwrap();
+        t.begin_layer(1);
+        // Re-created in this layer, then whited out: only the lower content goes.
+        t.apply(e("d/", EntryKind::Dir)).unwrap();
+        t.apply(e("d/new", EntryKind::Fifo)).unwrap();
+        t.apply(e(".wh.d", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        assert_eq!(names(&mut t, "d"), ["new"]);
+        // Whiteout first, then re-created: fresh.
+        t.apply(e(".wh.x", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        t.apply(e("x/", EntryKind::Dir)).unwrap();
+        assert!(names(&mut t, "x").is_empty());
+        // Opaque marker for a directory with no entry of its own, over a lower file.
+        t.begin_layer(2);
+        t.apply(e("x/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
+            .unwrap();
+        assert!(names(&mut t, "x").is_empty());
+    }
+
+    #[test]
+    fn hard_link_survives_deletion_and_symlink_loops_fail() {
+        let mut t = MergedTree::new();
+        t.apply(e("a", EntryKind::File { size: 1, spool: 0 })).unwrap();
+        t.apply(e("b", EntryKind::HardLink(clean_path(b"a")))).unwrap();
+        t.begin_layer(1);
+        t.whiteout(&clean_path(b".wh.a")).unwrap();
+        assert_eq!(names(&mut t, ""), ["b"]);
+        t.apply(e("l1", EntryKind::Symlink(b"l2".to_vec()))).unwrap();
+        t.apply(e("l2", EntryKind::Symlink(b"l1".to_vec()))).unwrap();
+        assert!(t.apply(e("l1/x", EntryKind::Fifo)).is_err());
+        assert!(t
+            .apply(e("c", EntryKind::HardLink(clean_path(b"missing"))))
+            .is_err());
+    }
+}

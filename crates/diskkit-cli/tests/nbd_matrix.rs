@@ -562,3 +562,94 @@ fn row20_allocation_depth_and_asif() {
     ]);
     assert!(std::fs::read(&back).unwrap().iter().all(|&b| b == 0x33));
 }
+
+#[test]
+fn stacks_are_served_whole_with_allocation_depth() {
+    let d = Dir::new();
+    let base = d.s("base.asif");
+    let top = d.s("vm.qcow2");
+    diskkit_ok(&["create", "--format", "asif", "--size", "64M", &base]);
+    let chunk = d.path("chunk.bin");
+    std::fs::write(&chunk, vec![0x5au8; 1 << 20]).unwrap();
+    diskkit_ok(&[
+        "write",
+        &base,
+        "--offset",
+        "4M",
+        "--from",
+        chunk.to_str().unwrap(),
+    ]);
+    let base_before = std::fs::read(&base).unwrap();
+    diskkit_ok(&["layer", "create", "--format", "qcow2", "--parent", &base, &top]);
+    diskkit_ok(&[
+        "write",
+        &top,
+        "--offset",
+        "10M",
+        "--from",
+        chunk.to_str().unwrap(),
+    ]);
+    let s = Served::start(&d.path("x.sock"), &["--export", "disk", &top]);
+    let u = s.uri("disk");
+    let map = client_ok("nbdinfo", &["--map=qemu:allocation-depth", &u]);
+    let rows: Vec<(u64, u64, u64)> = map
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (0, 4 << 20, 0),
+            (4 << 20, 1 << 20, 2),
+            (5 << 20, 5 << 20, 0),
+            (10 << 20, 1 << 20, 1),
+            (11 << 20, 53 << 20, 0),
+        ],
+        "{map}"
+    );
+    // Reads see both layers; writes land in the top layer only.
+    client_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 4M 1M",
+            "-c",
+            "read -P 0x5a 10M 1M",
+            &u,
+        ],
+    );
+    client_ok("qemu-io", &["-f", "raw", "-c", "write -P 0x33 4M 64k", &u]);
+    assert!(s.stop().success());
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base was written"
+    );
+    // QEMU cannot open an ASIF backing file, so it checks the qcow2 layer on its own.
+    let alone =
+        format!(r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{top}"}}}}"#);
+    client_ok("qemu-img", &["check", &alone]);
+    let out = client_ok("qemu-io", &["-c", "read -P 0x33 4M 64k", &alone]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    let back = d.path("back.bin");
+    diskkit_ok(&[
+        "read",
+        &top,
+        "--offset",
+        "4M",
+        "--length",
+        "1M",
+        "--to",
+        back.to_str().unwrap(),
+    ]);
+    let back = std::fs::read(&back).unwrap();
+    assert!(back[..65536].iter().all(|&b| b == 0x33) && back[65536..].iter().all(|&b| b == 0x5a));
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use diskkit::{DiskImage, OpenOptions};
+use diskkit::DiskImage;
 use diskkit_nbd::{Address, CacheMode, Export, Server, ServerConfig, SyncMode, TlsSettings};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -176,7 +176,7 @@ fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
     let mut exports = Vec::new();
     match &args.image {
         Some(path) => {
-            let mut e = open_export(main_name.unwrap_or(""), path, args.open.format, args.read_only)?;
+            let mut e = open_export(main_name.unwrap_or(""), path, &args.open, args.read_only)?;
             e.description = args.description.clone();
             exports.push(e);
         }
@@ -186,7 +186,15 @@ fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
         None => {}
     }
     for (name, path) in extra {
-        exports.push(open_export(name, Path::new(path), None, args.read_only)?);
+        exports.push(open_export(
+            name,
+            Path::new(path),
+            &OpenArgs {
+                format: None,
+                ..args.open.clone()
+            },
+            args.read_only,
+        )?);
     }
     if exports.is_empty() {
         bail!("nothing to serve: give IMAGE or --export NAME=PATH");
@@ -202,16 +210,9 @@ fn open_exports(args: &ServeArgs) -> Result<Vec<Export>> {
     Ok(exports)
 }
 
-fn open_export(
-    name: &str,
-    path: &Path,
-    format: Option<crate::args::Format>,
-    read_only: bool,
-) -> Result<Export> {
-    let mut options = OpenOptions::new().writable(!read_only);
-    if let Some(f) = format {
-        options = options.format(f.into());
-    }
+fn open_export(name: &str, path: &Path, open: &OpenArgs, read_only: bool) -> Result<Export> {
+    // The same format and parent policy as every other command: stacks are served whole.
+    let options = super::open_options(open, !read_only);
     let image =
         DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
     Ok(Export::new(name, Arc::new(image)))

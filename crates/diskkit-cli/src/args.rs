@@ -400,7 +400,7 @@ pub(crate) enum Command {
     /// Build a merged ext4 root filesystem from an OCI image (layout directory, OCI archive or
     /// docker-archive), rootless, with diskkit's own ext4 writer.
     Unpack {
-        /// Output container format (raw or asif).
+        /// Output container format (raw, asif or qcow2).
         #[arg(long, value_enum, default_value = "raw")]
         format: Format,
         /// Platform OS/ARCH[/VARIANT] (default: the host's).

@@ -45,6 +45,16 @@ fn unpack_raw_and_asif() {
     ]);
     let info = diskkit_ok(&["info", &d.s("root.img")]);
     assert!(info.to_lowercase().contains("asif"), "{info}");
+    // Straight into qcow2: QEMU finds the image clean and the filesystem inside is too.
+    diskkit_ok(&["unpack", "--format", "qcow2", &lay, &d.s("root.qcow2")]);
+    tool_ok("qemu-img", &["check", &d.s("root.qcow2")]);
+    tool_ok(
+        "qemu-img",
+        &["convert", "-O", "raw", &d.s("root.qcow2"), &d.s("from-qcow2.raw")],
+    );
+    tool_ok("e2fsck", &["-fn", &d.s("from-qcow2.raw")]);
+    let ls = tool_ok("debugfs", &["-R", "ls -p /opq", &d.s("from-qcow2.raw")]);
+    assert!(ls.contains("/new/") && !ls.contains("/old/"), "{ls}");
 }
 
 #[test]

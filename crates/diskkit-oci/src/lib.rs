@@ -183,8 +183,7 @@ pub fn unpack_selected(
     let size = plan.size_bytes();
     let create = match options.format {
         ImageFormat::Asif => CreateOptions::asif(size / 4096, 4096),
-        ImageFormat::Raw => CreateOptions::raw(size),
-        f => return Err(Error::unsupported(format!("writing ext4 into {f} images"))),
+        f => CreateOptions::new(f, size),
     }
     .overwrite(options.overwrite);
     let pending = DiskImage::create_pending(dst, &create)?;

@@ -72,10 +72,7 @@ pub(crate) struct Args<'a> {
 
 pub(crate) fn run(args: Args<'_>, src: &str, dst: Option<&Path>) -> Result<u8> {
     let (path, reference) = split_source(src);
-    let format = match args.format {
-        Format::Raw | Format::Asif => args.format.into(),
-        Format::Qcow2 => bail!("unpack writes raw or asif images (qcow2 creation is not available yet)"),
-    };
+    let format = args.format.into();
     let size = args.size.map(parse_size).transpose()?;
     let platform = args.platform.map(str::parse::<Platform>).transpose()?;
     let options = UnpackOptions {

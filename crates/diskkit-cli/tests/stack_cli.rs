@@ -308,3 +308,165 @@ fn sigkill_during_commit_loses_nothing() {
         flatten_matches(&work.join("base.asif"), &expected);
     }
 }
+
+#[test]
+fn qcow2_backing_and_data_files_go_through_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("vm")).unwrap();
+    let outside = d.join("outside.raw");
+    tool_ok("qemu-img", &["create", "-q", "-f", "raw", p(&outside), "1M"]);
+    let inside = d.join("vm/inside.raw");
+    tool_ok("qemu-img", &["create", "-q", "-f", "raw", p(&inside), "1M"]);
+    let cases = [
+        ("passwd.qcow2", "/etc/passwd".to_owned()),
+        ("dotdot.qcow2", "../outside.raw".to_owned()),
+        ("absolute.qcow2", p(&inside).to_owned()),
+    ];
+    for (name, backing) in &cases {
+        let img = d.join("vm").join(name);
+        tool_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                backing,
+                "-F",
+                "raw",
+                p(&img),
+                "1M",
+            ],
+        );
+        let out = diskkit(&["info", p(&img)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(
+            err.contains("not allowed") && err.contains(backing.as_str()),
+            "{name}: {err}"
+        );
+        // Reading it anyway needs an explicit choice.
+        if *name != "passwd.qcow2" {
+            diskkit_ok(&["info", "--allow-any-parent", p(&img)]);
+        }
+    }
+    // The same backing file named relatively, in the same directory, is followed by default.
+    let ok = d.join("vm/ok.qcow2");
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "inside.raw",
+            "-F",
+            "raw",
+            p(&ok),
+            "1M",
+        ],
+    );
+    let info = info_json(&ok, &[]);
+    assert_eq!(info["layers"].as_array().unwrap().len(), 2);
+    // An external data file is refused outright.
+    let data = d.join("vm/data.qcow2");
+    let raw_data = d.join("vm/data.bin");
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", p(&raw_data)),
+            p(&data),
+            "1M",
+        ],
+    );
+    let out = diskkit(&["info", "--allow-any-parent", p(&data)]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data file"), "{err}");
+}
+
+#[test]
+fn qcow2_top_commit_survives_sigkill() {
+    // A qcow2 overlay over an ASIF base: commit killed at random moments, then finished.
+    let dir = tempfile::tempdir().unwrap();
+    let golden = dir.path().join("golden");
+    std::fs::create_dir(&golden).unwrap();
+    let base = golden.join("base.asif");
+    let top = golden.join("top.qcow2");
+    let expected = dir.path().join("expected.raw");
+    diskkit_ok(&["create", "--size", "32M", p(&base)]);
+    let chunk = dir.path().join("chunk.bin");
+    std::fs::write(&chunk, vec![0x81u8; 3 << 20]).unwrap();
+    diskkit_ok(&["write", p(&base), "--offset", "1M", "--from", p(&chunk)]);
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--format",
+        "qcow2",
+        "--parent",
+        p(&base),
+        p(&top),
+    ]);
+    let mut rng = support::Rng(0xc0ffee);
+    for i in 0..32u64 {
+        let len = 512 + rng.below(300_000);
+        let off = rng.below((32 << 20) - len);
+        std::fs::write(&chunk, vec![(i as u8) | 1; len as usize]).unwrap();
+        diskkit_ok(&[
+            "write",
+            p(&top),
+            "--offset",
+            &off.to_string(),
+            "--from",
+            p(&chunk),
+        ]);
+    }
+    diskkit_ok(&["discard", p(&top), "--offset", "1M", "--length", "128K"]);
+    diskkit_ok(&["flatten", "-O", "raw", p(&top), p(&expected)]);
+    let probe = dir.path().join("probe");
+    copy_dir(&golden, &probe);
+    let start = std::time::Instant::now();
+    diskkit_ok(&["commit", p(&probe.join("top.qcow2"))]);
+    let full = start.elapsed().as_micros() as u64;
+    flatten_matches(&probe.join("top.qcow2"), &expected);
+    let alone = |path: &Path| {
+        format!(
+            r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+            p(path)
+        )
+    };
+    tool_ok("qemu-img", &["check", &alone(&probe.join("top.qcow2"))]);
+    for round in 0..8u64 {
+        let work = dir.path().join(format!("round{round}"));
+        copy_dir(&golden, &work);
+        let wtop = work.join("top.qcow2");
+        let mut child = std::process::Command::new(support::diskkit_bin())
+            .args(["commit", p(&wtop)])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(rng.below(full * 6 / 5 + 1)));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Every layer still opens, QEMU finds the qcow2 layer sound (leaks allowed), and the
+        // stack reads as before.
+        let check = std::process::Command::new("qemu-img")
+            .args(["check", &alone(&wtop)])
+            .output()
+            .unwrap();
+        assert!(matches!(check.status.code(), Some(0 | 3)), "{check:?}");
+        flatten_matches(&wtop, &expected);
+        diskkit_ok(&["commit", p(&wtop)]);
+        flatten_matches(&wtop, &expected);
+        flatten_matches(&work.join("base.asif"), &expected);
+    }
+}

@@ -318,8 +318,8 @@ enum Op {
     Snapshot,
     Restore,
     Commit,
-    Overlay { chunk: u32 },
-    Cache { chunk: u32 },
+    Overlay { chunk: u32, qcow2: bool },
+    Cache { chunk: u32, qcow2: bool },
     Reopen,
 }
 
@@ -340,8 +340,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => Just(Op::Snapshot),
         1 => Just(Op::Restore),
         1 => Just(Op::Commit),
-        1 => chunk.clone().prop_map(|chunk| Op::Overlay { chunk }),
-        1 => chunk.prop_map(|chunk| Op::Cache { chunk }),
+        1 => (chunk.clone(), any::<bool>()).prop_map(|(chunk, qcow2)| Op::Overlay { chunk, qcow2 }),
+        1 => (chunk, any::<bool>()).prop_map(|(chunk, qcow2)| Op::Cache { chunk, qcow2 }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -379,14 +379,10 @@ fn check(stack: &DiskImage, model: &Model, step: usize) {
     }
 }
 
-fn run_model(raw_base: bool, ops: &[Op]) {
+fn run_model(base_format: ImageFormat, ops: &[Op]) {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join(if raw_base { "base.raw" } else { "base.asif" });
-    let format = if raw_base {
-        ImageFormat::Raw
-    } else {
-        ImageFormat::Asif
-    };
+    let base = dir.path().join(format!("base.{base_format}"));
+    let format = base_format;
     {
         let b = DiskImage::create(&base, &CreateOptions::new(format, SIZE).chunk_size(64 << 10)).unwrap();
         b.write_at(&pattern(300 << 10, 1, 0), 0).unwrap();
@@ -457,7 +453,7 @@ fn run_model(raw_base: bool, ops: &[Op]) {
                 }
                 stack = DiskImage::open(&top, &rw()).unwrap();
             }
-            Op::Overlay { chunk } | Op::Cache { chunk } => {
+            Op::Overlay { chunk, qcow2 } | Op::Cache { chunk, qcow2 } => {
                 // Freeze the current top under a new name, then add the new layer at `top`.
                 let is_cache = matches!(op, Op::Cache { .. });
                 if is_cache && has_cache {
@@ -485,7 +481,14 @@ fn run_model(raw_base: bool, ops: &[Op]) {
                     LayerOptions::overlay()
                 };
                 // The renamed file keeps its parent path, relative to the same directory.
-                stack = lower.with_new(&top, &kind.chunk_size(*chunk)).unwrap();
+                let format = if *qcow2 {
+                    ImageFormat::Qcow2
+                } else {
+                    ImageFormat::Asif
+                };
+                stack = lower
+                    .with_new(&top, &kind.chunk_size(*chunk).format(format))
+                    .unwrap();
                 has_cache |= is_cache;
                 model.below = Some(model.now.clone());
             }
@@ -511,8 +514,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn stacks_match_the_model(raw_base in any::<bool>(), ops in proptest::collection::vec(op_strategy(), 1..40)) {
-        run_model(raw_base, &ops);
+    fn stacks_match_the_model(
+        base in prop_oneof![Just(ImageFormat::Raw), Just(ImageFormat::Asif), Just(ImageFormat::Qcow2)],
+        ops in proptest::collection::vec(op_strategy(), 1..40),
+    ) {
+        run_model(base, &ops);
     }
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark: extract a ~100 MiB kernel + initramfs pair from ext4 in RAW and ASIF images with
+# Benchmark: extract a ~100 MiB kernel + initramfs pair from ext4 in RAW, ASIF and qcow2 images with
 # `diskkit kernel`, against `debugfs -R dump` on the RAW image (and virt-get-kernel if present).
 # Usage: scripts/bench-kernel.sh [runs]   (builds the release binary first)
 set -euo pipefail
@@ -16,13 +16,15 @@ head -c 70M /dev/urandom > tree/boot/initrd.img-6.1.0-bench
 truncate -s 256M fs.img
 mkfs.ext4 -q -F -d tree fs.img
 "$D" convert -O asif fs.img fs.asif
+"$D" convert -O qcow2 fs.img fs.qcow2
 t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
 for i in $(seq "$runs"); do
     rm -rf o k i
     a=$(t "$D" kernel fs.img --out o); rm -rf o
     b=$(t "$D" kernel fs.asif --out o); rm -rf o
+    q=$(t "$D" kernel fs.qcow2 --out o); rm -rf o
     c=$(t sh -c 'debugfs -R "dump /boot/vmlinuz-6.1.0-bench k" fs.img && debugfs -R "dump /boot/initrd.img-6.1.0-bench i" fs.img')
-    echo "run $i: diskkit raw ${a}s  diskkit asif ${b}s  debugfs ${c}s"
+    echo "run $i: diskkit raw ${a}s  diskkit asif ${b}s  diskkit qcow2 ${q}s  debugfs ${c}s"
 done
 if command -v virt-get-kernel >/dev/null; then
     echo "virt-get-kernel: $(t virt-get-kernel -a fs.img -o vgk)s"

@@ -185,6 +185,36 @@ fn ls_and_cat_match_debugfs_in_raw_and_asif() {
     check_against_debugfs(&raw, &dir.s("fs.img"), &dir);
     diskkit_ok(&["convert", "-O", "asif", &dir.s("fs.img"), &dir.s("fs.asif")]);
     check_against_debugfs(&raw, &dir.s("fs.asif"), &dir);
+    // qcow2 written by diskkit, and one written by qemu-img with compressed clusters.
+    diskkit_ok(&["convert", "-O", "qcow2", &dir.s("fs.img"), &dir.s("fs.qcow2")]);
+    check_against_debugfs(&raw, &dir.s("fs.qcow2"), &dir);
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            &dir.s("fs.img"),
+            &dir.s("fs-z.qcow2"),
+        ],
+    );
+    // qemu-img map gives no host offset for a compressed cluster: prove some exist.
+    let map: Value = serde_json::from_str(&tool_ok(
+        "qemu-img",
+        &["map", "--output", "json", "-f", "qcow2", &dir.s("fs-z.qcow2")],
+    ))
+    .unwrap();
+    let compressed = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true && e.get("offset").is_none())
+        .count();
+    assert!(compressed > 0, "no compressed clusters in fs-z.qcow2: {map}");
+    check_against_debugfs(&raw, &dir.s("fs-z.qcow2"), &dir);
     // `partitions` on a whole-disk filesystem says so.
     let v: Value = serde_json::from_str(&diskkit_ok(&[
         "partitions",
@@ -306,6 +336,10 @@ fn gpt_partitions_listed_and_selected() {
         diskkit_ok(&["cat", &format!("{}@root:/etc/hostname", dir.s("gpt.asif"))]),
         "fixture\n"
     );
+    // And through qcow2: the table, a partition chosen by label, and its contents.
+    diskkit_ok(&["convert", "-O", "qcow2", &d, &dir.s("gpt.qcow2")]);
+    check_partitions_match_sfdisk_via(&dir.s("gpt.qcow2"), &d);
+    check_against_debugfs(&fs_image, &format!("{}@root", dir.s("gpt.qcow2")), &dir);
 }
 
 fn check_partitions_match_sfdisk_via(image: &str, raw: &str) {

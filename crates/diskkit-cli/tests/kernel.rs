@@ -337,6 +337,37 @@ fn host_kernel() -> (PathBuf, String) {
     (k, v)
 }
 
+/// The md5 dpkg recorded for `boot/vmlinuz-<version>` in the md5sums of the package owning
+/// `kernel` (found with `dpkg -S`). Panics if the owner or the entry cannot be found.
+fn package_md5(kernel: &Path, version: &str) -> String {
+    let owner = tool_ok("dpkg", &["-S", &kernel.to_string_lossy()]);
+    // "linux-image-6.1.0-56-cloud-amd64: /boot/vmlinuz-6.1.0-56-cloud-amd64"
+    let pkg = owner
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(": "))
+        .map(|(p, _)| p.trim().to_owned())
+        .unwrap_or_else(|| panic!("dpkg -S gave no owner for {}: {owner}", kernel.display()));
+    assert_eq!(
+        pkg.split(':').next(),
+        Some(format!("linux-image-{version}").as_str())
+    );
+    let info = Path::new("/var/lib/dpkg/info");
+    let sums = [format!("{pkg}.md5sums"), format!("{pkg}:amd64.md5sums")]
+        .iter()
+        .map(|n| info.join(n))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no md5sums file for {pkg} in {}", info.display()));
+    let text = fs::read_to_string(&sums).unwrap();
+    let want = format!("boot/vmlinuz-{version}");
+    text.lines()
+        .find_map(|l| {
+            let (md5, path) = l.split_once("  ")?;
+            (path == want).then(|| md5.to_owned())
+        })
+        .unwrap_or_else(|| panic!("{want} not listed in {}", sums.display()))
+}
+
 /// A busybox initramfs whose /init prints a marker and powers off.
 fn busybox_initramfs(dir: &Dir, marker: &str) -> Vec<u8> {
     let root = dir.path("initramfs-root");
@@ -385,6 +416,12 @@ fn real_debian_kernel_extracts_byte_identical_and_boots() {
         "extracted kernel differs from {}",
         kernel_path.display()
     );
+    // And it is the package's file, not just whatever /boot holds now: its md5 is the one
+    // dpkg recorded for boot/vmlinuz-<version> in the owning package's md5sums.
+    let recorded = package_md5(&kernel_path, &version);
+    let ours = tool_ok("md5sum", &[&out.join("vmlinuz").to_string_lossy()]);
+    let ours = ours.split_whitespace().next().unwrap_or_default();
+    assert_eq!(ours, recorded, "extracted vmlinuz md5 vs the package's md5sums");
     assert!(read(&out.join("initramfs")) == initramfs);
     let cmdline = fs::read_to_string(out.join("cmdline")).unwrap();
     assert_eq!(cmdline.trim(), "console=ttyS0 panic=-1");
@@ -514,13 +551,19 @@ fn kernel_in_a_gpt_root_partition() {
         ],
     );
     diskkit_ok(&["convert", "-O", "asif", &d, &f.dir.s("disk.asif")]);
-    for image in [
+    diskkit_ok(&["convert", "-O", "qcow2", &d, &f.dir.s("disk.qcow2")]);
+    for (i, image) in [
         d.clone(),
         f.dir.s("disk.asif"),
+        f.dir.s("disk.qcow2"),
+        format!("{}@root", f.dir.s("disk.qcow2")),
         format!("{d}@2"),
         format!("{d}@root"),
-    ] {
-        let out = f.dir.path(&format!("out-{}", image.len()));
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = f.dir.path(&format!("out-{i}"));
         let j = kernel_json(&["--out", &out.to_string_lossy(), &image]);
         assert_eq!(j["chosen"]["version"], "6.6.0", "{image}");
         assert_eq!(read(&out.join("vmlinuz")), b"partitioned-kernel");

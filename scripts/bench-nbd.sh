@@ -99,11 +99,11 @@ for line in open(sys.argv[1]):
 servers = ["diskkit-raw", "qemu-nbd-raw", "nbdkit-raw", "diskkit-asif", "diskkit-qcow2", "qemu-nbd-qcow2"]
 tests = list(dict.fromkeys(t for _, t in vals))
 med = {k: statistics.median(v) for k, v in vals.items()}
-print("%-24s" % "test (median)" + "".join("%14s" % s for s in servers)
+print("%-24s" % "test (median)" + "".join("%16s" % s for s in servers)
       + "  raw/qemu-nbd  raw/nbdkit  asif/qemu-nbd  qcow2/qemu-nbd-qcow2")
 for t in tests:
     row = [med.get((s, t), float("nan")) for s in servers]
-    print("%-24s" % t + "".join("%14.0f" % v for v in row)
+    print("%-24s" % t + "".join("%16.0f" % v for v in row)
           + "  %11.2f  %10.2f  %13.2f  %20.2f"
           % (row[0] / row[1], row[0] / row[2], row[3] / row[1], row[4] / row[5]))
 print("units: MB/s (10^6 B/s) except *_iops; runs per cell: %s" % len(next(iter(vals.values()))))

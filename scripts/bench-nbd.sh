@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # NBD server benchmark: diskkit serve against qemu-nbd and nbdkit (file plugin), one server at a
 # time, serving the same page-cached image, with the same clients (nbdcopy, fio's nbd engine).
-# For ASIF, diskkit serves the same data converted to ASIF (the peers cannot read ASIF).
+# For ASIF, diskkit serves the same data converted to ASIF (the peers cannot read ASIF). For qcow2,
+# diskkit and qemu-nbd take turns serving one qcow2 file holding the same data (made by qemu-img).
 #
 # Usage: scripts/bench-nbd.sh [RUNS] [SIZE_MiB] [SCRATCH_DIR]     (defaults: 3 runs, 2048 MiB)
 # Prints the median of each test per server and the ratios diskkit / qemu-nbd and
-# diskkit / nbdkit. MB/s = 10^6 bytes/s. Needs qemu-utils, nbdkit, libnbd-bin, fio.
+# diskkit / nbdkit, and diskkit-qcow2 / qemu-nbd-qcow2. MB/s = 10^6 bytes/s. Needs qemu-utils, nbdkit, libnbd-bin, fio.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${1:-3}
@@ -25,8 +26,10 @@ head -c "$size" /dev/urandom > "$work/src.raw"
 cp "$work/src.raw" "$work/dst.raw"
 rm -f "$work/dst.asif"
 "$dk" convert -O asif "$work/src.raw" "$work/dst.asif"
+rm -f "$work/dst.qcow2"
+qemu-img convert -f raw -O qcow2 "$work/src.raw" "$work/dst.qcow2"
 sync   # no writeback of the fresh copies during the first measurements
-cat "$work/src.raw" "$work/dst.raw" "$work/dst.asif" > /dev/null
+cat "$work/src.raw" "$work/dst.raw" "$work/dst.asif" "$work/dst.qcow2" > /dev/null
 
 pid=
 start() {  # start a server in the background on $sock
@@ -80,6 +83,10 @@ for run in $(seq "$RUNS"); do
   bench_once nbdkit-raw; stop
   start "$dk" serve --foreground -f asif --socket "$sock" --export disk --shared 16 --sync fsync "$work/dst.asif"
   bench_once diskkit-asif; stop
+  start "$dk" serve --foreground -f qcow2 --socket "$sock" --export disk --shared 16 --sync fsync "$work/dst.qcow2"
+  bench_once diskkit-qcow2; stop
+  start qemu-nbd -t --shared=16 -k "$sock" -f qcow2 -x disk "$work/dst.qcow2"
+  bench_once qemu-nbd-qcow2; stop
   echo "run $run done" >&2
 done
 
@@ -89,14 +96,15 @@ vals = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     server, test, v = line.split()
     vals[(server, test)].append(float(v))
-servers = ["diskkit-raw", "qemu-nbd-raw", "nbdkit-raw", "diskkit-asif"]
+servers = ["diskkit-raw", "qemu-nbd-raw", "nbdkit-raw", "diskkit-asif", "diskkit-qcow2", "qemu-nbd-qcow2"]
 tests = list(dict.fromkeys(t for _, t in vals))
 med = {k: statistics.median(v) for k, v in vals.items()}
-print("%-24s" % "test (median)" + "".join("%14s" % s for s in servers)
-      + "  raw/qemu-nbd  raw/nbdkit  asif/qemu-nbd")
+print("%-24s" % "test (median)" + "".join("%16s" % s for s in servers)
+      + "  raw/qemu-nbd  raw/nbdkit  asif/qemu-nbd  qcow2/qemu-nbd-qcow2")
 for t in tests:
     row = [med.get((s, t), float("nan")) for s in servers]
-    print("%-24s" % t + "".join("%14.0f" % v for v in row)
-          + "  %11.2f  %10.2f  %13.2f" % (row[0] / row[1], row[0] / row[2], row[3] / row[1]))
+    print("%-24s" % t + "".join("%16.0f" % v for v in row)
+          + "  %11.2f  %10.2f  %13.2f  %20.2f"
+          % (row[0] / row[1], row[0] / row[2], row[3] / row[1], row[4] / row[5]))
 print("units: MB/s (10^6 B/s) except *_iops; runs per cell: %s" % len(next(iter(vals.values()))))
 PY

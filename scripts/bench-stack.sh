@@ -6,14 +6,16 @@
 #  - layer 1: 64 writes of 4 MiB; layer 2: 64 writes of 1 MiB (random offsets, same for both
 #    tools, written with `diskkit write` and `qemu-io write -s`).
 # Timed (median of RUNS, page cache warm): converting the stack to RAW with diskkit
-# (ASIF overlays over RAW) and qemu-img (qcow2 overlays over RAW), and diskkit converting the
-# flattened ASIF image to RAW. Prints seconds and ratios; outputs are compared for equality.
+# (ASIF overlays over RAW) and qemu-img (qcow2 overlays over RAW, -t writeback so it syncs as
+# diskkit does), and diskkit converting the flattened ASIF image to RAW; then sequential and
+# random reads through the stack against the flattened image. Prints seconds and ratios; outputs are compared for equality.
 # Usage: scripts/bench-stack.sh [RUNS] [SCRATCH_DIR]
 set -euo pipefail
 runs=${1:-3}
 cd "$(dirname "$0")/.."
 root=$PWD
-cargo build --release --locked --bin diskkit -q
+cargo build --release --locked --bin diskkit --example iobench -q
+iob=$root/target/release/examples/iobench
 dk=$root/target/release/diskkit
 work=${2:-$(mktemp -d /var/tmp/diskkit-bench-stack.XXXXXX)}
 mkdir -p "$work"
@@ -65,9 +67,20 @@ rm -f check-dk.raw check-qemu.raw
 
 stack=$(for i in $(seq "$runs"); do rm -f o.raw; t "$dk" flatten -O raw l2.asif o.raw; done | median)
 flat=$(for i in $(seq "$runs"); do rm -f o.raw; t "$dk" convert -O raw flat.asif o.raw; done | median)
-qemu=$(for i in $(seq "$runs"); do rm -f o.raw; t qemu-img convert -O raw l2.qcow2 o.raw; done | median)
+qemu=$(for i in $(seq "$runs"); do rm -f o.raw; t qemu-img convert -t writeback -O raw l2.qcow2 o.raw; done | median)
 printf 'diskkit: 3-layer stack -> raw   %8.2f s\n' "$stack"
 printf 'diskkit: flattened asif -> raw  %8.2f s\n' "$flat"
 printf 'qemu-img: qcow2 chain -> raw    %8.2f s\n' "$qemu"
 printf "stack speed / flattened speed  %8.2f  (goal >= 0.8)\n" "$(echo "$flat / $stack" | bc -l)"
 printf "diskkit speed / qemu-img speed %8.2f\n" "$(echo "$qemu / $stack" | bc -l)"
+
+echo "== reads through the stack vs the flattened image (iobench, single thread, 3 s, median)"
+for p in seq-read:1048576 rand-read:4096; do
+    pat=${p%%:*}; bs=${p##*:}
+    col=$([ "$bs" -gt 65536 ] && echo 3 || echo 4)
+    s=$(for i in $(seq "$runs"); do "$iob" l2.asif asif "$pat" "$bs" 3 | awk -v c=$col '{print $c}'; done | median)
+    f=$(for i in $(seq "$runs"); do "$iob" flat.asif asif "$pat" "$bs" 3 | awk -v c=$col '{print $c}'; done | median)
+    unit=$([ "$bs" -gt 65536 ] && echo MB/s || echo IOPS)
+    printf '%-10s stack %10.0f  flattened %10.0f  stack/flattened %5.2f (%s, goal >= 0.8)\n' \
+        "$pat" "$s" "$f" "$(echo "$s / $f" | bc -l)" "$unit"
+done

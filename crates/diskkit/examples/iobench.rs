@@ -2,11 +2,11 @@
 //!
 //! `iobench PATH FORMAT PATTERN BLOCK SECONDS` where PATTERN is seq-read, seq-write,
 //! rand-read or rand-write. Runs single-threaded through `DiskImage` for about SECONDS and prints
-//! one line: `PATTERN FORMAT MB/s IOPS`.
+//! one line: `PATTERN FORMAT MB/s IOPS`. PATH may be the top layer of a stack.
 
 use std::time::{Duration, Instant};
 
-use diskkit::{DiskImage, ImageFormat, OpenOptions};
+use diskkit::{DiskImage, ImageFormat, OpenOptions, ParentPolicy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -18,7 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let block: usize = args[4].parse()?;
     let seconds: f64 = args[5].parse()?;
     let write = pattern.ends_with("write");
-    let image = DiskImage::open(&args[1], &OpenOptions::new().writable(write).format(format))?;
+    // Stacks are followed through parents in the same directory (scripts/bench-stack.sh).
+    let options = OpenOptions::new()
+        .writable(write)
+        .format(format)
+        .parents(ParentPolicy::same_directory());
+    let image = DiskImage::open(&args[1], &options)?;
     let blocks = image.size() / block as u64;
     let mut buf = vec![0x5au8; block];
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;

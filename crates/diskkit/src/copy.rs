@@ -1,6 +1,9 @@
 //! Whole-image operations built on extents: sparse copy (convert) and compare.
 
-use crate::error::Result;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
 use crate::image::DiskImage;
 use crate::mapping::Extent;
 
@@ -30,19 +33,97 @@ pub fn is_zero(buf: &[u8]) -> bool {
     all_blocks && blocks.remainder().iter().all(|&b| b == 0)
 }
 
+/// Bytes of the disk one worker of [`copy`] handles at a time.
+const STRIPE: u64 = 32 << 20;
+/// The most worker threads [`copy`] uses.
+const MAX_WORKERS: usize = 4;
+
 /// Copy the virtual disk of `src` into `dst` (at least as large), skipping every range that
 /// reads as zeroes: ranges the source maps as zero or absent are never read, and data that turns
 /// out to be zero is not written. `dst` must read as zeroes everywhere beforehand (a new image).
 /// `progress` is called with the number of source bytes done so far.
+///
+/// The disk is split into stripes that a few worker threads copy in parallel (both images are
+/// shared across threads); memory use is one buffer per worker.
 pub fn copy(src: &DiskImage, dst: &DiskImage, progress: &mut dyn FnMut(u64)) -> Result<CopyStats> {
     let size = src.size();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WORKERS)
+        .min(size.div_ceil(STRIPE).max(1) as usize);
+    if workers <= 1 {
+        let mut buf = vec![0u8; BUFFER];
+        return copy_range(src, dst, 0, size, &mut buf, &mut |n| progress(n));
+    }
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let read = AtomicU64::new(0);
+    let written = AtomicU64::new(0);
+    let running = AtomicUsize::new(workers);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; BUFFER];
+                loop {
+                    let start = next.fetch_add(STRIPE, Ordering::Relaxed);
+                    if start >= size || lock(&failed).is_some() {
+                        break;
+                    }
+                    let end = (start + STRIPE).min(size);
+                    let mut last = start;
+                    let r = copy_range(src, dst, start, end, &mut buf, &mut |pos| {
+                        done.fetch_add(pos - last, Ordering::Relaxed);
+                        last = pos;
+                    });
+                    match r {
+                        Ok(stats) => {
+                            read.fetch_add(stats.bytes_read, Ordering::Relaxed);
+                            written.fetch_add(stats.bytes_written, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            lock(&failed).get_or_insert(e);
+                            break;
+                        }
+                    }
+                }
+                running.fetch_sub(1, Ordering::Release);
+            });
+        }
+        while running.load(Ordering::Acquire) > 0 {
+            progress(done.load(Ordering::Relaxed));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    });
+    if let Some(e) = lock(&failed).take() {
+        return Err(e);
+    }
+    progress(size);
+    Ok(CopyStats {
+        bytes_read: read.into_inner(),
+        bytes_written: written.into_inner(),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Copy `[start, end)` of `src` into `dst` (see [`copy`]); `progress` gets the offset reached.
+fn copy_range(
+    src: &DiskImage,
+    dst: &DiskImage,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+    progress: &mut dyn FnMut(u64),
+) -> Result<CopyStats> {
     let mut stats = CopyStats::default();
-    let mut buf = vec![0u8; BUFFER];
-    src.for_each_extent(0, size, |e: Extent| {
+    src.for_each_extent(start, end - start, |e: Extent| {
         if !e.reads_as_zero() {
             let mut pos = e.offset;
             while pos < e.end() {
-                let n = ((e.end() - pos) as usize).min(BUFFER);
+                let n = ((e.end() - pos) as usize).min(buf.len());
                 let piece = &mut buf[..n];
                 src.read_at(piece, pos)?;
                 stats.bytes_read += n as u64;

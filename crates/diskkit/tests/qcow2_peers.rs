@@ -475,3 +475,41 @@ fn layer_uuids_live_in_a_header_extension_qemu_keeps() {
     write_raw(&raw, &expect);
     compare(&img, "qcow2", &raw, "raw");
 }
+
+#[test]
+fn preallocation_modes_read_identically_and_take_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    for prealloc in ["off", "metadata", "falloc", "full"] {
+        let img = dir.path().join(format!("{prealloc}.qcow2"));
+        let o = format!("preallocation={prealloc},cluster_size=65536");
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &o, s(&img), "8M"],
+        );
+        qemu_io(
+            &img,
+            &[
+                "write -P 0x61 100k 200k",
+                "write -z 1M 64k",
+                "write -P 0x62 7M 4k",
+            ],
+        );
+        // diskkit reads what QEMU wrote, including preallocated (allocated, zero) clusters.
+        let raw = dir.path().join(format!("{prealloc}.raw"));
+        drop(diskkit_to_raw(&img, &raw));
+        compare(&img, "qcow2", &raw, "raw");
+        // diskkit writes into preallocated clusters; QEMU finds the image clean and identical.
+        let image = DiskImage::open(&img, &OpenOptions::new().writable(true)).unwrap();
+        let data = vec![0x63u8; 70_000];
+        image.write_at(&data, 3 << 20).unwrap();
+        image.discard(100 << 10, 64 << 10).unwrap();
+        image.flush().unwrap();
+        drop(image);
+        let mut model = std::fs::read(&raw).unwrap();
+        model[3 << 20..(3 << 20) + 70_000].copy_from_slice(&data);
+        model[100 << 10..164 << 10].fill(0);
+        write_raw(&raw, &model);
+        check_clean(&img);
+        compare(&img, "qcow2", &raw, "raw");
+    }
+}

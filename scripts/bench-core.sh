@@ -5,7 +5,8 @@
 #  2. Converting a 4 GiB RAW with half its 1 MiB chunks filled: diskkit raw->asif and asif->raw
 #     against qemu-img convert raw->qcow2 and qcow2->raw on the same data (with -t writeback,
 #     which syncs at the end as diskkit does), and dd conv=fdatasync of the same data as the floor.
-# Usage: scripts/bench-core.sh [RUNS] [SCRATCH_DIR]. Prints medians and ratios.
+# Usage: scripts/bench-core.sh [RUNS] [SCRATCH_DIR]. Prints medians and ratios. On VMs that
+# reclaim page cache proactively (DAMON), give a tmpfs SCRATCH_DIR (e.g. /dev/shm/bc, ~10 GiB).
 set -euo pipefail
 runs=${1:-3}
 cd "$(dirname "$0")/.."

@@ -88,8 +88,7 @@ impl DiskImage {
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<DiskImage> {
         let path = path.as_ref();
         if options.detached {
-            let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, options.mode.is_writable())?);
-            let layer = open_layer(storage, options).map_err(|e| e.with_path(path))?;
+            let layer = DiskImage::open_file_layer(path, options, options.mode.is_writable())?;
             let mut image = DiskImage::detached(layer, options.mode).map_err(|e| e.with_path(path))?;
             image.paths[0] = Some(path.to_path_buf());
             return Ok(image);

@@ -137,7 +137,7 @@ fn fill_absent(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Resu
     let mut p = a0;
     while p < a1 {
         let piece = &data[(p - offset) as usize..(p - offset + g) as usize];
-        push(p, p + g, piece.iter().all(|&b| b == 0));
+        push(p, p + g, crate::copy::is_zero(piece));
         p += g;
     }
     if end > a1.max(offset) {

@@ -96,16 +96,18 @@ impl PendingFile {
             }
         }
         self.done = true;
-        let dir = self
-            .dest
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if let Ok(d) = fs::File::open(dir) {
+        if let Ok(d) = fs::File::open(containing_dir(&self.dest)) {
             let _ = d.sync_all();
         }
         Ok(())
     }
+}
+
+/// The directory that holds `path` (`.` for a bare file name).
+pub(crate) fn containing_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 impl Drop for PendingFile {

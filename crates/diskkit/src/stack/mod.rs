@@ -21,7 +21,7 @@ use crate::options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOption
 use crate::output::PendingFile;
 use crate::storage::{FileStorage, Storage};
 
-pub(crate) use policy::relative_path;
+pub(crate) use policy::parent_hint;
 pub use policy::ParentPolicy;
 
 /// The longest chain of parents followed (a guard against loops and hostile images).
@@ -290,20 +290,7 @@ impl DiskImage {
     fn new_layer_info(&self, layer_type: LayerType, child_path: Option<&Path>) -> Result<LayerInfo> {
         let top = self.top_layer();
         let parent_path = match (child_path, self.path()) {
-            (Some(child), Some(parent)) => {
-                let dir = child
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                let rel = relative_path(dir, parent)?;
-                Some(
-                    rel.to_str()
-                        .ok_or_else(|| {
-                            Error::invalid_argument("parent path is not valid UTF-8").with_path(parent)
-                        })?
-                        .to_owned(),
-                )
-            }
+            (Some(child), Some(parent)) => Some(parent_hint(child, parent)?),
             _ => None,
         };
         Ok(LayerInfo {

@@ -20,7 +20,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::DiskImage;
 use crate::mapping::{Extent, ExtentKind};
 use crate::options::{ImageFormat, LayerType, OpenOptions};
-use crate::stack::{relative_path, LayerOptions};
+use crate::stack::{parent_hint, LayerOptions};
 
 /// Bytes moved per request by commit and rebase.
 const PIECE: usize = 1 << 20;
@@ -123,11 +123,11 @@ fn parent_path(stack: &DiskImage, top: &Path) -> Result<PathBuf> {
         .ok_or_else(|| Error::invalid_argument("the parent layer has no path").with_path(top))
 }
 
-/// The ranges the top layer of `stack` holds itself (depth 1), in order.
-fn top_extents(stack: &DiskImage) -> Result<Vec<Extent>> {
+/// The runs of `stack` for which `keep` holds, in order, adjacent runs merged.
+fn extents_where(stack: &DiskImage, keep: impl Fn(&Extent) -> bool) -> Result<Vec<Extent>> {
     let mut out = Vec::new();
     stack.for_each_extent(0, stack.size(), |e| {
-        if e.depth == 1 {
+        if keep(&e) {
             match out.last_mut() {
                 Some(last) if Extent::can_merge(last, &e) => last.length += e.length,
                 _ => out.push(e),
@@ -181,7 +181,8 @@ pub fn commit(top: &Path, options: &OpenOptions) -> Result<MergeStats> {
     }
     let mut stats = MergeStats::default();
     let mut buf = vec![0u8; PIECE];
-    for e in top_extents(&stack)? {
+    // The ranges the top layer holds itself (depth 1).
+    for e in extents_where(&stack, |e| e.depth == 1)? {
         if e.kind == ExtentKind::Zero {
             target.write_zeroes(e.offset, e.length, true)?;
             stats.zero_bytes += e.length;
@@ -221,14 +222,8 @@ pub fn rebase(top: &Path, new_parent: &Path, options: &OpenOptions) -> Result<Me
     let mut stats = MergeStats::default();
     let mut old_buf = vec![0u8; PIECE];
     let mut new_buf = vec![0u8; PIECE];
-    let mut lower = Vec::new();
-    stack.for_each_extent(0, stack.size(), |e| {
-        if e.depth != 1 {
-            lower.push(e);
-        }
-        Ok(())
-    })?;
-    for e in lower {
+    // The ranges the top does not hold: they come from the old parents.
+    for e in extents_where(&stack, |e| e.depth != 1)? {
         let mut pos = e.offset;
         while pos < e.end() {
             let len = ((e.end() - pos) as usize).min(PIECE);
@@ -258,17 +253,8 @@ pub fn rebase(top: &Path, new_parent: &Path, options: &OpenOptions) -> Result<Me
     }
     stack.flush()?;
     let top_layer = stack.top_layer();
-    let dir = top
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let rel = relative_path(dir, new_parent)?;
     let mut info = top_layer.layer_info();
-    info.parent_path = Some(
-        rel.to_str()
-            .ok_or_else(|| Error::invalid_argument("parent path is not valid UTF-8").with_path(new_parent))?
-            .to_owned(),
-    );
+    info.parent_path = Some(parent_hint(top, new_parent)?);
     info.parent_uuid = new.layer_uuid();
     info.parent_format = Some(new.format());
     top_layer.set_layer_info(&info)?;

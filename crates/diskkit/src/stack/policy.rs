@@ -8,6 +8,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::output::containing_dir;
 
 /// Which parent files may be opened while following a stack's chain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -72,16 +73,7 @@ impl ParentPolicy {
             return Err(denied("empty or invalid path".into()));
         }
         let hint_path = Path::new(hint);
-        let child_dir = child
-            .parent()
-            .map(|p| {
-                if p.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    p
-                }
-            })
-            .unwrap_or(Path::new("."));
+        let child_dir = containing_dir(child);
         let joined = child_dir.join(hint_path);
         let target = joined.canonicalize().map_err(|e| {
             Error::new(ErrorKind::NotFound, format!("parent '{hint}' cannot be found"))
@@ -141,6 +133,15 @@ pub(crate) fn relative_path(from_dir: &Path, target: &Path) -> Result<PathBuf> {
         out.push(part.as_os_str());
     }
     Ok(out)
+}
+
+/// The parent hint a layer at `child` records for `parent`: the parent's path relative to the
+/// child's directory, as UTF-8.
+pub(crate) fn parent_hint(child: &Path, parent: &Path) -> Result<String> {
+    let rel = relative_path(containing_dir(child), parent)?;
+    rel.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| Error::invalid_argument("parent path is not valid UTF-8").with_path(parent))
 }
 
 #[cfg(test)]

@@ -280,18 +280,44 @@ fn sigkill_during_commit_loses_nothing() {
     }
     diskkit_ok(&["flatten", "-O", "raw", p(&top), p(&expected)]);
 
-    // How long an uninterrupted commit takes here, to spread the kills over it.
-    let probe = dir.path().join("probe");
-    copy_dir(&golden, &probe);
-    let start = std::time::Instant::now();
-    diskkit_ok(&["commit", p(&probe.join("top.asif"))]);
-    let full = start.elapsed().as_micros() as u64;
-    flatten_matches(&probe.join("top.asif"), &expected);
+    commit_under_sigkill(
+        dir.path(),
+        &golden,
+        "top.asif",
+        &expected,
+        12,
+        &mut rng,
+        |_| {},
+        |_| {},
+    );
+}
 
-    for round in 0..12u64 {
-        let work = dir.path().join(format!("round{round}"));
-        copy_dir(&golden, &work);
-        let wtop = work.join("top.asif");
+/// Commit copies of the stack in `golden` (top layer `top_name` over `base.asif`): once without
+/// interruption (timed; `after_full` checks the top afterwards), then `rounds` times killed with
+/// SIGKILL at a random moment within that time. After every kill `after_kill` checks the top,
+/// the stack (and, after the commit is run again to the end, the base alone) reads `expected`.
+#[allow(clippy::too_many_arguments)]
+fn commit_under_sigkill(
+    dir: &Path,
+    golden: &Path,
+    top_name: &str,
+    expected: &Path,
+    rounds: u64,
+    rng: &mut support::Rng,
+    after_full: impl Fn(&Path),
+    after_kill: impl Fn(&Path),
+) {
+    let probe = dir.join("probe");
+    copy_dir(golden, &probe);
+    let start = std::time::Instant::now();
+    diskkit_ok(&["commit", p(&probe.join(top_name))]);
+    let full = start.elapsed().as_micros() as u64;
+    flatten_matches(&probe.join(top_name), expected);
+    after_full(&probe.join(top_name));
+    for round in 0..rounds {
+        let work = dir.join(format!("round{round}"));
+        copy_dir(golden, &work);
+        let wtop = work.join(top_name);
         let mut child = std::process::Command::new(support::diskkit_bin())
             .args(["commit", p(&wtop)])
             .stderr(std::process::Stdio::null())
@@ -300,12 +326,13 @@ fn sigkill_during_commit_loses_nothing() {
         std::thread::sleep(std::time::Duration::from_micros(rng.below(full * 6 / 5 + 1)));
         let _ = child.kill();
         let _ = child.wait();
+        after_kill(&wtop);
         // Whatever moment the kill hit, the stack opens and reads as before the commit...
-        flatten_matches(&wtop, &expected);
+        flatten_matches(&wtop, expected);
         // ...and running the commit again finishes it.
         diskkit_ok(&["commit", p(&wtop)]);
-        flatten_matches(&wtop, &expected);
-        flatten_matches(&work.join("base.asif"), &expected);
+        flatten_matches(&wtop, expected);
+        flatten_matches(&work.join("base.asif"), expected);
     }
 }
 
@@ -432,41 +459,29 @@ fn qcow2_top_commit_survives_sigkill() {
     }
     diskkit_ok(&["discard", p(&top), "--offset", "1M", "--length", "128K"]);
     diskkit_ok(&["flatten", "-O", "raw", p(&top), p(&expected)]);
-    let probe = dir.path().join("probe");
-    copy_dir(&golden, &probe);
-    let start = std::time::Instant::now();
-    diskkit_ok(&["commit", p(&probe.join("top.qcow2"))]);
-    let full = start.elapsed().as_micros() as u64;
-    flatten_matches(&probe.join("top.qcow2"), &expected);
     let alone = |path: &Path| {
         format!(
             r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
             p(path)
         )
     };
-    tool_ok("qemu-img", &["check", &alone(&probe.join("top.qcow2"))]);
-    for round in 0..8u64 {
-        let work = dir.path().join(format!("round{round}"));
-        copy_dir(&golden, &work);
-        let wtop = work.join("top.qcow2");
-        let mut child = std::process::Command::new(support::diskkit_bin())
-            .args(["commit", p(&wtop)])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_micros(rng.below(full * 6 / 5 + 1)));
-        let _ = child.kill();
-        let _ = child.wait();
-        // Every layer still opens, QEMU finds the qcow2 layer sound (leaks allowed), and the
-        // stack reads as before.
-        let check = std::process::Command::new("qemu-img")
-            .args(["check", &alone(&wtop)])
-            .output()
-            .unwrap();
-        assert!(matches!(check.status.code(), Some(0 | 3)), "{check:?}");
-        flatten_matches(&wtop, &expected);
-        diskkit_ok(&["commit", p(&wtop)]);
-        flatten_matches(&wtop, &expected);
-        flatten_matches(&work.join("base.asif"), &expected);
-    }
+    commit_under_sigkill(
+        dir.path(),
+        &golden,
+        "top.qcow2",
+        &expected,
+        8,
+        &mut rng,
+        |top| {
+            tool_ok("qemu-img", &["check", &alone(top)]);
+        },
+        // Every layer still opens and QEMU finds the qcow2 layer sound (leaks allowed).
+        |top| {
+            let check = std::process::Command::new("qemu-img")
+                .args(["check", &alone(top)])
+                .output()
+                .unwrap();
+            assert!(matches!(check.status.code(), Some(0 | 3)), "{check:?}");
+        },
+    );
 }

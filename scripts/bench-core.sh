@@ -8,6 +8,7 @@
 # Usage: scripts/bench-core.sh [RUNS] [SCRATCH_DIR]. Prints medians and ratios. On VMs that
 # reclaim page cache proactively (DAMON), give a tmpfs SCRATCH_DIR (e.g. /dev/shm/bc, ~10 GiB).
 set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
 runs=${1:-3}
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -19,8 +20,6 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
 
 echo "== 1. I/O through diskkit (single thread, page cache), $runs runs, median"
 size=2G

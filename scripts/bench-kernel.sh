@@ -3,6 +3,7 @@
 # `diskkit kernel`, against `debugfs -R dump` on the RAW image (and virt-get-kernel if present).
 # Usage: scripts/bench-kernel.sh [runs]   (builds the release binary first)
 set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 cargo build --release -q -p diskkit-cli
@@ -17,7 +18,6 @@ truncate -s 256M fs.img
 mkfs.ext4 -q -F -d tree fs.img
 "$D" convert -O asif fs.img fs.asif
 "$D" convert -O qcow2 fs.img fs.qcow2
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
 for i in $(seq "$runs"); do
     rm -rf o k i
     a=$(t "$D" kernel fs.img --out o); rm -rf o

@@ -7,6 +7,7 @@
 # Usage: scripts/bench-qcow2.sh [RUNS] [SCRATCH_DIR]. Prints medians and ratios (time ratios:
 # below 1 means diskkit is faster; throughput ratio: above 1 means diskkit is faster).
 set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
 runs=${1:-1}
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -18,8 +19,6 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
 row() { # name command...
     local name=$1; shift
     local m; m=$(for i in $(seq "$runs"); do rm -f out.*; t "$@"; done | median)

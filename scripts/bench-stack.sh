@@ -11,6 +11,7 @@
 # random reads through the stack against the flattened image. Prints seconds and ratios; outputs are compared for equality.
 # Usage: scripts/bench-stack.sh [RUNS] [SCRATCH_DIR]
 set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
 runs=${1:-3}
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -22,8 +23,6 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
 
 python3 - <<'PY'
 import os, random

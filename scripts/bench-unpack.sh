@@ -4,6 +4,7 @@
 # (plus the extraction itself), and `tar c | cat` as the floor. Warm page cache, median of RUNS.
 # Usage: scripts/bench-unpack.sh [TREE (default /usr/share)] [RUNS (default 3)] [SCRATCH_DIR]
 set -euo pipefail
+. "$(dirname "$0")/bench-lib.sh"
 tree=${1:-/usr/share}
 runs=${2:-3}
 cd "$(dirname "$0")/.."
@@ -16,8 +17,6 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
 med() { local i; for i in $(seq "$runs"); do t "$@"; done | median; }
 
 tar --numeric-owner -C "$tree" -cf layer.tar . 2>/dev/null || true

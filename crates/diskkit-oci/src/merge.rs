@@ -7,8 +7,19 @@
 //! `.wh..wh..opq` removes the directory's lower-layer children, recursing into same-layer
 //! directories. So the marker may come before or after its siblings, as the spec requires. File contents are referenced (spool offsets), so
 //! deleted files cost nothing in the output: only what the final tree reaches is written.
+//!
+//! Hard links. The spec applies a layer's whiteouts "regardless of the ordering in which the
+//! whiteout file was encountered", so a hard link entry must mean the same before or after a
+//! whiteout of its target in the same layer. umoci and containerd link `b` to a lower `a` when
+//! `b -> a` comes before `.wh.a`; diskkit gives that result in both orders: a link target is
+//! looked up in the tree as it stands, and when it is not there, in the tree as it stood
+//! before this layer's whiteouts (the names they removed are remembered until the layer ends).
+//! The inode survives under its new name, as an unlinked-but-still-linked file does. A target
+//! that an *earlier* layer deleted is gone for good: the link fails with `NotFound`, as it does
+//! in umoci and containerd ("extracting a layer with hardlink references to files outside of
+//! the layer may fail").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use diskkit::{Error, Result};
 use diskkit_ext4::writer::{Metadata, Node, NodeKind, Tree};
@@ -94,6 +105,9 @@ pub struct MergedTree {
     nodes: Vec<MNode>,
     /// The layer being applied (stamps new names).
     layer: u32,
+    /// Names this layer's whiteouts removed: (directory node, name) -> what it named. Hard
+    /// links of the same layer may still name them (see the module docs).
+    hidden: HashMap<(usize, Vec<u8>), Child>,
 }
 
 impl Default for MergedTree {
@@ -111,12 +125,14 @@ impl MergedTree {
                 meta: implicit_dir_meta(),
             }],
             layer: 0,
+            hidden: HashMap::new(),
         }
     }
 
     /// Start applying layer `layer` (numbered from 0, increasing).
     pub(crate) fn begin_layer(&mut self, layer: u32) {
         self.layer = layer;
+        self.hidden.clear();
     }
 
     fn children(&self, id: usize) -> Option<&BTreeMap<Vec<u8>, Child>> {
@@ -142,6 +158,17 @@ impl MergedTree {
     /// `create`, missing components and non-directories in the way become directories;
     /// without it, `None` is returned for them.
     fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool) -> Result<Option<usize>> {
+        self.resolve_dir_in(comps, create, false)
+    }
+
+    /// [`Self::resolve_dir`]; with `before_whiteouts`, names this layer's whiteouts removed
+    /// are seen again (and win over what the layer put in their place).
+    fn resolve_dir_in(
+        &mut self,
+        comps: &[Vec<u8>],
+        create: bool,
+        before_whiteouts: bool,
+    ) -> Result<Option<usize>> {
         let mut stack = vec![0usize];
         let mut queue: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
         let mut hops = 0;
@@ -157,7 +184,7 @@ impl MergedTree {
                 _ => {}
             }
             let cur = *stack.last().unwrap_or(&0);
-            let child = self.children(cur).and_then(|m| m.get(&c)).map(|ch| ch.id);
+            let child = self.child(cur, &c, before_whiteouts);
             match child.map(|id| &self.nodes[id].kind) {
                 Some(MKind::Dir(_)) => stack.push(child.unwrap_or(0)),
                 Some(MKind::Other(NodeKind::Symlink(target))) => {
@@ -177,7 +204,7 @@ impl MergedTree {
                     }
                 }
                 _ => {
-                    if !create {
+                    if !create || before_whiteouts {
                         return Ok(None);
                     }
                     let id = self.push(MKind::Dir(BTreeMap::new()), implicit_dir_meta());
@@ -215,6 +242,7 @@ impl MergedTree {
                 if let Some(m) = self.children_mut(dir) {
                     m.remove(target);
                 }
+                self.hidden.entry((dir, target.to_vec())).or_insert(child);
             } else {
                 self.hide_lower(child.id);
             }
@@ -229,9 +257,19 @@ impl MergedTree {
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
             let mut keep_dirs = Vec::new();
+            let mut removed = Vec::new();
             if let Some(m) = self.children_mut(d) {
-                m.retain(|_, ch| ch.stamp >= layer);
+                m.retain(|name, ch| {
+                    let keep = ch.stamp >= layer;
+                    if !keep {
+                        removed.push((name.clone(), *ch));
+                    }
+                    keep
+                });
                 keep_dirs.extend(m.values().map(|ch| ch.id));
+            }
+            for (name, ch) in removed {
+                self.hidden.entry((d, name)).or_insert(ch);
             }
             stack.extend(
                 keep_dirs
@@ -271,7 +309,11 @@ impl MergedTree {
                 self.push(MKind::Dir(BTreeMap::new()), entry.meta)
             }
             EntryKind::HardLink(target) => {
-                let id = self.lookup(&target)?.ok_or_else(|| {
+                let found = match self.lookup(&target, false)? {
+                    Some(id) => Some(id),
+                    None => self.lookup(&target, true)?,
+                };
+                let id = found.ok_or_else(|| {
                     Error::new(
                         diskkit::ErrorKind::NotFound,
                         format!(
@@ -308,15 +350,26 @@ impl MergedTree {
         Ok(())
     }
 
-    /// Find `path` (parents through symlinks, the last component not followed).
-    fn lookup(&mut self, path: &[Vec<u8>]) -> Result<Option<usize>> {
+    /// Find `path` (parents through symlinks, the last component not followed), in the
+    /// current tree or, with `before_whiteouts`, as it was before this layer's whiteouts.
+    fn lookup(&mut self, path: &[Vec<u8>], before_whiteouts: bool) -> Result<Option<usize>> {
         let Some((name, parent)) = path.split_last() else {
             return Ok(Some(0));
         };
-        let Some(dir) = self.resolve_dir(parent, false)? else {
+        let Some(dir) = self.resolve_dir_in(parent, false, before_whiteouts)? else {
             return Ok(None);
         };
-        Ok(self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id))
+        Ok(self.child(dir, name, before_whiteouts))
+    }
+
+    /// The node `name` names in directory `dir`.
+    fn child(&self, dir: usize, name: &[u8], before_whiteouts: bool) -> Option<usize> {
+        if before_whiteouts {
+            if let Some(ch) = self.hidden.get(&(dir, name.to_vec())) {
+                return Some(ch.id);
+            }
+        }
+        self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id)
     }
 
     /// Convert to the writer's tree (only nodes reachable from the root).
@@ -436,6 +489,87 @@ mod tests {
         t.apply(e("x/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
             .unwrap();
         assert!(names(&mut t, "x").is_empty());
+    }
+
+    /// File contents of every name under the root, as `name=spool offset`.
+    fn files(t: &mut MergedTree, path: &str) -> Vec<String> {
+        let d = t
+            .resolve_dir(&clean_path(path.as_bytes()), false)
+            .unwrap()
+            .unwrap();
+        t.children(d)
+            .unwrap()
+            .iter()
+            .map(|(k, ch)| match &t.nodes[ch.id].kind {
+                MKind::Other(NodeKind::File { content, .. }) => {
+                    format!("{}={content}", String::from_utf8_lossy(k))
+                }
+                _ => String::from_utf8_lossy(k).into_owned(),
+            })
+            .collect()
+    }
+
+    fn wh(path: &str) -> Entry {
+        e(path, EntryKind::File { size: 0, spool: 0 })
+    }
+
+    fn link(path: &str, target: &str) -> Entry {
+        e(path, EntryKind::HardLink(clean_path(target.as_bytes())))
+    }
+
+    #[test]
+    fn hard_link_to_a_name_whited_out_in_the_same_layer() {
+        let lower = |t: &mut MergedTree| {
+            t.apply(e("a", EntryKind::File { size: 1, spool: 7 })).unwrap();
+            t.apply(e("d/x", EntryKind::File { size: 1, spool: 8 })).unwrap();
+            t.apply(e("o/y", EntryKind::File { size: 1, spool: 9 })).unwrap();
+            t.begin_layer(1);
+        };
+        // Whiteouts first, links after: the links reach the lower inodes.
+        let mut t = MergedTree::new();
+        lower(&mut t);
+        for entry in [
+            wh(".wh.a"),
+            wh(".wh.d"),
+            wh("o/.wh..wh..opq"),
+            link("b", "a"),
+            link("dx", "d/x"),
+            link("oy", "o/y"),
+        ] {
+            t.apply(entry).unwrap();
+        }
+        let first = files(&mut t, "");
+        assert_eq!(first, ["b=7", "dx=8", "o", "oy=9"]);
+        assert!(names(&mut t, "o").is_empty());
+        // Links first, whiteouts after (what umoci and containerd accept): the same tree.
+        let mut t = MergedTree::new();
+        lower(&mut t);
+        for entry in [
+            link("b", "a"),
+            link("dx", "d/x"),
+            link("oy", "o/y"),
+            wh(".wh.a"),
+            wh(".wh.d"),
+            wh("o/.wh..wh..opq"),
+        ] {
+            t.apply(entry).unwrap();
+        }
+        assert_eq!(files(&mut t, ""), first);
+        // A name re-created in this layer wins over the whited-out lower one.
+        let mut t = MergedTree::new();
+        lower(&mut t);
+        t.apply(wh(".wh.a")).unwrap();
+        t.apply(e("a", EntryKind::File { size: 1, spool: 42 })).unwrap();
+        t.apply(link("b", "a")).unwrap();
+        assert_eq!(files(&mut t, ""), ["a=42", "b=42", "d", "o"]);
+        // A name an earlier layer deleted is gone: NotFound, as in umoci and containerd.
+        let mut t = MergedTree::new();
+        lower(&mut t);
+        t.apply(wh(".wh.a")).unwrap();
+        t.begin_layer(2);
+        let err = t.apply(link("b", "a")).unwrap_err();
+        assert_eq!(err.kind(), diskkit::ErrorKind::NotFound);
+        assert!(err.to_string().contains("/b -> /a"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,470 @@
+//! Whole-tree comparison for the unpack tests: one record per path, read three independent
+//! ways — from a real directory (the reference merge, e.g. `umoci unpack` run as root), from
+//! our image through `debugfs` (batched with `-f`), and from our image through `ext4-view`.
+#![allow(dead_code)] // each test binary uses its own part
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+/// What one path is. Directory sizes are 0 (they depend on the writer); fields a reader cannot
+/// see are left at their defaults by it and cleared with [`view_fields`] before comparing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Rec {
+    /// `d`, `f`, `l`, `c`, `b`, `p`.
+    pub(crate) kind: char,
+    /// Permission bits with setuid/setgid/sticky (`mode & 0o7777`).
+    pub(crate) perm: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) size: u64,
+    /// sha256 of a regular file's content.
+    pub(crate) sha: String,
+    /// Symlink target.
+    pub(crate) target: String,
+    pub(crate) nlink: u64,
+    /// Device major and minor.
+    pub(crate) rdev: (u32, u32),
+    /// xattr name -> hex value, without `system.*` (ACLs are stored in ext4's own format,
+    /// which debugfs shows raw; `kernel_mount_matches_umoci` checks them).
+    pub(crate) xattrs: BTreeMap<String, String>,
+}
+
+/// Relative path -> record; `lost+found` and the root itself are left out.
+pub(crate) type Tree = BTreeMap<String, Rec>;
+
+pub(crate) fn sha(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn hex(data: &[u8]) -> String {
+    data.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn kind_of(mode: u32) -> char {
+    match mode & 0o170000 {
+        0o040000 => 'd',
+        0o100000 => 'f',
+        0o120000 => 'l',
+        0o020000 => 'c',
+        0o060000 => 'b',
+        0o010000 => 'p',
+        0o140000 => 's',
+        _ => '?',
+    }
+}
+
+/// Keep only what ext4-view exposes: kind, permissions, owner, size, content, symlink target.
+pub(crate) fn view_fields(t: &Tree) -> Tree {
+    t.iter()
+        .map(|(k, r)| {
+            let r = Rec {
+                nlink: 0,
+                rdev: (0, 0),
+                xattrs: BTreeMap::new(),
+                ..r.clone()
+            };
+            (k.clone(), r)
+        })
+        .collect()
+}
+
+/// The listing format the older tests use: path -> (octal mode, size, sha256).
+pub(crate) fn brief(t: &Tree) -> BTreeMap<String, (String, u64, String)> {
+    t.iter()
+        .map(|(k, r)| {
+            let ty = match r.kind {
+                'd' => 0o040000,
+                'f' => 0o100000,
+                'l' => 0o120000,
+                'c' => 0o020000,
+                'b' => 0o060000,
+                'p' => 0o010000,
+                _ => 0,
+            };
+            (k.clone(), (format!("{:06o}", ty | r.perm), r.size, r.sha.clone()))
+        })
+        .collect()
+}
+
+/// Assert two trees are equal, naming the first paths that differ.
+pub(crate) fn assert_same(what: &str, ours: &Tree, expected: &Tree) {
+    let mut diffs = Vec::new();
+    for (k, v) in expected {
+        match ours.get(k) {
+            None => diffs.push(format!("missing in ours: {k} {v:?}")),
+            Some(o) if o != v => diffs.push(format!("{k}:\n  ours     {o:?}\n  expected {v:?}")),
+            _ => {}
+        }
+    }
+    for k in ours.keys().filter(|k| !expected.contains_key(*k)) {
+        diffs.push(format!("extra in ours: {k} {:?}", ours[k]));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences, first ones:\n{}",
+        diffs.len(),
+        diffs[..diffs.len().min(20)].join("\n")
+    );
+}
+
+/// Every path of a real directory tree, with its xattrs (`getxattr` on the link itself).
+pub(crate) fn host_tree(root: &Path) -> Tree {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Tree::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let ft = md.file_type();
+            let mut r = Rec {
+                kind: kind_of(md.mode()),
+                perm: md.mode() & 0o7777,
+                uid: md.uid(),
+                gid: md.gid(),
+                size: md.size(),
+                nlink: md.nlink(),
+                xattrs: host_xattrs(&p),
+                ..Rec::default()
+            };
+            if ft.is_dir() {
+                stack.push(p.clone());
+                r.size = 0;
+            } else if ft.is_file() {
+                r.sha = sha(&std::fs::read(&p).unwrap());
+            } else if ft.is_symlink() {
+                r.target = std::fs::read_link(&p).unwrap().to_string_lossy().into_owned();
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let dev = md.rdev();
+                r.rdev = (rustix::fs::major(dev), rustix::fs::minor(dev));
+            }
+            out.insert(rel, r);
+        }
+    }
+    out
+}
+
+fn host_xattrs(p: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut names = vec![0u8; 64 << 10];
+    let n = rustix::fs::llistxattr(p, &mut names[..]).unwrap_or(0);
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if name.starts_with("system.") {
+            continue;
+        }
+        let mut value = vec![0u8; 64 << 10];
+        let len = rustix::fs::lgetxattr(p, name.as_str(), &mut value[..])
+            .unwrap_or_else(|e| panic!("getxattr {} {name}: {e}", p.display()));
+        out.insert(name, hex(&value[..len]));
+    }
+    out
+}
+
+/// The image read through ext4-view (only the fields it exposes; see [`view_fields`]).
+pub(crate) fn view_tree(img: &Path) -> Tree {
+    let fs = ext4_view::Ext4::load_from_path(img)
+        .unwrap_or_else(|e| panic!("ext4-view cannot load {}: {e}", img.display()));
+    let mut out = Tree::new();
+    let mut stack = vec![ext4_view::PathBuf::new("/")];
+    while let Some(d) = stack.pop() {
+        for e in fs.read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name();
+            let name = name.as_ref();
+            if name == b"." || name == b".." || (d.as_ref() == b"/" && name == b"lost+found") {
+                continue;
+            }
+            let path = e.path();
+            let rel = String::from_utf8_lossy(&path.as_ref()[1..]).into_owned();
+            let md = e.metadata().unwrap();
+            let ft = md.file_type();
+            let mut r = Rec {
+                kind: if ft.is_dir() {
+                    'd'
+                } else if ft.is_regular_file() {
+                    'f'
+                } else if ft.is_symlink() {
+                    'l'
+                } else if ft.is_char_dev() {
+                    'c'
+                } else if ft.is_block_dev() {
+                    'b'
+                } else if ft.is_fifo() {
+                    'p'
+                } else {
+                    's'
+                },
+                perm: u32::from(md.mode()),
+                uid: md.uid(),
+                gid: md.gid(),
+                size: md.len(),
+                ..Rec::default()
+            };
+            assert_eq!(ft, e.file_type().unwrap(), "{rel}: dirent type vs inode");
+            if ft.is_dir() {
+                stack.push(path);
+                r.size = 0;
+            } else if ft.is_regular_file() {
+                let data = fs.read(&path).unwrap();
+                assert_eq!(data.len() as u64, md.len(), "{rel}");
+                r.sha = sha(&data);
+            } else if ft.is_symlink() {
+                r.target = String::from_utf8_lossy(fs.read_link(&path).unwrap().as_ref()).into_owned();
+            }
+            out.insert(rel, r);
+        }
+    }
+    out
+}
+
+/// Run `debugfs -f` with `cmds` on `img`; the output of each command, in order.
+fn debugfs_batch(img: &Path, cmds: &[String]) -> Vec<String> {
+    if cmds.is_empty() {
+        return Vec::new();
+    }
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    for c in cmds {
+        writeln!(f, "{c}").unwrap();
+    }
+    f.flush().unwrap();
+    let out = Command::new("debugfs")
+        .arg("-f")
+        .arg(f.path())
+        .arg(img)
+        .output()
+        .expect("debugfs (e2fsprogs) must be installed");
+    assert!(out.status.success(), "debugfs -f failed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut parts: Vec<String> = Vec::new();
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("debugfs: ") {
+            parts.push(String::new());
+        } else if let Some(p) = parts.last_mut() {
+            p.push_str(line);
+        }
+    }
+    assert_eq!(parts.len(), cmds.len(), "debugfs output: {text}");
+    parts
+}
+
+fn quoted(path: &str) -> String {
+    assert!(!path.contains('"'), "{path}: no quotes in fixture paths");
+    format!("\"/{path}\"")
+}
+
+/// The image read through debugfs: `ls -p` per directory, then `stat`, `ea_list` and
+/// (regular files, long symlinks) `dump` per path, all batched.
+pub(crate) fn debugfs_tree(img: &Path) -> Tree {
+    let mut out = Tree::new();
+    let mut level = vec![String::new()];
+    while !level.is_empty() {
+        let cmds: Vec<String> = level.iter().map(|d| format!("ls -p {}", quoted(d))).collect();
+        let mut next = Vec::new();
+        for (d, ls) in level.iter().zip(debugfs_batch(img, &cmds)) {
+            for line in ls.lines() {
+                // /ino/mode/uid/gid/name/size/
+                let f: Vec<&str> = line.split('/').collect();
+                if f.len() < 7 || f[5] == "." || f[5] == ".." {
+                    continue;
+                }
+                if d.is_empty() && f[5] == "lost+found" {
+                    continue;
+                }
+                let path = if d.is_empty() {
+                    f[5].to_owned()
+                } else {
+                    format!("{d}/{}", f[5])
+                };
+                let mode = u32::from_str_radix(f[2], 8).unwrap();
+                let r = Rec {
+                    kind: kind_of(mode),
+                    perm: mode & 0o7777,
+                    uid: f[3].parse().unwrap(),
+                    gid: f[4].parse().unwrap(),
+                    size: if kind_of(mode) == 'd' {
+                        0
+                    } else {
+                        f[6].parse().unwrap()
+                    },
+                    ..Rec::default()
+                };
+                if r.kind == 'd' {
+                    next.push(path.clone());
+                }
+                out.insert(path, r);
+            }
+        }
+        level = next;
+    }
+    let dumps = tempfile::tempdir().unwrap();
+    let paths: Vec<String> = out.keys().cloned().collect();
+    let mut cmds = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        cmds.push(format!("stat {}", quoted(p)));
+        cmds.push(format!("ea_list {}", quoted(p)));
+        let r = &out[p];
+        if r.kind == 'f' || (r.kind == 'l' && r.size >= 60) {
+            cmds.push(format!("dump {} {}/{i}", quoted(p), dumps.path().display()));
+        }
+    }
+    let mut results = debugfs_batch(img, &cmds).into_iter();
+    for (i, p) in paths.iter().enumerate() {
+        let st = results.next().unwrap();
+        let ea = results.next().unwrap();
+        let r = out.get_mut(p).unwrap();
+        r.nlink = field(&st, "Links: ").unwrap_or_else(|| panic!("{p}: {st}"));
+        if let Some(pos) = st.find("Device major/minor number: ") {
+            let v = &st[pos + 27..];
+            let v = v.split_whitespace().next().unwrap();
+            let (ma, mi) = v.split_once(':').unwrap();
+            r.rdev = (ma.parse().unwrap(), mi.parse().unwrap());
+        }
+        r.xattrs = parse_ea_list(&ea);
+        if r.kind == 'f' || (r.kind == 'l' && r.size >= 60) {
+            results.next().unwrap();
+            let data = std::fs::read(dumps.path().join(i.to_string())).unwrap_or_default();
+            if r.kind == 'f' {
+                r.sha = sha(&data);
+            } else {
+                r.target = String::from_utf8_lossy(&data[..(r.size as usize).min(data.len())]).into_owned();
+            }
+        } else if r.kind == 'l' {
+            let pos = st
+                .find("Fast link dest: \"")
+                .unwrap_or_else(|| panic!("{p}: {st}"));
+            let v = &st[pos + 17..];
+            r.target = v[..v.rfind('"').unwrap()].to_owned();
+        }
+    }
+    out
+}
+
+fn field(text: &str, key: &str) -> Option<u64> {
+    let pos = text.find(key)?;
+    text[pos + key.len()..].split_whitespace().next()?.parse().ok()
+}
+
+/// `ea_list` output: `name (len) = "text"` or `name (len) = 01 02 ...`, one per line (the
+/// value may continue on following lines).
+fn parse_ea_list(text: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let body = text.trim_start_matches("Extended attributes:").trim();
+    let mut entries: Vec<String> = Vec::new();
+    for line in body.lines() {
+        let l = line.trim();
+        let starts_entry = l
+            .split_once(" (")
+            .is_some_and(|(n, rest)| !n.contains(' ') && rest.contains(") = ") || rest.ends_with(')'));
+        if starts_entry || entries.is_empty() {
+            entries.push(l.to_owned());
+        } else if let Some(last) = entries.last_mut() {
+            last.push('\n');
+            last.push_str(l);
+        }
+    }
+    for e in entries.iter().filter(|e| !e.is_empty()) {
+        let (name, rest) = e.split_once(" (").unwrap();
+        let (len, value) = rest.split_once(')').unwrap();
+        let len: usize = len.parse().unwrap();
+        let value = value.trim_start_matches(" = ").trim();
+        if name.starts_with("system.") {
+            continue;
+        }
+        let bytes = if len == 0 {
+            Vec::new()
+        } else if value.starts_with('"') && value.ends_with('"') {
+            unescape(&value[1..value.len() - 1])
+        } else {
+            value
+                .split_whitespace()
+                .map(|b| u8::from_str_radix(b, 16).unwrap())
+                .collect()
+        };
+        assert_eq!(bytes.len(), len, "{name}: {e}");
+        out.insert(name.to_owned(), hex(&bytes));
+    }
+    out
+}
+
+/// debugfs prints printable values in quotes with C-style octal escapes.
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap());
+            i += 4;
+        } else if b[i] == b'\\' && i + 1 < b.len() {
+            out.push(b[i + 1]);
+            i += 2;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Everything our image holds, read through both debugfs and ext4-view, must equal the
+/// reference tree (ext4-view: the fields it exposes).
+pub(crate) fn check_image(what: &str, img: &Path, expected: &Tree) {
+    let by_debugfs = debugfs_tree(img);
+    assert_same(&format!("{what} (debugfs)"), &by_debugfs, expected);
+    let by_view = view_tree(img);
+    assert_same(&format!("{what} (ext4-view)"), &by_view, &view_fields(expected));
+}
+
+/// Run `cmd`, which must succeed; its stdout.
+pub(crate) fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} must be installed: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An OCI layout at `out` tagged `tag` from the given layer files (`mkoci-layout.sh`).
+pub(crate) fn layout(out: &Path, tag: &str, layers: &[&Path]) {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkoci-layout.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(local).arg(out).arg(tag).args(layers);
+    run(&mut cmd);
+}
+
+/// The reference merge: `umoci unpack` as root (exact owners, devices and xattrs); the
+/// rootfs directory, or umoci's error.
+pub(crate) fn umoci_unpack(lay: &Path, tag: &str, bundle: &Path) -> Result<std::path::PathBuf, String> {
+    let out = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{tag}", lay.display()))
+        .arg(bundle)
+        .output()
+        .expect("umoci must be installed");
+    if out.status.success() {
+        Ok(bundle.join("rootfs"))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `e2fsck -fn` must find nothing.
+pub(crate) fn e2fsck(img: &Path) {
+    run(Command::new("e2fsck").arg("-fn").arg(img));
+}

@@ -1,5 +1,8 @@
 //! End-to-end: fixture layers (python tarfile) → OCI layout (mkoci-layout.sh) → `unpack` →
-//! e2fsck -fn, debugfs, and a comparison with `umoci unpack --rootless`.
+//! e2fsck -fn, debugfs, and a comparison with `umoci unpack --rootless`; every image is also
+//! read back through ext4-view (`support::view_tree`) and compared with the same reference.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -176,6 +179,11 @@ fn mount(img: &Path, mnt: &Path, options: &str) -> bool {
     false
 }
 
+/// The image through ext4-view, in `listing`'s format (directory sizes 0).
+fn view_listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
+    support::brief(&support::view_tree(img))
+}
+
 fn sha(data: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(data)
@@ -260,11 +268,30 @@ fn matches_umoci_rootless() {
             v.1 = 0;
         }
     }
+    let mut view = view_listing(&img);
     // Rootless umoci cannot create device nodes (it writes empty files) nor own files.
-    for m in [&mut expected, &mut ours] {
+    for m in [&mut expected, &mut ours, &mut view] {
         m.remove("dev/sda");
     }
     assert_eq!(ours, expected);
+    for p in support::view_refused(&img) {
+        expected.remove(&p); // pre-1970 mtime: see support::view_refused
+    }
+    assert_eq!(view, expected, "through ext4-view");
+}
+
+/// The semantic fixture against `umoci unpack` run as root (exact owners, device numbers,
+/// link counts, xattrs, symlink targets), read through debugfs and through ext4-view.
+#[test]
+fn matches_umoci_as_root() {
+    let t = tempfile::tempdir().unwrap();
+    fixtures(t.path());
+    let img = t.path().join("out.img");
+    do_unpack(&t.path().join("laygz"), Some("v1"), &img).unwrap();
+    e2fsck(&img);
+    let root = support::umoci_unpack(&t.path().join("laygz"), "v1", &t.path().join("bundle"))
+        .expect("umoci unpack (as root) must work");
+    support::check_image("fixture", &img, &support::host_tree(&root));
 }
 
 #[test]
@@ -274,6 +301,7 @@ fn archives_as_sources() {
     let reference = t.path().join("ref.img");
     do_unpack(&t.path().join("laygz"), None, &reference).unwrap();
     let want = listing(&reference);
+    let want_view = support::view_tree(&reference);
     // OCI archive: the layout as a tar.
     let oci = t.path().join("oci.tar");
     run(Command::new("tar")
@@ -286,6 +314,7 @@ fn archives_as_sources() {
     do_unpack(&oci, Some("v1"), &img).unwrap();
     e2fsck(&img);
     assert_eq!(listing(&img), want);
+    assert_eq!(support::view_tree(&img), want_view);
     // docker-archive written by skopeo.
     let docker = t.path().join("docker.tar");
     run(Command::new("skopeo")
@@ -296,6 +325,7 @@ fn archives_as_sources() {
     do_unpack(&docker, Some("test:v1"), &img).unwrap();
     e2fsck(&img);
     assert_eq!(listing(&img), want);
+    assert_eq!(support::view_tree(&img), want_view);
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {
@@ -386,6 +416,10 @@ fn reproducible_and_asif() {
     }
     e2fsck(&raw);
     assert_eq!(listing(&raw), listing(&t.path().join("r1.img")));
+    assert_eq!(
+        support::view_tree(&raw),
+        support::view_tree(&t.path().join("r1.img"))
+    );
 }
 
 #[test]
@@ -427,6 +461,13 @@ fn gnu_sparse_files() {
         assert!(
             dump(&img, "/sparse.bin") == expected,
             "{format} {extra:?}: content differs"
+        );
+        let view = support::view_tree(&img);
+        assert_eq!(view.len(), 1);
+        assert_eq!(
+            view["sparse.bin"].sha,
+            sha(&expected),
+            "ext4-view: {format} {extra:?}"
         );
         // Zero ranges are not written: the image file stays small on the host.
         use std::os::unix::fs::MetadataExt;
@@ -524,6 +565,7 @@ fn apple_container_store_as_source() {
     do_unpack(&root, Some("fixture:v1"), &img).unwrap();
     e2fsck(&img);
     assert_eq!(listing(&img), listing(&reference));
+    assert_eq!(support::view_tree(&img), support::view_tree(&reference));
     let e = do_unpack(&root, Some("other:v1"), &t.path().join("x.img")).unwrap_err();
     assert_eq!(e.kind(), diskkit::ErrorKind::NotFound);
 }
@@ -787,6 +829,7 @@ proptest::proptest! {
             }
         }
         proptest::prop_assert_eq!(model::names_of(&ours), model::names_of(&expected));
+        proptest::prop_assert_eq!(view_listing(&img), expected.clone(), "through ext4-view");
         proptest::prop_assert_eq!(ours, expected);
     }
 }
@@ -835,6 +878,10 @@ fn busybox_system_in_three_layers() {
         m.remove("dev/zero");
     }
     assert_eq!(ours, expected);
+    // Everything, devices and owners included, against umoci run as root.
+    let root = support::umoci_unpack(&d.join("lay"), "v1", &d.join("bundle-root"))
+        .expect("umoci unpack (as root) must work");
+    support::check_image("busybox", &img, &support::host_tree(&root));
     // Run busybox from the image under the kernel's ext4 driver.
     let mnt = d.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -899,6 +946,10 @@ fn huge_sparse_file_is_cheap() {
     let st = debugfs(&img, "stat /huge");
     assert!(st.contains("Blockcount: 8\n"), "{st}");
     assert!(std::fs::metadata(&img).unwrap().len() < 64 << 20);
+    let view = support::view_tree_shallow(&img);
+    assert_eq!(view["huge"].size, size);
+    let at = (50u64 << 30) - 3;
+    assert_eq!(support::view_read_at(&img, "/huge", at, 11), b"\0\0\0hello\0\0\0");
 }
 
 /// An index of an index of two platform manifests: `--platform` picks the right one, the
@@ -972,6 +1023,7 @@ fn multi_platform_nested_index() {
         unpack(&multi, &img, &options, &mut NoProgress).unwrap();
         e2fsck(&img);
         assert_eq!(dump(&img, "/arch"), want.as_bytes());
+        assert_eq!(support::view_tree(&img)["arch"].sha, sha(want.as_bytes()));
     }
     let options = UnpackOptions {
         platform: Some("linux/riscv64".parse().unwrap()),

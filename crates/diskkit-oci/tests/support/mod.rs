@@ -173,9 +173,60 @@ fn host_xattrs(p: &Path) -> BTreeMap<String, String> {
 
 /// The image read through ext4-view (only the fields it exposes; see [`view_fields`]).
 pub(crate) fn view_tree(img: &Path) -> Tree {
+    view_tree_with(img, true)
+}
+
+/// [`view_tree`] without reading file contents (for files too big to hash in a test).
+pub(crate) fn view_tree_shallow(img: &Path) -> Tree {
+    view_tree_with(img, false)
+}
+
+/// `len` bytes of `path` at `offset`, read through ext4-view's `File`.
+pub(crate) fn view_read_at(img: &Path, path: &str, offset: u64, len: usize) -> Vec<u8> {
+    let fs = ext4_view::Ext4::load_from_path(img).unwrap();
+    let mut f = fs.open(path).unwrap();
+    f.seek_to(offset).unwrap();
+    let mut out = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read_bytes(&mut out[got..]).unwrap();
+        assert!(n > 0, "{path}: short read at {}", offset + got as u64);
+        got += n;
+    }
+    out
+}
+
+/// Paths ext4-view 1.0.0 refuses to stat although the kernel and e2fsck accept them: it
+/// decodes the 32-bit base of a timestamp as unsigned and reports `Corrupt(InodeTimestamp)`
+/// for any time before 1970 (or after 2038). Each one is checked with debugfs to carry such
+/// a time; they are left out of ext4-view's tree.
+pub(crate) fn view_refused(img: &Path) -> Vec<String> {
+    view_walk(img, false).1
+}
+
+fn view_tree_with(img: &Path, contents: bool) -> Tree {
+    let (tree, refused) = view_walk(img, contents);
+    if !refused.is_empty() {
+        let cmds: Vec<String> = refused.iter().map(|p| format!("stat {}", quoted(p))).collect();
+        for (p, st) in refused.iter().zip(debugfs_batch(img, &cmds)) {
+            let top_bit_set = ["atime: 0x", "ctime: 0x", "mtime: 0x", "crtime: 0x"]
+                .iter()
+                .filter_map(|k| st.find(k).map(|i| &st[i + k.len()..i + k.len() + 1]))
+                .any(|d| u8::from_str_radix(d, 16).is_ok_and(|d| d >= 8));
+            assert!(
+                top_bit_set,
+                "ext4-view refused {p}, whose times are ordinary: {st}"
+            );
+        }
+    }
+    tree
+}
+
+fn view_walk(img: &Path, contents: bool) -> (Tree, Vec<String>) {
     let fs = ext4_view::Ext4::load_from_path(img)
         .unwrap_or_else(|e| panic!("ext4-view cannot load {}: {e}", img.display()));
     let mut out = Tree::new();
+    let mut refused = Vec::new();
     let mut stack = vec![ext4_view::PathBuf::new("/")];
     while let Some(d) = stack.pop() {
         for e in fs.read_dir(&d).unwrap() {
@@ -187,7 +238,14 @@ pub(crate) fn view_tree(img: &Path) -> Tree {
             }
             let path = e.path();
             let rel = String::from_utf8_lossy(&path.as_ref()[1..]).into_owned();
-            let md = e.metadata().unwrap();
+            let md = match e.metadata() {
+                Ok(md) => md,
+                Err(ext4_view::Ext4Error::Corrupt(c)) if format!("{c:?}").contains("InodeTimestamp") => {
+                    refused.push(rel);
+                    continue;
+                }
+                Err(err) => panic!("ext4-view: {rel}: {err}"),
+            };
             let ft = md.file_type();
             let mut r = Rec {
                 kind: if ft.is_dir() {
@@ -215,7 +273,7 @@ pub(crate) fn view_tree(img: &Path) -> Tree {
             if ft.is_dir() {
                 stack.push(path);
                 r.size = 0;
-            } else if ft.is_regular_file() {
+            } else if ft.is_regular_file() && contents {
                 let data = fs.read(&path).unwrap();
                 assert_eq!(data.len() as u64, md.len(), "{rel}");
                 r.sha = sha(&data);
@@ -225,7 +283,7 @@ pub(crate) fn view_tree(img: &Path) -> Tree {
             out.insert(rel, r);
         }
     }
-    out
+    (out, refused)
 }
 
 /// Run `debugfs -f` with `cmds` on `img`; the output of each command, in order.
@@ -319,6 +377,7 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
         }
     }
     let mut results = debugfs_batch(img, &cmds).into_iter();
+    let mut long_values = Vec::new();
     for (i, p) in paths.iter().enumerate() {
         let st = results.next().unwrap();
         let ea = results.next().unwrap();
@@ -330,7 +389,14 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
             let (ma, mi) = v.split_once(':').unwrap();
             r.rdev = (ma.parse().unwrap(), mi.parse().unwrap());
         }
-        r.xattrs = parse_ea_list(&ea);
+        for (name, value) in parse_ea_list(&ea) {
+            match value {
+                Some(v) => {
+                    r.xattrs.insert(name, v);
+                }
+                None => long_values.push((p.clone(), name)),
+            }
+        }
         if r.kind == 'f' || (r.kind == 'l' && r.size >= 60) {
             results.next().unwrap();
             let data = std::fs::read(dumps.path().join(i.to_string())).unwrap_or_default();
@@ -347,6 +413,16 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
             r.target = v[..v.rfind('"').unwrap()].to_owned();
         }
     }
+    let cmds: Vec<String> = long_values
+        .iter()
+        .enumerate()
+        .map(|(i, (p, name))| format!("ea_get -f {}/ea{i} {} {name}", dumps.path().display(), quoted(p)))
+        .collect();
+    debugfs_batch(img, &cmds);
+    for (i, (p, name)) in long_values.into_iter().enumerate() {
+        let v = std::fs::read(dumps.path().join(format!("ea{i}"))).unwrap();
+        out.get_mut(&p).unwrap().xattrs.insert(name, hex(&v));
+    }
     out
 }
 
@@ -357,7 +433,8 @@ fn field(text: &str, key: &str) -> Option<u64> {
 
 /// `ea_list` output: `name (len) = "text"` or `name (len) = 01 02 ...`, one per line (the
 /// value may continue on following lines).
-fn parse_ea_list(text: &str) -> BTreeMap<String, String> {
+/// Values debugfs does not print (long ones) come back as `None`.
+fn parse_ea_list(text: &str) -> BTreeMap<String, Option<String>> {
     let mut out = BTreeMap::new();
     let body = text.trim_start_matches("Extended attributes:").trim();
     let mut entries: Vec<String> = Vec::new();
@@ -383,6 +460,9 @@ fn parse_ea_list(text: &str) -> BTreeMap<String, String> {
         }
         let bytes = if len == 0 {
             Vec::new()
+        } else if value.is_empty() {
+            out.insert(name.to_owned(), None);
+            continue;
         } else if value.starts_with('"') && value.ends_with('"') {
             unescape(&value[1..value.len() - 1])
         } else {
@@ -392,7 +472,7 @@ fn parse_ea_list(text: &str) -> BTreeMap<String, String> {
                 .collect()
         };
         assert_eq!(bytes.len(), len, "{name}: {e}");
-        out.insert(name.to_owned(), hex(&bytes));
+        out.insert(name.to_owned(), Some(hex(&bytes)));
     }
     out
 }
@@ -403,7 +483,7 @@ fn unescape(s: &str) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() + 0 && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
             out.push(u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap());
             i += 4;
         } else if b[i] == b'\\' && i + 1 < b.len() {
@@ -423,7 +503,11 @@ pub(crate) fn check_image(what: &str, img: &Path, expected: &Tree) {
     let by_debugfs = debugfs_tree(img);
     assert_same(&format!("{what} (debugfs)"), &by_debugfs, expected);
     let by_view = view_tree(img);
-    assert_same(&format!("{what} (ext4-view)"), &by_view, &view_fields(expected));
+    let mut expected = view_fields(expected);
+    for p in view_refused(img) {
+        expected.remove(&p);
+    }
+    assert_same(&format!("{what} (ext4-view)"), &by_view, &expected);
 }
 
 /// Run `cmd`, which must succeed; its stdout.

@@ -210,6 +210,33 @@ fn dropped_xattr(name: &[u8]) -> bool {
     name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
+/// overlayfs marks an opaque directory with this xattr (`user.` with `userxattr` mounts);
+/// layers tarred straight from an overlay upper directory carry it.
+fn overlay_opaque(name: &[u8], value: &[u8]) -> bool {
+    (name == b"trusted.overlay.opaque" || name == b"user.overlay.opaque") && value == b"y"
+}
+
+/// What a whiteout entry made from an overlay-style one is (only its name matters).
+const WHITEOUT_ENTRY: EntryKind = EntryKind::File { size: 0, spool: 0 };
+
+/// Overlay-style whiteouts, as a layer tarred from an overlay upper directory holds them,
+/// turned into OCI ones: a character device 0:0 deletes its name (it becomes `.wh.NAME`),
+/// and a directory with `trusted.overlay.opaque=y` (or `user.overlay.opaque=y`) is followed
+/// by its `.wh..wh..opq` marker. A real 0:0 device ("no device") has no use in a root
+/// filesystem, so the conversion is unconditional.
+fn overlay_whiteout(path: &[Vec<u8>], kind: &EntryKind, opaque: bool) -> Option<Vec<Vec<u8>>> {
+    let mut out = path.to_vec();
+    match kind {
+        EntryKind::Char(0, 0) => {
+            let name = out.pop()?;
+            out.push([crate::merge::WHITEOUT, &name].concat());
+        }
+        EntryKind::Dir if opaque => out.push(crate::merge::OPAQUE.to_vec()),
+        _ => return None,
+    }
+    Some(out)
+}
+
 fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     let iter = archive
@@ -239,6 +266,7 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
         let mut atime = None;
         let mut ctime = None;
         let mut xattrs = Vec::new();
+        let mut opaque = false;
         let mut sparse = SparseInfo::default();
         let device = (
             hdr.device_major().ok().flatten().unwrap_or(0),
@@ -259,12 +287,14 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
                 } else if key == b"ctime" {
                     ctime = pax_time(value);
                 } else if let Some(n) = key.strip_prefix(b"SCHILY.xattr.") {
+                    opaque |= overlay_opaque(n, value);
                     if !dropped_xattr(n) {
                         xattrs.push((n.to_vec(), value.to_vec()));
                     }
                 } else if let Some(n) = key.strip_prefix(b"LIBARCHIVE.xattr.") {
                     let n = url_decode(n);
                     let v = base64_decode(value).ok_or_else(|| bad("bad base64 xattr value"))?;
+                    opaque |= overlay_opaque(&n, &v);
                     if !dropped_xattr(&n) {
                         xattrs.push((n, v));
                     }
@@ -330,7 +360,26 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
             EntryType::Fifo => EntryKind::Fifo,
             _ => continue, // volume labels, sockets and other types carry no file
         };
-        out.push(Entry { path, kind, meta });
+        match overlay_whiteout(&path, &kind, opaque) {
+            Some(wh) if kind == EntryKind::Dir => {
+                out.push(Entry {
+                    path,
+                    kind,
+                    meta: meta.clone(),
+                });
+                out.push(Entry {
+                    path: wh,
+                    kind: WHITEOUT_ENTRY,
+                    meta,
+                });
+            }
+            Some(wh) => out.push(Entry {
+                path: wh,
+                kind: WHITEOUT_ENTRY,
+                meta,
+            }),
+            None => out.push(Entry { path, kind, meta }),
+        }
     }
     Ok(out)
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use diskkit_oci::{unpack, NoProgress, UnpackOptions};
-use support::{check_image, e2fsck, host_tree, layout, run, umoci_unpack};
+use support::{check_image, e2fsck, host_tree, layout, mount, run, umoci_unpack};
 
 /// The Debian base layer as a gzipped tar, built once and kept in `target/test-cache/`.
 fn debian_base() -> PathBuf {
@@ -94,4 +94,30 @@ fn debian_base_with_two_layers_matches_umoci() {
     assert_eq!(kind("dev/custom"), Some('f'));
     assert_eq!(kind("run/fifo"), Some('p'));
     check_image("debian", &img, &expected);
+    // The kernel as a third reader, where loop mounts work (root in CI): the same tree,
+    // xattrs and link counts included, and the system runs (perl through its new hard link).
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    if !mount(&img, &mnt, "loop,ro") {
+        return;
+    }
+    let seen = host_tree(&mnt);
+    let ran = Command::new("chroot")
+        .arg(&mnt)
+        .args([
+            "/bin/sh",
+            "-c",
+            "/usr/local/bin/perl-hl -e 'print qq(perl ok\n)'; cat /etc/motd; dpkg-query -W dash",
+        ])
+        .output();
+    run(Command::new("umount").arg(&mnt));
+    support::assert_same("debian (kernel mount)", &seen, &expected);
+    let ran = ran.unwrap();
+    let stdout = String::from_utf8_lossy(&ran.stdout);
+    assert!(
+        ran.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(stdout.starts_with("perl ok\nwelcome back\ndash\t"), "{stdout}");
 }

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::mount;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -138,45 +140,6 @@ fn walk(root: &Path) -> BTreeMap<String, (String, u64, String)> {
         }
     }
     out
-}
-
-/// Loop-mount `img` at `mnt` with `options`. Returns false (the caller skips its kernel part)
-/// only where this machine cannot loop-mount at all; a filesystem the kernel refuses fails.
-fn mount(img: &Path, mnt: &Path, options: &str) -> bool {
-    let out = Command::new("mount")
-        .args(["-o", options, "-t", "ext4"])
-        .arg(img)
-        .arg(mnt)
-        .output()
-        .expect("mount must be installed");
-    if out.status.success() {
-        return true;
-    }
-    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    let environment = [
-        "permission denied",
-        "only root",
-        "must be superuser",
-        "not permitted",
-        "loop device",
-    ];
-    assert!(
-        environment.iter().any(|e| err.contains(e)),
-        "the kernel refused the image: {err}\n{}",
-        String::from_utf8_lossy(
-            &Command::new("dmesg")
-                .output()
-                .map(|o| o.stdout)
-                .unwrap_or_default()
-        )
-        .lines()
-        .rev()
-        .take(5)
-        .collect::<Vec<_>>()
-        .join("\n")
-    );
-    eprintln!("SKIPPED kernel check: cannot loop-mount here: {err}");
-    false
 }
 
 /// The image through ext4-view, in `listing`'s format (directory sizes 0).

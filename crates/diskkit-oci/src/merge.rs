@@ -3,9 +3,11 @@
 //! Entries are applied in archive order, like containerd does, and every directory entry
 //! (name) carries the number of the layer that created it. A whiteout only removes what lower
 //! layers made: `.wh.NAME` removes NAME if a lower layer created it, and otherwise (NAME was
-//! re-created in this layer) only the lower-layer content merged beneath it; the opaque marker
-//! `.wh..wh..opq` removes the directory's lower-layer children, recursing into same-layer
-//! directories. So the marker may come before or after its siblings, as the spec requires. File contents are referenced (spool offsets), so
+//! re-created in this layer, or is a lower directory this layer put entries in) only the
+//! lower-layer content merged beneath it; the opaque marker `.wh..wh..opq` removes the
+//! directory's lower-layer children, recursing into directories this layer created or put
+//! entries in. So whiteouts may come before or after the entries of their layer, as the spec
+//! requires. File contents are referenced (spool offsets), so
 //! deleted files cost nothing in the output: only what the final tree reaches is written.
 //!
 //! Hard links. The spec applies a layer's whiteouts "regardless of the ordering in which the
@@ -61,6 +63,24 @@ pub(crate) struct Entry {
 struct Child {
     id: usize,
     stamp: u32,
+    /// The last layer that put entries below this (lower) directory without an entry for the
+    /// directory itself: a whiteout of the same layer then keeps the directory and those
+    /// entries, and hides only the lower content.
+    through: u32,
+}
+
+/// How [`MergedTree::resolve_dir_in`] walks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Walk {
+    /// Only existing directories.
+    Find,
+    /// Only existing directories, seeing names this layer's whiteouts removed.
+    FindBeforeWhiteouts,
+    /// Missing components (and non-directories in the way) become directories.
+    Create,
+    /// [`Walk::Create`], and the lower directories passed through record that this layer
+    /// put something below them.
+    CreateForEntry,
 }
 
 #[derive(Debug)]
@@ -158,17 +178,15 @@ impl MergedTree {
     /// `create`, missing components and non-directories in the way become directories;
     /// without it, `None` is returned for them.
     fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool) -> Result<Option<usize>> {
-        self.resolve_dir_in(comps, create, false)
+        self.resolve_dir_in(comps, if create { Walk::Create } else { Walk::Find })
     }
 
-    /// [`Self::resolve_dir`]; with `before_whiteouts`, names this layer's whiteouts removed
-    /// are seen again (and win over what the layer put in their place).
-    fn resolve_dir_in(
-        &mut self,
-        comps: &[Vec<u8>],
-        create: bool,
-        before_whiteouts: bool,
-    ) -> Result<Option<usize>> {
+    /// [`Self::resolve_dir`], walking as `walk` says. With [`Walk::FindBeforeWhiteouts`],
+    /// names this layer's whiteouts removed are seen again (and win over what the layer put
+    /// in their place).
+    fn resolve_dir_in(&mut self, comps: &[Vec<u8>], walk: Walk) -> Result<Option<usize>> {
+        let before_whiteouts = walk == Walk::FindBeforeWhiteouts;
+        let create = matches!(walk, Walk::Create | Walk::CreateForEntry);
         let mut stack = vec![0usize];
         let mut queue: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
         let mut hops = 0;
@@ -186,7 +204,15 @@ impl MergedTree {
             let cur = *stack.last().unwrap_or(&0);
             let child = self.child(cur, &c, before_whiteouts);
             match child.map(|id| &self.nodes[id].kind) {
-                Some(MKind::Dir(_)) => stack.push(child.unwrap_or(0)),
+                Some(MKind::Dir(_)) => {
+                    if walk == Walk::CreateForEntry {
+                        let layer = self.layer;
+                        if let Some(ch) = self.children_mut(cur).and_then(|m| m.get_mut(&c)) {
+                            ch.through = layer;
+                        }
+                    }
+                    stack.push(child.unwrap_or(0));
+                }
                 Some(MKind::Other(NodeKind::Symlink(target))) => {
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
@@ -204,13 +230,13 @@ impl MergedTree {
                     }
                 }
                 _ => {
-                    if !create || before_whiteouts {
+                    if !create {
                         return Ok(None);
                     }
                     let id = self.push(MKind::Dir(BTreeMap::new()), implicit_dir_meta());
                     let stamp = self.layer;
                     if let Some(m) = self.children_mut(cur) {
-                        m.insert(c, Child { id, stamp });
+                        m.insert(c, Child::new(id, stamp));
                     }
                     stack.push(id);
                 }
@@ -238,12 +264,18 @@ impl MergedTree {
             let Some(child) = self.children(dir).and_then(|m| m.get(target)).copied() else {
                 return Ok(());
             };
-            if child.stamp < layer {
+            let is_dir = matches!(self.nodes[child.id].kind, MKind::Dir(_));
+            if child.stamp < layer && !(is_dir && child.through == layer) {
                 if let Some(m) = self.children_mut(dir) {
                     m.remove(target);
                 }
                 self.hidden.entry((dir, target.to_vec())).or_insert(child);
             } else {
+                // Created, or filled, by this layer: only what lower layers put there goes
+                // (the directory keeps its attributes, as in umoci).
+                if let Some(ch) = self.children_mut(dir).and_then(|m| m.get_mut(target)) {
+                    ch.stamp = layer;
+                }
                 self.hide_lower(child.id);
             }
         }
@@ -251,31 +283,40 @@ impl MergedTree {
     }
 
     /// Remove the lower-layer names under directory `dir`, recursing into directories the
-    /// current layer created or merged.
+    /// current layer created, merged or put entries in (those become this layer's).
     fn hide_lower(&mut self, dir: usize) {
         let layer = self.layer;
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
-            let mut keep_dirs = Vec::new();
+            let Some(m) = self.children(d) else {
+                continue;
+            };
             let mut removed = Vec::new();
-            if let Some(m) = self.children_mut(d) {
-                m.retain(|name, ch| {
-                    let keep = ch.stamp >= layer;
-                    if !keep {
-                        removed.push((name.clone(), *ch));
+            let mut kept_dirs = Vec::new();
+            for (name, ch) in m {
+                let is_dir = matches!(self.nodes[ch.id].kind, MKind::Dir(_));
+                if ch.stamp >= layer || (is_dir && ch.through == layer) {
+                    if is_dir {
+                        kept_dirs.push((name.clone(), ch.id));
                     }
-                    keep
-                });
-                keep_dirs.extend(m.values().map(|ch| ch.id));
+                } else {
+                    removed.push((name.clone(), *ch));
+                }
+            }
+            if let Some(m) = self.children_mut(d) {
+                for (name, _) in &removed {
+                    m.remove(name);
+                }
+                for (name, _) in &kept_dirs {
+                    if let Some(ch) = m.get_mut(name) {
+                        ch.stamp = layer;
+                    }
+                }
             }
             for (name, ch) in removed {
                 self.hidden.entry((d, name)).or_insert(ch);
             }
-            stack.extend(
-                keep_dirs
-                    .into_iter()
-                    .filter(|&id| matches!(self.nodes[id].kind, MKind::Dir(_))),
-            );
+            stack.extend(kept_dirs.into_iter().map(|(_, id)| id));
         }
     }
 
@@ -292,7 +333,7 @@ impl MergedTree {
             return self.whiteout(&entry.path);
         }
         let dir = self
-            .resolve_dir(parent, true)?
+            .resolve_dir_in(parent, Walk::CreateForEntry)?
             .ok_or_else(|| Error::invalid_argument("unreachable: create resolves"))?;
         let existing = self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id);
         let stamp = self.layer;
@@ -345,7 +386,7 @@ impl MergedTree {
             EntryKind::Fifo => self.push(MKind::Other(NodeKind::Fifo), entry.meta),
         };
         if let Some(m) = self.children_mut(dir) {
-            m.insert(name.clone(), Child { id, stamp });
+            m.insert(name.clone(), Child::new(id, stamp));
         }
         Ok(())
     }
@@ -356,7 +397,12 @@ impl MergedTree {
         let Some((name, parent)) = path.split_last() else {
             return Ok(Some(0));
         };
-        let Some(dir) = self.resolve_dir_in(parent, false, before_whiteouts)? else {
+        let walk = if before_whiteouts {
+            Walk::FindBeforeWhiteouts
+        } else {
+            Walk::Find
+        };
+        let Some(dir) = self.resolve_dir_in(parent, walk)? else {
             return Ok(None);
         };
         Ok(self.child(dir, name, before_whiteouts))
@@ -407,6 +453,16 @@ impl MergedTree {
             }
         }
         Ok(tree)
+    }
+}
+
+impl Child {
+    fn new(id: usize, stamp: u32) -> Self {
+        Child {
+            id,
+            stamp,
+            through: stamp,
+        }
     }
 }
 
@@ -570,6 +626,59 @@ mod tests {
         let err = t.apply(link("b", "a")).unwrap_err();
         assert_eq!(err.kind(), diskkit::ErrorKind::NotFound);
         assert!(err.to_string().contains("/b -> /a"), "{err}");
+    }
+
+    #[test]
+    fn whiteout_after_same_layer_entries_below_it_keeps_them() {
+        let lower = |t: &mut MergedTree| {
+            t.apply(e("d/old", EntryKind::Fifo)).unwrap();
+            t.apply(e("o/e/old", EntryKind::Fifo)).unwrap();
+            t.apply(e("o/f/old", EntryKind::Fifo)).unwrap();
+            t.apply(e("usr/lib/old", EntryKind::Fifo)).unwrap();
+            t.apply(e("lib", EntryKind::Symlink(b"usr/lib".to_vec())))
+                .unwrap();
+            t.begin_layer(1);
+        };
+        let check = |t: &mut MergedTree| {
+            assert_eq!(names(t, "d"), ["y"]);
+            assert_eq!(names(t, "o"), ["e"]);
+            assert_eq!(names(t, "o/e"), ["y"]);
+            assert_eq!(names(t, "usr"), ["lib"]);
+            assert_eq!(names(t, "usr/lib"), ["y"]);
+        };
+        // Entries below lower directories first (no entry for the directories), whiteouts
+        // after: the same-layer entries stay, the lower ones go.
+        let mut t = MergedTree::new();
+        lower(&mut t);
+        for entry in [
+            e("d/y", EntryKind::Fifo),
+            e("o/e/y", EntryKind::Fifo),
+            e("lib/y", EntryKind::Fifo),
+            wh(".wh.d"),
+            wh("o/.wh..wh..opq"),
+            wh(".wh.usr"),
+        ] {
+            t.apply(entry).unwrap();
+        }
+        check(&mut t);
+        // Whiteouts first: the same tree.
+        let mut t = MergedTree::new();
+        lower(&mut t);
+        for entry in [
+            wh(".wh.d"),
+            wh("o/.wh..wh..opq"),
+            wh(".wh.usr"),
+            e("d/y", EntryKind::Fifo),
+            e("o/e/y", EntryKind::Fifo),
+            e("lib/y", EntryKind::Fifo),
+        ] {
+            t.apply(entry).unwrap();
+        }
+        check(&mut t);
+        // Only this layer is kept: the next layer's whiteout removes the directory.
+        t.begin_layer(2);
+        t.apply(wh(".wh.d")).unwrap();
+        assert!(t.resolve_dir(&clean_path(b"d"), false).unwrap().is_none());
     }
 
     #[test]

@@ -14,9 +14,11 @@
 //! whiteout file was encountered", so a hard link entry must mean the same before or after a
 //! whiteout of its target in the same layer. umoci and containerd link `b` to a lower `a` when
 //! `b -> a` comes before `.wh.a`; diskkit gives that result in both orders: a link target is
-//! looked up in the tree as it stands, and when it is not there, in the tree as it stood
-//! before this layer's whiteouts (the names they removed are remembered until the layer ends).
-//! The inode survives under its new name, as an unlinked-but-still-linked file does. A target
+//! looked up in the tree as it stands, and when it is not there (or is a directory), in the
+//! tree as it stood before this layer (the lower-layer names the layer removed or replaced are
+//! remembered until it ends). The inode survives under its new name, as an
+//! unlinked-but-still-linked file does. `order_tests` checks that random layers merge to the
+//! same tree with their whiteouts where they are, all first or all last. A target
 //! that an *earlier* layer deleted is gone for good: the link fails with `NotFound`, as it does
 //! in umoci and containerd ("extracting a layer with hardlink references to files outside of
 //! the layer may fail").
@@ -74,13 +76,12 @@ struct Child {
 enum Walk {
     /// Only existing directories.
     Find,
-    /// Only existing directories, seeing names this layer's whiteouts removed.
-    FindBeforeWhiteouts,
-    /// Missing components (and non-directories in the way) become directories.
+    /// Only existing directories, as the tree was before this layer: lower-layer names it
+    /// removed or replaced are seen again.
+    FindBeforeLayer,
+    /// Missing components (and non-directories in the way) become directories, and the
+    /// lower directories passed through record that this layer put something below them.
     Create,
-    /// [`Walk::Create`], and the lower directories passed through record that this layer
-    /// put something below them.
-    CreateForEntry,
 }
 
 #[derive(Debug)]
@@ -125,8 +126,8 @@ pub struct MergedTree {
     nodes: Vec<MNode>,
     /// The layer being applied (stamps new names).
     layer: u32,
-    /// Names this layer's whiteouts removed: (directory node, name) -> what it named. Hard
-    /// links of the same layer may still name them (see the module docs).
+    /// Lower-layer names this layer removed (whiteouts) or replaced: (directory node, name)
+    /// -> what it named. Hard links of the same layer may still name them (module docs).
     hidden: HashMap<(usize, Vec<u8>), Child>,
 }
 
@@ -177,16 +178,17 @@ impl MergedTree {
     /// Resolve `comps` as a directory, following symlinks (clamped at the root). With
     /// `create`, missing components and non-directories in the way become directories;
     /// without it, `None` is returned for them.
+    #[cfg(test)]
     fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool) -> Result<Option<usize>> {
         self.resolve_dir_in(comps, if create { Walk::Create } else { Walk::Find })
     }
 
-    /// [`Self::resolve_dir`], walking as `walk` says. With [`Walk::FindBeforeWhiteouts`],
-    /// names this layer's whiteouts removed are seen again (and win over what the layer put
-    /// in their place).
+    /// Resolve `comps` as a directory, following symlinks (clamped at the root), walking as
+    /// `walk` says. With [`Walk::FindBeforeLayer`], lower-layer names this layer removed or
+    /// replaced are seen again (and win over what the layer put in their place).
     fn resolve_dir_in(&mut self, comps: &[Vec<u8>], walk: Walk) -> Result<Option<usize>> {
-        let before_whiteouts = walk == Walk::FindBeforeWhiteouts;
-        let create = matches!(walk, Walk::Create | Walk::CreateForEntry);
+        let before_layer = walk == Walk::FindBeforeLayer;
+        let create = walk == Walk::Create;
         let mut stack = vec![0usize];
         let mut queue: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
         let mut hops = 0;
@@ -202,10 +204,10 @@ impl MergedTree {
                 _ => {}
             }
             let cur = *stack.last().unwrap_or(&0);
-            let child = self.child(cur, &c, before_whiteouts);
+            let child = self.child(cur, &c, before_layer);
             match child.map(|id| &self.nodes[id].kind) {
                 Some(MKind::Dir(_)) => {
-                    if walk == Walk::CreateForEntry {
+                    if create {
                         let layer = self.layer;
                         if let Some(ch) = self.children_mut(cur).and_then(|m| m.get_mut(&c)) {
                             ch.through = layer;
@@ -233,6 +235,7 @@ impl MergedTree {
                     if !create {
                         return Ok(None);
                     }
+                    self.remember_replaced(cur, &c);
                     let id = self.push(MKind::Dir(BTreeMap::new()), implicit_dir_meta());
                     let stamp = self.layer;
                     if let Some(m) = self.children_mut(cur) {
@@ -250,8 +253,14 @@ impl MergedTree {
         let Some((name, parent)) = path.split_last() else {
             return Ok(());
         };
-        // The opaque marker's directory exists in this layer even without its own entry.
-        let Some(dir) = self.resolve_dir(parent, name.as_slice() == OPAQUE)? else {
+        // The opaque marker's directory exists in this layer even without its own entry: the
+        // marker is an entry below it, like any other.
+        let walk = if name.as_slice() == OPAQUE {
+            Walk::Create
+        } else {
+            Walk::Find
+        };
+        let Some(dir) = self.resolve_dir_in(parent, walk)? else {
             return Ok(()); // nothing below to hide
         };
         if name.as_slice() == OPAQUE {
@@ -273,6 +282,7 @@ impl MergedTree {
             } else {
                 // Created, or filled, by this layer: only what lower layers put there goes
                 // (the directory keeps its attributes, as in umoci).
+                self.remember_replaced(dir, target);
                 if let Some(ch) = self.children_mut(dir).and_then(|m| m.get_mut(target)) {
                     ch.stamp = layer;
                 }
@@ -302,6 +312,9 @@ impl MergedTree {
                 } else {
                     removed.push((name.clone(), *ch));
                 }
+            }
+            for (name, _) in &kept_dirs {
+                self.remember_replaced(d, name);
             }
             if let Some(m) = self.children_mut(d) {
                 for (name, _) in &removed {
@@ -333,7 +346,7 @@ impl MergedTree {
             return self.whiteout(&entry.path);
         }
         let dir = self
-            .resolve_dir_in(parent, Walk::CreateForEntry)?
+            .resolve_dir_in(parent, Walk::Create)?
             .ok_or_else(|| Error::invalid_argument("unreachable: create resolves"))?;
         let existing = self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id);
         let stamp = self.layer;
@@ -341,6 +354,7 @@ impl MergedTree {
             EntryKind::Dir => {
                 if let Some(id) = existing.filter(|&id| matches!(self.nodes[id].kind, MKind::Dir(_))) {
                     // dir over dir: new attributes, children kept, the name is now this layer's.
+                    self.remember_replaced(dir, name);
                     self.nodes[id].meta = entry.meta;
                     if let Some(ch) = self.children_mut(dir).and_then(|m| m.get_mut(name)) {
                         ch.stamp = stamp;
@@ -350,9 +364,11 @@ impl MergedTree {
                 self.push(MKind::Dir(BTreeMap::new()), entry.meta)
             }
             EntryKind::HardLink(target) => {
+                // The current tree, then (absent or a directory there) the tree as it was
+                // before this layer's whiteouts.
                 let found = match self.lookup(&target, false)? {
-                    Some(id) => Some(id),
-                    None => self.lookup(&target, true)?,
+                    Some(id) if !matches!(self.nodes[id].kind, MKind::Dir(_)) => Some(id),
+                    current => self.lookup(&target, true)?.or(current),
                 };
                 let id = found.ok_or_else(|| {
                     Error::new(
@@ -385,6 +401,7 @@ impl MergedTree {
             }
             EntryKind::Fifo => self.push(MKind::Other(NodeKind::Fifo), entry.meta),
         };
+        self.remember_replaced(dir, name);
         if let Some(m) = self.children_mut(dir) {
             m.insert(name.clone(), Child::new(id, stamp));
         }
@@ -392,25 +409,36 @@ impl MergedTree {
     }
 
     /// Find `path` (parents through symlinks, the last component not followed), in the
-    /// current tree or, with `before_whiteouts`, as it was before this layer's whiteouts.
-    fn lookup(&mut self, path: &[Vec<u8>], before_whiteouts: bool) -> Result<Option<usize>> {
+    /// current tree or, with `before_layer`, as it was before this layer (see `hidden`).
+    fn lookup(&mut self, path: &[Vec<u8>], before_layer: bool) -> Result<Option<usize>> {
         let Some((name, parent)) = path.split_last() else {
             return Ok(Some(0));
         };
-        let walk = if before_whiteouts {
-            Walk::FindBeforeWhiteouts
+        let walk = if before_layer {
+            Walk::FindBeforeLayer
         } else {
             Walk::Find
         };
         let Some(dir) = self.resolve_dir_in(parent, walk)? else {
             return Ok(None);
         };
-        Ok(self.child(dir, name, before_whiteouts))
+        Ok(self.child(dir, name, before_layer))
+    }
+
+    /// Before `name` in `dir` is replaced: remember what a lower layer put there, for the
+    /// hard links of this layer (see the module docs).
+    fn remember_replaced(&mut self, dir: usize, name: &[u8]) {
+        let layer = self.layer;
+        if let Some(old) = self.children(dir).and_then(|m| m.get(name)).copied() {
+            if old.stamp < layer {
+                self.hidden.entry((dir, name.to_vec())).or_insert(old);
+            }
+        }
     }
 
     /// The node `name` names in directory `dir`.
-    fn child(&self, dir: usize, name: &[u8], before_whiteouts: bool) -> Option<usize> {
-        if before_whiteouts {
+    fn child(&self, dir: usize, name: &[u8], before_layer: bool) -> Option<usize> {
+        if before_layer {
             if let Some(ch) = self.hidden.get(&(dir, name.to_vec())) {
                 return Some(ch.id);
             }
@@ -472,6 +500,9 @@ fn implicit_dir_meta() -> Metadata {
         ..Metadata::default()
     }
 }
+
+#[cfg(test)]
+mod order_tests;
 
 #[cfg(test)]
 mod tests {

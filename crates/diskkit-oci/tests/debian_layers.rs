@@ -94,6 +94,16 @@ fn debian_base_with_two_layers_matches_umoci() {
     assert_eq!(kind("dev/custom"), Some('f'));
     assert_eq!(kind("run/fifo"), Some('p'));
     check_image("debian", &img, &expected);
+    // With metadata_csum: e2fsck and ext4-view (which verifies the superblock, inode and
+    // directory checksums) on the same tree.
+    let csum = d.join("debian-csum.img");
+    let options = UnpackOptions {
+        metadata_csum: true,
+        ..UnpackOptions::default()
+    };
+    unpack(&lay, &csum, &options, &mut NoProgress).unwrap();
+    e2fsck(&csum);
+    support::check_view("debian, metadata_csum", &csum, &expected);
     // The kernel as a third reader, where loop mounts work (root in CI): the same tree,
     // xattrs and link counts included, and the system runs (perl through its new hard link).
     let mnt = d.join("mnt");

@@ -365,7 +365,8 @@ impl MergedTree {
             }
             EntryKind::HardLink(target) => {
                 // The current tree, then (absent or a directory there) the tree as it was
-                // before this layer's whiteouts.
+                // before this layer: a name the layer whited out, or replaced by a
+                // directory, still reaches the lower inode (see the module docs).
                 let found = match self.lookup(&target, false)? {
                     Some(id) if !matches!(self.nodes[id].kind, MKind::Dir(_)) => Some(id),
                     current => self.lookup(&target, true)?.or(current),

@@ -328,6 +328,7 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         let h = self.h;
         self.count(0, cs, USE_METADATA, "the header");
+        self.count(h.l1_table_offset, h.l1_size * 8, USE_METADATA, "the L1 table");
         let l1_bytes = self.read_table(h.l1_table_offset, h.l1_size * 8)?;
         self.active_l1 = (0..h.l1_size as usize).map(|i| be64(&l1_bytes, i)).collect();
         let l1 = std::mem::take(&mut self.active_l1);

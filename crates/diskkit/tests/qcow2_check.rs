@@ -318,7 +318,7 @@ fn hand_damaged_refcounts_agree_with_qemu_and_are_repaired() {
 }
 
 #[test]
-fn compressed_backing_and_snapshot_images_survive_repair() {
+fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let raw = d.join("src.raw");
@@ -338,6 +338,23 @@ fn compressed_backing_and_snapshot_images_survive_repair() {
         assert_eq!(assert_counts_agree(&img), (0, 1));
         repair_and_verify(&img, &raw, "raw");
     }
+    // Persistent bitmaps: their clusters are in use, and they survive a repair.
+    let bm = d.join("bitmaps.qcow2");
+    run_ok("qemu-img", &["convert", "-q", "-O", "qcow2", s(&raw), s(&bm)]);
+    run_ok("qemu-img", &["bitmap", "--add", s(&bm), "b0"]);
+    run_ok("qemu-img", &["bitmap", "--add", "-g", "512k", s(&bm), "b1"]);
+    assert!(qemu_io(&bm, "qcow2", &["write -P 0x42 1M 3M"]).status.success());
+    let bm_expect = d.join("bitmaps-expect.raw");
+    copy(&raw, &bm_expect);
+    pwrite(&bm_expect, 1 << 20, &[0x42; 3 << 20]);
+    assert_eq!(assert_counts_agree(&bm), (0, 0));
+    let data = data_clusters(&bm);
+    set_refcount(&bm, data[1], 0);
+    set_refcount(&bm, data[2], 2);
+    assert_eq!(assert_counts_agree(&bm), (3, 1));
+    repair_and_verify(&bm, &bm_expect, "raw");
+    let info = run_ok("qemu-img", &["info", "--output=json", s(&bm)]);
+    assert!(info.contains("\"b0\"") && info.contains("\"b1\""), "{info}");
     // A backing file: unallocated clusters still fall through after repair.
     let base = d.join("base.raw");
     copy(&raw, &base);

@@ -21,6 +21,7 @@
 use super::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::header::{Header, MAX_L1_BYTES};
 use super::refcount::read_entry;
+use super::bitmaps;
 use super::snapshots::{self, SnapshotL1};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -81,6 +82,8 @@ pub enum ProblemKind {
     ReservedBits,
     /// More references than the image's refcount width can count.
     Overflow,
+    /// A structure that could not be read or parsed (a check error, not a corruption).
+    Unreadable,
 }
 
 /// One inconsistency.
@@ -98,6 +101,11 @@ impl Problem {
     /// Whether this is a leak (wasted space) rather than a corruption.
     pub fn is_leak(&self) -> bool {
         self.kind == ProblemKind::Leak
+    }
+
+    /// Whether this is a part that could not be checked rather than a corruption.
+    pub fn is_check_error(&self) -> bool {
+        self.kind == ProblemKind::Unreadable
     }
 }
 
@@ -345,7 +353,39 @@ impl<'a> Walk<'a> {
             self.walk_snapshot(s)?;
         }
         self.count(h.snapshots_offset, table_len, USE_METADATA, "the snapshot table");
+        self.count_bitmaps();
         self.count_refcount_structure()
+    }
+
+    /// Persistent bitmaps, when the autoclear bit vouches for them (QEMU ignores them
+    /// otherwise). A malformed bitmap directory is a check error.
+    fn count_bitmaps(&mut self) {
+        let h = self.h;
+        if h.version != 3 || h.autoclear & 1 == 0 {
+            return;
+        }
+        let Some((_, at, ext)) = h.extensions.iter().find(|(t, _, _)| *t == bitmaps::EXT_BITMAPS) else {
+            return;
+        };
+        let cs = self.cs;
+        let mut read = |off: u64, len: u64| self.read_table(off, len);
+        match bitmaps::ranges(ext, cs, &mut read) {
+            Ok(list) => {
+                for (off, len, what) in list {
+                    self.count(off, len, USE_METADATA, what);
+                }
+            }
+            Err(e) => {
+                self.report.check_errors += 1;
+                if self.report.problems.len() < MAX_PROBLEMS {
+                    self.report.problems.push(Problem {
+                        kind: ProblemKind::Unreadable,
+                        offset: *at,
+                        message: format!("persistent bitmaps could not be checked: {e}"),
+                    });
+                }
+            }
+        }
     }
 
     fn walk_snapshot(&mut self, s: &SnapshotL1) -> Result<()> {

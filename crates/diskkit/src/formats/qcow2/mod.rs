@@ -10,6 +10,7 @@
 //! Writes allocate whole clusters ([`Layer::allocate`] reserves, [`Layer::commit`] maps);
 //! the crash-consistency rules are in [`tables`].
 
+mod bitmaps;
 mod check;
 mod compressed;
 mod create;

@@ -1,0 +1,81 @@
+//! Persistent dirty bitmaps, as far as the consistency check needs them: which clusters the
+//! bitmap directory, the bitmap tables and the bitmap data use.
+//!
+//! The bitmaps header extension (QEMU `docs/interop/qcow2.txt`, "Bitmaps extension") holds
+//! `nb_bitmaps` (4), reserved (4), `bitmap_directory_size` (8), `bitmap_directory_offset` (8).
+//! Each directory entry: `bitmap_table_offset` (8), `bitmap_table_size` in entries (4), flags
+//! (4), type (1), granularity bits (1), name size (2), extra data size (4), the extra data, the
+//! name, padding to 8 bytes. A bitmap table entry holds a cluster offset in bits 9..=55, or 0.
+//! The extension is valid only while the `bitmaps` autoclear bit is set.
+
+use crate::error::{Error, Result};
+
+/// The extension's type.
+pub(super) const EXT_BITMAPS: u32 = 0x2385_2875;
+/// QEMU's limits (`QCOW2_MAX_BITMAPS`, `QCOW2_MAX_BITMAP_DIRECTORY_SIZE`).
+const MAX_BITMAPS: u64 = 65535;
+const MAX_DIRECTORY: u64 = 64 << 20;
+/// The largest bitmap table QEMU writes (`BME_MAX_TABLE_SIZE`).
+const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+const ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// A byte range the bitmaps use: (offset, length, what).
+pub(super) type Range = (u64, u64, &'static str);
+
+fn be(b: &[u8], at: usize, n: usize) -> u64 {
+    b[at..at + n].iter().fold(0, |a, &x| (a << 8) | u64::from(x))
+}
+
+/// The ranges used by the bitmaps the extension `ext` describes. `read(offset, len)` reads
+/// metadata (bounded by the caller). A malformed directory or table is an error.
+pub(super) fn ranges(
+    ext: &[u8],
+    cluster_size: u64,
+    read: &mut dyn FnMut(u64, u64) -> Result<Vec<u8>>,
+) -> Result<Vec<Range>> {
+    if ext.len() < 24 {
+        return Err(Error::corrupt("qcow2 bitmaps extension is truncated"));
+    }
+    let nb = be(ext, 0, 4);
+    let dir_size = be(ext, 8, 8);
+    let dir_offset = be(ext, 16, 8);
+    if nb == 0 || nb > MAX_BITMAPS || dir_size > MAX_DIRECTORY || dir_offset % cluster_size != 0 {
+        return Err(Error::corrupt(format!(
+            "qcow2 bitmaps extension is invalid ({nb} bitmaps, directory of {dir_size} bytes at {dir_offset:#x})"
+        )));
+    }
+    let dir = read(dir_offset, dir_size)?;
+    let mut out = vec![(dir_offset, dir_size, "the bitmap directory")];
+    let mut pos = 0usize;
+    for i in 0..nb {
+        let fixed = dir
+            .get(pos..pos + 24)
+            .ok_or_else(|| Error::corrupt(format!("qcow2 bitmap directory entry {i} is truncated")))?;
+        let table_offset = be(fixed, 0, 8);
+        let table_size = be(fixed, 8, 4);
+        let name_size = be(fixed, 18, 2);
+        let extra = be(fixed, 20, 4);
+        if table_offset % cluster_size != 0 || table_size > MAX_TABLE_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "qcow2 bitmap {i}: table of {table_size} entries at {table_offset:#x} is invalid"
+            )));
+        }
+        let table = read(table_offset, table_size * 8)?;
+        out.push((table_offset, table_size * 8, "a bitmap table"));
+        for e in table.chunks_exact(8) {
+            let off = be(e, 0, 8) & ENTRY_OFFSET_MASK;
+            if off != 0 {
+                out.push((off, cluster_size, "a bitmap data cluster"));
+            }
+        }
+        let len = 24u64
+            .checked_add(name_size)
+            .and_then(|l| l.checked_add(extra))
+            .ok_or_else(|| Error::corrupt("qcow2 bitmap directory entry is too long"))?;
+        pos = pos
+            .checked_add(len.next_multiple_of(8) as usize)
+            .filter(|&p| p as u64 <= dir_size)
+            .ok_or_else(|| Error::corrupt(format!("qcow2 bitmap directory entry {i} overruns the directory")))?;
+    }
+    Ok(out)
+}

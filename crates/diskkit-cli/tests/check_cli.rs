@@ -10,9 +10,8 @@ use support::{diskkit, diskkit_ok, tool_ok, Dir};
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {text}{}", String::from_utf8_lossy(&out.stderr))
-    })
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// `qemu-img check --output=json`: (corruptions, leaks).
@@ -32,7 +31,11 @@ fn be(b: &[u8]) -> u64 {
 
 /// Append `n` clusters to a qcow2 file and give them refcount 1 (leaks), by hand.
 fn leak_clusters(path: &Path, n: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut h = [0u8; 104];
     f.read_exact_at(&mut h, 0).unwrap();
     let cs = 1u64 << be(&h[20..24]);
@@ -55,7 +58,19 @@ fn dirty_qemu_image_is_refused_reported_and_repaired() {
     let img = d.s("dirty.qcow2");
     let raw = d.s("ref.raw");
     let writes = ["write -P 0x3c 0 1M", "write -P 0x4d 3M 200k"];
-    tool_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", &img, "4M"]);
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &img,
+            "4M",
+        ],
+    );
     tool_ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "4M"]);
     let mut args = vec!["-f", "raw"];
     for w in writes {
@@ -79,7 +94,10 @@ fn dirty_qemu_image_is_refused_reported_and_repaired() {
     let out = diskkit(&["check", &img]);
     assert_eq!(out.status.code(), Some(2));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("errors were found") && text.contains("dirty bit is set"), "{text}");
+    assert!(
+        text.contains("errors were found") && text.contains("dirty bit is set"),
+        "{text}"
+    );
     let out = diskkit(&["check", "--output", "json", &img]);
     assert_eq!(out.status.code(), Some(2));
     let v = json(&out);
@@ -91,11 +109,21 @@ fn dirty_qemu_image_is_refused_reported_and_repaired() {
     assert_eq!(v["format"], "qcow2");
     // Repair: exit 0, the changes listed, qemu-img check clean, data as QEMU wrote it.
     let out = diskkit(&["check", "--repair", "all", "--output", "json", &img]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = json(&out);
     assert_eq!(v["dirty"], serde_json::json!(false));
     let changes = v["changes"].as_array().unwrap();
-    assert!(changes.iter().any(|c| c.as_str().unwrap().contains("refcount structure")), "{v}");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.as_str().unwrap().contains("refcount structure")),
+        "{v}"
+    );
     assert!(v["corruptions-fixed"].as_u64().unwrap() > 0);
     assert_eq!(qemu_counts(&img), (0, 0));
     tool_ok("qemu-img", &["check", "-q", &img]);
@@ -122,14 +150,25 @@ fn leaks_exit_3_and_repair_leaks_frees_them() {
     let out = diskkit(&["check", "--output", "json", &img]);
     assert_eq!(out.status.code(), Some(3));
     let v = json(&out);
-    assert_eq!((v["corruptions"].as_u64(), v["leaks"].as_u64()), (Some(0), Some(2)), "{v}");
+    assert_eq!(
+        (v["corruptions"].as_u64(), v["leaks"].as_u64()),
+        (Some(0), Some(2)),
+        "{v}"
+    );
     let out = diskkit(&["check", "-r", "leaks", &img]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2 leaked clusters were repaired"), "{text}");
     assert_eq!(qemu_counts(&img), (0, 0));
     let back = d.s("back");
-    diskkit_ok(&["read", &img, "--offset", "65536", "--length", "300000", "--to", &back]);
+    diskkit_ok(&[
+        "read", &img, "--offset", "65536", "--length", "300000", "--to", &back,
+    ]);
     assert_eq!(std::fs::read(&back).unwrap(), vec![0x61u8; 300_000]);
 }
 

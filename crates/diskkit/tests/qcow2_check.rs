@@ -168,7 +168,13 @@ fn repair_and_verify(path: &Path, reference: &Path, rfmt: &str) {
     // A second check finds nothing and changes nothing.
     let again = qcow2::check_file(path, Repair::All).unwrap();
     assert!(again.is_clean() && again.changes.is_empty(), "{again:#?}");
-    DiskImage::open(path, &OpenOptions::new().format(diskkit::ImageFormat::Qcow2).detached(true)).unwrap();
+    DiskImage::open(
+        path,
+        &OpenOptions::new()
+            .format(diskkit::ImageFormat::Qcow2)
+            .detached(true),
+    )
+    .unwrap();
 }
 
 const WRITES: &[&str] = &[
@@ -188,7 +194,10 @@ fn qemu_dirty_images_are_refused_then_repaired() {
     for cluster in ["65536", "4096", "512"] {
         let img = dir.path().join(format!("dirty-{cluster}.qcow2"));
         let opts = format!("lazy_refcounts=on,cluster_size={cluster}");
-        run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
+        );
         let mut cmds = WRITES.to_vec();
         cmds.push("sigraise 9");
         let out = qemu_io(&img, "qcow2", &cmds);
@@ -219,7 +228,11 @@ fn qemu_dirty_images_are_refused_then_repaired() {
         let before = std::fs::metadata(&img).unwrap().len();
         let r = qcow2::check_file(&img, Repair::All).unwrap();
         assert!(r.corruptions_fixed >= corruptions / 2, "{r:#?}");
-        assert!(r.changes.iter().any(|c| c.contains("dirty bit")), "{:?}", r.changes);
+        assert!(
+            r.changes.iter().any(|c| c.contains("dirty bit")),
+            "{:?}",
+            r.changes
+        );
         assert!(std::fs::metadata(&img).unwrap().len() >= before);
         repair_and_verify(&img, &raw, "raw");
     }
@@ -230,7 +243,10 @@ fn clean_pair(dir: &Path, name: &str, cluster: &str) -> (PathBuf, PathBuf) {
     let img = dir.join(format!("{name}.qcow2"));
     let raw = dir.join(format!("{name}.raw"));
     let opts = format!("cluster_size={cluster}");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
+    );
     run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
     assert!(qemu_io(&img, "qcow2", WRITES).status.success());
     assert!(qemu_io(&raw, "raw", WRITES).status.success());
@@ -250,9 +266,17 @@ fn hand_damaged_refcounts_agree_with_qemu_and_are_repaired() {
     type Damage = Box<dyn Fn(&Path)>;
     let damages: Vec<(&str, Damage, (u64, u64))> = vec![
         // Refcount 0 on a used cluster: the refcount and the copied flag are wrong.
-        ("refcount-0", Box::new(move |p: &Path| set_refcount(p, d0[3], 0)), (2, 0)),
+        (
+            "refcount-0",
+            Box::new(move |p: &Path| set_refcount(p, d0[3], 0)),
+            (2, 0),
+        ),
         // Refcount 2 on a cluster used once: a leak, and the copied flag is wrong.
-        ("refcount-2", Box::new(move |p: &Path| set_refcount(p, d1[5], 2)), (1, 1)),
+        (
+            "refcount-2",
+            Box::new(move |p: &Path| set_refcount(p, d1[5], 2)),
+            (1, 1),
+        ),
         // Both, on several clusters.
         (
             "mixed",
@@ -328,12 +352,20 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     for ty in ["zlib", "zstd"] {
         let img = d.join(format!("c-{ty}.qcow2"));
         let o = format!("compression_type={ty}");
-        run_ok("qemu-img", &["convert", "-q", "-c", "-O", "qcow2", "-o", &o, s(&raw), s(&img)]);
+        run_ok(
+            "qemu-img",
+            &["convert", "-q", "-c", "-O", "qcow2", "-o", &o, s(&raw), s(&img)],
+        );
         let r = qcow2::check_file(&img, Repair::None).unwrap();
         assert!(r.compressed_clusters > 0 && r.is_clean(), "{r:#?}");
         let cs = geo(&img).cs;
         let len = std::fs::metadata(&img).unwrap().len().next_multiple_of(cs);
-        std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(len + cs).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(len + cs)
+            .unwrap();
         set_refcount(&img, len / cs, 1);
         assert_eq!(assert_counts_agree(&img), (0, 1));
         repair_and_verify(&img, &raw, "raw");
@@ -359,8 +391,23 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let base = d.join("base.raw");
     copy(&raw, &base);
     let top = d.join("top.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&top)]);
-    assert!(qemu_io(&top, "qcow2", &["write -P 0x77 64k 128k"]).status.success());
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&top),
+        ],
+    );
+    assert!(qemu_io(&top, "qcow2", &["write -P 0x77 64k 128k"])
+        .status
+        .success());
     let expect = d.join("top-expect.raw");
     copy(&raw, &expect);
     pwrite(&expect, 64 << 10, &[0x77; 128 << 10]);
@@ -372,9 +419,13 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let snap = d.join("snap.qcow2");
     run_ok("qemu-img", &["convert", "-q", "-O", "qcow2", s(&raw), s(&snap)]);
     run_ok("qemu-img", &["snapshot", "-c", "first", s(&snap)]);
-    assert!(qemu_io(&snap, "qcow2", &["write -P 0x99 0 256k"]).status.success());
+    assert!(qemu_io(&snap, "qcow2", &["write -P 0x99 0 256k"])
+        .status
+        .success());
     run_ok("qemu-img", &["snapshot", "-c", "second", s(&snap)]);
-    assert!(qemu_io(&snap, "qcow2", &["write -P 0x98 2M 64k"]).status.success());
+    assert!(qemu_io(&snap, "qcow2", &["write -P 0x98 2M 64k"])
+        .status
+        .success());
     let now = d.join("snap-now.raw");
     copy(&raw, &now);
     pwrite(&now, 0, &[0x99; 256 << 10]);
@@ -384,7 +435,10 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
         .into_iter()
         .filter(|&c| refcount(&snap, c) == 3)
         .collect();
-    assert!(!shared.is_empty(), "clusters shared by both snapshots and the active table");
+    assert!(
+        !shared.is_empty(),
+        "clusters shared by both snapshots and the active table"
+    );
     set_refcount(&snap, shared[0], 1);
     set_refcount(&snap, shared[1], 5);
     let (c, l) = assert_counts_agree(&snap);
@@ -396,10 +450,32 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let list = run_ok("qemu-img", &["snapshot", "-l", s(&snap)]);
     assert!(list.contains("first") && list.contains("second"), "{list}");
     let first = d.join("first.raw");
-    run_ok("qemu-img", &["convert", "-l", "snapshot.name=first", "-O", "raw", s(&snap), s(&first)]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=first",
+            "-O",
+            "raw",
+            s(&snap),
+            s(&first),
+        ],
+    );
     assert_identical(&raw, "raw", &first, "raw");
     let second = d.join("second.raw");
-    run_ok("qemu-img", &["convert", "-l", "snapshot.name=second", "-O", "raw", s(&snap), s(&second)]);
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=second",
+            "-O",
+            "raw",
+            s(&snap),
+            s(&second),
+        ],
+    );
     let second_expect = d.join("second-expect.raw");
     copy(&raw, &second_expect);
     pwrite(&second_expect, 0, &[0x99; 256 << 10]);

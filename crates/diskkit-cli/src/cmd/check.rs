@@ -76,7 +76,12 @@ fn problems(list: &[Problem]) -> Vec<ProblemJson> {
         .collect()
 }
 
-pub(crate) fn run(format: Option<Format>, repair: Option<RepairMode>, output: Output, path: &Path) -> Result<u8> {
+pub(crate) fn run(
+    format: Option<Format>,
+    repair: Option<RepairMode>,
+    output: Output,
+    path: &Path,
+) -> Result<u8> {
     match check(format, repair, path) {
         Ok(json) => {
             let code = if json.corruptions > 0 || json.check_errors > 0 {
@@ -123,13 +128,16 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
     drop(storage);
     // RAW and ASIF: open the file alone and walk its whole map.
     let options = OpenOptions::new().format(format).detached(true);
-    let image = DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let image =
+        DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
     image
         .extents(0, image.size())
         .with_context(|| format!("cannot read the allocation map of '{}'", path.display()))?;
     let top = image.describe_layers()?.remove(0);
     let changes = if writable {
-        vec![format!("nothing to repair: {format} images have no reference counts")]
+        vec![format!(
+            "nothing to repair: {format} images have no reference counts"
+        )]
     } else {
         Vec::new()
     };

@@ -75,7 +75,9 @@ pub(super) fn ranges(
         pos = pos
             .checked_add(len.next_multiple_of(8) as usize)
             .filter(|&p| p as u64 <= dir_size)
-            .ok_or_else(|| Error::corrupt(format!("qcow2 bitmap directory entry {i} overruns the directory")))?;
+            .ok_or_else(|| {
+                Error::corrupt(format!("qcow2 bitmap directory entry {i} overruns the directory"))
+            })?;
     }
     Ok(out)
 }

@@ -18,10 +18,10 @@
 //!
 //! Repair (`repair.rs`) rebuilds the refcount structure from these counts.
 
+use super::bitmaps;
 use super::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::header::{Header, MAX_L1_BYTES};
 use super::refcount::read_entry;
-use super::bitmaps;
 use super::snapshots::{self, SnapshotL1};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -402,7 +402,10 @@ impl<'a> Walk<'a> {
             self.problem(
                 ProblemKind::BeyondEnd,
                 at,
-                format!("snapshot {}: L1 table of {} entries is too large", s.label, s.l1_size),
+                format!(
+                    "snapshot {}: L1 table of {} entries is too large",
+                    s.label, s.l1_size
+                ),
             );
             return Ok(());
         }
@@ -558,7 +561,12 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         let h = self.h;
         let table_len = h.refcount_table_clusters * cs;
-        if self.count(h.refcount_table_offset, table_len, USE_REFCOUNTS, "the refcount table") {
+        if self.count(
+            h.refcount_table_offset,
+            table_len,
+            USE_REFCOUNTS,
+            "the refcount table",
+        ) {
             let first = h.refcount_table_offset / cs;
             self.old_refcount_clusters
                 .extend(first..first + h.refcount_table_clusters);
@@ -650,13 +658,19 @@ impl<'a> Walk<'a> {
                 self.problem(
                     ProblemKind::RefcountTooLow,
                     c * cs,
-                    format!("cluster {c} (at {:#x}) refcount={stored} reference={counted}", c * cs),
+                    format!(
+                        "cluster {c} (at {:#x}) refcount={stored} reference={counted}",
+                        c * cs
+                    ),
                 );
             } else if stored > counted {
                 self.problem(
                     ProblemKind::Leak,
                     c * cs,
-                    format!("cluster {c} (at {:#x}) refcount={stored} reference={counted}: leaked", c * cs),
+                    format!(
+                        "cluster {c} (at {:#x}) refcount={stored} reference={counted}: leaked",
+                        c * cs
+                    ),
                 );
             }
         }

@@ -122,8 +122,8 @@ pub fn check(storage: &dyn Storage, repair: Repair) -> Result<CheckReport> {
 /// [`check`] on the file at `path` (opened for writing only when repairing).
 pub fn check_file(path: impl AsRef<std::path::Path>, repair: Repair) -> Result<CheckReport> {
     let path = path.as_ref();
-    let storage = crate::storage::FileStorage::open(path, repair != Repair::None)
-        .map_err(|e| e.with_path(path))?;
+    let storage =
+        crate::storage::FileStorage::open(path, repair != Repair::None).map_err(|e| e.with_path(path))?;
     check(&storage, repair).map_err(|e| e.with_path(path))
 }
 

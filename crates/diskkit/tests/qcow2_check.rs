@@ -238,6 +238,77 @@ fn qemu_dirty_images_are_refused_then_repaired() {
     }
 }
 
+/// Power lost at every write of a repair (unsynced writes all dropped, all kept, or half
+/// kept): the image is never worse than before (qemu-img check counts no more corruptions),
+/// and running the repair again leaves it clean with the data QEMU wrote.
+#[test]
+fn interrupted_repair_loses_nothing_and_finishes_when_run_again() {
+    use diskkit::storage::{Fault, MemStorage};
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("ref.raw");
+    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    let img = dir.path().join("dirty.qcow2");
+    let opts = "lazy_refcounts=on,cluster_size=4096";
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "8M"],
+    );
+    let mut cmds = WRITES.to_vec();
+    cmds.push("sigraise 9");
+    assert!(!qemu_io(&img, "qcow2", &cmds).status.success());
+    // Also a leak with a wrong copied flag, and leaked clusters at the end.
+    let data = data_clusters(&img);
+    set_refcount(&img, data[2], 2);
+    let cs = geo(&img).cs;
+    let len = std::fs::metadata(&img).unwrap().len().next_multiple_of(cs);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(len + 2 * cs)
+        .unwrap();
+    set_refcount(&img, len / cs, 1);
+    set_refcount(&img, len / cs + 1, 1);
+    let (before, leaks, _) = qemu_check(&img);
+    assert!(before > 0 && leaks > 0);
+    let bytes = std::fs::read(&img).unwrap();
+    let crashed_path = dir.path().join("crashed.qcow2");
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    for k in 0.. {
+        let storage = MemStorage::from_bytes(bytes.clone());
+        storage.track_crashes();
+        storage.inject(Fault::WritesAfter(k));
+        let result = qcow2::check(&storage, Repair::All);
+        for mode in 0..3 {
+            let crashed = storage.crash(|_| match mode {
+                0 => false,
+                1 => true,
+                _ => {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed % 2 == 0
+                }
+            });
+            std::fs::write(&crashed_path, crashed.to_bytes()).unwrap();
+            let (c, _, _) = qemu_check(&crashed_path);
+            assert!(
+                c <= before,
+                "write {k}, mode {mode}: {c} corruptions, {before} before"
+            );
+            let r = qcow2::check_file(&crashed_path, Repair::All).unwrap();
+            assert!(r.is_clean() && !r.dirty, "write {k}, mode {mode}: {r:#?}");
+            assert_qemu_clean(&crashed_path);
+            assert_identical(&raw, "raw", &crashed_path, "qcow2");
+        }
+        if result.is_ok() {
+            assert!(k > 5, "a repair writes more than {k} times");
+            break;
+        }
+    }
+}
+
 /// A clean qcow2 image QEMU wrote, and its RAW twin.
 fn clean_pair(dir: &Path, name: &str, cluster: &str) -> (PathBuf, PathBuf) {
     let img = dir.join(format!("{name}.qcow2"));
@@ -520,6 +591,31 @@ fn op_strategy(size: u64) -> impl Strategy<Value = Op> {
         }),
         1 => Just(Op::Flush),
     ]
+}
+
+/// Files with more clusters than the check can count are refused with a clear error.
+#[test]
+fn oversized_files_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            s(&img),
+            "1M",
+        ],
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len((qcow2::MAX_CHECK_CLUSTERS + 1) * 512).unwrap();
+    let e = qcow2::check_file(&img, Repair::None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(e.to_string().contains("clusters"), "{e}");
 }
 
 proptest! {

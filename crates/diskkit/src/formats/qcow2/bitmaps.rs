@@ -27,12 +27,22 @@ fn be(b: &[u8], at: usize, n: usize) -> u64 {
 }
 
 /// The ranges used by the bitmaps the extension `ext` describes. `read(offset, len)` reads
-/// metadata (bounded by the caller). A malformed directory or table is an error.
+/// metadata (charged to the caller's budget). A malformed directory or table, or one that
+/// does not lie inside the file (`file_len` bytes), is an error.
 pub(super) fn ranges(
     ext: &[u8],
     cluster_size: u64,
+    file_len: u64,
     read: &mut dyn FnMut(u64, u64) -> Result<Vec<u8>>,
 ) -> Result<Vec<Range>> {
+    let inside = |off: u64, len: u64, what: &str| -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= file_len => Ok(()),
+            _ => Err(Error::corrupt(format!(
+                "qcow2 {what} ({len} bytes at {off:#x}) lies past the end of the file"
+            ))),
+        }
+    };
     if ext.len() < 24 {
         return Err(Error::corrupt("qcow2 bitmaps extension is truncated"));
     }
@@ -44,6 +54,7 @@ pub(super) fn ranges(
             "qcow2 bitmaps extension is invalid ({nb} bitmaps, directory of {dir_size} bytes at {dir_offset:#x})"
         )));
     }
+    inside(dir_offset, dir_size, "bitmap directory")?;
     let dir = read(dir_offset, dir_size)?;
     let mut out = vec![(dir_offset, dir_size, "the bitmap directory")];
     let mut pos = 0usize;
@@ -60,6 +71,7 @@ pub(super) fn ranges(
                 "qcow2 bitmap {i}: table of {table_size} entries at {table_offset:#x} is invalid"
             )));
         }
+        inside(table_offset, table_size * 8, "bitmap table")?;
         let table = read(table_offset, table_size * 8)?;
         out.push((table_offset, table_size * 8, "a bitmap table"));
         for e in table.chunks_exact(8) {

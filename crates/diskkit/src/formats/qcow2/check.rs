@@ -367,9 +367,9 @@ impl<'a> Walk<'a> {
         let Some((_, at, ext)) = h.extensions.iter().find(|(t, _, _)| *t == bitmaps::EXT_BITMAPS) else {
             return;
         };
-        let cs = self.cs;
+        let (cs, file_len) = (self.cs, self.file_len);
         let mut read = |off: u64, len: u64| self.read_table(off, len);
-        match bitmaps::ranges(ext, cs, &mut read) {
+        match bitmaps::ranges(ext, cs, file_len, &mut read) {
             Ok(list) => {
                 for (off, len, what) in list {
                     self.count(off, len, USE_METADATA, what);

@@ -412,6 +412,50 @@ fn hand_damaged_refcounts_agree_with_qemu_and_are_repaired() {
     let _ = refcount;
 }
 
+/// L2 entries that point past the end of the file, are unaligned, or point at the L1 table:
+/// counted like qemu-img check counts them (an overlap is one more corruption in diskkit), and
+/// after repair those guest clusters read as zeroes, everything else unchanged.
+#[test]
+fn bad_l2_entries_are_reported_and_made_to_read_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, raw) = clean_pair(dir.path(), "clean", "65536");
+    let cs = 65536u64;
+    let head = pread(&img, 0, 112);
+    let l1 = be(&head, 40, 8);
+    let l2 = be(&pread(&img, l1, 8), 0, 8) & 0x00ff_ffff_ffff_fe00;
+    let entry = |p: &Path, gc: u64| be(&pread(p, l2 + 8 * gc, 8), 0, 8);
+    let set = |p: &Path, gc: u64, v: u64| pwrite(p, l2 + 8 * gc, &v.to_be_bytes());
+    let copied = 1u64 << 63;
+    let cases: [(&str, u64, (u64, u64), (u64, u64)); 3] = [
+        ("beyond-eof", 112, (2, 1), (2, 1)),
+        ("unaligned", 80, (2, 0), (2, 0)),
+        ("overlap", 64, (1, 1), (2, 1)),
+    ];
+    for (name, gc, qemu_counts, ours) in cases {
+        let p = copy(&img, &dir.path().join(format!("{name}.qcow2")));
+        let value = match name {
+            "beyond-eof" => copied | (std::fs::metadata(&p).unwrap().len().div_ceil(cs) + 10) * cs,
+            "unaligned" => entry(&p, gc) + 0x200,
+            _ => copied | l1,
+        };
+        set(&p, gc, value);
+        let (qc, ql, _) = qemu_check(&p);
+        assert_eq!((qc, ql), qemu_counts, "{name}");
+        let r = qcow2::check_file(&p, Repair::None).unwrap();
+        assert_eq!((r.corruptions, r.leaks), ours, "{name}: {:#?}", r.problems);
+        let expect = copy(&raw, &dir.path().join(format!("{name}.raw")));
+        pwrite(&expect, gc * cs, &vec![0u8; cs as usize]);
+        let r = qcow2::check_file(&p, Repair::All).unwrap();
+        assert!(
+            r.changes.iter().any(|c| c.contains("L1/L2 entries")),
+            "{name}: {:?}",
+            r.changes
+        );
+        assert_eq!(entry(&p, gc), 1, "{name}: the entry reads as zeroes (zero flag)");
+        repair_and_verify(&p, &expect, "raw");
+    }
+}
+
 #[test]
 fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,7 @@ use super::bitmaps;
 use super::entry::{COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use super::header::{Header, MAX_L1_BYTES};
 use super::refcount::read_entry;
+pub(super) use super::report::{CheckReport, Problem, ProblemKind, Repair};
 use super::snapshots::{self, SnapshotL1};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -46,116 +47,6 @@ pub(super) const USE_METADATA: u8 = 1;
 pub(super) const USE_REFCOUNTS: u8 = 2;
 pub(super) const USE_DATA: u8 = 4;
 pub(super) const USE_COMPRESSED: u8 = 8;
-
-/// How much [`check`](super::check) may change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-pub enum Repair {
-    /// Only look (`qemu-img check`).
-    #[default]
-    None,
-    /// Lower refcounts that are higher than the use (`-r leaks`); nothing else changes.
-    Leaks,
-    /// Also raise refcounts that are too low, fix copied flags, and make table entries that
-    /// point outside the file, are unaligned or point at metadata read as zeroes (`-r all`).
-    All,
-}
-
-/// The kind of a [`Problem`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ProblemKind {
-    /// A cluster's refcount is lower than the number of references to it (corruption).
-    RefcountTooLow,
-    /// A cluster's refcount is higher than its use (a leak).
-    Leak,
-    /// An entry's copied flag disagrees with its cluster's refcount.
-    CopiedFlag,
-    /// A reference to space one cluster or more past the end of the file.
-    BeyondEnd,
-    /// An offset that is not aligned as the format requires.
-    Unaligned,
-    /// A data cluster that is also metadata (header, L1 or L2 table, snapshot table).
-    Overlap,
-    /// A bad refcount table entry or a refcount block used for something else too.
-    RefcountStructure,
-    /// A table entry with reserved bits set.
-    ReservedBits,
-    /// More references than the image's refcount width can count.
-    Overflow,
-    /// A structure that could not be read or parsed (a check error, not a corruption).
-    Unreadable,
-}
-
-/// One inconsistency.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// What is wrong.
-    pub kind: ProblemKind,
-    /// The host (file) offset concerned.
-    pub offset: u64,
-    /// A sentence naming the structure, offsets and values.
-    pub message: String,
-}
-
-impl Problem {
-    /// Whether this is a leak (wasted space) rather than a corruption.
-    pub fn is_leak(&self) -> bool {
-        self.kind == ProblemKind::Leak
-    }
-
-    /// Whether this is a part that could not be checked rather than a corruption.
-    pub fn is_check_error(&self) -> bool {
-        self.kind == ProblemKind::Unreadable
-    }
-}
-
-/// The outcome of a consistency check, with what a repair changed. Counts after a repair
-/// describe the image as it is afterwards (the check runs again), like `qemu-img check -r`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Corruptions (in the image as it is now).
-    pub corruptions: u64,
-    /// Leaked clusters (in the image as it is now).
-    pub leaks: u64,
-    /// Parts that could not be checked (unreadable tables).
-    pub check_errors: u64,
-    /// Corruptions a repair fixed.
-    pub corruptions_fixed: u64,
-    /// Leaked clusters a repair freed.
-    pub leaks_fixed: u64,
-    /// The offset just past the last cluster in use or counted.
-    pub image_end_offset: u64,
-    /// Guest clusters of the virtual disk.
-    pub total_clusters: u64,
-    /// Guest clusters the active L1 table maps to host clusters (data, preallocated zero
-    /// and compressed clusters).
-    pub allocated_clusters: u64,
-    /// Of those, compressed.
-    pub compressed_clusters: u64,
-    /// Of those, not directly after the previous allocated one in the file.
-    pub fragmented_clusters: u64,
-    /// Cluster size in bytes.
-    pub cluster_size: u64,
-    /// Whether the dirty bit is set (after any repair).
-    pub dirty: bool,
-    /// Whether the corrupt bit is set (after any repair).
-    pub corrupt: bool,
-    /// The problems found (the first 10,000), before any repair.
-    pub problems: Vec<Problem>,
-    /// Problems found but not kept in `problems`.
-    pub problems_omitted: u64,
-    /// The problems still there after a repair (empty without one).
-    pub remaining: Vec<Problem>,
-    /// What a repair changed, one sentence each.
-    pub changes: Vec<String>,
-}
-
-impl CheckReport {
-    /// No corruptions, no leaks, nothing unchecked.
-    pub fn is_clean(&self) -> bool {
-        self.corruptions == 0 && self.leaks == 0 && self.check_errors == 0
-    }
-}
 
 /// A table entry a repair rewrites: the file offset of the 8-byte entry and its new value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,6 +421,13 @@ impl<'a> Walk<'a> {
             return;
         }
         let counted = self.count(host, cs, USE_DATA, "a data cluster");
+        if active {
+            self.report.allocated_clusters += 1;
+            if *next_contiguous != 0 && host != *next_contiguous {
+                self.report.fragmented_clusters += 1;
+            }
+            *next_contiguous = host.saturating_add(cs);
+        }
         if host % cs != 0 {
             self.problem(
                 ProblemKind::Unaligned,
@@ -541,18 +439,8 @@ impl<'a> Walk<'a> {
             }
             return;
         }
-        if !counted {
-            if active {
-                self.fix(at, zero_entry);
-            }
-            return;
-        }
-        if active {
-            self.report.allocated_clusters += 1;
-            if *next_contiguous != 0 && host != *next_contiguous {
-                self.report.fragmented_clusters += 1;
-            }
-            *next_contiguous = host + cs;
+        if !counted && active {
+            self.fix(at, zero_entry);
         }
     }
 
@@ -688,7 +576,7 @@ impl<'a> Walk<'a> {
         let refcount = |c: u64| refcounts.get(c as usize).copied().unwrap_or(0);
         for (i, &e) in l1.iter().enumerate() {
             let l2 = e & OFFSET_MASK;
-            if l2 == 0 || l2 % cs != 0 || l2 >= self.file_len {
+            if l2 == 0 {
                 continue;
             }
             let at = self.h.l1_table_offset + 8 * i as u64;
@@ -704,17 +592,21 @@ impl<'a> Walk<'a> {
                     raw: (e & !L1_RESERVED & !COPIED) | if r == 1 { COPIED } else { 0 },
                 });
             }
+            if l2 % cs != 0 || l2 >= self.file_len {
+                continue;
+            }
             let bytes = self.read_table(l2, cs)?;
             for j in 0..(cs / 8) as usize {
                 let raw = be64(&bytes, j);
                 let host = raw & OFFSET_MASK;
-                if raw & COMPRESSED != 0 || host == 0 || host % cs != 0 || host >= self.file_len {
+                if raw & COMPRESSED != 0 || host == 0 {
                     continue;
                 }
                 let at = l2 + 8 * j as u64;
                 let guest = ((i * (cs / 8) as usize + j) as u64).saturating_mul(cs);
                 let c = host / cs;
-                if self.uses.get(c as usize).is_some_and(|u| u & USE_METADATA != 0) {
+                let inside = host % cs == 0 && host < self.file_len;
+                if inside && self.uses.get(c as usize).is_some_and(|u| u & USE_METADATA != 0) {
                     self.problem(
                         ProblemKind::Overlap,
                         host,

@@ -19,19 +19,21 @@ mod header;
 mod layer_ext;
 mod refcount;
 mod repair;
+mod report;
 mod snapshots;
 mod tables;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-pub use self::check::{CheckReport, Problem, ProblemKind, Repair, MAX_CHECK_CLUSTERS};
+pub use self::check::MAX_CHECK_CLUSTERS;
 pub use self::create::{Qcow2CreateOptions, DEFAULT_CLUSTER_SIZE};
 use self::entry::{Geometry, L2Entry, COPIED, ZERO};
 pub use self::header::CompressionType;
 use self::header::{Header, COMPAT_LAZY_REFCOUNTS, EXT_DISKKIT_LAYER, OFF_AUTOCLEAR};
 use self::layer_ext::LayerExt;
 use self::refcount::Refcounts;
+pub use self::report::{CheckReport, Problem, ProblemKind, Repair};
 use self::tables::{Reservation, State};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::{Allocation, Layer, LayerInfo, WritePlan};

@@ -102,8 +102,9 @@ pub(super) fn run(storage: &dyn Storage, repair: Repair) -> Result<CheckReport> 
         w.copied_fixes.clear();
         w.fixes.clear();
         w.copied_pass(&refs)?;
-        let mut all = std::mem::take(&mut w.copied_fixes);
-        all.extend(w.fixes.iter().copied());
+        // Structural fixes first: for the same entry, the first one queued wins.
+        let mut all = std::mem::take(&mut w.fixes);
+        all.append(&mut w.copied_fixes);
         if !all.is_empty() {
             let n = write_fixes(storage, &all, storage.len()?)?;
             storage.sync()?;

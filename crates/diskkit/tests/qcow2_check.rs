@@ -426,7 +426,9 @@ fn bad_l2_entries_are_reported_and_made_to_read_zeroes() {
     let entry = |p: &Path, gc: u64| be(&pread(p, l2 + 8 * gc, 8), 0, 8);
     let set = |p: &Path, gc: u64, v: u64| pwrite(p, l2 + 8 * gc, &v.to_be_bytes());
     let copied = 1u64 << 63;
-    let cases: [(&str, u64, (u64, u64), (u64, u64)); 3] = [
+    // (name, guest cluster, qemu-img check's (corruptions, leaks), diskkit's)
+    type Case = (&'static str, u64, (u64, u64), (u64, u64));
+    let cases: [Case; 3] = [
         ("beyond-eof", 112, (2, 1), (2, 1)),
         ("unaligned", 80, (2, 0), (2, 0)),
         ("overlap", 64, (1, 1), (2, 1)),
@@ -434,7 +436,7 @@ fn bad_l2_entries_are_reported_and_made_to_read_zeroes() {
     for (name, gc, qemu_counts, ours) in cases {
         let p = copy(&img, &dir.path().join(format!("{name}.qcow2")));
         let value = match name {
-            "beyond-eof" => copied | (std::fs::metadata(&p).unwrap().len().div_ceil(cs) + 10) * cs,
+            "beyond-eof" => copied | ((std::fs::metadata(&p).unwrap().len().div_ceil(cs) + 10) * cs),
             "unaligned" => entry(&p, gc) + 0x200,
             _ => copied | l1,
         };

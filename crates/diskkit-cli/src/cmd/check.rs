@@ -32,6 +32,8 @@ const EXIT_LEAKS: u8 = 3;
 struct Json {
     filename: String,
     format: String,
+    /// `none`, `leaks` or `all`.
+    repair: &'static str,
     check_errors: u64,
     corruptions: u64,
     leaks: u64,
@@ -111,6 +113,11 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
         Some(RepairMode::All) => Repair::All,
     };
     let writable = repair != Repair::None;
+    let repair_name = match repair {
+        Repair::Leaks => "leaks",
+        Repair::All => "all",
+        _ => "none",
+    };
     let storage: Arc<dyn Storage> = Arc::new(
         FileStorage::open(path, writable).with_context(|| format!("cannot open '{}'", path.display()))?,
     );
@@ -123,7 +130,7 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
         let r = qcow2::check(&*storage, repair)
             .map_err(|e| e.with_path(path))
             .with_context(|| format!("cannot check '{}'", path.display()))?;
-        return Ok(qcow2_json(filename, &r));
+        return Ok(qcow2_json(filename, repair_name, &r));
     }
     drop(storage);
     // RAW and ASIF: open the file alone and walk its whole map.
@@ -144,6 +151,7 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
     Ok(Json {
         filename,
         format: format.to_string(),
+        repair: repair_name,
         check_errors: 0,
         corruptions: 0,
         leaks: 0,
@@ -164,10 +172,11 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
     })
 }
 
-fn qcow2_json(filename: String, r: &CheckReport) -> Json {
+fn qcow2_json(filename: String, repair: &'static str, r: &CheckReport) -> Json {
     Json {
         filename,
         format: "qcow2".into(),
+        repair,
         check_errors: r.check_errors,
         corruptions: r.corruptions,
         leaks: r.leaks,
@@ -189,9 +198,9 @@ fn qcow2_json(filename: String, r: &CheckReport) -> Json {
 }
 
 fn print_human(j: &Json) {
-    let repaired = !j.changes.is_empty();
+    let repaired = j.repair != "none";
     for p in &j.problems {
-        let tag = if repaired {
+        let tag = if j.repair == "all" || (j.repair == "leaks" && p.leak) {
             "Repairing"
         } else if p.leak {
             "Leaked"
@@ -204,7 +213,11 @@ fn print_human(j: &Json) {
         println!("({} more problems not listed)", j.problems_omitted);
     }
     if repaired {
-        println!("Changes made:");
+        if j.changes.is_empty() {
+            println!("Nothing was changed.");
+        } else {
+            println!("Changes made:");
+        }
         for c in &j.changes {
             println!("  - {c}");
         }

@@ -142,7 +142,7 @@ impl Header {
         if h.incompatible & INCOMPAT_DIRTY != 0 {
             return Err(Error::corrupt(
                 "qcow2 image has the dirty bit set (it was not closed cleanly and its refcounts may be \
-                 stale); repair it with `diskkit check --repair all` first (or open it with the repair option)",
+                 stale); repair it with `diskkit check --repair all` first (library: `OpenOptions::repair`)",
             ));
         }
         Ok(h)

@@ -498,6 +498,8 @@ impl<'a> Walk<'a> {
             }
             self.count(e, cs, USE_REFCOUNTS, "a refcount block");
             self.old_refcount_clusters.push(c);
+            // The block is in force even if shared: its refcounts are the stored ones.
+            self.blocks[i] = e;
             let n = self.counts.get(c as usize).copied().unwrap_or(0);
             if n != 1 {
                 self.problem(
@@ -506,9 +508,7 @@ impl<'a> Walk<'a> {
                     format!("refcount block {i} at {e:#x} is also used for something else ({n} references)"),
                 );
                 self.refcounts_broken = true;
-                continue;
             }
-            self.blocks[i] = e;
         }
         Ok(())
     }
@@ -518,11 +518,18 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         let order = self.h.refcount_order;
         let per_block = (cs * 8) >> order;
+        // The slot past the last cluster of the file only counts when something reaches it
+        // (as QEMU grows its table only then).
         let n = self.counts.len() as u64;
+        let compared = if self.counts.last().is_some_and(|&c| c > 0) {
+            n
+        } else {
+            n - 1
+        };
         self.stored = vec![0; n as usize];
         let mut highest = None;
         let mut block: Option<(u64, Vec<u8>)> = None;
-        for c in 0..n {
+        for c in 0..compared {
             let bi = c / per_block;
             let off = self.blocks.get(bi as usize).copied().unwrap_or(0);
             let stored = if off == 0 {

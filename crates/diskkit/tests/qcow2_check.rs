@@ -309,6 +309,27 @@ fn interrupted_repair_loses_nothing_and_finishes_when_run_again() {
     }
 }
 
+/// Dirty images with 1-, 2-, 8-, 32- and 64-bit refcounts are rebuilt at their own width.
+#[test]
+fn every_refcount_width_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("ref.raw");
+    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
+    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    for bits in [1u32, 2, 8, 32, 64] {
+        let img = dir.path().join(format!("w{bits}.qcow2"));
+        let opts = format!("lazy_refcounts=on,refcount_bits={bits},cluster_size=4096");
+        run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+        let mut cmds = WRITES.to_vec();
+        cmds.push("sigraise 9");
+        assert!(!qemu_io(&img, "qcow2", &cmds).status.success());
+        let (c, _) = assert_counts_agree(&img);
+        assert!(c > 0, "{bits} bits");
+        repair_and_verify(&img, &raw, "raw");
+        assert_eq!(geo(&img).order, bits.trailing_zeros(), "{bits} bits");
+    }
+}
+
 /// A clean qcow2 image QEMU wrote, and its RAW twin.
 fn clean_pair(dir: &Path, name: &str, cluster: &str) -> (PathBuf, PathBuf) {
     let img = dir.join(format!("{name}.qcow2"));

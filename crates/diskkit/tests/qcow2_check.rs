@@ -319,7 +319,10 @@ fn every_refcount_width_is_rebuilt() {
     for bits in [1u32, 2, 8, 32, 64] {
         let img = dir.path().join(format!("w{bits}.qcow2"));
         let opts = format!("lazy_refcounts=on,refcount_bits={bits},cluster_size=4096");
-        run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"]);
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
+        );
         let mut cmds = WRITES.to_vec();
         cmds.push("sigraise 9");
         assert!(!qemu_io(&img, "qcow2", &cmds).status.success());

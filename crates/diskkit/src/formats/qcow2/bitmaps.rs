@@ -93,3 +93,57 @@ pub(super) fn ranges(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(nb: u32, dir_size: u64, dir_offset: u64) -> Vec<u8> {
+        let mut e = vec![0u8; 24];
+        e[..4].copy_from_slice(&nb.to_be_bytes());
+        e[8..16].copy_from_slice(&dir_size.to_be_bytes());
+        e[16..24].copy_from_slice(&dir_offset.to_be_bytes());
+        e
+    }
+
+    /// One directory entry: a table of 2 entries at 8192, name "b0".
+    fn directory() -> Vec<u8> {
+        let mut d = vec![0u8; 32];
+        d[..8].copy_from_slice(&8192u64.to_be_bytes());
+        d[8..12].copy_from_slice(&2u32.to_be_bytes());
+        d[18..20].copy_from_slice(&2u16.to_be_bytes());
+        d[24..26].copy_from_slice(b"b0");
+        d
+    }
+
+    #[test]
+    fn lists_directory_tables_and_data() {
+        let mut read = |off: u64, len: u64| -> Result<Vec<u8>> {
+            Ok(match off {
+                4096 => directory(),
+                8192 => {
+                    let mut t = vec![0u8; len as usize];
+                    t[..8].copy_from_slice(&12288u64.to_be_bytes());
+                    t[8..].copy_from_slice(&1u64.to_be_bytes()); // all ones, no cluster
+                    t
+                }
+                _ => panic!("unexpected read at {off}"),
+            })
+        };
+        let r = ranges(&ext(1, 32, 4096), 4096, 16384, &mut read).unwrap();
+        assert_eq!(
+            r.iter().map(|(o, l, _)| (*o, *l)).collect::<Vec<_>>(),
+            vec![(4096, 32), (8192, 16), (12288, 4096)]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_extensions() {
+        let mut read = |_: u64, _: u64| -> Result<Vec<u8>> { Ok(directory()) };
+        assert!(ranges(&[0u8; 8], 4096, 16384, &mut read).is_err()); // truncated
+        assert!(ranges(&ext(0, 32, 4096), 4096, 16384, &mut read).is_err()); // no bitmaps
+        assert!(ranges(&ext(1, 32, 4100), 4096, 16384, &mut read).is_err()); // unaligned
+        assert!(ranges(&ext(1, 32, 16384), 4096, 16384, &mut read).is_err()); // past the end
+        assert!(ranges(&ext(2, 32, 4096), 4096, 16384, &mut read).is_err()); // overruns
+    }
+}

@@ -95,3 +95,44 @@ pub(super) fn read_table(
     }
     Ok((out, pos - offset))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// A file with one snapshot entry at 4096 (L1 at 8192, 3 entries, `extra` extra bytes).
+    fn image(extra: u32) -> MemStorage {
+        let mut b = vec![0u8; 8192];
+        let e = &mut b[4096..];
+        e[..8].copy_from_slice(&8192u64.to_be_bytes());
+        e[8..12].copy_from_slice(&3u32.to_be_bytes());
+        e[12..14].copy_from_slice(&1u16.to_be_bytes());
+        e[14..16].copy_from_slice(&4u16.to_be_bytes());
+        e[36..40].copy_from_slice(&extra.to_be_bytes());
+        let var = 40 + extra as usize;
+        e[var] = b'1';
+        e[var + 1..var + 5].copy_from_slice(b"snap");
+        MemStorage::from_bytes(b)
+    }
+
+    #[test]
+    fn reads_an_entry() {
+        let s = image(16);
+        let (snaps, len) = read_table(&s, 4096, 1, 4096, 8192).unwrap();
+        assert_eq!(snaps[0].label, "1 (snap)");
+        assert_eq!((snaps[0].l1_offset, snaps[0].l1_size), (8192, 3));
+        assert_eq!(len, (40u64 + 16 + 5).next_multiple_of(8));
+        assert_eq!(read_table(&s, 0, 0, 4096, 8192).unwrap().1, 0);
+    }
+
+    #[test]
+    fn rejects_bad_tables() {
+        let s = image(16);
+        // Too many, unaligned, past the end of the file (200 entries), too much extra data.
+        assert!(read_table(&s, 4096, MAX_SNAPSHOTS + 1, 4096, 8192).is_err());
+        assert!(read_table(&s, 4100, 1, 4096, 8192).is_err());
+        assert!(read_table(&s, 4096, 200, 4096, 8192).is_err());
+        assert!(read_table(&image(2000), 4096, 1, 4096, 8192).is_err());
+    }
+}

@@ -333,6 +333,35 @@ fn every_refcount_width_is_rebuilt() {
     }
 }
 
+/// 512-byte clusters and 14 MiB of data: the rebuilt refcount table spans several clusters
+/// (one 512-byte table cluster covers 16384 clusters).
+#[test]
+fn rebuilt_refcount_table_spans_several_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("ref.raw");
+    let img = dir.path().join("small-clusters.qcow2");
+    let writes = ["write -P 0x5e 0 14M", "write -P 0x6f 15M 512k"];
+    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "16M"]);
+    assert!(qemu_io(&raw, "raw", &writes).status.success());
+    let opts = "lazy_refcounts=on,cluster_size=512";
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "16M"],
+    );
+    let mut cmds = writes.to_vec();
+    cmds.push("sigraise 9");
+    assert!(!qemu_io(&img, "qcow2", &cmds).status.success());
+    let (c, _) = assert_counts_agree(&img);
+    assert!(c > 0, "{c}");
+    repair_and_verify(&img, &raw, "raw");
+    let head = pread(&img, 0, 64);
+    assert!(
+        be(&head, 56, 4) >= 2,
+        "refcount table clusters: {}",
+        be(&head, 56, 4)
+    );
+}
+
 /// A clean qcow2 image QEMU wrote, and its RAW twin.
 fn clean_pair(dir: &Path, name: &str, cluster: &str) -> (PathBuf, PathBuf) {
     let img = dir.join(format!("{name}.qcow2"));

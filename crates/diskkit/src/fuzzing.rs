@@ -41,11 +41,20 @@ pub fn qcow2_open(data: &[u8]) {
     exercise(data, ImageFormat::Qcow2);
 }
 
-/// Check `data` as a qcow2 image in memory, then repair it (leaks only, then everything).
+/// Open `data` as a qcow2 image with the repair option; then check it in memory and repair
+/// it (leaks only, then everything).
 /// A repair that ends with a clean report must leave a clean image: checking again finds
 /// nothing and changes nothing, and the driver opens it. Must never panic.
 pub fn qcow2_check(data: &[u8]) {
-    use crate::formats::qcow2::{check, Repair};
+    use crate::formats::qcow2::{check, Qcow2Image, Repair};
+    // Opening with the repair option (dirty or corrupt images are repaired first).
+    let opened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(data.to_vec()));
+    if let Ok(image) = Qcow2Image::open_with(opened, true, true) {
+        use crate::layer::Layer;
+        if image.size() > 0 {
+            let _ = image.map(0, image.size().min(1 << 20));
+        }
+    }
     let storage = MemStorage::from_bytes(data.to_vec());
     let _ = check(&storage, Repair::None);
     let _ = check(&storage, Repair::Leaks);

@@ -151,6 +151,12 @@ impl Qcow2Image {
         let flagged = Header::parse_for_check(&head, file_len)
             .is_ok_and(|h| h.incompatible & (header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT) != 0);
         let (head, file_len) = if repair && flagged {
+            if !writable {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    "repairing a qcow2 image with the dirty or corrupt bit needs it opened for writing",
+                ));
+            }
             let report = check(&*storage, Repair::All)?;
             if report.corruptions > 0 || report.check_errors > 0 || report.dirty || report.corrupt {
                 let first = report

@@ -107,6 +107,16 @@ fn dirty_qemu_image_is_refused_reported_and_repaired() {
     assert_eq!(v["leaks"].as_u64(), Some(ql));
     assert_eq!(v["dirty"], serde_json::json!(true));
     assert_eq!(v["format"], "qcow2");
+    let kinds: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"refcount-too-low") && kinds.contains(&"copied-flag"),
+        "{kinds:?}"
+    );
     // Repair: exit 0, the changes listed, qemu-img check clean, data as QEMU wrote it.
     let out = diskkit(&["check", "--repair", "all", "--output", "json", &img]);
     assert_eq!(

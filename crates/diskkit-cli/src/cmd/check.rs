@@ -70,7 +70,7 @@ struct ProblemJson {
 fn problems(list: &[Problem]) -> Vec<ProblemJson> {
     list.iter()
         .map(|p| ProblemJson {
-            kind: format!("{:?}", p.kind),
+            kind: p.kind.name().to_string(),
             leak: p.is_leak(),
             offset: p.offset,
             message: p.message.clone(),

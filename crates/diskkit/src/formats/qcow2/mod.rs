@@ -63,7 +63,8 @@ pub struct Qcow2Details {
     pub snapshots: u32,
     /// Lazy refcounts enabled.
     pub lazy_refcounts: bool,
-    /// Dirty bit (always false for an image diskkit opened: dirty images are refused).
+    /// Dirty bit (always false for an image diskkit opened: dirty images are refused, or
+    /// repaired first with `OpenOptions::repair`).
     pub dirty: bool,
     /// Corrupt bit (likewise).
     pub corrupt: bool,

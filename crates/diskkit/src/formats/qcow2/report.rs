@@ -39,6 +39,24 @@ pub enum ProblemKind {
     Unreadable,
 }
 
+impl ProblemKind {
+    /// A stable lowercase name (used in JSON output).
+    pub fn name(self) -> &'static str {
+        match self {
+            ProblemKind::RefcountTooLow => "refcount-too-low",
+            ProblemKind::Leak => "leak",
+            ProblemKind::CopiedFlag => "copied-flag",
+            ProblemKind::BeyondEnd => "beyond-end",
+            ProblemKind::Unaligned => "unaligned",
+            ProblemKind::Overlap => "overlap",
+            ProblemKind::RefcountStructure => "refcount-structure",
+            ProblemKind::ReservedBits => "reserved-bits",
+            ProblemKind::Overflow => "overflow",
+            ProblemKind::Unreadable => "unreadable",
+        }
+    }
+}
+
 /// One inconsistency.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -33,13 +33,20 @@ pub fn s(p: &Path) -> &str {
 
 /// `qemu-img check --output=json`: (corruptions, leaks, exit code).
 pub fn qemu_check(path: &Path) -> (u64, u64, i32) {
+    let (v, code) = qemu_check_json(path);
+    let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (get("corruptions"), get("leaks"), code)
+}
+
+/// `qemu-img check --output=json` as JSON, and its exit code (check errors must be 0).
+pub fn qemu_check_json(path: &Path) -> (serde_json::Value, i32) {
     let out = run("qemu-img", &["check", "--output=json", s(path)]);
     let text = String::from_utf8_lossy(&out.stdout);
     let v: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|_| panic!("qemu-img check: {text}{}", String::from_utf8_lossy(&out.stderr)));
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     assert_eq!(get("check-errors"), 0, "{text}");
-    (get("corruptions"), get("leaks"), out.status.code().unwrap_or(-1))
+    (v, out.status.code().unwrap_or(-1))
 }
 
 pub fn assert_qemu_clean(path: &Path) {
@@ -139,8 +146,11 @@ pub fn data_clusters(path: &Path) -> Vec<u64> {
 }
 
 /// diskkit's check (without repair) counts what qemu-img check counts.
+/// So do the image end offset, the total, allocated, compressed and fragmented clusters.
 pub fn assert_counts_agree(path: &Path) -> (u64, u64) {
-    let (qc, ql, _) = qemu_check(path);
+    let (v, _) = qemu_check_json(path);
+    let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let (qc, ql) = (get("corruptions"), get("leaks"));
     let r = qcow2::check_file(path, Repair::None).unwrap();
     assert_eq!(
         (r.corruptions, r.leaks),
@@ -148,6 +158,24 @@ pub fn assert_counts_agree(path: &Path) -> (u64, u64) {
         "diskkit vs qemu-img check on {}: {:#?}",
         path.display(),
         r.problems
+    );
+    assert_eq!(
+        (
+            r.image_end_offset,
+            r.total_clusters,
+            r.allocated_clusters,
+            r.compressed_clusters,
+            r.fragmented_clusters
+        ),
+        (
+            get("image-end-offset"),
+            get("total-clusters"),
+            get("allocated-clusters"),
+            get("compressed-clusters"),
+            get("fragmented-clusters")
+        ),
+        "diskkit vs qemu-img check statistics on {}",
+        path.display()
     );
     (qc, ql)
 }

@@ -316,7 +316,6 @@ impl<'a> Walk<'a> {
         let cs = self.cs;
         let active = snapshot.is_none();
         let whose = snapshot.map_or_else(|| "active".to_string(), |s| format!("snapshot {s}"));
-        let mut next_contiguous = 0u64;
         for (i, &e) in l1.iter().enumerate() {
             let at = l1_offset + 8 * i as u64;
             let l2 = e & OFFSET_MASK;
@@ -353,6 +352,8 @@ impl<'a> Walk<'a> {
             }
             let bytes = self.read_table(l2, cs)?;
             let per = (cs / 8) as usize;
+            // Fragmentation is judged within each L2 table, as QEMU does.
+            let mut next_contiguous = 0u64;
             for j in 0..per {
                 let raw = be64(&bytes, j);
                 if raw == 0 {
@@ -398,8 +399,10 @@ impl<'a> Walk<'a> {
                 self.fix(at, zero_entry);
             }
             if active {
+                // Compressed clusters count as fragmented, as in QEMU (they are read by sectors).
                 self.report.allocated_clusters += 1;
                 self.report.compressed_clusters += 1;
+                self.report.fragmented_clusters += 1;
             }
             return;
         }

@@ -103,7 +103,8 @@ pub struct CheckReport {
     pub allocated_clusters: u64,
     /// Of those, compressed.
     pub compressed_clusters: u64,
-    /// Of those, not directly after the previous allocated one in the file.
+    /// Of those, not directly after the previous allocated one of the same L2 table in the
+    /// file, plus every compressed cluster (QEMU's definition).
     pub fragmented_clusters: u64,
     /// Cluster size in bytes.
     pub cluster_size: u64,

@@ -14,13 +14,18 @@ fn json(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
-/// `qemu-img check --output=json`: (corruptions, leaks).
-fn qemu_counts(path: &str) -> (u64, u64) {
+/// `qemu-img check --output=json`.
+fn qemu_json(path: &str) -> serde_json::Value {
     let out = Command::new("qemu-img")
         .args(["check", "--output=json", path])
         .output()
         .expect("qemu-img (installed by .ci/run)");
-    let v = json(&out);
+    json(&out)
+}
+
+/// `qemu-img check --output=json`: (corruptions, leaks).
+fn qemu_counts(path: &str) -> (u64, u64) {
+    let v = qemu_json(path);
     let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
     (get("corruptions"), get("leaks"))
 }
@@ -106,6 +111,10 @@ fn dirty_qemu_image_is_refused_reported_and_repaired() {
     assert_eq!(v["corruptions"].as_u64(), Some(qc), "{v}");
     assert_eq!(v["leaks"].as_u64(), Some(ql));
     assert_eq!(v["dirty"], serde_json::json!(true));
+    let q = qemu_json(&img);
+    for key in ["image-end-offset", "total-clusters", "allocated-clusters"] {
+        assert_eq!(v[key], q[key], "{key}");
+    }
     assert_eq!(v["format"], "qcow2");
     let kinds: Vec<&str> = v["problems"]
         .as_array()

@@ -37,6 +37,15 @@ pub(crate) enum Output {
     Json,
 }
 
+/// What `check --repair` may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RepairMode {
+    /// Free leaked clusters only.
+    Leaks,
+    /// Also fix refcounts that are too low, copied flags and bad table entries.
+    All,
+}
+
 /// How to open an existing image.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct OpenArgs {
@@ -182,6 +191,21 @@ pub(crate) enum Command {
         src: PathBuf,
         /// Destination path.
         dst: PathBuf,
+    },
+    /// Check an image's consistency and optionally repair it (like `qemu-img check`). Exit
+    /// status: 0 consistent, 1 the check failed, 2 corruptions left, 3 leaked clusters left.
+    Check {
+        /// The image's format; detected from its magic number when omitted.
+        #[arg(short = 'f', long = "image-format", value_enum)]
+        format: Option<Format>,
+        /// Repair: `leaks` frees leaked clusters, `all` also fixes corruptions (qcow2).
+        #[arg(short = 'r', long, value_enum)]
+        repair: Option<RepairMode>,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// The image file (its parents are not opened).
+        path: PathBuf,
     },
     /// Show which ranges hold data, read as zeroes, or are absent (like `qemu-img map`).
     Map {

@@ -41,6 +41,48 @@ pub fn qcow2_open(data: &[u8]) {
     exercise(data, ImageFormat::Qcow2);
 }
 
+/// Open `data` as a qcow2 image with the repair option; then check it in memory and repair
+/// it (leaks only, then everything).
+/// A repair that ends with a clean report must leave a clean image: checking again finds
+/// nothing and changes nothing, and the driver opens it. Must never panic.
+pub fn qcow2_check(data: &[u8]) {
+    use crate::formats::qcow2::{check, Qcow2Image, Repair};
+    // Opening with the repair option (dirty or corrupt images are repaired first).
+    let opened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(data.to_vec()));
+    if let Ok(image) = Qcow2Image::open_with(opened, true, true) {
+        use crate::layer::Layer;
+        if image.size() > 0 {
+            let _ = image.map(0, image.size().min(1 << 20));
+        }
+    }
+    let storage = MemStorage::from_bytes(data.to_vec());
+    let _ = check(&storage, Repair::None);
+    let _ = check(&storage, Repair::Leaks);
+    let Ok(report) = check(&storage, Repair::All) else {
+        return;
+    };
+    if !report.is_clean() || report.dirty || report.corrupt {
+        return;
+    }
+    let again = check(&storage, Repair::All).expect("an image repair left clean must check again");
+    assert!(
+        again.is_clean() && again.changes.is_empty(),
+        "a second repair found or changed something: {again:?}"
+    );
+    let reopened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(storage.to_bytes()));
+    let options = OpenOptions::new().format(ImageFormat::Qcow2);
+    if let Ok(layer) = crate::image::open_layer(reopened, &options) {
+        let span = layer.size().min(1 << 20);
+        let mut pos = 0;
+        while pos < span {
+            let Ok((_, n)) = layer.map(pos, span - pos) else {
+                break;
+            };
+            pos += n.max(1);
+        }
+    }
+}
+
 fn exercise(data: &[u8], format: ImageFormat) {
     let storage = Arc::new(MemStorage::from_bytes(data.to_vec()));
     let dyn_storage: Arc<dyn Storage> = storage.clone();

@@ -469,6 +469,6 @@ pub fn open_layer(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Ar
             writable,
         )?),
         ImageFormat::Asif => Arc::new(AsifImage::open(storage, writable)?),
-        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open(storage, writable)?),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open_with(storage, writable, options.repair)?),
     })
 }

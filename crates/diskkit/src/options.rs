@@ -234,6 +234,7 @@ pub struct OpenOptions {
     pub(crate) block_size: Option<u32>,
     pub(crate) parents: ParentPolicy,
     pub(crate) detached: bool,
+    pub(crate) repair: bool,
 }
 
 impl OpenOptions {
@@ -271,6 +272,15 @@ impl OpenOptions {
     /// parent would fill partly written clusters with zeroes instead of the parent's data.
     pub fn detached(mut self, detached: bool) -> Self {
         self.detached = detached;
+        self
+    }
+
+    /// Repair a qcow2 image that has the dirty bit (the normal state after a crash with lazy
+    /// refcounts) or the corrupt bit before opening it: its refcounts are rebuilt and its
+    /// tables fixed as `diskkit check --repair all` does, and it opens if nothing is left.
+    /// Needs the image opened for writing. Without this, such images are refused.
+    pub fn repair(mut self, repair: bool) -> Self {
+        self.repair = repair;
         self
     }
 

@@ -31,11 +31,28 @@ fn qcow2_open_corpus() {
     replay("qcow2_open", diskkit::fuzzing::qcow2_open);
 }
 
+#[test]
+fn qcow2_check_corpus() {
+    replay("qcow2_check", diskkit::fuzzing::qcow2_check);
+}
+
 /// A cheap stand-in for a fuzzing run on stable: every qcow2 seed with a few random bytes
 /// changed (header fields, table entries, compressed data) must not panic.
 #[test]
 fn qcow2_open_survives_mutated_seeds() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/qcow2_open");
+    mutated_seeds("qcow2_open", diskkit::fuzzing::qcow2_open, 1000);
+}
+
+/// The same for the consistency check and repair.
+#[test]
+fn qcow2_check_survives_mutated_seeds() {
+    mutated_seeds("qcow2_check", diskkit::fuzzing::qcow2_check, 300);
+}
+
+fn mutated_seeds(target: &str, f: fn(&[u8]), rounds: usize) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         x ^= x << 13;
@@ -46,7 +63,7 @@ fn qcow2_open_survives_mutated_seeds() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         // Only the named seeds; the files libFuzzer found (named by their SHA-1) are replayed
-        // as they are by `qcow2_open_corpus`.
+        // as they are by the corpus tests.
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
             continue;
@@ -55,7 +72,7 @@ fn qcow2_open_survives_mutated_seeds() {
         if seed.len() < 8 {
             continue;
         }
-        for _ in 0..1000 {
+        for _ in 0..rounds {
             let mut data = seed.clone();
             for _ in 0..1 + next() % 4 {
                 // Half the changes hit the header cluster.
@@ -67,7 +84,7 @@ fn qcow2_open_survives_mutated_seeds() {
                 let at = (next() % span as u64) as usize;
                 data[at] = next() as u8;
             }
-            diskkit::fuzzing::qcow2_open(&data);
+            f(&data);
         }
     }
 }

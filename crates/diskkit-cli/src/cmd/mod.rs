@@ -1,6 +1,7 @@
 //! One module per command.
 
 mod access;
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -66,6 +67,12 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             &dst,
         ),
         Command::Map { open, output, path } => map::run(&open, output, &path),
+        Command::Check {
+            format,
+            repair,
+            output,
+            path,
+        } => check::run(format, repair, output, &path),
         Command::Compare {
             format_a,
             format_b,

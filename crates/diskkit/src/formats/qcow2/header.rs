@@ -45,6 +45,7 @@ pub(super) const EXT_DISKKIT_LAYER: u32 = 0x646b_6c79;
 pub(super) const OFF_SIZE: u64 = 24;
 pub(super) const OFF_REFTABLE: u64 = 48;
 pub(super) const OFF_AUTOCLEAR: u64 = 88;
+pub(super) const OFF_INCOMPATIBLE: u64 = 72;
 
 /// The fixed fields of a version 2 header (72 bytes).
 #[derive(Debug, Clone, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -106,6 +107,8 @@ pub(super) struct Header {
     pub(super) refcount_table_offset: u64,
     pub(super) refcount_table_clusters: u64,
     pub(super) nb_snapshots: u32,
+    /// Where the snapshot table starts (checked by the consistency check, not here).
+    pub(super) snapshots_offset: u64,
     pub(super) incompatible: u64,
     pub(super) compatible: u64,
     pub(super) autoclear: u64,
@@ -127,8 +130,27 @@ fn be32(b: &[u8], at: usize) -> u32 {
 
 impl Header {
     /// Parse the first cluster of a file (`bytes` holds at least the first cluster or the
-    /// whole file, zero-padded to 2 MiB at most). `file_len` bounds every offset.
+    /// whole file, zero-padded to 2 MiB at most). `file_len` bounds every offset. Images with
+    /// the dirty or corrupt bit are refused (see [`Header::parse_for_check`]).
     pub(super) fn parse(bytes: &[u8], file_len: u64) -> Result<Header> {
+        let h = Header::parse_for_check(bytes, file_len)?;
+        if h.incompatible & INCOMPAT_CORRUPT != 0 {
+            return Err(Error::corrupt(
+                "qcow2 image is marked corrupt; check and repair it with `diskkit check --repair all` first",
+            ));
+        }
+        if h.incompatible & INCOMPAT_DIRTY != 0 {
+            return Err(Error::corrupt(
+                "qcow2 image has the dirty bit set (it was not closed cleanly and its refcounts may be \
+                 stale); repair it with `diskkit check --repair all` first (library: `OpenOptions::repair`)",
+            ));
+        }
+        Ok(h)
+    }
+
+    /// Like [`Header::parse`], but images with the dirty or corrupt bit parse too: for the
+    /// consistency check, which is how they are repaired.
+    pub(super) fn parse_for_check(bytes: &[u8], file_len: u64) -> Result<Header> {
         let (v2, rest) = RawHeaderV2::ref_from_prefix(bytes)
             .map_err(|_| Error::invalid_format("file too short for a qcow2 header"))?;
         if v2.magic.get() != MAGIC {
@@ -225,18 +247,7 @@ impl Header {
             }
             pos = data_start + len.next_multiple_of(8);
         }
-        // Refuse what diskkit must not or cannot open.
-        if incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(Error::corrupt(
-                "qcow2 image is marked corrupt by QEMU; repair it with `qemu-img check -r all` first",
-            ));
-        }
-        if incompatible & INCOMPAT_DIRTY != 0 {
-            return Err(Error::corrupt(
-                "qcow2 image has the dirty bit set (it was not closed cleanly and its refcounts may be \
-                 stale); repair it with `qemu-img check -r all` first",
-            ));
-        }
+        // Refuse what diskkit must not or cannot open (the dirty and corrupt bits: in `parse`).
         if incompatible & INCOMPAT_DATA_FILE != 0 {
             let name = data_file.unwrap_or_else(|| "(unnamed)".to_string());
             return Err(Error::new(
@@ -347,6 +358,7 @@ impl Header {
             refcount_table_offset,
             refcount_table_clusters,
             nb_snapshots: v2.nb_snapshots.get(),
+            snapshots_offset: v2.snapshots_offset.get(),
             incompatible,
             compatible,
             autoclear,
@@ -562,7 +574,9 @@ mod tests {
             set(&mut b, 72, &bit.to_be_bytes());
             let e = Header::parse(&b, LEN).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Corrupt);
-            assert!(e.to_string().contains("qemu-img check"), "{e}");
+            assert!(e.to_string().contains("diskkit check --repair all"), "{e}");
+            let h = Header::parse_for_check(&b, LEN).unwrap();
+            assert_eq!(h.incompatible, bit);
         }
     }
 

@@ -10,23 +10,30 @@
 //! Writes allocate whole clusters ([`Layer::allocate`] reserves, [`Layer::commit`] maps);
 //! the crash-consistency rules are in [`tables`].
 
+mod bitmaps;
+mod check;
 mod compressed;
 mod create;
 mod entry;
 mod header;
 mod layer_ext;
 mod refcount;
+mod repair;
+mod report;
+mod snapshots;
 mod tables;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+pub use self::check::MAX_CHECK_CLUSTERS;
 pub use self::create::{Qcow2CreateOptions, DEFAULT_CLUSTER_SIZE};
 use self::entry::{Geometry, L2Entry, COPIED, ZERO};
 pub use self::header::CompressionType;
 use self::header::{Header, COMPAT_LAZY_REFCOUNTS, EXT_DISKKIT_LAYER, OFF_AUTOCLEAR};
 use self::layer_ext::LayerExt;
 use self::refcount::Refcounts;
+pub use self::report::{CheckReport, Problem, ProblemKind, Repair};
 use self::tables::{Reservation, State};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::{Allocation, Layer, LayerInfo, WritePlan};
@@ -56,7 +63,8 @@ pub struct Qcow2Details {
     pub snapshots: u32,
     /// Lazy refcounts enabled.
     pub lazy_refcounts: bool,
-    /// Dirty bit (always false for an image diskkit opened: dirty images are refused).
+    /// Dirty bit (always false for an image diskkit opened: dirty images are refused, or
+    /// repaired first with `OpenOptions::repair`).
     pub dirty: bool,
     /// Corrupt bit (likewise).
     pub corrupt: bool,
@@ -103,6 +111,25 @@ impl Meta {
     }
 }
 
+/// Check the qcow2 image on `storage` for consistency (like `qemu-img check`) and repair what
+/// `repair` allows (like `qemu-img check -r leaks|all`). The image must not be open elsewhere.
+///
+/// Images with the dirty or corrupt bit are checked too (that is how they are repaired): a
+/// repair that leaves no corruption clears the dirty bit, one that leaves nothing at all the
+/// corrupt bit. Headers that cannot be parsed, unreadable snapshot tables and files of more
+/// than [`MAX_CHECK_CLUSTERS`] clusters are errors.
+pub fn check(storage: &dyn Storage, repair: Repair) -> Result<CheckReport> {
+    repair::run(storage, repair).map_err(|e| e.with_operation("checking a qcow2 image"))
+}
+
+/// [`check`] on the file at `path` (opened for writing only when repairing).
+pub fn check_file(path: impl AsRef<std::path::Path>, repair: Repair) -> Result<CheckReport> {
+    let path = path.as_ref();
+    let storage =
+        crate::storage::FileStorage::open(path, repair != Repair::None).map_err(|e| e.with_path(path))?;
+    check(&storage, repair).map_err(|e| e.with_path(path))
+}
+
 /// Clusters looked at per mapping answer, at most.
 const MAX_RUN_CLUSTERS: u64 = 1 << 16;
 
@@ -110,10 +137,45 @@ impl Qcow2Image {
     /// Open a qcow2 image on `storage`. Images with the dirty or corrupt bit, an external data
     /// file, unknown incompatible features or encryption are refused.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
+        Qcow2Image::open_with(storage, writable, false)
+    }
+
+    /// Like [`Qcow2Image::open`]; with `repair`, an image with the dirty or corrupt bit (left
+    /// by a crash with lazy refcounts, or by QEMU finding a problem) is first checked and
+    /// repaired ([`check`] with [`Repair::All`]), which needs `storage` to be writable, and
+    /// opened only if the repair left no corruption.
+    pub fn open_with(storage: Arc<dyn Storage>, writable: bool, repair: bool) -> Result<Self> {
         let writable = writable && !storage.read_only();
         let file_len = storage.len()?;
         let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
         storage.read_at(&mut head, 0)?;
+        let flagged = Header::parse_for_check(&head, file_len)
+            .is_ok_and(|h| h.incompatible & (header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT) != 0);
+        let (head, file_len) = if repair && flagged {
+            if !writable {
+                return Err(Error::new(
+                    ErrorKind::ReadOnly,
+                    "repairing a qcow2 image with the dirty or corrupt bit needs it opened for writing",
+                ));
+            }
+            let report = check(&*storage, Repair::All)?;
+            if report.corruptions > 0 || report.check_errors > 0 || report.dirty || report.corrupt {
+                let first = report
+                    .remaining
+                    .first()
+                    .map_or_else(String::new, |p| format!(" (first: {})", p.message));
+                return Err(Error::corrupt(format!(
+                    "qcow2 image still has {} corruptions after repair{first}",
+                    report.corruptions
+                )));
+            }
+            let file_len = storage.len()?;
+            let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
+            storage.read_at(&mut head, 0)?;
+            (head, file_len)
+        } else {
+            (head, file_len)
+        };
         let header = Header::parse(&head, file_len)?;
         if writable && header.nb_snapshots > 0 {
             return Err(Error::unsupported(format!(

@@ -346,7 +346,7 @@ impl Refcounts {
     }
 }
 
-fn read_entry(bytes: &[u8], order: u32, i: u64) -> u64 {
+pub(super) fn read_entry(bytes: &[u8], order: u32, i: u64) -> u64 {
     let i = i as usize;
     match order {
         0 => u64::from((bytes[i / 8] >> (i % 8)) & 1),
@@ -367,7 +367,7 @@ fn read_entry(bytes: &[u8], order: u32, i: u64) -> u64 {
     }
 }
 
-fn write_entry(bytes: &mut [u8], order: u32, i: u64, v: u64) {
+pub(super) fn write_entry(bytes: &mut [u8], order: u32, i: u64, v: u64) {
     let i = i as usize;
     let sub = |b: &mut u8, shift: usize, mask: u8| {
         *b = (*b & !(mask << shift)) | (((v as u8) & mask) << shift);

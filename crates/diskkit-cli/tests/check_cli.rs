@@ -1,0 +1,225 @@
+//! `diskkit check`: reports, exit codes and repairs, checked with QEMU's tools.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+
+use support::{diskkit, diskkit_ok, tool_ok, Dir};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `qemu-img check --output=json`.
+fn qemu_json(path: &str) -> serde_json::Value {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", path])
+        .output()
+        .expect("qemu-img (installed by .ci/run)");
+    json(&out)
+}
+
+/// `qemu-img check --output=json`: (corruptions, leaks).
+fn qemu_counts(path: &str) -> (u64, u64) {
+    let v = qemu_json(path);
+    let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    (get("corruptions"), get("leaks"))
+}
+
+fn be(b: &[u8]) -> u64 {
+    b.iter().fold(0, |a, &x| (a << 8) | u64::from(x))
+}
+
+/// Append `n` clusters to a qcow2 file and give them refcount 1 (leaks), by hand.
+fn leak_clusters(path: &Path, n: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut h = [0u8; 104];
+    f.read_exact_at(&mut h, 0).unwrap();
+    let cs = 1u64 << be(&h[20..24]);
+    assert_eq!(be(&h[96..100]), 4, "16-bit refcounts");
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, be(&h[48..56])).unwrap();
+    let block = be(&e);
+    let len = f.metadata().unwrap().len().next_multiple_of(cs);
+    f.set_len(len + n * cs).unwrap();
+    for i in 0..n {
+        let c = len / cs + i;
+        assert!(c < cs / 2);
+        f.write_all_at(&1u16.to_be_bytes(), block + 2 * c).unwrap();
+    }
+}
+
+#[test]
+fn dirty_qemu_image_is_refused_reported_and_repaired() {
+    let d = Dir::new();
+    let img = d.s("dirty.qcow2");
+    let raw = d.s("ref.raw");
+    let writes = ["write -P 0x3c 0 1M", "write -P 0x4d 3M 200k"];
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &img,
+            "4M",
+        ],
+    );
+    tool_ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "4M"]);
+    let mut args = vec!["-f", "raw"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    args.push(&raw);
+    tool_ok("qemu-io", &args);
+    let mut args = vec!["-f", "qcow2"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    args.extend(["-c", "sigraise 9", &img]);
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    assert!(!out.status.success());
+    // Other commands refuse it, naming the command that repairs it.
+    let out = diskkit(&["info", &img]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("diskkit check --repair all"), "{err}");
+    // check: exit 2 (corruptions), the same count as qemu-img check.
+    let out = diskkit(&["check", &img]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("errors were found") && text.contains("dirty bit is set"),
+        "{text}"
+    );
+    let out = diskkit(&["check", "--output", "json", &img]);
+    assert_eq!(out.status.code(), Some(2));
+    let v = json(&out);
+    let (qc, ql) = qemu_counts(&img);
+    assert!(qc > 0);
+    assert_eq!(v["corruptions"].as_u64(), Some(qc), "{v}");
+    assert_eq!(v["leaks"].as_u64(), Some(ql));
+    assert_eq!(v["dirty"], serde_json::json!(true));
+    let q = qemu_json(&img);
+    for key in ["image-end-offset", "total-clusters", "allocated-clusters"] {
+        assert_eq!(v[key], q[key], "{key}");
+    }
+    assert_eq!(v["format"], "qcow2");
+    let kinds: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"refcount-too-low") && kinds.contains(&"copied-flag"),
+        "{kinds:?}"
+    );
+    // Repair: exit 0, the changes listed, qemu-img check clean, data as QEMU wrote it.
+    let out = diskkit(&["check", "--repair", "all", "--output", "json", &img]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&out);
+    assert_eq!(v["dirty"], serde_json::json!(false));
+    let changes = v["changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.as_str().unwrap().contains("refcount structure")),
+        "{v}"
+    );
+    assert!(v["corruptions-fixed"].as_u64().unwrap() > 0);
+    assert_eq!(qemu_counts(&img), (0, 0));
+    tool_ok("qemu-img", &["check", "-q", &img]);
+    let out = tool_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
+    assert!(out.contains("identical"));
+    // Now it opens.
+    diskkit_ok(&["info", &img]);
+    let out = diskkit(&["check", &img]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn leaks_exit_3_and_repair_leaks_frees_them() {
+    let d = Dir::new();
+    let img = d.s("l.qcow2");
+    diskkit_ok(&["create", "--format", "qcow2", "--size", "4M", &img]);
+    let src = d.s("data");
+    std::fs::write(&src, vec![0x61u8; 300_000]).unwrap();
+    diskkit_ok(&["write", &img, "--offset", "65536", "--from", &src]);
+    let out = diskkit(&["check", &img]);
+    assert_eq!(out.status.code(), Some(0));
+    leak_clusters(Path::new(&img), 2);
+    assert_eq!(qemu_counts(&img), (0, 2));
+    let out = diskkit(&["check", "--output", "json", &img]);
+    assert_eq!(out.status.code(), Some(3));
+    let v = json(&out);
+    assert_eq!(
+        (v["corruptions"].as_u64(), v["leaks"].as_u64()),
+        (Some(0), Some(2)),
+        "{v}"
+    );
+    let out = diskkit(&["check", "-r", "leaks", &img]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 leaked clusters were repaired"), "{text}");
+    assert_eq!(qemu_counts(&img), (0, 0));
+    let back = d.s("back");
+    diskkit_ok(&[
+        "read", &img, "--offset", "65536", "--length", "300000", "--to", &back,
+    ]);
+    assert_eq!(std::fs::read(&back).unwrap(), vec![0x61u8; 300_000]);
+}
+
+#[test]
+fn raw_and_asif_open_and_map_cleanly() {
+    let d = Dir::new();
+    for fmt in ["raw", "asif"] {
+        let img = d.s(&format!("x.{fmt}"));
+        diskkit_ok(&["create", "--format", fmt, "--size", "8M", &img]);
+        let src = d.s("data");
+        std::fs::write(&src, vec![0x11u8; 100_000]).unwrap();
+        diskkit_ok(&["write", &img, "--offset", "1048576", "--from", &src]);
+        let out = diskkit(&["check", "--output", "json", &img]);
+        assert_eq!(out.status.code(), Some(0));
+        let v = json(&out);
+        assert_eq!(v["format"], fmt);
+        assert_eq!(v["corruptions"].as_u64(), Some(0));
+        assert!(v["allocated-bytes"].as_u64().is_some(), "{v}");
+        let out = diskkit(&["check", "--repair", "all", &img]);
+        assert_eq!(out.status.code(), Some(0));
+    }
+}
+
+#[test]
+fn unreadable_image_exits_1() {
+    let d = Dir::new();
+    let bad = d.s("bad.qcow2");
+    std::fs::write(&bad, b"QFI\xfbnot really a header").unwrap();
+    let out = diskkit(&["check", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot check") && err.contains("bad.qcow2"), "{err}");
+    let out = diskkit(&["check", &d.s("missing.qcow2")]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -220,6 +220,19 @@ impl Storage for FileStorage {
         })
     }
 
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        // As in `extent`, the file position is never used for I/O.
+        match rustix::fs::seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(pos) => Ok(Some(pos)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) if unsupported(&io::Error::from(e)) => Ok(Some(offset)),
+            Err(e) => Err(Error::io(e.into())
+                .with_path(&self.path)
+                .with_offset(offset)
+                .with_operation("seeking data")),
+        }
+    }
+
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         let meta = self.file.metadata().map_err(Error::io).path_context(&self.path)?;
         Ok(Some(meta.blocks().saturating_mul(512)))

@@ -10,7 +10,7 @@ use crate::formats::asif::AsifImage;
 use crate::formats::qcow2::{Qcow2CreateOptions, Qcow2Image};
 use crate::formats::raw::RawImage;
 use crate::io::{self, Level};
-use crate::layer::{Layer, LayerInfo};
+use crate::layer::{Access, Layer, LayerInfo};
 use crate::mapping::Extent;
 use crate::options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions};
 use crate::output::PendingFile;
@@ -105,6 +105,21 @@ impl DiskImage {
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
         let options = options.clone().writable(writable);
         open_layer(storage, &options).map_err(|e| e.with_path(path))
+    }
+
+    /// Open a parent layer read-only, or, when it records that it is a cache layer, for
+    /// writing where its file allows: a cache keeps what is read beneath it, which never
+    /// changes what the stack reads, so it fills even in a read-only stack (a read-only cache
+    /// file simply stops filling). The layer is parsed once either way.
+    pub(crate) fn open_parent_layer(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
+        let file = Arc::new(FileStorage::open(path, false)?);
+        let reopen = || {
+            file.reopen_writable()
+                .ok()
+                .map(|rw| Arc::new(rw) as Arc<dyn Storage>)
+        };
+        let storage: Arc<dyn Storage> = file.clone();
+        open_layer_with(storage, options, &Access::WritableIfCache(&reopen)).map_err(|e| e.with_path(path))
     }
 
     /// Create a new image file at `path` (under a temporary name, renamed when complete)
@@ -457,18 +472,87 @@ pub(crate) fn create_layer(storage: Arc<dyn Storage>, options: &CreateOptions) -
 
 /// Open one layer on `storage`, detecting its format unless one is given.
 pub fn open_layer(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
+    open_layer_with(
+        storage,
+        options,
+        &Access::from_writable(options.mode.is_writable()),
+    )
+}
+
+/// [`open_layer`], writable as `access` decides (`options.mode` is not looked at).
+pub(crate) fn open_layer_with(
+    storage: Arc<dyn Storage>,
+    options: &OpenOptions,
+    access: &Access<'_>,
+) -> Result<Arc<dyn Layer>> {
     let format = match options.format {
         Some(f) => f,
         None => probe::detect(&*storage)?,
     };
-    let writable = options.mode.is_writable();
     Ok(match format {
+        // A RAW file records no layer type, so it is never a cache layer.
         ImageFormat::Raw => Arc::new(RawImage::open(
             storage,
             options.block_size.unwrap_or(512),
-            writable,
+            matches!(access, Access::ReadWrite),
         )?),
-        ImageFormat::Asif => Arc::new(AsifImage::open(storage, writable)?),
-        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open(storage, writable)?),
+        ImageFormat::Asif => Arc::new(AsifImage::open_with(storage, access)?),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open_with(storage, access)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// A new image of `format` on memory storage recording `layer_type` (and a parent UUID, as a
+    /// layer in a stack does).
+    fn layer_on_memory(format: ImageFormat, layer_type: LayerType) -> Arc<dyn Storage> {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let layer = create_layer(storage.clone(), &CreateOptions::new(format, 4 << 20)).unwrap();
+        layer
+            .set_layer_info(&LayerInfo {
+                layer_type: Some(layer_type),
+                parent_uuid: Some(Uuid::new_v4()),
+                ..LayerInfo::default()
+            })
+            .unwrap();
+        layer.flush().unwrap();
+        storage
+    }
+
+    /// Open `storage` as a parent is opened; returns whether the layer is writable and how many
+    /// times the storage was reopened for writing.
+    fn open_as_parent(storage: &Arc<dyn Storage>, allow_writing: bool) -> (bool, u32) {
+        let reopened = Cell::new(0);
+        let reopen = || {
+            reopened.set(reopened.get() + 1);
+            allow_writing.then(|| storage.clone())
+        };
+        let layer = open_layer_with(
+            storage.clone(),
+            &OpenOptions::new(),
+            &Access::WritableIfCache(&reopen),
+        )
+        .unwrap();
+        (layer.writable(), reopened.get())
+    }
+
+    #[test]
+    fn parents_are_writable_only_when_they_are_cache_layers() {
+        for format in [ImageFormat::Asif, ImageFormat::Qcow2] {
+            let cache = layer_on_memory(format, LayerType::Cache);
+            assert_eq!(open_as_parent(&cache, true), (true, 1), "{format} cache");
+            assert_eq!(
+                open_as_parent(&cache, false),
+                (false, 1),
+                "{format} read-only cache file"
+            );
+            let overlay = layer_on_memory(format, LayerType::Overlay);
+            assert_eq!(open_as_parent(&overlay, true), (false, 0), "{format} overlay");
+        }
+    }
 }

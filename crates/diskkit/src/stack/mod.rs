@@ -199,15 +199,7 @@ pub(crate) fn open_chain(path: &Path, options: &OpenOptions) -> Result<DiskImage
         } else {
             parent_options = parent_options.raw_block_size(child.block_size());
         }
-        let mut parent = DiskImage::open_file_layer(&parent_path, &parent_options, false)?;
-        // A cache layer keeps what is read beneath it, which never changes what the stack
-        // reads, so it is opened for writing whenever its file allows, even in a read-only
-        // stack (a read-only cache file simply stops filling).
-        if parent.layer_info().layer_type == Some(LayerType::Cache) {
-            if let Ok(rw) = DiskImage::open_file_layer(&parent_path, &parent_options, true) {
-                parent = rw;
-            }
-        }
+        let parent = DiskImage::open_parent_layer(&parent_path, &parent_options)?;
         chain.push((parent, Some(parent_path)));
     }
     chain.reverse();

@@ -65,6 +65,26 @@ impl FileStorage {
         }
     }
 
+    /// The same file opened again for writing. Fails if the file cannot be opened for writing
+    /// or if `path` now names another file.
+    pub fn reopen_writable(&self) -> Result<FileStorage> {
+        let rw = FileStorage::open(&self.path, true)?;
+        let id = |f: &File| {
+            f.metadata()
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(Error::io)
+                .path_context(&self.path)
+        };
+        if id(&self.file)? != id(&rw.file)? {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the file was replaced while it was being opened",
+            )
+            .with_path(&self.path));
+        }
+        Ok(rw)
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file

@@ -27,6 +27,23 @@ pub struct DiskImage {
     pub(crate) mode: OpenMode,
 }
 
+/// How [`DiskImage::alone`] treats a layer that records a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alone {
+    /// Refused: such a layer is opened as part of its stack.
+    Standalone,
+    /// Allowed read-only: the layer is seen without its parent.
+    Detached,
+}
+
+/// Refuse a writable open of a layer that was opened read-only.
+pub(crate) fn check_layer_writable(layer: &dyn Layer, mode: OpenMode) -> Result<()> {
+    if mode.is_writable() && !layer.writable() {
+        return Err(Error::from_kind(ErrorKind::ReadOnly));
+    }
+    Ok(())
+}
+
 /// A description of one layer of an open image, for `info`.
 #[derive(Debug, Clone)]
 pub struct LayerDescription {
@@ -89,7 +106,8 @@ impl DiskImage {
         let path = path.as_ref();
         if options.detached {
             let layer = DiskImage::open_file_layer(path, options, options.mode.is_writable())?;
-            let mut image = DiskImage::detached(layer, options.mode).map_err(|e| e.with_path(path))?;
+            let mut image =
+                DiskImage::alone(layer, options.mode, Alone::Detached).map_err(|e| e.with_path(path))?;
             image.paths[0] = Some(path.to_path_buf());
             return Ok(image);
         }
@@ -136,18 +154,29 @@ impl DiskImage {
         pending.persist()
     }
 
-    /// One layer on its own, parent or not; see [`OpenOptions::detached`].
-    fn detached(layer: Arc<dyn Layer>, mode: OpenMode) -> Result<DiskImage> {
+    /// One layer as a whole image. A layer that records a parent is refused as a standalone
+    /// image ([`ErrorKind::PolicyDenied`], checked after writability) and detached only
+    /// read-only ([`ErrorKind::InvalidArgument`], checked before writability).
+    fn alone(layer: Arc<dyn Layer>, mode: OpenMode, how: Alone) -> Result<DiskImage> {
         let info = layer.layer_info();
-        let has_parent = info.parent_uuid.is_some() || info.parent_path.is_some();
-        if mode.is_writable() && has_parent {
-            return Err(Error::new(
+        let parent_refused = match how {
+            Alone::Standalone if info.has_parent() => Some(Error::new(
+                ErrorKind::PolicyDenied,
+                "this layer has a parent; open it as part of a stack",
+            )),
+            Alone::Detached if info.has_parent() && mode.is_writable() => Some(Error::new(
                 ErrorKind::InvalidArgument,
                 "a layer with a parent can only be opened detached read-only",
-            ));
-        }
-        if mode.is_writable() && !layer.writable() {
-            return Err(Error::from_kind(ErrorKind::ReadOnly));
+            )),
+            _ => None,
+        };
+        match parent_refused {
+            Some(err) if how == Alone::Detached => return Err(err),
+            Some(err) => {
+                check_layer_writable(&*layer, mode)?;
+                return Err(err);
+            }
+            None => check_layer_writable(&*layer, mode)?,
         }
         Ok(DiskImage {
             levels: vec![Level::new(layer, info.layer_type)],
@@ -171,21 +200,7 @@ impl DiskImage {
 
     /// Wrap one opened layer as a standalone image.
     pub fn from_layer(layer: Arc<dyn Layer>, mode: OpenMode) -> Result<DiskImage> {
-        if mode.is_writable() && !layer.writable() {
-            return Err(Error::from_kind(ErrorKind::ReadOnly));
-        }
-        let info = layer.layer_info();
-        if info.parent_uuid.is_some() || info.parent_path.is_some() {
-            return Err(Error::new(
-                ErrorKind::PolicyDenied,
-                "this layer has a parent; open it as part of a stack",
-            ));
-        }
-        Ok(DiskImage {
-            levels: vec![Level::new(layer, info.layer_type)],
-            paths: vec![None],
-            mode,
-        })
+        DiskImage::alone(layer, mode, Alone::Standalone)
     }
 
     fn top(&self) -> &Arc<dyn Layer> {
@@ -539,6 +554,45 @@ mod tests {
         )
         .unwrap();
         (layer.writable(), reopened.get())
+    }
+
+    #[test]
+    fn one_layer_images_check_parents_and_writability_in_their_order() {
+        use OpenMode::{ReadOnly, ReadWrite};
+        let with_parent = layer_on_memory(ImageFormat::Asif, LayerType::Overlay);
+        let open = |storage: &Arc<dyn Storage>, writable: bool| {
+            open_layer(storage.clone(), &OpenOptions::new().writable(writable)).unwrap()
+        };
+        let kind = |r: Result<DiskImage>| r.map(|_| ()).map_err(|e| e.kind());
+        // Standalone: writability first, then the parent.
+        assert_eq!(
+            kind(DiskImage::from_layer(open(&with_parent, false), ReadWrite)),
+            Err(ErrorKind::ReadOnly)
+        );
+        for (writable, mode) in [(true, ReadWrite), (false, ReadOnly)] {
+            assert_eq!(
+                kind(DiskImage::from_layer(open(&with_parent, writable), mode)),
+                Err(ErrorKind::PolicyDenied)
+            );
+        }
+        // Detached: the parent first, then writability; read-only is allowed.
+        assert_eq!(
+            kind(DiskImage::alone(
+                open(&with_parent, false),
+                ReadWrite,
+                Alone::Detached
+            )),
+            Err(ErrorKind::InvalidArgument)
+        );
+        let image = DiskImage::alone(open(&with_parent, false), ReadOnly, Alone::Detached).unwrap();
+        assert_eq!(image.layer_type(), Some(LayerType::Overlay));
+        let plain: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        create_layer(plain.clone(), &CreateOptions::new(ImageFormat::Asif, 4 << 20)).unwrap();
+        assert_eq!(
+            kind(DiskImage::alone(open(&plain, false), ReadWrite, Alone::Detached)),
+            Err(ErrorKind::ReadOnly)
+        );
+        assert!(DiskImage::from_layer(open(&plain, true), ReadWrite).is_ok());
     }
 
     #[test]

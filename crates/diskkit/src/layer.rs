@@ -103,6 +103,13 @@ pub struct LayerInfo {
     pub parent_format: Option<ImageFormat>,
 }
 
+impl LayerInfo {
+    /// Whether the layer records a parent (a parent UUID or a parent path).
+    pub fn has_parent(&self) -> bool {
+        self.parent_uuid.is_some() || self.parent_path.is_some()
+    }
+}
+
 /// One image file as a layer: the format driver interface.
 pub trait Layer: Send + Sync + Debug {
     /// The format of this layer.

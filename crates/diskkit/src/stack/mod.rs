@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{create_layer, DiskImage};
+use crate::image::{check_layer_writable, create_layer, DiskImage};
 use crate::io::Level;
 use crate::layer::{Layer, LayerInfo};
 use crate::options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions, DEFAULT_CHUNK_SIZE};
@@ -125,7 +125,7 @@ pub(crate) fn assemble(layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)>, mode: Ope
     let mut below: Option<LayerInfo> = None;
     for (i, (layer, path)) in layers.into_iter().enumerate() {
         let info = layer.layer_info();
-        if i == 0 && (info.parent_path.is_some() || info.parent_uuid.is_some()) {
+        if i == 0 && info.has_parent() {
             return Err(Error::new(
                 ErrorKind::PolicyDenied,
                 "this layer has a parent; open it as part of a stack",
@@ -145,8 +145,8 @@ pub(crate) fn assemble(layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)>, mode: Ope
                 );
             }
         }
-        if i + 1 == n && mode.is_writable() && !layer.writable() {
-            return Err(Error::from_kind(ErrorKind::ReadOnly));
+        if i + 1 == n {
+            check_layer_writable(&*layer, mode)?;
         }
         below = Some(info);
         levels.push(Level::new(layer, layer_type));

@@ -137,7 +137,7 @@ impl DiskImage {
                 .map(|rw| Arc::new(rw) as Arc<dyn Storage>)
         };
         let storage: Arc<dyn Storage> = file.clone();
-        open_layer_with(storage, options, &Access::WritableIfCache(&reopen)).map_err(|e| e.with_path(path))
+        open_layer_with(storage, options, &Access::Parent(&reopen)).map_err(|e| e.with_path(path))
     }
 
     /// Create a new image file at `path` (under a temporary name, renamed when complete)
@@ -506,11 +506,13 @@ pub(crate) fn open_layer_with(
     };
     Ok(match format {
         // A RAW file records no layer type, so it is never a cache layer.
-        ImageFormat::Raw => Arc::new(RawImage::open(
-            storage,
-            options.block_size.unwrap_or(512),
-            matches!(access, Access::ReadWrite),
-        )?),
+        ImageFormat::Raw => {
+            let block_size = options.block_size.unwrap_or(512);
+            Arc::new(match access {
+                Access::Parent(_) => RawImage::open_parent(storage, block_size)?,
+                _ => RawImage::open(storage, block_size, matches!(access, Access::ReadWrite))?,
+            })
+        }
         ImageFormat::Asif => Arc::new(AsifImage::open_with(storage, access)?),
         ImageFormat::Qcow2 => Arc::new(Qcow2Image::open_with(storage, access)?),
     })
@@ -547,12 +549,7 @@ mod tests {
             reopened.set(reopened.get() + 1);
             allow_writing.then(|| storage.clone())
         };
-        let layer = open_layer_with(
-            storage.clone(),
-            &OpenOptions::new(),
-            &Access::WritableIfCache(&reopen),
-        )
-        .unwrap();
+        let layer = open_layer_with(storage.clone(), &OpenOptions::new(), &Access::Parent(&reopen)).unwrap();
         (layer.writable(), reopened.get())
     }
 

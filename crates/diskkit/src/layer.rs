@@ -50,10 +50,11 @@ pub(crate) enum Access<'a> {
     ReadOnly,
     /// Writable, unless the storage refuses writes.
     ReadWrite,
-    /// Read-only, unless the layer records that it is a cache layer: then writable through the
-    /// storage this returns (the same file, opened for writing), or read-only when it returns
-    /// `None` (the file cannot be written).
-    WritableIfCache(&'a dyn Fn() -> Option<Arc<dyn Storage>>),
+    /// A parent in a stack, which nothing writes while the stack is open (its children
+    /// depend on its content). Read-only, unless the layer records that it is a cache layer:
+    /// then writable through the storage this returns (the same file, opened for writing), or
+    /// read-only when it returns `None` (the file cannot be written).
+    Parent(&'a dyn Fn() -> Option<Arc<dyn Storage>>),
 }
 
 impl Access<'_> {
@@ -76,10 +77,10 @@ impl Access<'_> {
         match self {
             Access::ReadOnly => None,
             Access::ReadWrite => (!storage.read_only()).then(|| Arc::clone(storage)),
-            Access::WritableIfCache(reopen) if layer_type == Some(LayerType::Cache) => {
+            Access::Parent(reopen) if layer_type == Some(LayerType::Cache) => {
                 reopen().filter(|s| !s.read_only())
             }
-            Access::WritableIfCache(_) => None,
+            Access::Parent(_) => None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! RAW images: the file is the disk.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
 use crate::layer::{Layer, LayerInfo, WritePlan};
@@ -12,6 +13,9 @@ use crate::storage::Storage;
 /// Requests at least this long look for a hole where they start (see [`RawImage`]'s `map`).
 const SPARSE_READ_MIN: u64 = 128 << 10;
 
+/// Data and hole extents remembered for a RAW parent, at most.
+const MAX_KNOWN_EXTENTS: usize = 1 << 16;
+
 /// A RAW image.
 #[derive(Debug)]
 pub struct RawImage {
@@ -19,6 +23,54 @@ pub struct RawImage {
     size: AtomicU64,
     block_size: u32,
     writable: bool,
+    /// For a parent in a stack (which nothing writes while it is open): the data and hole
+    /// extents learned so far, so that reads of any size skip holes without a system call.
+    known: Option<KnownExtents>,
+}
+
+/// Extents of a file that does not change, learned with `SEEK_DATA`/`SEEK_HOLE` as reads ask.
+#[derive(Debug)]
+struct KnownExtents {
+    /// Start -> (end, hole). Ranges may overlap only where they describe the same extent.
+    map: RwLock<BTreeMap<u64, (u64, bool)>>,
+    limit: usize,
+}
+
+impl KnownExtents {
+    fn new(limit: usize) -> Self {
+        KnownExtents {
+            map: RwLock::new(BTreeMap::new()),
+            limit,
+        }
+    }
+
+    /// The known extent holding `offset`: (end, hole).
+    fn get(&self, offset: u64) -> Option<(u64, bool)> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.range(..=offset)
+            .next_back()
+            .map(|(_, &v)| v)
+            .filter(|&(end, _)| offset < end)
+    }
+
+    /// Learn the extent `[start, end)` unless the limit is reached; returns whether there was
+    /// room. Remembered ranges starting inside it describe the same extent and are dropped.
+    fn learn(&self, start: u64, end: u64, hole: bool) -> bool {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= self.limit {
+            return false;
+        }
+        let inside: Vec<u64> = map.range(start..end).map(|(&k, _)| k).collect();
+        for k in inside {
+            map.remove(&k);
+        }
+        map.insert(start, (end, hole));
+        true
+    }
+
+    fn forget(&self) {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
 
 impl RawImage {
@@ -33,7 +85,38 @@ impl RawImage {
             storage,
             size: AtomicU64::new(size),
             block_size,
+            known: None,
         })
+    }
+
+    /// Open `storage` read-only as the parent of a stack: nothing may write it while it is
+    /// open, so its holes are learned once and then skipped by reads of any size.
+    pub(crate) fn open_parent(storage: Arc<dyn Storage>, block_size: u32) -> Result<Self> {
+        let mut raw = RawImage::open(storage, block_size, false)?;
+        raw.known = Some(KnownExtents::new(MAX_KNOWN_EXTENTS));
+        Ok(raw)
+    }
+
+    /// The answer from the known extents, learning the one at `offset` if there is room.
+    /// `None` when the limit is reached and the extent is not known.
+    fn map_known(&self, known: &KnownExtents, offset: u64, len: u64) -> Result<Option<(Mapping, u64)>> {
+        let (end, hole) = match known.get(offset) {
+            Some(ext) => ext,
+            None => {
+                let ext = self.storage.extent(offset)?;
+                // Past the file's end (it shrank): leave it to the read to fail.
+                if ext.end <= offset || !known.learn(offset, ext.end, ext.hole) {
+                    return Ok(None);
+                }
+                (ext.end, ext.hole)
+            }
+        };
+        let n = (end - offset).min(len);
+        Ok(Some(if hole {
+            (Mapping::Zero, n)
+        } else {
+            (Mapping::Data { host_offset: offset }, n)
+        }))
     }
 
     /// Create a RAW image of `size` bytes on empty `storage`.
@@ -74,6 +157,11 @@ impl Layer for RawImage {
         // may save, so holes at the start of large requests are reported as zeroes. Where the
         // data ends is not asked: on some filesystems (tmpfs) `SEEK_HOLE` walks every page of
         // the data extent, so a data answer covers the rest of the request.
+        if let Some(known) = &self.known {
+            if let Some(answer) = self.map_known(known, offset, len)? {
+                return Ok(answer);
+            }
+        }
         if len >= SPARSE_READ_MIN {
             match self.storage.next_data(offset)? {
                 None => return Ok((Mapping::Zero, len)),
@@ -106,6 +194,9 @@ impl Layer for RawImage {
     }
 
     fn set_zero(&self, offset: u64, len: u64, unmap: bool, _hide_below: bool) -> Result<()> {
+        if let Some(known) = &self.known {
+            known.forget();
+        }
         if unmap {
             self.storage.punch_hole(offset, len)
         } else {
@@ -118,6 +209,9 @@ impl Layer for RawImage {
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
+        if let Some(known) = &self.known {
+            known.forget();
+        }
         self.storage.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
@@ -183,6 +277,62 @@ mod tests {
             raw.map(at, SPARSE_READ_MIN).unwrap(),
             zero_or_data(at, SPARSE_READ_MIN, SPARSE_READ_MIN)
         );
+    }
+
+    #[test]
+    fn parents_learn_extents_and_answer_reads_of_any_size() {
+        let (dir, standalone) = sparse();
+        let holes = standalone.storage.extent(0).unwrap().hole;
+        let storage = FileStorage::open(dir.path().join("sparse.raw"), false).unwrap();
+        let raw = RawImage::open_parent(Arc::new(storage), 512).unwrap();
+        let data = |at: u64, n: u64| (Mapping::Data { host_offset: at }, n);
+        let zero_or_data = |at: u64, n: u64| if holes { (Mapping::Zero, n) } else { data(at, n) };
+        let end = 2 << 20;
+        // Small reads in holes, exact ends of data runs, whatever the order of the questions.
+        assert_eq!(raw.map(4096, 512).unwrap(), zero_or_data(4096, 512));
+        assert_eq!(
+            raw.map(512, 1 << 20).unwrap(),
+            zero_or_data(512, (64 << 10) - 512)
+        );
+        assert_eq!(
+            raw.map(100 << 10, 1 << 20).unwrap(),
+            if holes {
+                data(100 << 10, 28 << 10)
+            } else {
+                data(100 << 10, 1 << 20)
+            }
+        );
+        assert_eq!(raw.map(64 << 10, 4096).unwrap(), data(64 << 10, 4096));
+        assert_eq!(raw.map(0, 4096).unwrap(), zero_or_data(0, 4096));
+        assert_eq!(raw.map(end - 4096, 4096).unwrap(), zero_or_data(end - 4096, 4096));
+        let known = raw.known.as_ref().unwrap();
+        let learned = known.map.read().unwrap().len();
+        assert!(learned <= 4, "{learned} extents remembered");
+        // Once the limit is reached, unknown extents are answered as a standalone image does.
+        let full = RawImage {
+            known: Some(KnownExtents::new(1)),
+            ..RawImage::open(raw.storage.clone(), 512, false).unwrap()
+        };
+        assert_eq!(full.map(64 << 10, 512).unwrap(), data(64 << 10, 512));
+        assert_eq!(full.map(4096, 512).unwrap(), data(4096, 512));
+        assert_eq!(full.map(70 << 10, 512).unwrap(), data(70 << 10, 512));
+    }
+
+    #[test]
+    fn known_extents_replace_the_ranges_they_cover() {
+        let known = KnownExtents::new(8);
+        assert!(known.learn(300, 400, false));
+        assert!(known.learn(350, 400, false));
+        assert!(known.learn(100, 400, false));
+        assert_eq!(known.map.read().unwrap().len(), 1);
+        assert!(known.learn(400, 500, true));
+        assert_eq!(known.get(99), None);
+        assert_eq!(known.get(100), Some((400, false)));
+        assert_eq!(known.get(399), Some((400, false)));
+        assert_eq!(known.get(400), Some((500, true)));
+        assert_eq!(known.get(500), None);
+        known.forget();
+        assert_eq!(known.get(100), None);
     }
 
     #[test]

@@ -154,7 +154,7 @@ impl AsifImage {
                     image.writable = true;
                 }
                 // A cache layer that cannot be written stops filling; it still reads.
-                Err(_) if matches!(access, Access::WritableIfCache(_)) => {}
+                Err(_) if matches!(access, Access::Parent(_)) => {}
                 Err(e) => return Err(e),
             }
         }

@@ -122,10 +122,10 @@ impl Qcow2Image {
         let meta = Meta::from_header(&header);
         let layer_type = meta.layer.and_then(|(e, _)| e.layer_type);
         let snapshots = header.nb_snapshots > 0;
-        let if_cache = matches!(access, Access::WritableIfCache(_));
+        let if_cache = matches!(access, Access::Parent(_));
         let rw = match access {
             // A cache layer that cannot be written just stops filling.
-            Access::WritableIfCache(_) if snapshots => None,
+            Access::Parent(_) if snapshots => None,
             _ => access.writable_storage(&storage, layer_type),
         };
         if rw.is_some() && snapshots {

@@ -15,6 +15,8 @@ const SPARSE_READ_MIN: u64 = 128 << 10;
 
 /// Data and hole extents remembered for a RAW parent, at most.
 const MAX_KNOWN_EXTENTS: usize = 1 << 16;
+/// Extents learned on the way to the one a read asks about, at most.
+const LEARN_WALK: usize = 16;
 
 /// A RAW image.
 #[derive(Debug)]
@@ -51,6 +53,16 @@ impl KnownExtents {
             .next_back()
             .map(|(_, &v)| v)
             .filter(|&(end, _)| offset < end)
+    }
+
+    /// The end of the last known extent that starts at or before `offset`, if it ends at or
+    /// before `offset`.
+    fn end_before(&self, offset: u64) -> Option<u64> {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.range(..=offset)
+            .next_back()
+            .map(|(_, &(end, _))| end)
+            .filter(|&end| end <= offset)
     }
 
     /// Learn the extent `[start, end)` unless the limit is reached; returns whether there was
@@ -102,14 +114,10 @@ impl RawImage {
     fn map_known(&self, known: &KnownExtents, offset: u64, len: u64) -> Result<Option<(Mapping, u64)>> {
         let (end, hole) = match known.get(offset) {
             Some(ext) => ext,
-            None => {
-                let ext = self.storage.extent(offset)?;
-                // Past the file's end (it shrank): leave it to the read to fail.
-                if ext.end <= offset || !known.learn(offset, ext.end, ext.hole) {
-                    return Ok(None);
-                }
-                (ext.end, ext.hole)
-            }
+            None => match self.learn(known, offset)? {
+                Some(ext) => ext,
+                None => return Ok(None),
+            },
         };
         let n = (end - offset).min(len);
         Ok(Some(if hole {
@@ -117,6 +125,29 @@ impl RawImage {
         } else {
             (Mapping::Data { host_offset: offset }, n)
         }))
+    }
+
+    /// Learn the extent holding `offset` (not known yet): (end, hole). `SEEK_DATA`/`SEEK_HOLE`
+    /// only find where an extent ends, so extents are learned from the end of the nearest
+    /// known one before `offset` (a true extent boundary), a few at most; an extent learned
+    /// from `offset` itself would be learned again for every read before `offset` in it.
+    fn learn(&self, known: &KnownExtents, offset: u64) -> Result<Option<(u64, bool)>> {
+        let mut at = known.end_before(offset).unwrap_or(0);
+        for step in 0..=LEARN_WALK {
+            if step == LEARN_WALK {
+                at = offset;
+            }
+            let ext = self.storage.extent(at)?;
+            // Past the file's end (it shrank): leave it to the read to fail.
+            if ext.end <= at || !known.learn(at, ext.end, ext.hole) {
+                return Ok(None);
+            }
+            if ext.end > offset {
+                return Ok(Some((ext.end, ext.hole)));
+            }
+            at = ext.end;
+        }
+        Ok(None)
     }
 
     /// Create a RAW image of `size` bytes on empty `storage`.
@@ -305,17 +336,33 @@ mod tests {
         assert_eq!(raw.map(64 << 10, 4096).unwrap(), data(64 << 10, 4096));
         assert_eq!(raw.map(0, 4096).unwrap(), zero_or_data(0, 4096));
         assert_eq!(raw.map(end - 4096, 4096).unwrap(), zero_or_data(end - 4096, 4096));
+        // What is remembered are the file's true extents, each once.
         let known = raw.known.as_ref().unwrap();
-        let learned = known.map.read().unwrap().len();
-        assert!(learned <= 4, "{learned} extents remembered");
+        let learned: Vec<(u64, (u64, bool))> =
+            known.map.read().unwrap().iter().map(|(&k, &v)| (k, v)).collect();
+        let mib = 1 << 20;
+        let expect = if holes {
+            vec![
+                (0, (64 << 10, true)),
+                (64 << 10, (128 << 10, false)),
+                (128 << 10, (mib, true)),
+                (mib, (mib + 4096, false)),
+                (mib + 4096, (end, true)),
+            ]
+        } else {
+            vec![(0, (end, false))]
+        };
+        assert_eq!(learned, expect);
         // Once the limit is reached, unknown extents are answered as a standalone image does.
         let full = RawImage {
             known: Some(KnownExtents::new(1)),
             ..RawImage::open(raw.storage.clone(), 512, false).unwrap()
         };
+        // (The walk to 64K learns the hole before it, then finds no room.)
         assert_eq!(full.map(64 << 10, 512).unwrap(), data(64 << 10, 512));
-        assert_eq!(full.map(4096, 512).unwrap(), data(4096, 512));
+        assert_eq!(full.map(4096, 512).unwrap(), zero_or_data(4096, 512));
         assert_eq!(full.map(70 << 10, 512).unwrap(), data(70 << 10, 512));
+        assert_eq!(full.map(1 << 20, 4096).unwrap(), data(1 << 20, 4096));
     }
 
     #[test]

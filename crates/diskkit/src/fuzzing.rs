@@ -49,7 +49,7 @@ pub fn qcow2_check(data: &[u8]) {
     use crate::formats::qcow2::{check, Qcow2Image, Repair};
     // Opening with the repair option (dirty or corrupt images are repaired first).
     let opened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(data.to_vec()));
-    if let Ok(image) = Qcow2Image::open_with(opened, true, true) {
+    if let Ok(image) = Qcow2Image::open_with(opened, &crate::layer::Access::ReadWrite, true) {
         use crate::layer::Layer;
         if image.size() > 0 {
             let _ = image.map(0, image.size().min(1 << 20));

@@ -10,7 +10,7 @@ use crate::formats::asif::AsifImage;
 use crate::formats::qcow2::{Qcow2CreateOptions, Qcow2Image};
 use crate::formats::raw::RawImage;
 use crate::io::{self, Level};
-use crate::layer::{Layer, LayerInfo};
+use crate::layer::{Access, Layer, LayerInfo};
 use crate::mapping::Extent;
 use crate::options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions};
 use crate::output::PendingFile;
@@ -25,6 +25,23 @@ pub struct DiskImage {
     pub(crate) levels: Vec<Level>,
     pub(crate) paths: Vec<Option<PathBuf>>,
     pub(crate) mode: OpenMode,
+}
+
+/// How [`DiskImage::alone`] treats a layer that records a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alone {
+    /// Refused: such a layer is opened as part of its stack.
+    Standalone,
+    /// Allowed read-only: the layer is seen without its parent.
+    Detached,
+}
+
+/// Refuse a writable open of a layer that was opened read-only.
+pub(crate) fn check_layer_writable(layer: &dyn Layer, mode: OpenMode) -> Result<()> {
+    if mode.is_writable() && !layer.writable() {
+        return Err(Error::from_kind(ErrorKind::ReadOnly));
+    }
+    Ok(())
 }
 
 /// A description of one layer of an open image, for `info`.
@@ -89,7 +106,8 @@ impl DiskImage {
         let path = path.as_ref();
         if options.detached {
             let layer = DiskImage::open_file_layer(path, options, options.mode.is_writable())?;
-            let mut image = DiskImage::detached(layer, options.mode).map_err(|e| e.with_path(path))?;
+            let mut image =
+                DiskImage::alone(layer, options.mode, Alone::Detached).map_err(|e| e.with_path(path))?;
             image.paths[0] = Some(path.to_path_buf());
             return Ok(image);
         }
@@ -107,6 +125,21 @@ impl DiskImage {
         open_layer(storage, &options).map_err(|e| e.with_path(path))
     }
 
+    /// Open a parent layer read-only, or, when it records that it is a cache layer, for
+    /// writing where its file allows: a cache keeps what is read beneath it, which never
+    /// changes what the stack reads, so it fills even in a read-only stack (a read-only cache
+    /// file simply stops filling). The layer is parsed once either way.
+    pub(crate) fn open_parent_layer(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
+        let file = Arc::new(FileStorage::open(path, false)?);
+        let reopen = || {
+            file.reopen_writable()
+                .ok()
+                .map(|rw| Arc::new(rw) as Arc<dyn Storage>)
+        };
+        let storage: Arc<dyn Storage> = file.clone();
+        open_layer_with(storage, options, &Access::Parent(&reopen)).map_err(|e| e.with_path(path))
+    }
+
     /// Create a new image file at `path` (under a temporary name, renamed when complete)
     /// without opening it; unlike [`DiskImage::create`] this also makes layers that record a
     /// parent (a qcow2 image with a backing file), whose parent is not opened.
@@ -121,18 +154,29 @@ impl DiskImage {
         pending.persist()
     }
 
-    /// One layer on its own, parent or not; see [`OpenOptions::detached`].
-    fn detached(layer: Arc<dyn Layer>, mode: OpenMode) -> Result<DiskImage> {
+    /// One layer as a whole image. A layer that records a parent is refused as a standalone
+    /// image ([`ErrorKind::PolicyDenied`], checked after writability) and detached only
+    /// read-only ([`ErrorKind::InvalidArgument`], checked before writability).
+    fn alone(layer: Arc<dyn Layer>, mode: OpenMode, how: Alone) -> Result<DiskImage> {
         let info = layer.layer_info();
-        let has_parent = info.parent_uuid.is_some() || info.parent_path.is_some();
-        if mode.is_writable() && has_parent {
-            return Err(Error::new(
+        let parent_refused = match how {
+            Alone::Standalone if info.has_parent() => Some(Error::new(
+                ErrorKind::PolicyDenied,
+                "this layer has a parent; open it as part of a stack",
+            )),
+            Alone::Detached if info.has_parent() && mode.is_writable() => Some(Error::new(
                 ErrorKind::InvalidArgument,
                 "a layer with a parent can only be opened detached read-only",
-            ));
-        }
-        if mode.is_writable() && !layer.writable() {
-            return Err(Error::from_kind(ErrorKind::ReadOnly));
+            )),
+            _ => None,
+        };
+        match parent_refused {
+            Some(err) if how == Alone::Detached => return Err(err),
+            Some(err) => {
+                check_layer_writable(&*layer, mode)?;
+                return Err(err);
+            }
+            None => check_layer_writable(&*layer, mode)?,
         }
         Ok(DiskImage {
             levels: vec![Level::new(layer, info.layer_type)],
@@ -156,21 +200,7 @@ impl DiskImage {
 
     /// Wrap one opened layer as a standalone image.
     pub fn from_layer(layer: Arc<dyn Layer>, mode: OpenMode) -> Result<DiskImage> {
-        if mode.is_writable() && !layer.writable() {
-            return Err(Error::from_kind(ErrorKind::ReadOnly));
-        }
-        let info = layer.layer_info();
-        if info.parent_uuid.is_some() || info.parent_path.is_some() {
-            return Err(Error::new(
-                ErrorKind::PolicyDenied,
-                "this layer has a parent; open it as part of a stack",
-            ));
-        }
-        Ok(DiskImage {
-            levels: vec![Level::new(layer, info.layer_type)],
-            paths: vec![None],
-            mode,
-        })
+        DiskImage::alone(layer, mode, Alone::Standalone)
     }
 
     fn top(&self) -> &Arc<dyn Layer> {
@@ -457,18 +487,123 @@ pub(crate) fn create_layer(storage: Arc<dyn Storage>, options: &CreateOptions) -
 
 /// Open one layer on `storage`, detecting its format unless one is given.
 pub fn open_layer(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
+    open_layer_with(
+        storage,
+        options,
+        &Access::from_writable(options.mode.is_writable()),
+    )
+}
+
+/// [`open_layer`], writable as `access` decides (`options.mode` is not looked at).
+pub(crate) fn open_layer_with(
+    storage: Arc<dyn Storage>,
+    options: &OpenOptions,
+    access: &Access<'_>,
+) -> Result<Arc<dyn Layer>> {
     let format = match options.format {
         Some(f) => f,
         None => probe::detect(&*storage)?,
     };
-    let writable = options.mode.is_writable();
     Ok(match format {
-        ImageFormat::Raw => Arc::new(RawImage::open(
-            storage,
-            options.block_size.unwrap_or(512),
-            writable,
-        )?),
-        ImageFormat::Asif => Arc::new(AsifImage::open(storage, writable)?),
-        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open_with(storage, writable, options.repair)?),
+        // A RAW file records no layer type, so it is never a cache layer.
+        ImageFormat::Raw => {
+            let block_size = options.block_size.unwrap_or(512);
+            Arc::new(match access {
+                Access::Parent(_) => RawImage::open_parent(storage, block_size)?,
+                _ => RawImage::open(storage, block_size, matches!(access, Access::ReadWrite))?,
+            })
+        }
+        ImageFormat::Asif => Arc::new(AsifImage::open_with(storage, access)?),
+        ImageFormat::Qcow2 => Arc::new(Qcow2Image::open_with(storage, access, options.repair)?),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::storage::MemStorage;
+
+    /// A new image of `format` on memory storage recording `layer_type` (and a parent UUID, as a
+    /// layer in a stack does).
+    fn layer_on_memory(format: ImageFormat, layer_type: LayerType) -> Arc<dyn Storage> {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let layer = create_layer(storage.clone(), &CreateOptions::new(format, 4 << 20)).unwrap();
+        layer
+            .set_layer_info(&LayerInfo {
+                layer_type: Some(layer_type),
+                parent_uuid: Some(Uuid::new_v4()),
+                ..LayerInfo::default()
+            })
+            .unwrap();
+        layer.flush().unwrap();
+        storage
+    }
+
+    /// Open `storage` as a parent is opened; returns whether the layer is writable and how many
+    /// times the storage was reopened for writing.
+    fn open_as_parent(storage: &Arc<dyn Storage>, allow_writing: bool) -> (bool, u32) {
+        let reopened = Cell::new(0);
+        let reopen = || {
+            reopened.set(reopened.get() + 1);
+            allow_writing.then(|| storage.clone())
+        };
+        let layer = open_layer_with(storage.clone(), &OpenOptions::new(), &Access::Parent(&reopen)).unwrap();
+        (layer.writable(), reopened.get())
+    }
+
+    #[test]
+    fn one_layer_images_check_parents_and_writability_in_their_order() {
+        use OpenMode::{ReadOnly, ReadWrite};
+        let with_parent = layer_on_memory(ImageFormat::Asif, LayerType::Overlay);
+        let open = |storage: &Arc<dyn Storage>, writable: bool| {
+            open_layer(storage.clone(), &OpenOptions::new().writable(writable)).unwrap()
+        };
+        let kind = |r: Result<DiskImage>| r.map(|_| ()).map_err(|e| e.kind());
+        // Standalone: writability first, then the parent.
+        assert_eq!(
+            kind(DiskImage::from_layer(open(&with_parent, false), ReadWrite)),
+            Err(ErrorKind::ReadOnly)
+        );
+        for (writable, mode) in [(true, ReadWrite), (false, ReadOnly)] {
+            assert_eq!(
+                kind(DiskImage::from_layer(open(&with_parent, writable), mode)),
+                Err(ErrorKind::PolicyDenied)
+            );
+        }
+        // Detached: the parent first, then writability; read-only is allowed.
+        assert_eq!(
+            kind(DiskImage::alone(
+                open(&with_parent, false),
+                ReadWrite,
+                Alone::Detached
+            )),
+            Err(ErrorKind::InvalidArgument)
+        );
+        let image = DiskImage::alone(open(&with_parent, false), ReadOnly, Alone::Detached).unwrap();
+        assert_eq!(image.layer_type(), Some(LayerType::Overlay));
+        let plain: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        create_layer(plain.clone(), &CreateOptions::new(ImageFormat::Asif, 4 << 20)).unwrap();
+        assert_eq!(
+            kind(DiskImage::alone(open(&plain, false), ReadWrite, Alone::Detached)),
+            Err(ErrorKind::ReadOnly)
+        );
+        assert!(DiskImage::from_layer(open(&plain, true), ReadWrite).is_ok());
+    }
+
+    #[test]
+    fn parents_are_writable_only_when_they_are_cache_layers() {
+        for format in [ImageFormat::Asif, ImageFormat::Qcow2] {
+            let cache = layer_on_memory(format, LayerType::Cache);
+            assert_eq!(open_as_parent(&cache, true), (true, 1), "{format} cache");
+            assert_eq!(
+                open_as_parent(&cache, false),
+                (false, 1),
+                "{format} read-only cache file"
+            );
+            let overlay = layer_on_memory(format, LayerType::Overlay);
+            assert_eq!(open_as_parent(&overlay, true), (false, 0), "{format} overlay");
+        }
+    }
 }

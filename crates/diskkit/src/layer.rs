@@ -7,6 +7,7 @@
 //! All methods take `&self`: drivers are shared across threads and synchronise internally.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -42,6 +43,48 @@ pub struct Allocation {
     pub len: u64,
 }
 
+/// Whether a layer being opened is to be writable. Drivers decide once they have read the layer
+/// information, so a layer is parsed (and, for writing, scanned) once.
+pub(crate) enum Access<'a> {
+    /// Read-only.
+    ReadOnly,
+    /// Writable, unless the storage refuses writes.
+    ReadWrite,
+    /// A parent in a stack, which nothing writes while the stack is open (its children
+    /// depend on its content). Read-only, unless the layer records that it is a cache layer:
+    /// then writable through the storage this returns (the same file, opened for writing), or
+    /// read-only when it returns `None` (the file cannot be written).
+    Parent(&'a dyn Fn() -> Option<Arc<dyn Storage>>),
+}
+
+impl Access<'_> {
+    /// The access `writable` asks for.
+    pub(crate) fn from_writable(writable: bool) -> Access<'static> {
+        if writable {
+            Access::ReadWrite
+        } else {
+            Access::ReadOnly
+        }
+    }
+
+    /// The storage to write through, or `None` to stay read-only, for a layer on `storage`
+    /// that records `layer_type`.
+    pub(crate) fn writable_storage(
+        &self,
+        storage: &Arc<dyn Storage>,
+        layer_type: Option<LayerType>,
+    ) -> Option<Arc<dyn Storage>> {
+        match self {
+            Access::ReadOnly => None,
+            Access::ReadWrite => (!storage.read_only()).then(|| Arc::clone(storage)),
+            Access::Parent(reopen) if layer_type == Some(LayerType::Cache) => {
+                reopen().filter(|s| !s.read_only())
+            }
+            Access::Parent(_) => None,
+        }
+    }
+}
+
 /// Layer information stored inside an image (DiskImageKit's layer properties).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LayerInfo {
@@ -59,6 +102,13 @@ pub struct LayerInfo {
     pub parent_path: Option<String>,
     /// The parent's format, as recorded when the layer was made.
     pub parent_format: Option<ImageFormat>,
+}
+
+impl LayerInfo {
+    /// Whether the layer records a parent (a parent UUID or a parent path).
+    pub fn has_parent(&self) -> bool {
+        self.parent_uuid.is_some() || self.parent_path.is_some()
+    }
 }
 
 /// One image file as a layer: the format driver interface.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{create_layer, DiskImage};
+use crate::image::{check_layer_writable, create_layer, DiskImage};
 use crate::io::Level;
 use crate::layer::{Layer, LayerInfo};
 use crate::options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions, DEFAULT_CHUNK_SIZE};
@@ -125,7 +125,7 @@ pub(crate) fn assemble(layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)>, mode: Ope
     let mut below: Option<LayerInfo> = None;
     for (i, (layer, path)) in layers.into_iter().enumerate() {
         let info = layer.layer_info();
-        if i == 0 && (info.parent_path.is_some() || info.parent_uuid.is_some()) {
+        if i == 0 && info.has_parent() {
             return Err(Error::new(
                 ErrorKind::PolicyDenied,
                 "this layer has a parent; open it as part of a stack",
@@ -145,8 +145,8 @@ pub(crate) fn assemble(layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)>, mode: Ope
                 );
             }
         }
-        if i + 1 == n && mode.is_writable() && !layer.writable() {
-            return Err(Error::from_kind(ErrorKind::ReadOnly));
+        if i + 1 == n {
+            check_layer_writable(&*layer, mode)?;
         }
         below = Some(info);
         levels.push(Level::new(layer, layer_type));
@@ -199,15 +199,7 @@ pub(crate) fn open_chain(path: &Path, options: &OpenOptions) -> Result<DiskImage
         } else {
             parent_options = parent_options.raw_block_size(child.block_size());
         }
-        let mut parent = DiskImage::open_file_layer(&parent_path, &parent_options, false)?;
-        // A cache layer keeps what is read beneath it, which never changes what the stack
-        // reads, so it is opened for writing whenever its file allows, even in a read-only
-        // stack (a read-only cache file simply stops filling).
-        if parent.layer_info().layer_type == Some(LayerType::Cache) {
-            if let Ok(rw) = DiskImage::open_file_layer(&parent_path, &parent_options, true) {
-                parent = rw;
-            }
-        }
+        let parent = DiskImage::open_parent_layer(&parent_path, &parent_options)?;
         chain.push((parent, Some(parent_path)));
     }
     chain.reverse();

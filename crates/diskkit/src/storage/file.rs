@@ -65,6 +65,26 @@ impl FileStorage {
         }
     }
 
+    /// The same file opened again for writing. Fails if the file cannot be opened for writing
+    /// or if `path` now names another file.
+    pub fn reopen_writable(&self) -> Result<FileStorage> {
+        let rw = FileStorage::open(&self.path, true)?;
+        let id = |f: &File| {
+            f.metadata()
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(Error::io)
+                .path_context(&self.path)
+        };
+        if id(&self.file)? != id(&rw.file)? {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the file was replaced while it was being opened",
+            )
+            .with_path(&self.path));
+        }
+        Ok(rw)
+    }
+
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
@@ -218,6 +238,19 @@ impl Storage for FileStorage {
             hole: false,
             end: hole.clamp(offset + 1, len),
         })
+    }
+
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        // As in `extent`, the file position is never used for I/O.
+        match rustix::fs::seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(pos) => Ok(Some(pos)),
+            Err(rustix::io::Errno::NXIO) => Ok(None),
+            Err(e) if unsupported(&io::Error::from(e)) => Ok(Some(offset)),
+            Err(e) => Err(Error::io(e.into())
+                .with_path(&self.path)
+                .with_offset(offset)
+                .with_operation("seeking data")),
+        }
     }
 
     fn allocated_bytes(&self) -> Result<Option<u64>> {

@@ -61,6 +61,13 @@ pub trait Storage: Send + Sync + Debug {
         })
     }
 
+    /// The first offset at or after `offset` that may hold data (`SEEK_DATA`), or `None` when
+    /// no data follows. Cheaper than [`Storage::extent`] because it does not look for where the
+    /// data ends. The default says data starts at `offset`.
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        Ok(Some(offset))
+    }
+
     /// Bytes of space allocated to the storage, if the backend knows.
     fn allocated_bytes(&self) -> Result<Option<u64>> {
         Ok(None)

@@ -23,7 +23,7 @@ use self::header::{Header, HEADER_SIZE};
 use self::metadata::Metadata;
 use self::state::{read_padded, Directory, State, MAX_DIRTY_BITMAPS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::layer::{Allocation, Layer, LayerInfo, WritePlan};
+use crate::layer::{Access, Allocation, Layer, LayerInfo, WritePlan};
 use crate::mapping::Mapping;
 use crate::options::ImageFormat;
 use crate::storage::Storage;
@@ -56,7 +56,11 @@ enum Need {
 impl AsifImage {
     /// Open an ASIF image on `storage`.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
-        let writable = writable && !storage.read_only();
+        AsifImage::open_with(storage, &Access::from_writable(writable))
+    }
+
+    /// Open an ASIF image on `storage`, writable as `access` decides from its layer type.
+    pub(crate) fn open_with(storage: Arc<dyn Storage>, access: &Access<'_>) -> Result<Self> {
         let file_len = storage.len()?;
         let mut head = vec![0u8; HEADER_SIZE as usize];
         read_padded(&*storage, &mut head, 0, file_len)?;
@@ -104,7 +108,7 @@ impl AsifImage {
             b.entries.clone()
         };
         debug_assert_eq!(dir.len(), dir_len);
-        let mut st = State {
+        let st = State {
             header,
             geo,
             disk_dirs: [a, b],
@@ -129,20 +133,31 @@ impl AsifImage {
                 )));
             }
         }
-        if writable {
-            let used = st.scan_used(&*storage)?;
-            st.set_free_from_used(&used);
-        }
         let size = st.size();
-        let image = AsifImage {
+        let mut image = AsifImage {
             storage,
-            writable,
+            writable: false,
             geo,
             state: RwLock::new(st),
             modified: AtomicBool::new(false),
             size: AtomicU64::new(size),
         };
         image.load_metadata()?;
+        let layer_type = image.layer_info().layer_type;
+        if let Some(storage) = access.writable_storage(&image.storage, layer_type) {
+            // Writing needs the free chunks, found by scanning what the tables refer to.
+            let st = image.state.get_mut().unwrap_or_else(|e| e.into_inner());
+            match st.scan_used(&*storage) {
+                Ok(used) => {
+                    st.set_free_from_used(&used);
+                    image.storage = storage;
+                    image.writable = true;
+                }
+                // A cache layer that cannot be written stops filling; it still reads.
+                Err(_) if matches!(access, Access::Parent(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(image)
     }
 

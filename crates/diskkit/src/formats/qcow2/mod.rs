@@ -36,7 +36,7 @@ use self::refcount::Refcounts;
 pub use self::report::{CheckReport, Problem, ProblemKind, Repair};
 use self::tables::{Reservation, State};
 use crate::error::{Error, ErrorKind, Result};
-use crate::layer::{Allocation, Layer, LayerInfo, WritePlan};
+use crate::layer::{Access, Allocation, Layer, LayerInfo, WritePlan};
 use crate::mapping::Mapping;
 use crate::options::ImageFormat;
 use crate::storage::Storage;
@@ -137,15 +137,15 @@ impl Qcow2Image {
     /// Open a qcow2 image on `storage`. Images with the dirty or corrupt bit, an external data
     /// file, unknown incompatible features or encryption are refused.
     pub fn open(storage: Arc<dyn Storage>, writable: bool) -> Result<Self> {
-        Qcow2Image::open_with(storage, writable, false)
+        Qcow2Image::open_with(storage, &Access::from_writable(writable), false)
     }
 
-    /// Like [`Qcow2Image::open`]; with `repair`, an image with the dirty or corrupt bit (left
-    /// by a crash with lazy refcounts, or by QEMU finding a problem) is first checked and
-    /// repaired ([`check`] with [`Repair::All`]), which needs `storage` to be writable, and
-    /// opened only if the repair left no corruption.
-    pub fn open_with(storage: Arc<dyn Storage>, writable: bool, repair: bool) -> Result<Self> {
-        let writable = writable && !storage.read_only();
+    /// Open a qcow2 image on `storage`, writable as `access` decides from its layer type. With
+    /// `repair`, an image with the dirty or corrupt bit (left by a crash with lazy refcounts, or
+    /// by QEMU finding a problem) is first checked and repaired ([`check`] with [`Repair::All`]),
+    /// which needs read-write access, and opened only if the repair left no corruption.
+    pub(crate) fn open_with(storage: Arc<dyn Storage>, access: &Access<'_>, repair: bool) -> Result<Self> {
+        let writable = matches!(access, Access::ReadWrite) && !storage.read_only();
         let file_len = storage.len()?;
         let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
         storage.read_at(&mut head, 0)?;
@@ -177,7 +177,16 @@ impl Qcow2Image {
             (head, file_len)
         };
         let header = Header::parse(&head, file_len)?;
-        if writable && header.nb_snapshots > 0 {
+        let meta = Meta::from_header(&header);
+        let layer_type = meta.layer.and_then(|(e, _)| e.layer_type);
+        let snapshots = header.nb_snapshots > 0;
+        let if_cache = matches!(access, Access::Parent(_));
+        let rw = match access {
+            // A cache layer that cannot be written just stops filling.
+            Access::Parent(_) if snapshots => None,
+            _ => access.writable_storage(&storage, layer_type),
+        };
+        if rw.is_some() && snapshots {
             return Err(Error::unsupported(format!(
                 "writing qcow2 images with internal snapshots ({} here); open it read-only",
                 header.nb_snapshots
@@ -209,21 +218,30 @@ impl Qcow2Image {
                 )));
             }
         }
-        let refs = if writable {
-            Some(Refcounts::load(
-                &*storage,
+        let refs = match &rw {
+            Some(rw) => match Refcounts::load(
+                &**rw,
                 header.cluster_bits,
                 header.refcount_order,
                 header.refcount_table_offset,
                 header.refcount_table_clusters,
                 file_len,
-            )?)
-        } else {
-            None
+            ) {
+                Ok(refs) => Some(refs),
+                // As above: a cache layer that cannot be written stays read-only.
+                Err(_) if if_cache => None,
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        let writable = refs.is_some();
+        let storage = match rw {
+            Some(rw) if writable => rw,
+            _ => storage,
         };
         let state = State::new(geo, header.size, l1, header.l1_table_offset, refs);
         Ok(Qcow2Image {
-            meta: Mutex::new(Meta::from_header(&header)),
+            meta: Mutex::new(meta),
             storage,
             writable,
             size: AtomicU64::new(header.size),

@@ -57,6 +57,11 @@ pub(crate) struct OpenArgs {
     /// not hold show as absent and read as zeroes. Read-only.
     #[arg(long)]
     pub(crate) detached: bool,
+    /// Repair a qcow2 image left with the dirty or corrupt bit (a crash with lazy refcounts)
+    /// before using it, as `diskkit check --repair all` does; only for commands that open the
+    /// image for writing. Without it such images are refused.
+    #[arg(long)]
+    pub(crate) repair: bool,
     #[command(flatten)]
     pub(crate) parents: ParentArgs,
 }

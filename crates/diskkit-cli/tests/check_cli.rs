@@ -223,3 +223,60 @@ fn unreadable_image_exits_1() {
     let out = diskkit(&["check", &d.s("missing.qcow2")]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn commands_that_write_repair_a_dirty_image_when_asked() {
+    let d = Dir::new();
+    let img = d.s("dirty.qcow2");
+    let raw = d.s("ref.raw");
+    let patch = d.s("patch.bin");
+    tool_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4096",
+            &img,
+            "8M",
+        ],
+    );
+    tool_ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "8M"]);
+    let writes = ["write -P 0x11 0 2M", "write -P 0x22 5M 300k"];
+    let mut args = vec!["-f", "raw"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    args.extend(["-c", "write -P 0x33 1M 64k", &raw]);
+    tool_ok("qemu-io", &args);
+    let mut args = vec!["-f", "qcow2"];
+    for w in writes {
+        args.extend(["-c", w]);
+    }
+    args.extend(["-c", "sigraise 9", &img]);
+    assert!(!Command::new("qemu-io")
+        .args(&args)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    assert!(qemu_counts(&img).0 > 0, "QEMU left no damage to repair");
+    std::fs::write(&patch, vec![0x33u8; 64 << 10]).unwrap();
+    // Without --repair the write is refused and the image is untouched.
+    let before = std::fs::read(&img).unwrap();
+    let out = diskkit(&["write", &img, "--offset", "1M", "--from", &patch]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--repair"));
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    // A read-only command cannot repair.
+    let out = diskkit(&["info", "--repair", &img]);
+    assert_eq!(out.status.code(), Some(2));
+    // With --repair: refcounts rebuilt, then the write lands.
+    diskkit_ok(&["write", "--repair", &img, "--offset", "1M", "--from", &patch]);
+    assert_eq!(qemu_counts(&img), (0, 0));
+    tool_ok("qemu-img", &["check", "-q", &img]);
+    let out = tool_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &raw, &img]);
+    assert!(out.contains("identical"), "{out}");
+}

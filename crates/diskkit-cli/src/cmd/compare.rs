@@ -22,6 +22,7 @@ pub(crate) fn run(
         let args = OpenArgs {
             format,
             detached: false,
+            repair: false,
             parents: parents.clone(),
         };
         open_image(&args, path, false)

@@ -201,7 +201,10 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
 /// same directory by default, plus `--allow-parent-dir`, or anything with
 /// `--allow-any-parent`).
 pub(crate) fn open_options(open: &OpenArgs, writable: bool) -> OpenOptions {
-    let mut options = OpenOptions::new().writable(writable).detached(open.detached);
+    let mut options = OpenOptions::new()
+        .writable(writable)
+        .detached(open.detached)
+        .repair(open.repair);
     if let Some(f) = open.format {
         options = options.format(f.into());
     }

@@ -14,10 +14,7 @@ cd "$(dirname "$0")/.."
 root=$PWD
 cargo build --release --locked --bin diskkit -q
 dk=$root/target/release/diskkit
-work=${2:-$(mktemp -d /var/tmp/diskkit-bench.XXXXXX)}
-mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
+scratch_dir "${2:-}"
 
 row() { # name command...
     local name=$1; shift

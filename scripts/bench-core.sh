@@ -15,10 +15,7 @@ root=$PWD
 cargo build --release --locked --bin diskkit --example iobench -q
 dk=$root/target/release/diskkit
 iob=$root/target/release/examples/iobench
-work=${2:-$(mktemp -d /var/tmp/diskkit-bench.XXXXXX)}
-mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
+scratch_dir "${2:-}"
 
 
 echo "== 1. I/O through diskkit (single thread, page cache), $runs runs, median"

@@ -18,10 +18,7 @@ root=$PWD
 cargo build --release --locked --bin diskkit --example iobench -q
 iob=$root/target/release/examples/iobench
 dk=$root/target/release/diskkit
-work=${2:-$(mktemp -d /var/tmp/diskkit-bench-stack.XXXXXX)}
-mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
+scratch_dir "${2:-}" diskkit-bench-stack
 
 
 python3 - <<'PY'

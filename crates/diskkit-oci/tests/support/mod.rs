@@ -1,12 +1,16 @@
 //! Whole-tree comparison for the unpack tests: one record per path, read three independent
 //! ways — from a real directory (the reference merge, e.g. `umoci unpack` run as root), from
 //! our image through `debugfs` (batched with `-f`), and from our image through `ext4-view`.
+//! At the end: the semantic fixture layers, unpacking, and the simpler listings (mode, size,
+//! content hash per path) the unpack tests compare.
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use diskkit_oci::{unpack, NoProgress, UnpackOptions};
 
 /// What one path is. Directory sizes are 0 (they depend on the writer); fields a reader cannot
 /// see are left at their defaults by it and cleared with [`view_fields`] before comparing.
@@ -595,4 +599,124 @@ pub(crate) fn mount(img: &Path, mnt: &Path, options: &str) -> bool {
     );
     eprintln!("SKIPPED kernel check: cannot loop-mount here: {err}");
     false
+}
+
+// The semantic fixture (`fixtures/make_layers.py`), unpacking, and listings through debugfs
+// and of real directories, for the unpack tests.
+
+const MKOCI: &str = "/work/shared/tools/mkoci-layout.sh";
+
+pub(crate) fn mkoci() -> PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkoci-layout.sh");
+    if local.exists() {
+        local
+    } else {
+        PathBuf::from(MKOCI)
+    }
+}
+
+/// Fixture layers in `dir`: l1.tar.gz, l2.tar.zst, l3.tar plus gz copies of all three.
+pub(crate) fn fixtures(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make_layers.py");
+    run(Command::new("python3").arg(script).arg(dir));
+    for l in ["l1.tar", "l2.tar", "l3.tar"] {
+        run(Command::new("gzip").args(["-n", "-k", "-f"]).arg(dir.join(l)));
+    }
+    run(Command::new("zstd").args(["-q", "-f"]).arg(dir.join("l2.tar")));
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(dir.join("lay"))
+        .arg("v1")
+        .arg(dir.join("l1.tar.gz"))
+        .arg(dir.join("l2.tar.zst"))
+        .arg(dir.join("l3.tar")));
+    run(Command::new("bash")
+        .arg(mkoci())
+        .arg(dir.join("laygz"))
+        .arg("v1")
+        .arg(dir.join("l1.tar.gz"))
+        .arg(dir.join("l2.tar.gz"))
+        .arg(dir.join("l3.tar.gz")));
+}
+
+pub(crate) fn debugfs(img: &Path, req: &str) -> String {
+    run(Command::new("debugfs").args(["-R", req]).arg(img))
+}
+
+pub(crate) fn dump(img: &Path, file: &str) -> Vec<u8> {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x");
+    debugfs(img, &format!("dump {file} {}", out.display()));
+    std::fs::read(out).unwrap_or_default()
+}
+
+pub(crate) fn do_unpack(src: &Path, reference: Option<&str>, dst: &Path) -> diskkit::Result<()> {
+    let options = UnpackOptions {
+        reference: reference.map(str::to_owned),
+        ..UnpackOptions::default()
+    };
+    unpack(src, dst, &options, &mut NoProgress).map(|_| ())
+}
+
+/// path -> (octal mode, size, sha256 of content for regular files) from debugfs.
+pub(crate) fn listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![String::new()];
+    while let Some(d) = dirs.pop() {
+        let ls = debugfs(img, &format!("ls -p /{d}"));
+        for line in ls.lines() {
+            // /ino/mode/uid/gid/name/size/
+            let f: Vec<&str> = line.split('/').collect();
+            if f.len() < 7 || f[5] == "." || f[5] == ".." || f[5] == "lost+found" {
+                continue;
+            }
+            let path = if d.is_empty() {
+                f[5].to_owned()
+            } else {
+                format!("{d}/{}", f[5])
+            };
+            let mode = f[2].to_owned();
+            let size = f[6].parse().unwrap_or(0);
+            let mut hash = String::new();
+            if mode.starts_with("04") {
+                dirs.push(path.clone());
+            } else if mode.starts_with("10") {
+                hash = sha(&dump(img, &format!("/{path}")));
+            }
+            out.insert(path, (mode, size, hash));
+        }
+    }
+    out
+}
+
+/// path -> (octal mode, size (0 for directories), sha256 for regular files) of a real tree.
+pub(crate) fn walk(root: &Path) -> BTreeMap<String, (String, u64, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let mut hash = String::new();
+            let mut size = md.size();
+            if md.is_dir() {
+                stack.push(p.clone());
+                size = 0;
+            } else if md.is_file() {
+                hash = sha(&std::fs::read(&p).unwrap());
+            }
+            out.insert(rel, (format!("{:06o}", md.mode()), size, hash));
+        }
+    }
+    out
+}
+
+/// The image through ext4-view, in `listing`'s format (directory sizes 0).
+pub(crate) fn view_listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
+    brief(&view_tree(img))
 }

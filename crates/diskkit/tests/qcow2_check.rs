@@ -22,15 +22,7 @@ fn qemu_dirty_images_are_refused_then_repaired() {
     assert!(qemu_io(&raw, "raw", WRITES).status.success());
     for cluster in ["65536", "4096", "512"] {
         let img = dir.path().join(format!("dirty-{cluster}.qcow2"));
-        let opts = format!("lazy_refcounts=on,cluster_size={cluster}");
-        run_ok(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
-        );
-        let mut cmds = WRITES.to_vec();
-        cmds.push("sigraise 9");
-        let out = qemu_io(&img, "qcow2", &cmds);
-        assert!(!out.status.success(), "qemu-io was to be killed");
+        qemu_dirty(&img, &format!("cluster_size={cluster}"), "8M", WRITES);
         // QEMU itself sees stale refcounts (qemu-img check does not repair in memory).
         let (corruptions, _) = assert_counts_agree(&img);
         assert!(corruptions > 0, "{cluster}: the killed image should need repair");
@@ -78,14 +70,7 @@ fn interrupted_repair_loses_nothing_and_finishes_when_run_again() {
     run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
     assert!(qemu_io(&raw, "raw", WRITES).status.success());
     let img = dir.path().join("dirty.qcow2");
-    let opts = "lazy_refcounts=on,cluster_size=4096";
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "8M"],
-    );
-    let mut cmds = WRITES.to_vec();
-    cmds.push("sigraise 9");
-    assert!(!qemu_io(&img, "qcow2", &cmds).status.success());
+    qemu_dirty(&img, "cluster_size=4096", "8M", WRITES);
     // Also a leak with a wrong copied flag, and leaked clusters at the end.
     let data = data_clusters(&img);
     set_refcount(&img, data[2], 2);
@@ -147,14 +132,8 @@ fn every_refcount_width_is_rebuilt() {
     assert!(qemu_io(&raw, "raw", WRITES).status.success());
     for bits in [1u32, 2, 8, 32, 64] {
         let img = dir.path().join(format!("w{bits}.qcow2"));
-        let opts = format!("lazy_refcounts=on,refcount_bits={bits},cluster_size=4096");
-        run_ok(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
-        );
-        let mut cmds = WRITES.to_vec();
-        cmds.push("sigraise 9");
-        assert!(!qemu_io(&img, "qcow2", &cmds).status.success());
+        let opts = format!("refcount_bits={bits},cluster_size=4096");
+        qemu_dirty(&img, &opts, "8M", WRITES);
         let (c, _) = assert_counts_agree(&img);
         assert!(c > 0, "{bits} bits");
         repair_and_verify(&img, &raw, "raw");
@@ -172,14 +151,7 @@ fn rebuilt_refcount_table_spans_several_clusters() {
     let writes = ["write -P 0x5e 0 14M", "write -P 0x6f 15M 512k"];
     run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "16M"]);
     assert!(qemu_io(&raw, "raw", &writes).status.success());
-    let opts = "lazy_refcounts=on,cluster_size=512";
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "16M"],
-    );
-    let mut cmds = writes.to_vec();
-    cmds.push("sigraise 9");
-    assert!(!qemu_io(&img, "qcow2", &cmds).status.success());
+    qemu_dirty(&img, "cluster_size=512", "16M", &writes);
     let (c, _) = assert_counts_agree(&img);
     assert!(c > 0, "{c}");
     repair_and_verify(&img, &raw, "raw");

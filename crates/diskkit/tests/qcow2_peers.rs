@@ -5,35 +5,14 @@
 //! writes (plain, zero clusters, compressed with zlib and zstd, every cluster size, with a
 //! backing file) must read the same in diskkit. A tool that is missing fails the test.
 
+mod qcow2_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use diskkit::storage::{FileStorage, Storage};
 use diskkit::{open_layer, CreateOptions, DiskImage, ErrorKind, ImageFormat, Mapping, OpenOptions};
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed? .ci/run installs it): {e}"))
-}
-
-fn run_ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use qcow2_support::{qemu_dirty, run, run_ok, s};
 
 struct Rng(u64);
 
@@ -359,25 +338,8 @@ fn backing_file_is_recorded_not_opened_and_unallocated_is_absent() {
 fn dirty_image_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("dirty.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            s(&img),
-            "1M",
-        ],
-    );
     // qemu-io dies by SIGKILL with the dirty bit still set.
-    let out = run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write 0 64k", "-c", "sigraise 9", s(&img)],
-    );
-    assert!(!out.status.success());
+    qemu_dirty(&img, "", "1M", &["write 0 64k"]);
     let e = DiskImage::open(&img, &OpenOptions::new()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt);
     assert!(e.to_string().contains("dirty"), "{e}");

@@ -69,6 +69,25 @@ pub fn qemu_io(img: &Path, fmt: &str, cmds: &[&str]) -> Output {
     run("qemu-io", &args)
 }
 
+/// Create the qcow2 image `img` (`size`, lazy refcounts on, plus `opts` if not empty), run
+/// `writes` in qemu-io, then kill qemu-io with SIGKILL: the image keeps its dirty bit and its
+/// stale refcounts.
+pub fn qemu_dirty(img: &Path, opts: &str, size: &str, writes: &[&str]) {
+    let opts = if opts.is_empty() {
+        "lazy_refcounts=on".to_string()
+    } else {
+        format!("lazy_refcounts=on,{opts}")
+    };
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &opts, s(img), size],
+    );
+    let mut cmds = writes.to_vec();
+    cmds.push("sigraise 9");
+    let out = qemu_io(img, "qcow2", &cmds);
+    assert!(!out.status.success(), "qemu-io was to be killed");
+}
+
 pub fn copy(from: &Path, to: &Path) -> PathBuf {
     std::fs::copy(from, to).unwrap();
     to.to_path_buf()

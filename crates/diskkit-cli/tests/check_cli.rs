@@ -34,6 +34,33 @@ fn be(b: &[u8]) -> u64 {
     b.iter().fold(0, |a, &x| (a << 8) | u64::from(x))
 }
 
+/// The arguments of `qemu-io -f FMT -c CMD... PATH`.
+fn qemu_io_args<'a>(fmt: &'a str, cmds: &[&'a str], path: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", *c]);
+    }
+    args.push(path);
+    args
+}
+
+/// Create the qcow2 image `img` (`size`, options `opts`, lazy refcounts on among them), run
+/// `writes` in qemu-io, then kill qemu-io with SIGKILL: the image keeps its dirty bit and its
+/// stale refcounts.
+fn qemu_dirty(img: &str, opts: &str, size: &str, writes: &[&str]) {
+    tool_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, img, size],
+    );
+    let mut cmds = writes.to_vec();
+    cmds.push("sigraise 9");
+    let out = Command::new("qemu-io")
+        .args(qemu_io_args("qcow2", &cmds, img))
+        .output()
+        .expect("qemu-io (installed by .ci/run)");
+    assert!(!out.status.success(), "qemu-io was to be killed");
+}
+
 /// Append `n` clusters to a qcow2 file and give them refcount 1 (leaks), by hand.
 fn leak_clusters(path: &Path, n: u64) {
     let f = std::fs::OpenOptions::new()
@@ -63,33 +90,9 @@ fn dirty_qemu_image_is_refused_reported_and_repaired() {
     let img = d.s("dirty.qcow2");
     let raw = d.s("ref.raw");
     let writes = ["write -P 0x3c 0 1M", "write -P 0x4d 3M 200k"];
-    tool_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            &img,
-            "4M",
-        ],
-    );
     tool_ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "4M"]);
-    let mut args = vec!["-f", "raw"];
-    for w in writes {
-        args.extend(["-c", w]);
-    }
-    args.push(&raw);
-    tool_ok("qemu-io", &args);
-    let mut args = vec!["-f", "qcow2"];
-    for w in writes {
-        args.extend(["-c", w]);
-    }
-    args.extend(["-c", "sigraise 9", &img]);
-    let out = Command::new("qemu-io").args(&args).output().unwrap();
-    assert!(!out.status.success());
+    tool_ok("qemu-io", &qemu_io_args("raw", &writes, &raw));
+    qemu_dirty(&img, "lazy_refcounts=on", "4M", &writes);
     // Other commands refuse it, naming the command that repairs it.
     let out = diskkit(&["info", &img]);
     assert_eq!(out.status.code(), Some(2));
@@ -230,38 +233,11 @@ fn commands_that_write_repair_a_dirty_image_when_asked() {
     let img = d.s("dirty.qcow2");
     let raw = d.s("ref.raw");
     let patch = d.s("patch.bin");
-    tool_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on,cluster_size=4096",
-            &img,
-            "8M",
-        ],
-    );
     tool_ok("qemu-img", &["create", "-q", "-f", "raw", &raw, "8M"]);
     let writes = ["write -P 0x11 0 2M", "write -P 0x22 5M 300k"];
-    let mut args = vec!["-f", "raw"];
-    for w in writes {
-        args.extend(["-c", w]);
-    }
-    args.extend(["-c", "write -P 0x33 1M 64k", &raw]);
-    tool_ok("qemu-io", &args);
-    let mut args = vec!["-f", "qcow2"];
-    for w in writes {
-        args.extend(["-c", w]);
-    }
-    args.extend(["-c", "sigraise 9", &img]);
-    assert!(!Command::new("qemu-io")
-        .args(&args)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let raw_writes = [writes[0], writes[1], "write -P 0x33 1M 64k"];
+    tool_ok("qemu-io", &qemu_io_args("raw", &raw_writes, &raw));
+    qemu_dirty(&img, "lazy_refcounts=on,cluster_size=4096", "8M", &writes);
     assert!(qemu_counts(&img).0 > 0, "QEMU left no damage to repair");
     std::fs::write(&patch, vec![0x33u8; 64 << 10]).unwrap();
     // Without --repair the write is refused and the image is untouched.

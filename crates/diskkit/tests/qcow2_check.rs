@@ -17,9 +17,7 @@ use qcow2_support::*;
 #[test]
 fn qemu_dirty_images_are_refused_then_repaired() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("ref.raw");
-    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
-    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    let raw = writes_raw(&dir.path().join("ref.raw"));
     for cluster in ["65536", "4096", "512"] {
         let img = dir.path().join(format!("dirty-{cluster}.qcow2"));
         qemu_dirty(&img, &format!("cluster_size={cluster}"), "8M", WRITES);
@@ -66,9 +64,7 @@ fn qemu_dirty_images_are_refused_then_repaired() {
 fn interrupted_repair_loses_nothing_and_finishes_when_run_again() {
     use diskkit::storage::{Fault, MemStorage};
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("ref.raw");
-    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
-    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    let raw = writes_raw(&dir.path().join("ref.raw"));
     let img = dir.path().join("dirty.qcow2");
     qemu_dirty(&img, "cluster_size=4096", "8M", WRITES);
     // Also a leak with a wrong copied flag, and leaked clusters at the end.
@@ -127,9 +123,7 @@ fn interrupted_repair_loses_nothing_and_finishes_when_run_again() {
 #[test]
 fn every_refcount_width_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("ref.raw");
-    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
-    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    let raw = writes_raw(&dir.path().join("ref.raw"));
     for bits in [1u32, 2, 8, 32, 64] {
         let img = dir.path().join(format!("w{bits}.qcow2"));
         let opts = format!("refcount_bits={bits},cluster_size=4096");
@@ -300,9 +294,7 @@ fn bad_l2_entries_are_reported_and_made_to_read_zeroes() {
 fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let raw = d.join("src.raw");
-    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
-    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    let raw = writes_raw(&d.join("src.raw"));
     // Compressed clusters, zlib and zstd; a leaked cluster appended to each.
     for ty in ["zlib", "zstd"] {
         let img = d.join(format!("c-{ty}.qcow2"));

@@ -227,6 +227,14 @@ pub const WRITES: &[&str] = &[
     "write -P 0x22 7M 1M",
 ];
 
+/// The RAW image `path` (8 MiB) with [`WRITES`] made by qemu-io: what the qcow2 images the
+/// tests damage should read as.
+pub fn writes_raw(path: &Path) -> PathBuf {
+    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(path), "8M"]);
+    assert!(qemu_io(path, "raw", WRITES).status.success());
+    path.to_path_buf()
+}
+
 /// A clean qcow2 image QEMU wrote, and its RAW twin.
 pub fn clean_pair(dir: &Path, name: &str, cluster: &str) -> (PathBuf, PathBuf) {
     let img = dir.join(format!("{name}.qcow2"));
@@ -236,9 +244,8 @@ pub fn clean_pair(dir: &Path, name: &str, cluster: &str) -> (PathBuf, PathBuf) {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
     );
-    run_ok("qemu-img", &["create", "-q", "-f", "raw", s(&raw), "8M"]);
     assert!(qemu_io(&img, "qcow2", WRITES).status.success());
-    assert!(qemu_io(&raw, "raw", WRITES).status.success());
+    writes_raw(&raw);
     assert_qemu_clean(&img);
     (img, raw)
 }

@@ -453,3 +453,41 @@ fn oversized_files_are_refused_clearly() {
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(e.to_string().contains("clusters"), "{e}");
 }
+
+/// A data cluster two L2 entries map, in an image with 1-bit refcounts: its true refcount (2)
+/// does not fit, so a repair must refuse (and change nothing) rather than write 1.
+#[test]
+fn refcounts_too_narrow_for_the_references_are_not_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("narrow.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=1,cluster_size=4096",
+            s(&img),
+            "1M",
+        ],
+    );
+    let writes = ["write -P 0x01 0 4k", "write -P 0x02 4k 4k"];
+    assert!(qemu_io(&img, "qcow2", &writes).status.success());
+    // Point the second L2 entry at the first one's cluster (the second cluster leaks).
+    let l1 = be(&pread(&img, 40, 8), 0, 8);
+    let l2 = be(&pread(&img, l1, 8), 0, 8) & 0x00ff_ffff_ffff_fe00;
+    let first = pread(&img, l2, 8);
+    pwrite(&img, l2 + 8, &first);
+    let r = qcow2::check_file(&img, Repair::None).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.kind == qcow2::ProblemKind::Overflow),
+        "{r:#?}"
+    );
+    let before = std::fs::read(&img).unwrap();
+    let e = qcow2::check_file(&img, Repair::All).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("more references"), "{e}");
+    assert_eq!(std::fs::read(&img).unwrap(), before, "a refused repair changed the image");
+}

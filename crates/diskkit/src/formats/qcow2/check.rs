@@ -80,6 +80,9 @@ pub(super) struct Walk<'a> {
     pub(super) copied_fixes: Vec<Fix>,
     /// The refcount structure itself is broken: only a rebuild repairs it.
     pub(super) refcounts_broken: bool,
+    /// The first cluster with more references than a refcount (or a counter) can hold: its
+    /// count stopped at the largest value, so a rebuild from the counts would be too low.
+    pub(super) overflow: Option<u64>,
     budget: u64,
     active_l1: Vec<u64>,
 }
@@ -124,6 +127,7 @@ impl<'a> Walk<'a> {
             fixes: Vec::new(),
             copied_fixes: Vec::new(),
             refcounts_broken: false,
+            overflow: None,
             budget: (4u64 << 20).saturating_add(file_len.saturating_mul(16)),
             active_l1: Vec::new(),
         })
@@ -206,6 +210,7 @@ impl<'a> Walk<'a> {
                 continue;
             };
             if u64::from(*n) >= max {
+                self.overflow.get_or_insert(c);
                 self.problem(
                     ProblemKind::Overflow,
                     c * self.cs,

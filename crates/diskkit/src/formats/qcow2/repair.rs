@@ -174,16 +174,16 @@ fn rebuild_refcounts(storage: &dyn Storage, w: &Walk<'_>, target: &mut Vec<u16>)
             *t = t.saturating_sub(1);
         }
     }
-    let max = if order >= 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1u32 << order)) - 1
-    };
-    if let Some(c) = target.iter().position(|&t| u64::from(t) > max || t == u16::MAX) {
+    // The counters stop at the largest refcount the image can hold (`Walk::count`), so an
+    // overflow shows in the walk, not in the counts; 65535 may also be a counter that stopped.
+    let too_many = w
+        .overflow
+        .or_else(|| target.iter().position(|&t| t == u16::MAX).map(|c| c as u64));
+    if let Some(c) = too_many {
         return Err(Error::unsupported(format!(
             "cluster {c} (at {:#x}) has more references than the image's refcounts can hold; \
              diskkit cannot rebuild them",
-            c as u64 * cs
+            c * cs
         )));
     }
     // What nothing but the old refcount structure uses is free after the switch.

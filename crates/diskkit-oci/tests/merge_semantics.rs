@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::{
-    debugfs, do_unpack, dump, e2fsck, fixtures, listing, mkoci, mount, run, view_listing, walk,
-};
+use support::{debugfs, do_unpack, dump, e2fsck, fixtures, listing, mkoci, mount, run, view_listing, walk};
 
 #[test]
 fn merged_semantics() {

@@ -489,5 +489,9 @@ fn refcounts_too_narrow_for_the_references_are_not_rebuilt() {
     let e = qcow2::check_file(&img, Repair::All).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
     assert!(e.to_string().contains("more references"), "{e}");
-    assert_eq!(std::fs::read(&img).unwrap(), before, "a refused repair changed the image");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "a refused repair changed the image"
+    );
 }

@@ -28,7 +28,8 @@ fn be(b: &[u8], at: usize, n: usize) -> u64 {
 
 /// The ranges used by the bitmaps the extension `ext` describes. `read(offset, len)` reads
 /// metadata (charged to the caller's budget). A malformed directory or table, or one that
-/// does not lie inside the file (`file_len` bytes), is an error.
+/// does not lie inside the file (`file_len` bytes), is an error; so are more ranges than the
+/// file has clusters (valid bitmaps use a cluster of their own for each), which bounds the list.
 pub(super) fn ranges(
     ext: &[u8],
     cluster_size: u64,
@@ -56,6 +57,8 @@ pub(super) fn ranges(
     }
     inside(dir_offset, dir_size, "bitmap directory")?;
     let dir = read(dir_offset, dir_size)?;
+    let max_ranges = file_len.div_ceil(cluster_size);
+    let too_many = || Error::corrupt("qcow2 bitmaps name more clusters than the file holds");
     let mut out = vec![(dir_offset, dir_size, "the bitmap directory")];
     let mut pos = 0usize;
     for i in 0..nb {
@@ -73,10 +76,16 @@ pub(super) fn ranges(
         }
         inside(table_offset, table_size * 8, "bitmap table")?;
         let table = read(table_offset, table_size * 8)?;
+        if out.len() as u64 >= max_ranges {
+            return Err(too_many());
+        }
         out.push((table_offset, table_size * 8, "a bitmap table"));
         for e in table.chunks_exact(8) {
             let off = be(e, 0, 8) & ENTRY_OFFSET_MASK;
             if off != 0 {
+                if out.len() as u64 >= max_ranges {
+                    return Err(too_many());
+                }
                 out.push((off, cluster_size, "a bitmap data cluster"));
             }
         }
@@ -135,6 +144,25 @@ mod tests {
             r.iter().map(|(o, l, _)| (*o, *l)).collect::<Vec<_>>(),
             vec![(4096, 32), (8192, 16), (12288, 4096)]
         );
+    }
+
+    /// Bitmaps that name more clusters than the file has (here two directory entries sharing
+    /// one table of 512 set entries, in a 4-cluster file) cannot be valid: an error, not a list
+    /// that grows with every entry that names the same table again.
+    #[test]
+    fn more_ranges_than_clusters_are_refused() {
+        let mut dir = directory();
+        dir[8..12].copy_from_slice(&512u32.to_be_bytes());
+        dir.extend_from_within(..32);
+        let mut read = |off: u64, len: u64| -> Result<Vec<u8>> {
+            Ok(match off {
+                4096 => dir.clone(),
+                8192 => (0..len / 8).flat_map(|_| 12288u64.to_be_bytes()).collect(),
+                _ => panic!("unexpected read at {off}"),
+            })
+        };
+        let e = ranges(&ext(2, 64, 4096), 4096, 16384, &mut read).unwrap_err();
+        assert!(e.to_string().contains("more clusters"), "{e}");
     }
 
     #[test]

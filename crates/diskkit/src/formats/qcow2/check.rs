@@ -12,7 +12,8 @@
 //! clusters that are also metadata are corruptions too.
 //!
 //! Memory is bounded: three small counters per cluster of the file (at most
-//! [`MAX_CHECK_CLUSTERS`] clusters) and one table at a time. The work is bounded too: the
+//! [`MAX_CHECK_CLUSTERS`] clusters), one table at a time, and the ranges persistent bitmaps
+//! use (listed first, at most one per cluster of the file). The work is bounded too: the
 //! tables read in one walk may not exceed a budget derived from the file size, so hostile
 //! images whose tables all point at each other end with an error instead of running for hours.
 //!

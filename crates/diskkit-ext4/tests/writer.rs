@@ -447,3 +447,98 @@ fn files_with_holes() {
         }
     }
 }
+
+/// In-memory contents with a concurrent view; reads of the content `fail` return an error.
+struct Threaded {
+    contents: Contents,
+    fail: Option<u64>,
+}
+
+impl diskkit_ext4::writer::ConcurrentContent for Threaded {
+    fn read_content_at(&self, content: u64, offset: u64, buf: &mut [u8]) -> diskkit::Result<()> {
+        if Some(content) == self.fail {
+            return Err(diskkit::Error::corrupt("injected read failure"));
+        }
+        let d = &self.contents.0[content as usize];
+        let o = offset as usize;
+        buf.copy_from_slice(&d[o..o + buf.len()]);
+        Ok(())
+    }
+
+    fn is_zero_at(&self, _c: u64, _offset: u64, _len: u64) -> diskkit::Result<bool> {
+        Ok(false)
+    }
+}
+
+impl diskkit_ext4::writer::ContentSource for Threaded {
+    fn read_content(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> diskkit::Result<()> {
+        diskkit_ext4::writer::ConcurrentContent::read_content_at(self, content, offset, buf)
+    }
+
+    fn concurrent(&self) -> Option<&dyn diskkit_ext4::writer::ConcurrentContent> {
+        Some(self)
+    }
+}
+
+/// Many files of many sizes (empty, a few bytes, blocks with zero runs, over the 8 MiB piece
+/// a copy thread takes at a time), so the copy threads interleave.
+fn many_files(contents: &mut Contents) -> Tree {
+    let mut t = Tree::new(meta(0o755));
+    let d = add(&mut t, 0, "d", NodeKind::Directory(vec![]), meta(0o755));
+    for i in 0..120u64 {
+        let size = match i % 5 {
+            0 => 0,
+            1 => i * 7,
+            2 => i * 4096 + 13,
+            3 => (1 << 20) + i,
+            _ if i % 20 == 4 => (17 << 20) + 1,
+            _ => (3 << 20) + i,
+        };
+        let mut data: Vec<u8> = (0..size).map(|b| ((b * 31 + i) % 251) as u8).collect();
+        // An all-zero MiB in the middle of the big ones: a hole in the image.
+        if size > 3 << 20 {
+            data[1 << 20..2 << 20].fill(0);
+        }
+        let c = contents.add(data);
+        add(
+            &mut t,
+            d,
+            &format!("f{i}"),
+            NodeKind::File { size, content: c },
+            meta(0o644),
+        );
+    }
+    t
+}
+
+#[test]
+fn concurrent_copy_matches_serial_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        uuid: [3; 16],
+        hash_seed: [4; 16],
+        time: 1_000_000,
+        ..Options::default()
+    };
+    let serial = dir.path().join("serial.img");
+    let mut contents = Contents::default();
+    let tree = many_files(&mut contents);
+    build(&tree, &mut contents, &serial, ImageFormat::Raw, options.clone());
+    let threaded = dir.path().join("threaded.img");
+    let mut source = Threaded { contents, fail: None };
+    let plan = diskkit_ext4::writer::Plan::new(&tree, options.clone()).unwrap();
+    let create = diskkit::CreateOptions::new(ImageFormat::Raw, plan.size_bytes());
+    let pending = diskkit::DiskImage::create_pending(&threaded, &create).unwrap();
+    plan.write(pending.image(), &mut source).unwrap();
+    pending.persist().unwrap();
+    e2fsck(&threaded);
+    assert!(std::fs::read(&serial).unwrap() == std::fs::read(&threaded).unwrap());
+    assert_eq!(dump(&threaded, "/d/f84"), source.contents.0[84]);
+
+    // A read failing on a copy thread fails the write (and does not hang it).
+    source.fail = Some(64);
+    let failing = dir.path().join("failing.img");
+    let pending = diskkit::DiskImage::create_pending(&failing, &create).unwrap();
+    let err = plan.write(pending.image(), &mut source).unwrap_err();
+    assert!(err.to_string().contains("injected read failure"), "{err}");
+}

@@ -49,7 +49,7 @@ cat >extract.sh <<'EOF'
 set -euo pipefail
 rm -rf m && mkdir m
 for l in "$@"; do
-    tar tf "$l" | grep -E '(^|/)\.wh\.' | while read -r p; do
+    { tar tf "$l" | grep -E '(^|/)\.wh\.' || true; } | while read -r p; do
         d=$(dirname "$p") b=$(basename "$p")
         if [ "$b" = .wh..wh..opq ]; then
             find "m/$d" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
@@ -60,6 +60,7 @@ for l in "$@"; do
     tar -C m -xf "$l" --exclude='.wh.*'
 done
 EOF
+bash extract.sh "${layers[@]}" # once in the open: it must work
 extract=$(med bash extract.sh "${layers[@]}")
 entries=$(find m | wc -l)
 bytes=$(du -sb m | cut -f1)
@@ -78,7 +79,10 @@ ino=$(debugfs -R stats out.img 2>/dev/null | awk -F: '/^Inode count/ {c=$2} /^Fr
 dk_rss=$(rss "$dk_bin" unpack --force lay-tar:bench out.img)
 rm -f out.img
 ab=$(med bash -c "rm -f ab.img && '$ab_bin' ab.img ${layers[*]}")
-if e2fsck -fn ab.img >/dev/null 2>&1; then ab_fsck=clean; else ab_fsck="NOT clean"; fi
+if e2fsck -fn ab.img >ab-fsck.txt 2>&1; then ab_fsck=clean; else
+    ab_fsck="NOT clean"
+    echo "arcbox-ext4 image, e2fsck -fn:"; grep -v '^ *$' ab-fsck.txt | head -12
+fi
 rm -f ab.img
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo

@@ -37,7 +37,7 @@ mklayout() {
 need_memory() {
     [ "$(stat -f -c %T .)" = tmpfs ] || return 0
     local avail
-    avail=$(awk '/^MemAvailable:/ {printf "%d", $2 * 1024}' /proc/meminfo)
+    avail=$(($(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024))
     if [ "$avail" -lt $(($1 + (1 << 30))) ]; then
         echo "not enough memory for a tmpfs scratch: need $(gib "$1") GiB + 1, have $(gib "$avail") GiB" >&2
         exit 1

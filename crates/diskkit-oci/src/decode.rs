@@ -224,18 +224,23 @@ mod tests {
     use std::io::Cursor;
 
     #[test]
-    fn plain_and_gzip_give_the_same_stream() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    fn plain_gzip_and_zstd_give_the_same_stream_and_digests() {
+        // Over DEPTH chunks, so buffers come back to the decoder and are reused.
+        let data: Vec<u8> = (0..(CHUNK * (DEPTH + 5) + 123) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &data).unwrap();
         let gz = gz.finish().unwrap();
-        for blob in [data.clone(), gz] {
+        let zst = zstd::stream::encode_all(&data[..], 1).unwrap();
+        for blob in [data.clone(), gz, zst] {
             let mut d = Decoded::spawn(Box::new(Cursor::new(blob.clone())), None).unwrap();
             let mut out = Vec::new();
             d.read_to_end(&mut out).unwrap();
             assert!(out == data);
             let dg = d.finish().unwrap();
             assert_eq!(dg.blob_bytes, blob.len() as u64);
+            assert_eq!(dg.blob, hex(&Sha256::digest(&blob)));
             assert_eq!(dg.diff, hex(&Sha256::digest(&data)));
         }
     }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use diskkit::{Error, Result};
-use diskkit_ext4::writer::{ConcurrentContent, ContentSource};
+use diskkit_ext4::writer::ContentSource;
 
 /// Appends file contents to an unnamed temporary file and reads them back by offset.
 #[derive(Debug)]
@@ -173,24 +173,9 @@ impl ContentSource for Spool {
         Ok(Some(ranges))
     }
 
-    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {
-        self.is_zero_at(content, offset, len)
-    }
-
-    fn read_content(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_content_at(content, offset, buf)
-    }
-
-    /// Spooled bytes are read with `pread`, so the writer may copy on several threads.
-    fn concurrent(&self) -> Option<&dyn ConcurrentContent> {
-        Some(self)
-    }
-}
-
-impl ConcurrentContent for Spool {
     /// Holes of the spool file (sparse files) are zeroes: found with `SEEK_DATA`, so a sparse
     /// file costs nothing to write however large it claims to be.
-    fn is_zero_at(&self, content: u64, offset: u64, len: u64) -> Result<bool> {
+    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {
         let Some(at) = content.checked_add(offset) else {
             return Ok(false);
         };
@@ -207,7 +192,7 @@ impl ConcurrentContent for Spool {
         }
     }
 
-    fn read_content_at(&self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_content(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         let at = content
             .checked_add(offset)
             .filter(|a| a.saturating_add(buf.len() as u64) <= self.len)

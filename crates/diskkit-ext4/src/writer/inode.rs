@@ -1,13 +1,10 @@
 //! Inodes and their data: file contents, directory blocks, symlinks, devices, extent trees.
 
-use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::{Arc, Mutex};
-
-use diskkit::{DiskImage, Error, ErrorKind, ImageFormat, Result};
+use diskkit::{DiskImage, Error, Result};
 
 use super::checksum::{self, Seeds};
 use super::plan::{Layout, PlannedInode, Source, FAST_SYMLINK_MAX};
-use super::tree::{ConcurrentContent, ContentSource, Metadata, NodeKind, Timestamp, Tree};
+use super::tree::{ContentSource, Metadata, NodeKind, Timestamp, Tree};
 use super::{dir, extent, Options, BLOCK_SIZE, INODE_SIZE};
 
 const S_IFIFO: u16 = 0o010000;
@@ -20,19 +17,6 @@ const S_IFSOCK: u16 = 0o140000;
 const EXTENTS_FL: u32 = 0x0008_0000;
 /// Bytes read from the content source per write.
 const CHUNK: usize = 1 << 20;
-/// Largest piece of one file handed to a copy thread (a multiple of `CHUNK`).
-const JOB_BYTES: u64 = 8 << 20;
-/// Most copy threads.
-const MAX_COPY_THREADS: usize = 4;
-
-/// Copy bytes `[start, end)` of the file `content` to the image at block `first_block`.
-#[derive(Clone, Copy, Debug)]
-struct CopyJob {
-    content: u64,
-    start: u64,
-    end: u64,
-    first_block: u64,
-}
 
 /// Encode a time as the low 32 bits and the `*_extra` word (epoch bits + nanoseconds).
 pub(crate) fn encode_time(t: Timestamp) -> (u32, u32) {
@@ -106,99 +90,13 @@ fn device_block(major: u32, minor: u32) -> [u8; 60] {
     b
 }
 
-/// Write every inode's data blocks and the inode tables. File contents are copied on
-/// several threads when the source can be read concurrently and the image is RAW (where the
-/// order of writes cannot change the file: formats that allocate as they go would lay their
-/// clusters out differently from run to run).
+/// Write every inode's data blocks and the inode tables.
 pub(crate) fn write_inodes(
     tree: &Tree,
     options: &Options,
     layout: &Layout,
     image: &DiskImage,
     source: &mut dyn ContentSource,
-) -> Result<()> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_COPY_THREADS);
-    let parallel = threads > 1 && image.format() == ImageFormat::Raw && source.concurrent().is_some();
-    if !parallel {
-        let mut buf = vec![0u8; CHUNK];
-        return write_all(tree, options, layout, image, &mut |job| {
-            write_content(image, job, &mut buf, &mut Serial(&mut *source))
-        });
-    }
-    let Some(shared) = source.concurrent() else {
-        return Err(Error::invalid_argument("content source lost its concurrent view"));
-    };
-    std::thread::scope(|scope| {
-        let (tx, rx) = sync_channel::<CopyJob>(64);
-        let rx = Arc::new(Mutex::new(rx));
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                let rx = rx.clone();
-                scope.spawn(move || copy_worker(image, shared, &rx))
-            })
-            .collect();
-        // Only the workers hold the receiver: if they all stop, sending fails instead of
-        // blocking.
-        drop(rx);
-        let main = write_all(tree, options, layout, image, &mut |job| {
-            let mut start = job.start;
-            while start < job.end {
-                let end = job.end.min(start.saturating_add(JOB_BYTES));
-                let piece = CopyJob {
-                    start,
-                    end,
-                    first_block: job.first_block + (start - job.start) / BLOCK_SIZE as u64,
-                    ..job
-                };
-                tx.send(piece)
-                    .map_err(|_| Error::new(ErrorKind::Io, "the file copy threads stopped"))?;
-                start = end;
-            }
-            Ok(())
-        });
-        drop(tx);
-        let mut worker_err = None;
-        for w in workers {
-            let r = w
-                .join()
-                .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "a file copy thread panicked")));
-            if let Err(e) = r {
-                worker_err.get_or_insert(e);
-            }
-        }
-        match worker_err {
-            Some(e) => Err(e),
-            None => main,
-        }
-    })
-}
-
-/// Run copy jobs until the channel closes or one fails.
-fn copy_worker(
-    image: &DiskImage,
-    shared: &dyn ConcurrentContent,
-    rx: &Mutex<Receiver<CopyJob>>,
-) -> Result<()> {
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        // A poisoned lock only means another worker panicked; the receiver is still usable.
-        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return Ok(()),
-        };
-        write_content(image, job, &mut buf, &mut Shared(shared))?;
-    }
-}
-
-/// Write the inodes, handing each file's data range to `copy`.
-fn write_all(
-    tree: &Tree,
-    options: &Options,
-    layout: &Layout,
-    image: &DiskImage,
-    copy: &mut dyn FnMut(CopyJob) -> Result<()>,
 ) -> Result<()> {
     let g = &layout.geometry;
     let ipg = u64::from(g.inodes_per_group);
@@ -222,6 +120,7 @@ fn write_all(
         },
         ..Metadata::default()
     };
+    let mut buf = vec![0u8; CHUNK];
     let seeds = options.metadata_csum.then(|| Seeds::new(&options.uuid));
     let write_tree = |ino: u32, blocks: Vec<(u64, Vec<u8>)>| -> Result<()> {
         for (blk, mut data) in blocks {
@@ -268,14 +167,7 @@ fn write_all(
                 for &(logical, blocks) in runs {
                     let start = logical * BLOCK_SIZE as u64;
                     let end = ((logical + blocks) * BLOCK_SIZE as u64).min(*size);
-                    if end > start {
-                        copy(CopyJob {
-                            content: *content,
-                            start,
-                            end,
-                            first_block: phys,
-                        })?;
-                    }
+                    write_content(image, source, *content, start, end, phys, &mut buf)?;
                     phys += blocks;
                 }
                 let (i_block, tree_blocks) = extent::build_runs(runs, p.first_block, p.tree_start());
@@ -369,48 +261,28 @@ fn write_all(
     Ok(())
 }
 
-/// The two ways of reading contents: the source itself, or its concurrent view.
-trait Reader {
-    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool>;
-    fn read(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()>;
-}
-
-struct Serial<'a>(&'a mut dyn ContentSource);
-
-impl Reader for Serial<'_> {
-    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {
-        self.0.is_zero(content, offset, len)
-    }
-    fn read(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.read_content(content, offset, buf)
-    }
-}
-
-struct Shared<'a>(&'a dyn ConcurrentContent);
-
-impl Reader for Shared<'_> {
-    fn is_zero(&mut self, content: u64, offset: u64, len: u64) -> Result<bool> {
-        self.0.is_zero_at(content, offset, len)
-    }
-    fn read(&mut self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.0.read_content_at(content, offset, buf)
-    }
-}
-
-/// Write bytes `[job.start, job.end)` of `job.content` at block `job.first_block`.
-fn write_content(image: &DiskImage, job: CopyJob, buf: &mut [u8], reader: &mut dyn Reader) -> Result<()> {
-    let base = job.first_block * BLOCK_SIZE as u64;
-    let mut off = job.start;
-    while off < job.end {
-        let n = (job.end - off).min(buf.len() as u64) as usize;
-        if reader.is_zero(job.content, off, n as u64)? {
+/// Write bytes `[start, end)` of `content` at block `first_block`.
+fn write_content(
+    image: &DiskImage,
+    source: &mut dyn ContentSource,
+    content: u64,
+    start: u64,
+    end: u64,
+    first_block: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let base = first_block * BLOCK_SIZE as u64;
+    let mut off = start;
+    while off < end {
+        let n = (end - off).min(buf.len() as u64) as usize;
+        if source.is_zero(content, off, n as u64)? {
             off += n as u64;
             continue;
         }
-        reader.read(job.content, off, &mut buf[..n])?;
+        source.read_content(content, off, &mut buf[..n])?;
         // The image is new and reads as zeroes: leave all-zero chunks unwritten (sparse).
         if buf[..n].iter().any(|&b| b != 0) {
-            image.write_at(&buf[..n], base + (off - job.start))?;
+            image.write_at(&buf[..n], base + (off - start))?;
         }
         off += n as u64;
     }

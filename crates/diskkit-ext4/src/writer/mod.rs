@@ -21,7 +21,7 @@ mod xattr;
 
 use diskkit::{DiskImage, Error, Result};
 
-pub use tree::{ConcurrentContent, ContentSource, Metadata, Node, NodeId, NodeKind, Timestamp, Tree};
+pub use tree::{ContentSource, Metadata, Node, NodeId, NodeKind, Timestamp, Tree};
 
 /// Filesystem block size.
 pub const BLOCK_SIZE: usize = 4096;

@@ -161,21 +161,4 @@ pub trait ContentSource {
         let _ = (content, size);
         Ok(None)
     }
-
-    /// A view of the same contents that several threads may read at once, if the source has
-    /// one: the writer then copies file contents into a RAW image on several threads. `None`,
-    /// the default, keeps the copy on the calling thread.
-    fn concurrent(&self) -> Option<&dyn ConcurrentContent> {
-        None
-    }
-}
-
-/// File contents readable from several threads at once (see [`ContentSource::concurrent`]);
-/// the methods mean the same as [`ContentSource`]'s.
-pub trait ConcurrentContent: Sync {
-    /// Fill `buf` with the bytes at `offset` of the content `content`.
-    fn read_content_at(&self, content: u64, offset: u64, buf: &mut [u8]) -> Result<()>;
-
-    /// Whether `len` bytes at `offset` of `content` are known to be zeroes (a hole).
-    fn is_zero_at(&self, content: u64, offset: u64, len: u64) -> Result<bool>;
 }

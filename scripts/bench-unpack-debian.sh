@@ -81,7 +81,7 @@ rm -f out.img
 ab=$(med bash -c "rm -f ab.img && '$ab_bin' ab.img ${layers[*]}")
 if e2fsck -fn ab.img >ab-fsck.txt 2>&1; then ab_fsck=clean; else
     ab_fsck="NOT clean"
-    echo "arcbox-ext4 image, e2fsck -fn:"; grep -v '^ *$' ab-fsck.txt | head -12
+    echo "arcbox-ext4 image, e2fsck -fn:"; grep -v '^ *$' ab-fsck.txt | sed -n 1,12p
 fi
 rm -f ab.img
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1,10 +1,13 @@
 //! Reading a layer blob on its own thread: hashing the blob, sniffing and decompressing
-//! (gzip, zstd or plain), hashing the uncompressed stream, and handing it over in chunks, so
-//! decompression runs on one core while the tar entries are parsed and spooled on another.
+//! (gzip, zstd or plain) and handing the uncompressed stream over in chunks, so decompression
+//! runs on one core while the tar entries are parsed and spooled on another. The uncompressed
+//! stream of a compressed blob is hashed by the receiving side as each chunk arrives: the
+//! decoder thread is the slower one (decompression plus the blob's hash), so the work is split
+//! more evenly. Chunk buffers go back to the decoder to be reused.
 
 use std::io::{BufRead, BufReader, Read};
 use std::rc::Rc;
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -23,8 +26,17 @@ pub(crate) struct Digests {
 }
 
 enum Msg {
+    /// Whether the blob is compressed (the first message unless reading fails at once).
+    Compressed(bool),
+    /// A chunk of the uncompressed stream and the blob bytes read so far.
     Data(Vec<u8>, u64),
     Fail(std::io::Error),
+}
+
+/// What the decoder thread returns: the blob's digest and size.
+struct BlobDigest {
+    hex: String,
+    bytes: u64,
 }
 
 fn hex(d: &[u8]) -> String {
@@ -48,7 +60,11 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) -> Option<Digests> {
+fn produce(
+    blob: Box<dyn Read + Send>,
+    tx: &SyncSender<Msg>,
+    spare: &Receiver<Vec<u8>>,
+) -> Option<BlobDigest> {
     let state = Arc::new(Mutex::new((Sha256::new(), 0u64)));
     let mut buffered = BufReader::with_capacity(
         1 << 20,
@@ -65,11 +81,11 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
         Ok(m) => m,
         Err(e) => return fail(e),
     };
-    // An uncompressed blob is its own diff: hash it once.
-    let plain = !magic.starts_with(&[0x1f, 0x8b]) && !magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
-    let mut decoded: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+    let gzip = magic.starts_with(&[0x1f, 0x8b]);
+    let zstd = magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    let mut decoded: Box<dyn Read> = if gzip {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+    } else if zstd {
         match zstd::stream::read::Decoder::with_buffer(buffered) {
             Ok(d) => Box::new(d),
             Err(e) => return fail(e),
@@ -77,9 +93,13 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
     } else {
         Box::new(buffered)
     };
-    let mut diff = Sha256::new();
+    if tx.send(Msg::Compressed(gzip || zstd)).is_err() {
+        return None;
+    }
     loop {
-        let mut buf = vec![0u8; CHUNK];
+        // Reuse a buffer the reader is done with; a new one only while the pipeline fills.
+        let mut buf = spare.try_recv().unwrap_or_default();
+        buf.resize(CHUNK, 0);
         let mut filled = 0;
         while filled < CHUNK {
             match decoded.read(&mut buf[filled..]) {
@@ -93,9 +113,6 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
             break;
         }
         buf.truncate(filled);
-        if !plain {
-            diff.update(&buf);
-        }
         let read = state.lock().unwrap_or_else(|p| p.into_inner()).1;
         if tx.send(Msg::Data(buf, read)).is_err() {
             return None; // the reader gave up
@@ -103,25 +120,23 @@ fn produce(blob: Box<dyn Read + Send>, tx: &std::sync::mpsc::SyncSender<Msg>) ->
     }
     drop(decoded);
     let s = state.lock().unwrap_or_else(|p| p.into_inner());
-    let blob = hex(&s.0.clone().finalize());
-    Some(Digests {
-        diff: if plain {
-            blob.clone()
-        } else {
-            hex(&diff.finalize())
-        },
-        blob,
-        blob_bytes: s.1,
+    Some(BlobDigest {
+        hex: hex(&s.0.clone().finalize()),
+        bytes: s.1,
     })
 }
 
 /// The uncompressed stream of a blob, decoded on a helper thread.
 pub(crate) struct Decoded {
     rx: Option<Receiver<Msg>>,
-    handle: Option<JoinHandle<Option<Digests>>>,
+    /// Buffers handed back to the decoder.
+    spare: SyncSender<Vec<u8>>,
+    handle: Option<JoinHandle<Option<BlobDigest>>>,
     cur: Vec<u8>,
     pos: usize,
     progress: Option<Rc<dyn Fn(u64)>>,
+    /// Hash of the uncompressed stream (compressed blobs only; a plain blob is its own).
+    diff: Option<Sha256>,
 }
 
 impl Decoded {
@@ -131,15 +146,18 @@ impl Decoded {
         progress: Option<Rc<dyn Fn(u64)>>,
     ) -> std::io::Result<Decoded> {
         let (tx, rx) = sync_channel(DEPTH);
+        let (spare, spare_rx) = sync_channel(DEPTH + 2);
         let handle = std::thread::Builder::new()
             .name("layer-decode".into())
-            .spawn(move || produce(blob, &tx))?;
+            .spawn(move || produce(blob, &tx, &spare_rx))?;
         Ok(Decoded {
             rx: Some(rx),
+            spare,
             handle: Some(handle),
             cur: Vec::new(),
             pos: 0,
             progress,
+            diff: None,
         })
     }
 
@@ -147,8 +165,16 @@ impl Decoded {
     pub(crate) fn finish(mut self) -> std::io::Result<Digests> {
         std::io::copy(&mut self, &mut std::io::sink())?;
         self.rx = None;
-        let digests = self.handle.take().and_then(|h| h.join().ok()).flatten();
-        digests.ok_or_else(|| std::io::Error::other("the layer decoder stopped early"))
+        let blob = self.handle.take().and_then(|h| h.join().ok()).flatten();
+        let blob = blob.ok_or_else(|| std::io::Error::other("the layer decoder stopped early"))?;
+        Ok(Digests {
+            diff: match self.diff.take() {
+                Some(d) => hex(&d.finalize()),
+                None => blob.hex.clone(),
+            },
+            blob: blob.hex,
+            blob_bytes: blob.bytes,
+        })
     }
 }
 
@@ -157,11 +183,17 @@ impl Read for Decoded {
         while self.pos == self.cur.len() {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
+                Ok(Msg::Compressed(c)) => self.diff = c.then(Sha256::new),
                 Ok(Msg::Data(v, read)) => {
                     if let Some(p) = &self.progress {
                         p(read);
                     }
-                    self.cur = v;
+                    if let Some(d) = &mut self.diff {
+                        d.update(&v);
+                    }
+                    let done = std::mem::replace(&mut self.cur, v);
+                    // The decoder may have gone; then the buffer is simply freed.
+                    let _ = self.spare.try_send(done);
                     self.pos = 0;
                 }
                 Ok(Msg::Fail(e)) => return Err(e),
@@ -192,18 +224,23 @@ mod tests {
     use std::io::Cursor;
 
     #[test]
-    fn plain_and_gzip_give_the_same_stream() {
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    fn plain_gzip_and_zstd_give_the_same_stream_and_digests() {
+        // Over DEPTH chunks, so buffers come back to the decoder and are reused.
+        let data: Vec<u8> = (0..(CHUNK * (DEPTH + 5) + 123) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &data).unwrap();
         let gz = gz.finish().unwrap();
-        for blob in [data.clone(), gz] {
+        let zst = zstd::stream::encode_all(&data[..], 1).unwrap();
+        for blob in [data.clone(), gz, zst] {
             let mut d = Decoded::spawn(Box::new(Cursor::new(blob.clone())), None).unwrap();
             let mut out = Vec::new();
             d.read_to_end(&mut out).unwrap();
             assert!(out == data);
             let dg = d.finish().unwrap();
             assert_eq!(dg.blob_bytes, blob.len() as u64);
+            assert_eq!(dg.blob, hex(&Sha256::digest(&blob)));
             assert_eq!(dg.diff, hex(&Sha256::digest(&data)));
         }
     }

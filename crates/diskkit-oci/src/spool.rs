@@ -1,4 +1,8 @@
 //! The spool: a temporary file holding every regular file's bytes, in archive order.
+//!
+//! Only files spooled with [`Spool::append_sparse`] have holes, and only they are looked up with
+//! `SEEK_DATA`/`SEEK_HOLE`: on tmpfs a `SEEK_HOLE` walks the page cache to the next hole, which
+//! for a dense spool is its end, so asking it for every file would make the writer quadratic.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -14,6 +18,8 @@ pub struct Spool {
     writer: BufWriter<File>,
     reader: File,
     len: u64,
+    /// (start, length) of every sparse file, ascending and not overlapping.
+    sparse: Vec<(u64, u64)>,
 }
 
 impl Spool {
@@ -31,6 +37,7 @@ impl Spool {
             writer: BufWriter::with_capacity(1 << 20, file),
             reader,
             len: 0,
+            sparse: Vec::new(),
         })
     }
 
@@ -96,7 +103,17 @@ impl Spool {
         self.writer
             .seek(SeekFrom::Start(self.len))
             .map_err(|e| Error::io(e).with_operation("seeking in the spool file"))?;
+        if real_size > 0 {
+            self.sparse.push((start, real_size));
+        }
         Ok(start)
+    }
+
+    /// The sparse file whose bytes contain spool offset `at`, if any.
+    fn sparse_at(&self, at: u64) -> Option<(u64, u64)> {
+        let i = self.sparse.partition_point(|&(s, _)| s <= at).checked_sub(1)?;
+        let (s, n) = self.sparse[i];
+        (at - s < n).then_some((s, n))
     }
 
     /// Bytes spooled so far.
@@ -125,6 +142,10 @@ impl ContentSource for Spool {
     /// become holes in the ext4 file.
     fn data_ranges(&mut self, content: u64, size: u64) -> Result<Option<Vec<(u64, u64)>>> {
         use rustix::fs::{seek, SeekFrom};
+        // A dense file is one range: `None` says so without a system call.
+        if self.sparse_at(content).is_none() {
+            return Ok(None);
+        }
         let Some(end) = content.checked_add(size).filter(|&e| e <= self.len) else {
             return Ok(None);
         };
@@ -158,6 +179,10 @@ impl ContentSource for Spool {
         let Some(at) = content.checked_add(offset) else {
             return Ok(false);
         };
+        // Only sparse files have holes in the spool.
+        if self.sparse_at(at).is_none() {
+            return Ok(false);
+        }
         match rustix::fs::seek(&self.reader, rustix::fs::SeekFrom::Data(at)) {
             Ok(next) => Ok(next >= at.saturating_add(len)),
             // No data at or after `at`: the rest of the file is a hole.
@@ -177,5 +202,38 @@ impl ContentSource for Spool {
                 .with_offset(at)
                 .with_operation("reading the spool file")
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sparse_files_report_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::new_in(dir.path()).unwrap();
+        let dense = vec![0u8; 3 << 20];
+        let a = s.append(&mut dense.as_slice(), dense.len() as u64).unwrap();
+        let data = vec![7u8; 4096];
+        let b = s
+            .append_sparse(&mut data.as_slice(), &[(1 << 20, 4096)], 4 << 20)
+            .unwrap();
+        let c = s.append(&mut &b"tail"[..], 4).unwrap();
+        s.finish().unwrap();
+        // A dense file is stored dense even when it is all zeroes (as `tar` gives it).
+        assert_eq!(s.data_ranges(a, 3 << 20).unwrap(), None);
+        assert!(!s.is_zero(a, 0, 4096).unwrap());
+        assert_eq!(s.data_ranges(c, 4).unwrap(), None);
+        // The sparse file's holes are found (whole pages around its one data page).
+        let r = s.data_ranges(b, 4 << 20).unwrap().unwrap();
+        assert!(r
+            .iter()
+            .all(|&(o, n)| o <= 1 << 20 && o + n >= (1 << 20) + 4096 && n < 1 << 20));
+        assert!(s.is_zero(b, 0, 4096).unwrap());
+        assert!(!s.is_zero(b, 1 << 20, 4096).unwrap());
+        let mut buf = [0u8; 4];
+        s.read_content(c, 0, &mut buf).unwrap();
+        assert_eq!(&buf, b"tail");
     }
 }

@@ -204,6 +204,12 @@ impl Layer for RawImage {
     }
 
     fn map_status(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        // A parent answers from (and adds to) the extents its reads learn.
+        if let Some(known) = &self.known {
+            if let Some(answer) = self.map_known(known, offset, len)? {
+                return Ok(answer);
+            }
+        }
         let ext = self.storage.extent(offset)?;
         let n = ext.end.saturating_sub(offset).clamp(1, len);
         if ext.hole {
@@ -363,6 +369,25 @@ mod tests {
         assert_eq!(full.map(4096, 512).unwrap(), zero_or_data(4096, 512));
         assert_eq!(full.map(70 << 10, 512).unwrap(), data(70 << 10, 512));
         assert_eq!(full.map(1 << 20, 4096).unwrap(), data(1 << 20, 4096));
+    }
+
+    #[test]
+    fn parents_answer_block_status_from_the_extents_they_know() {
+        let (dir, standalone) = sparse();
+        let storage = FileStorage::open(dir.path().join("sparse.raw"), false).unwrap();
+        let raw = RawImage::open_parent(Arc::new(storage), 512).unwrap();
+        let end = 2 << 20;
+        let mut at = 0;
+        while at < end {
+            let answer = raw.map_status(at, end - at).unwrap();
+            assert_eq!(answer, standalone.map_status(at, end - at).unwrap(), "at {at}");
+            at += answer.1;
+        }
+        // Block status learned the extents: reads of any size now skip the holes it found.
+        let known = raw.known.as_ref().unwrap();
+        let learned = known.map.read().unwrap().len();
+        let holes = standalone.storage.extent(0).unwrap().hole;
+        assert_eq!(learned, if holes { 5 } else { 1 });
     }
 
     #[test]

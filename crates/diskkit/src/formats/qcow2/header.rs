@@ -7,6 +7,7 @@ use zerocopy::big_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::storage::Storage;
 
 /// `QFI\xfb`.
 pub(super) const MAGIC: u32 = 0x5146_49fb;
@@ -519,6 +520,15 @@ pub(super) fn feature_names_ext() -> u32 {
 /// The backing format extension's type.
 pub(super) fn backing_format_ext() -> u32 {
     EXT_BACKING_FORMAT
+}
+
+/// The file's length and its first bytes: up to the largest cluster, which holds the header
+/// and every extension.
+pub(super) fn read_head(storage: &dyn Storage) -> Result<(Vec<u8>, u64)> {
+    let file_len = storage.len()?;
+    let mut head = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
+    storage.read_at(&mut head, 0)?;
+    Ok((head, file_len))
 }
 
 #[cfg(test)]

@@ -146,12 +146,10 @@ impl Qcow2Image {
     /// which needs read-write access, and opened only if the repair left no corruption.
     pub(crate) fn open_with(storage: Arc<dyn Storage>, access: &Access<'_>, repair: bool) -> Result<Self> {
         let writable = matches!(access, Access::ReadWrite) && !storage.read_only();
-        let file_len = storage.len()?;
-        let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
-        storage.read_at(&mut head, 0)?;
+        let (mut head, mut file_len) = header::read_head(&*storage)?;
         let flagged = Header::parse_for_check(&head, file_len)
             .is_ok_and(|h| h.incompatible & (header::INCOMPAT_DIRTY | header::INCOMPAT_CORRUPT) != 0);
-        let (head, file_len) = if repair && flagged {
+        if repair && flagged {
             if !writable {
                 return Err(Error::new(
                     ErrorKind::ReadOnly,
@@ -169,13 +167,9 @@ impl Qcow2Image {
                     report.corruptions
                 )));
             }
-            let file_len = storage.len()?;
-            let mut head = vec![0u8; file_len.min(1 << header::MAX_CLUSTER_BITS) as usize];
-            storage.read_at(&mut head, 0)?;
-            (head, file_len)
-        } else {
-            (head, file_len)
-        };
+            // The repair moved the refcount structure and may have grown the file.
+            (head, file_len) = header::read_head(&*storage)?;
+        }
         let header = Header::parse(&head, file_len)?;
         let meta = Meta::from_header(&header);
         let layer_type = meta.layer.and_then(|(e, _)| e.layer_type);

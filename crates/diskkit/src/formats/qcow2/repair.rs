@@ -18,17 +18,14 @@
 
 use super::check::{self, CheckReport, Fix, Repair, Walk};
 use super::header::{
-    Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_CLUSTER_BITS, MAX_REFTABLE_BYTES, OFF_INCOMPATIBLE,
-    OFF_REFTABLE,
+    read_head, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES, OFF_INCOMPATIBLE, OFF_REFTABLE,
 };
 use super::refcount::write_entry;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 
 fn read_header(storage: &dyn Storage) -> Result<(Header, u64)> {
-    let file_len = storage.len()?;
-    let mut head = vec![0u8; file_len.min(1 << MAX_CLUSTER_BITS) as usize];
-    storage.read_at(&mut head, 0)?;
+    let (head, file_len) = read_head(storage)?;
     Ok((Header::parse_for_check(&head, file_len)?, file_len))
 }
 

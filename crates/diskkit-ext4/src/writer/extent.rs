@@ -67,9 +67,24 @@ pub(crate) fn build(blocks: u64, data: u64, tree: u64) -> ([u8; 60], Vec<(u64, V
 /// Like [`build`] for a file with holes: `runs` are (first logical block, length), ascending;
 /// their blocks are stored one after the other from `data`.
 pub(crate) fn build_runs(runs: &[(u64, u64)], data: u64, tree: u64) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
-    let mut entries: Vec<Entry> = Vec::with_capacity(runs_extent_count(runs) as usize);
     let mut phys = data;
-    for &(logical, blocks) in runs {
+    let mapped: Vec<(u64, u64, u64)> = runs
+        .iter()
+        .map(|&(logical, blocks)| {
+            let at = phys;
+            phys += blocks;
+            (logical, at, blocks)
+        })
+        .collect();
+    build_mapped(&mapped, tree)
+}
+
+/// The extent tree of a file made of `runs` (first logical block, first physical block,
+/// length), ascending by logical block, with tree blocks from `tree` on.
+pub(crate) fn build_mapped(runs: &[(u64, u64, u64)], tree: u64) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
+    let count: u64 = runs.iter().map(|r| extent_count(r.2)).sum();
+    let mut entries: Vec<Entry> = Vec::with_capacity(count as usize);
+    for &(logical, mut phys, blocks) in runs {
         let mut done = 0u64;
         while done < blocks {
             let len = (blocks - done).min(MAX_EXTENT_LEN);

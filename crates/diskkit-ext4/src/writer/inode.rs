@@ -160,6 +160,24 @@ pub(crate) fn write_inodes(
                     i_block,
                 }
             }
+            Some(NodeKind::File { size, .. }) if p.placed.is_some() => {
+                let mapped: Vec<(u64, u64, u64)> = p
+                    .placed
+                    .iter()
+                    .flatten()
+                    .map(|r| (r.logical, r.physical, r.len))
+                    .collect();
+                let (i_block, tree_blocks) = extent::build_mapped(&mapped, p.tree_start());
+                write_tree(p.ino, tree_blocks)?;
+                InodeFields {
+                    mode: S_IFREG | perm,
+                    meta,
+                    size: *size,
+                    links: p.links,
+                    flags: EXTENTS_FL,
+                    i_block,
+                }
+            }
             Some(NodeKind::File { size, content }) => {
                 let dense = [(0, p.data_blocks)];
                 let runs: &[(u64, u64)] = if p.runs.is_empty() { &dense } else { &p.runs };

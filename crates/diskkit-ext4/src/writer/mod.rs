@@ -3,12 +3,16 @@
 //! Layout (4 KiB blocks): block 0 holds the superblock, the group descriptors follow, then
 //! every group's block bitmap, every inode bitmap and every inode table (`flex_bg` lets them
 //! sit anywhere), then data: for each inode in number order its data blocks, its extent-tree
-//! blocks and its xattr block. Everything used is one contiguous prefix; the rest is free.
-//! No backup superblocks (`sparse_super2` with no backup groups), no journal, no checksums.
+//! blocks and its xattr block. File data the caller already wrote into the image
+//! ([`ContentSource::placed`], from [`reserved_blocks`] on) stays where it is, and the rest is
+//! allocated first-fit around it. The block bitmaps record exactly the blocks used.
+//! No backup superblocks (`sparse_super2` with no backup groups), no journal; checksums
+//! (`metadata_csum`) on request.
 //!
 //! Features: `ext_attr`, `dir_index` (directories stay linear), `sparse_super2`; `filetype`,
 //! `extents`, `flex_bg`; `sparse_super`, `large_file`, `huge_file`, `dir_nlink`, `extra_isize`.
 
+mod alloc;
 mod checksum;
 mod dir;
 mod extent;
@@ -21,7 +25,8 @@ mod xattr;
 
 use diskkit::{DiskImage, Error, Result};
 
-pub use tree::{ContentSource, Metadata, Node, NodeId, NodeKind, Timestamp, Tree};
+pub use geometry::reserved_blocks;
+pub use tree::{ContentSource, Metadata, Node, NodeId, NodeKind, PlacedRun, Timestamp, Tree};
 
 /// Filesystem block size.
 pub const BLOCK_SIZE: usize = 4096;
@@ -92,7 +97,9 @@ impl<'t> Plan<'t> {
 
     /// Number of blocks in use.
     pub fn blocks_used(&self) -> u64 {
-        self.layout.geometry.used_end
+        let g = &self.layout.geometry;
+        let inodes: u64 = self.layout.inodes.iter().map(|p| p.total_blocks()).sum();
+        g.first_free() + g.meta_blocks + inodes
     }
 
     /// Write the filesystem to `image` (which must read as zeroes: a new image), reading

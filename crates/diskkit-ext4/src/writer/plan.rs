@@ -2,10 +2,11 @@
 
 use diskkit::{Error, Result};
 
+use super::alloc::Allocator;
 use super::dir::{self, DirEntry};
 use super::extent;
 use super::geometry::{self, Geometry};
-use super::tree::{NodeId, NodeKind, Tree};
+use super::tree::{NodeId, NodeKind, PlacedRun, Tree};
 use super::xattr::{self, Placed};
 use super::{Options, BLOCK_SIZE, FIRST_INO, ROOT_INO};
 
@@ -29,28 +30,64 @@ pub(crate) struct PlannedInode {
     pub(crate) data_blocks: u64,
     pub(crate) tree_blocks: u64,
     pub(crate) xattrs: Placed,
-    /// First data block (then the extent-tree blocks, then the xattr block).
+    /// First block the writer allocated for the inode: its data blocks (unless placed), then
+    /// the extent-tree blocks, then the xattr block.
     pub(crate) first_block: u64,
     /// For files with holes: the runs of blocks that hold data (first logical block,
     /// length); empty means all `data_blocks` from logical block 0.
     pub(crate) runs: Vec<(u64, u64)>,
+    /// For files whose data the caller already wrote: where it is (`data_blocks` in all).
+    pub(crate) placed: Option<Vec<PlacedRun>>,
 }
 
 impl PlannedInode {
     pub(crate) fn tree_start(&self) -> u64 {
-        self.first_block + self.data_blocks
+        match self.placed {
+            Some(_) => self.first_block,
+            None => self.first_block + self.data_blocks,
+        }
     }
 
     pub(crate) fn xattr_block(&self) -> Option<u64> {
         self.xattrs
             .block
             .as_ref()
-            .map(|_| self.first_block + self.data_blocks + self.tree_blocks)
+            .map(|_| self.tree_start() + self.tree_blocks)
     }
 
+    /// Every block of the inode (`i_blocks`).
     pub(crate) fn total_blocks(&self) -> u64 {
         self.data_blocks + self.tree_blocks + u64::from(self.xattrs.block.is_some())
     }
+
+    /// The blocks the writer allocates for the inode, from `first_block`.
+    pub(crate) fn own_blocks(&self) -> u64 {
+        match self.placed {
+            Some(_) => self.tree_blocks + u64::from(self.xattrs.block.is_some()),
+            None => self.total_blocks(),
+        }
+    }
+}
+
+/// Check the placed runs of a file of `size` bytes: ascending, inside the file, not empty.
+fn check_placed(runs: &[PlacedRun], size: u64) -> Result<()> {
+    let blocks = size.div_ceil(BLOCK_SIZE as u64);
+    let mut next = 0u64;
+    for r in runs {
+        let ok = r.len > 0
+            && r.logical >= next
+            && r.logical.checked_add(r.len).is_some_and(|e| e <= blocks)
+            && r.physical > 0
+            && r.physical.checked_add(r.len).is_some();
+        if !ok {
+            return Err(Error::invalid_argument(format!(
+                "bad placed run {}+{} at block {} for a file of {size} bytes",
+                r.logical, r.len, r.physical
+            )));
+        }
+        next = r.logical + r.len;
+    }
+    Ok(())
 }
 
 /// File type codes of directory entries.
@@ -149,6 +186,7 @@ pub(crate) fn plan(
         xattrs: Placed::default(),
         first_block: 0,
         runs: Vec::new(),
+        placed: None,
     };
     inodes.push(new_inode(ROOT_INO, Source::Node(Tree::ROOT)));
     inodes.push(new_inode(FIRST_INO, Source::LostFound));
@@ -256,6 +294,22 @@ pub(crate) fn plan(
                     if blocks > u64::from(u32::MAX) {
                         return Err(Error::unsupported("files of 16 TiB or more"));
                     }
+                    let placed = match source.as_deref_mut() {
+                        Some(s) if *size > 0 => s.placed(*content, *size)?,
+                        _ => None,
+                    };
+                    if let Some(runs) = placed {
+                        check_placed(&runs, *size)?;
+                        p.data_blocks = runs.iter().map(|r| r.len).sum();
+                        p.tree_blocks =
+                            extent::tree_blocks(runs.iter().map(|r| extent::extent_count(r.len)).sum());
+                        p.placed = Some(runs);
+                        p.xattrs = xattr::place(&node.meta.xattrs)?;
+                        data_blocks = data_blocks
+                            .checked_add(p.own_blocks())
+                            .ok_or_else(|| Error::unsupported("filesystem too large"))?;
+                        continue;
+                    }
                     let ranges = match source.as_deref_mut() {
                         Some(s) if *size > 0 => s.data_ranges(*content, *size)?,
                         _ => None,
@@ -286,16 +340,50 @@ pub(crate) fn plan(
             p.xattrs = xattr::place(&node.meta.xattrs)?;
         }
         data_blocks = data_blocks
-            .checked_add(p.total_blocks())
+            .checked_add(p.own_blocks())
             .ok_or_else(|| Error::unsupported("filesystem too large"))?;
     }
-    let geometry = geometry::compute(next_ino - 1, data_blocks, options.size)?;
-    let mut cursor = geometry.data_start;
-    for p in &mut inodes {
-        p.first_block = cursor;
-        cursor += p.total_blocks();
+
+    // Placed data: where it is, checked not to overlap; the rest of the space is allocated
+    // first-fit around it.
+    let mut occupied: Vec<(u64, u64)> = inodes
+        .iter()
+        .filter_map(|p| p.placed.as_ref())
+        .flatten()
+        .map(|r| (r.physical, r.len))
+        .collect();
+    occupied.sort_unstable();
+    let placed_end = occupied.last().map_or(0, |&(s, n)| s + n);
+    let mut geometry = geometry::compute(next_ino - 1, data_blocks, placed_end, options.size)?;
+    if let Some(&(first, _)) = occupied.first() {
+        if first < geometry.first_free() {
+            return Err(Error::invalid_argument(format!(
+                "placed data at block {first} overlaps the group descriptors (blocks up to {})",
+                geometry.first_free()
+            )));
+        }
     }
-    debug_assert_eq!(cursor, geometry.used_end);
+    if placed_end > geometry.total_blocks {
+        return Err(Error::invalid_argument(format!(
+            "placed data ends at block {placed_end}, past the filesystem's {} blocks",
+            geometry.total_blocks
+        )));
+    }
+    let mut alloc = Allocator::new(geometry.first_free(), &occupied)?;
+    geometry.bitmap_start = alloc.take(2 * geometry.groups)?;
+    geometry.itable_start = alloc.take(geometry.groups * geometry.itable_blocks)?;
+    for p in &mut inodes {
+        let n = p.own_blocks();
+        if n > 0 {
+            p.first_block = alloc.take(n)?;
+        }
+    }
+    geometry.used_end = alloc.end();
+    if geometry.used_end > geometry.total_blocks {
+        return Err(Error::invalid_argument(
+            "the content does not fit in the filesystem's blocks",
+        ));
+    }
     Ok(Layout { inodes, geometry })
 }
 

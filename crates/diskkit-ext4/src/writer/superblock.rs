@@ -29,9 +29,37 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Every used block as runs (start, length), ascending and merged.
+fn used_runs(layout: &Layout) -> Vec<(u64, u64)> {
+    let g = &layout.geometry;
+    let mut runs = vec![
+        (0, g.first_free()),
+        (g.bitmap_start, 2 * g.groups),
+        (g.itable_start, g.groups * g.itable_blocks),
+    ];
+    for p in &layout.inodes {
+        if p.own_blocks() > 0 {
+            runs.push((p.first_block, p.own_blocks()));
+        }
+        runs.extend(p.placed.iter().flatten().map(|r| (r.physical, r.len)));
+    }
+    runs.retain(|r| r.1 > 0);
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (s, n) in runs {
+        match merged.last_mut() {
+            Some(last) if s <= last.0 + last.1 => last.1 = last.1.max(s + n - last.0),
+            _ => merged.push((s, n)),
+        }
+    }
+    merged
+}
+
 /// Write bitmaps, descriptors and the superblock.
 pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskImage) -> Result<()> {
     let g = &layout.geometry;
+    let used_runs = used_runs(layout);
+    let mut run = 0usize;
     let ipg = u64::from(g.inodes_per_group);
     let last_ino = FIRST_INO as u64 + layout.inodes.len() as u64 - 2;
     // Directories per group.
@@ -50,12 +78,27 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
     for group in 0..g.groups {
         let mut block_csum = 0u32;
         let mut inode_csum = 0u32;
-        // Block bitmap: used blocks are the prefix [0, used_end); bits past the end are set.
+        // Block bitmap: the used runs; bits past the end of the filesystem are set.
         let first = group * BLOCKS_PER_GROUP;
-        let used = g.used_end.saturating_sub(first).min(BLOCKS_PER_GROUP);
         let in_fs = g.total_blocks.saturating_sub(first).min(BLOCKS_PER_GROUP);
+        bitmap.fill(0);
+        let mut used = 0u64;
+        while let Some(&(s, n)) = used_runs.get(run) {
+            if s >= first + in_fs {
+                break;
+            }
+            let from = s.max(first) - first;
+            let to = (s + n).min(first + in_fs) - first;
+            set_bits(&mut bitmap, from, to);
+            used += to - from;
+            if s + n > first + in_fs {
+                break; // continues in the next group
+            }
+            run += 1;
+        }
+        set_bits(&mut bitmap, in_fs, BLOCKS_PER_GROUP);
         let free_blocks = in_fs - used;
-        if fill_bitmap(&mut bitmap, used, in_fs) {
+        if used > 0 || in_fs < BLOCKS_PER_GROUP {
             image.write_at(&bitmap, g.block_bitmap(group) * BLOCK_SIZE as u64)?;
         }
         if let Some(s) = &seeds {

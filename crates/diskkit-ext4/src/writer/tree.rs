@@ -161,4 +161,26 @@ pub trait ContentSource {
         let _ = (content, size);
         Ok(None)
     }
+
+    /// Where `content` (`size` bytes) already sits in the image being written, when the caller
+    /// wrote it there itself: runs of blocks (first logical block, first physical block,
+    /// length), ascending and not overlapping. The writer then maps those blocks and copies
+    /// nothing; the blocks of unmapped logical ranges are holes. The writer puts its metadata
+    /// in blocks no placed run covers, so those must read as zeroes. `None`, the default,
+    /// means the writer stores the content itself.
+    fn placed(&mut self, content: u64, size: u64) -> Result<Option<Vec<PlacedRun>>> {
+        let _ = (content, size);
+        Ok(None)
+    }
+}
+
+/// A run of a file's blocks already written in the image: see [`ContentSource::placed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlacedRun {
+    /// First logical block of the file.
+    pub logical: u64,
+    /// First block of the filesystem holding it.
+    pub physical: u64,
+    /// Number of blocks.
+    pub len: u64,
 }

@@ -1,9 +1,10 @@
 //! Reading a layer blob on its own thread: hashing the blob, sniffing and decompressing
 //! (gzip, zstd or plain) and handing the uncompressed stream over in chunks, so decompression
-//! runs on one core while the tar entries are parsed and spooled on another. The uncompressed
-//! stream of a compressed blob is hashed by the receiving side as each chunk arrives: the
-//! decoder thread is the slower one (decompression plus the blob's hash), so the work is split
-//! more evenly. Chunk buffers go back to the decoder to be reused.
+//! runs on one core while the tar entries are parsed and their data written on another. The
+//! uncompressed stream of a compressed blob (its diff_id) is hashed on a third thread, which
+//! gets each chunk once the reader is done with it and then hands the buffer back to the
+//! decoder for reuse: three threads with a bounded number of chunks in flight, so the kernel
+//! can share the cores between decompression, hashing and writing as the load shifts.
 
 use std::io::{BufRead, BufReader, Read};
 use std::rc::Rc;
@@ -60,6 +61,110 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// Compressed bytes read (and hashed) per chunk by the read thread.
+const READ_CHUNK: usize = 1 << 20;
+/// Compressed chunks in flight.
+const READ_DEPTH: usize = 4;
+
+/// A compressed blob read and hashed on its own thread and handed to the decompressor in
+/// chunks: the blob's hash then does not slow decompression down.
+struct Prefetched {
+    rx: Option<Receiver<std::io::Result<Vec<u8>>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Prefetched {
+    fn spawn(mut from: BufReader<Hashing<Box<dyn Read + Send>>>) -> std::io::Result<Prefetched> {
+        let (tx, rx) = sync_channel(READ_DEPTH);
+        let handle = std::thread::Builder::new()
+            .name("layer-read".into())
+            .spawn(move || {
+                // First what sniffing the magic buffered, then chunks read straight.
+                let first = from.buffer().to_vec();
+                from.consume(first.len());
+                if tx.send(Ok(first)).is_err() {
+                    return;
+                }
+                let mut inner = from.into_inner();
+                loop {
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    let mut filled = 0;
+                    while filled < READ_CHUNK {
+                        match inner.read(&mut buf[filled..]) {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    if filled == 0 {
+                        return;
+                    }
+                    buf.truncate(filled);
+                    if tx.send(Ok(buf)).is_err() {
+                        return; // the decompressor gave up
+                    }
+                }
+            })?;
+        Ok(Prefetched {
+            rx: Some(rx),
+            cur: Vec::new(),
+            pos: 0,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Read for Prefetched {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = {
+            let have = self.fill_buf()?;
+            let n = have.len().min(buf.len());
+            buf[..n].copy_from_slice(&have[..n]);
+            n
+        };
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Prefetched {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.pos == self.cur.len() {
+            let Some(rx) = &self.rx else { break };
+            match rx.recv() {
+                Ok(Ok(v)) => {
+                    self.cur = v;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    self.rx = None; // end of the blob
+                }
+            }
+        }
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.cur.len());
+    }
+}
+
+impl Drop for Prefetched {
+    fn drop(&mut self) {
+        self.rx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 fn produce(
     blob: Box<dyn Read + Send>,
     tx: &SyncSender<Msg>,
@@ -83,12 +188,18 @@ fn produce(
     };
     let gzip = magic.starts_with(&[0x1f, 0x8b]);
     let zstd = magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
-    let mut decoded: Box<dyn Read> = if gzip {
-        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
-    } else if zstd {
-        match zstd::stream::read::Decoder::with_buffer(buffered) {
-            Ok(d) => Box::new(d),
+    let mut decoded: Box<dyn Read> = if gzip || zstd {
+        let input = match Prefetched::spawn(buffered) {
+            Ok(p) => p,
             Err(e) => return fail(e),
+        };
+        if gzip {
+            Box::new(flate2::bufread::MultiGzDecoder::new(input))
+        } else {
+            match zstd::stream::read::Decoder::with_buffer(input) {
+                Ok(d) => Box::new(d),
+                Err(e) => return fail(e),
+            }
         }
     } else {
         Box::new(buffered)
@@ -126,6 +237,42 @@ fn produce(
     })
 }
 
+/// The thread hashing the uncompressed stream of a compressed blob.
+struct DiffHasher {
+    tx: Option<SyncSender<Vec<u8>>>,
+    handle: JoinHandle<String>,
+}
+
+impl DiffHasher {
+    /// Hash every chunk sent, in order, then pass the buffer on to `spare`.
+    fn spawn(spare: SyncSender<Vec<u8>>) -> std::io::Result<DiffHasher> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(DEPTH);
+        let handle = std::thread::Builder::new()
+            .name("layer-hash".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for buf in rx {
+                    h.update(&buf);
+                    // The decoder may have gone; then the buffer is simply freed.
+                    let _ = spare.try_send(buf);
+                }
+                hex(&h.finalize())
+            })?;
+        Ok(DiffHasher {
+            tx: Some(tx),
+            handle,
+        })
+    }
+
+    /// The digest of everything sent.
+    fn finish(mut self) -> std::io::Result<String> {
+        self.tx = None;
+        self.handle
+            .join()
+            .map_err(|_| std::io::Error::other("the diff_id hasher stopped"))
+    }
+}
+
 /// The uncompressed stream of a blob, decoded on a helper thread.
 pub(crate) struct Decoded {
     rx: Option<Receiver<Msg>>,
@@ -135,8 +282,8 @@ pub(crate) struct Decoded {
     cur: Vec<u8>,
     pos: usize,
     progress: Option<Rc<dyn Fn(u64)>>,
-    /// Hash of the uncompressed stream (compressed blobs only; a plain blob is its own).
-    diff: Option<Sha256>,
+    /// Hashes the uncompressed stream (compressed blobs only; a plain blob is its own).
+    diff: Option<DiffHasher>,
 }
 
 impl Decoded {
@@ -167,11 +314,19 @@ impl Decoded {
         self.rx = None;
         let blob = self.handle.take().and_then(|h| h.join().ok()).flatten();
         let blob = blob.ok_or_else(|| std::io::Error::other("the layer decoder stopped early"))?;
+        let diff = match self.diff.take() {
+            Some(d) => {
+                // The last chunk is still here: hash it too.
+                if let Some(tx) = &d.tx {
+                    tx.send(std::mem::take(&mut self.cur))
+                        .map_err(|_| std::io::Error::other("the diff_id hasher stopped"))?;
+                }
+                d.finish()?
+            }
+            None => blob.hex.clone(),
+        };
         Ok(Digests {
-            diff: match self.diff.take() {
-                Some(d) => hex(&d.finalize()),
-                None => blob.hex.clone(),
-            },
+            diff,
             blob: blob.hex,
             blob_bytes: blob.bytes,
         })
@@ -183,17 +338,27 @@ impl Read for Decoded {
         while self.pos == self.cur.len() {
             let Some(rx) = &self.rx else { return Ok(0) };
             match rx.recv() {
-                Ok(Msg::Compressed(c)) => self.diff = c.then(Sha256::new),
+                Ok(Msg::Compressed(c)) => {
+                    if c {
+                        self.diff = Some(DiffHasher::spawn(self.spare.clone())?);
+                    }
+                }
                 Ok(Msg::Data(v, read)) => {
                     if let Some(p) = &self.progress {
                         p(read);
                     }
-                    if let Some(d) = &mut self.diff {
-                        d.update(&v);
-                    }
                     let done = std::mem::replace(&mut self.cur, v);
-                    // The decoder may have gone; then the buffer is simply freed.
-                    let _ = self.spare.try_send(done);
+                    match self.diff.as_ref().and_then(|d| d.tx.as_ref()) {
+                        Some(tx) => {
+                            if !done.is_empty() && tx.send(done).is_err() {
+                                return Err(std::io::Error::other("the diff_id hasher stopped"));
+                            }
+                        }
+                        // The decoder may have gone; then the buffer is simply freed.
+                        None => {
+                            let _ = self.spare.try_send(done);
+                        }
+                    }
                     self.pos = 0;
                 }
                 Ok(Msg::Fail(e)) => return Err(e),
@@ -214,6 +379,9 @@ impl Drop for Decoded {
         self.rx = None;
         if let Some(h) = self.handle.take() {
             let _ = h.join();
+        }
+        if let Some(d) = self.diff.take() {
+            let _ = d.finish();
         }
     }
 }

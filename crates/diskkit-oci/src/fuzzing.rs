@@ -9,7 +9,7 @@ use diskkit_ext4::writer::{Options, Plan};
 
 use crate::layer::{apply_layer, LayerInfo};
 use crate::merge::MergedTree;
-use crate::spool::Spool;
+use crate::placement::Placer;
 
 /// Largest filesystem the fuzz entry point writes.
 const MAX_FS: u64 = 64 << 20;
@@ -18,7 +18,10 @@ const MAX_FS: u64 = 64 << 20;
 /// lower layer), and write the merged tree as ext4 into memory. Returns the filesystem bytes
 /// when the input was accepted. Must never panic, whatever `data` holds.
 pub fn layer_unpack(data: &[u8]) -> Option<Vec<u8>> {
-    let mut spool = Spool::new_in(&std::env::temp_dir()).ok()?;
+    let limit = MAX_FS / 4096;
+    let storage = Arc::new(MemStorage::new());
+    let image = DiskImage::create_on(storage, &CreateOptions::raw(1 << 20)).ok()?;
+    let mut placer = Placer::new(&image, limit, false);
     let mut tree = MergedTree::new();
     for i in 0..2 {
         let info = LayerInfo {
@@ -33,20 +36,19 @@ pub fn layer_unpack(data: &[u8]) -> Option<Vec<u8>> {
             Box::new(Cursor::new(data.to_vec())),
             &info,
             &mut tree,
-            &mut spool,
+            &mut placer,
             None,
         )
         .ok()?;
     }
-    spool.finish().ok()?;
+    placer.finish().ok()?;
     let fs = tree.to_tree().ok()?;
-    let plan = Plan::new_sparse(&fs, Options::default(), &mut spool).ok()?;
+    let plan = Plan::new_sparse(&fs, Options::default(), &mut placer).ok()?;
     if plan.size_bytes() > MAX_FS {
         return None;
     }
-    let storage = Arc::new(MemStorage::new());
-    let image = DiskImage::create_on(storage, &CreateOptions::raw(plan.size_bytes())).ok()?;
-    plan.write(&image, &mut spool).ok()?;
+    image.resize(plan.size_bytes()).ok()?;
+    plan.write(&image, &mut placer).ok()?;
     let mut out = vec![0u8; plan.size_bytes() as usize];
     image.read_at(&mut out, 0).ok()?;
     Some(out)

@@ -9,7 +9,7 @@ use tar::EntryType;
 
 use crate::decode::Decoded;
 use crate::merge::{clean_path, Entry, EntryKind, MergedTree};
-use crate::spool::Spool;
+use crate::placement::Placer;
 
 /// What the layer's blob is expected to be.
 pub(crate) struct LayerInfo {
@@ -41,13 +41,13 @@ fn io_err(e: &std::io::Error, what: &'static str) -> Error {
     Error::new(kind, format!("{what}: {e}"))
 }
 
-/// Read one layer blob into `tree`, spooling file data. Whiteouts are applied first (see
+/// Read one layer blob into `tree`, placing file data in the output image. Whiteouts are applied first (see
 /// [`crate::merge`]); every digest that is known is verified before returning.
 pub(crate) fn apply_layer(
     blob: Box<dyn Read + Send>,
     info: &LayerInfo,
     tree: &mut MergedTree,
-    spool: &mut Spool,
+    placer: &mut Placer<'_>,
     progress: Option<Rc<dyn Fn(u64)>>,
 ) -> Result<()> {
     if let Some(mt) = &info.media_type {
@@ -61,7 +61,7 @@ pub(crate) fn apply_layer(
     let decoded = Decoded::spawn(blob, progress)
         .map_err(|e| layer_err(info, io_err(&e, "starting the decoder thread")))?;
     let mut archive = tar::Archive::new(decoded);
-    let entries = read_entries(&mut archive, spool).map_err(|e| layer_err(info, e))?;
+    let entries = read_entries(&mut archive, placer).map_err(|e| layer_err(info, e))?;
     // Read to the end (end-of-archive padding) so the digests cover the whole stream.
     let digests = archive
         .into_inner()
@@ -97,7 +97,8 @@ pub(crate) fn apply_layer(
     for e in entries {
         tree.apply(e)?;
     }
-    Ok(())
+    // What this layer deleted or replaced gives its blocks back.
+    placer.release_unreachable(&tree.live_contents())
 }
 
 /// Parse a PAX time (`-12.5`, `1700000000.123456789`).
@@ -217,7 +218,7 @@ fn overlay_opaque(name: &[u8], value: &[u8]) -> bool {
 }
 
 /// What a whiteout entry made from an overlay-style one is (only its name matters).
-const WHITEOUT_ENTRY: EntryKind = EntryKind::File { size: 0, spool: 0 };
+const WHITEOUT_ENTRY: EntryKind = EntryKind::File { size: 0, content: 0 };
 
 /// Overlay-style whiteouts, as a layer tarred from an overlay upper directory holds them,
 /// turned into OCI ones: a character device 0:0 deletes its name (it becomes `.wh.NAME`),
@@ -237,7 +238,7 @@ fn overlay_whiteout(path: &[Vec<u8>], kind: &EntryKind, opaque: bool) -> Option<
     Some(out)
 }
 
-fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Result<Vec<Entry>> {
+fn read_entries<R: Read>(archive: &mut tar::Archive<R>, placer: &mut Placer<'_>) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     let iter = archive
         .entries()
@@ -324,23 +325,20 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, spool: &mut Spool) -> Re
             EntryType::Regular | EntryType::Continuous if sparse.is_sparse() => {
                 let stored = entry.size();
                 let (chunks, real) = sparse.map(&mut entry, stored).map_err(|m| bad(&m))?;
-                let spool_at = spool
-                    .append_sparse(&mut entry, &chunks, real)
+                let content = placer
+                    .place_sparse(&mut entry, &chunks, real)
                     .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
                 EntryKind::File {
                     size: real,
-                    spool: spool_at,
+                    content,
                 }
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();
-                let spool_at = spool
-                    .append(&mut entry, size)
+                let content = placer
+                    .place(&mut entry, size)
                     .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
-                EntryKind::File {
-                    size,
-                    spool: spool_at,
-                }
+                EntryKind::File { size, content }
             }
             EntryType::Directory => EntryKind::Dir,
             EntryType::Symlink => {

@@ -2,10 +2,12 @@
 //!
 //! [`unpack`] reads an OCI layout directory, an OCI archive or a docker-archive, picks the
 //! image by reference and platform, streams each layer (gzip, zstd or plain, sniffed by magic)
-//! while verifying its digest and diff_id, merges the layers with whiteout semantics into an
-//! in-memory tree ([`MergedTree`]) whose file contents sit in a temporary spool file, and then
-//! writes the final tree with diskkit's own ext4 writer into a RAW or ASIF image created under a
-//! temporary name. Only the final tree's data reaches the image; nothing is left behind on error.
+//! while verifying its digest and diff_id, and merges the layers with whiteout semantics into an
+//! in-memory tree ([`MergedTree`]). File contents go straight to their final blocks in the output
+//! image (RAW, ASIF or qcow2, created under a temporary name) while the layer is decoded; what a
+//! later layer deletes gives its blocks back and is discarded. diskkit's own ext4 writer then
+//! lays out the metadata around the data, and the image is renamed into place. Nothing is left
+//! behind on error.
 #![forbid(unsafe_code)]
 
 mod decode;
@@ -13,8 +15,8 @@ mod decode;
 pub mod fuzzing;
 mod layer;
 mod merge;
+mod placement;
 mod source;
-mod spool;
 mod store;
 
 use std::path::Path;
@@ -26,7 +28,6 @@ use sha2::{Digest, Sha256};
 
 pub use merge::MergedTree;
 pub use source::{select, Platform, SelectedImage};
-pub use spool::Spool;
 pub use store::{unpack_to_store, StoreEntry};
 
 /// How to unpack.
@@ -103,8 +104,7 @@ pub struct UnpackReport {
     pub bytes_used: u64,
 }
 
-/// Unpack the image at `src` into a new ext4 image at `dst`. `spool_dir` holds the temporary
-/// spool file (defaults to `dst`'s directory).
+/// Unpack the image at `src` into a new ext4 image at `dst`.
 pub fn unpack(
     src: &Path,
     dst: &Path,
@@ -132,11 +132,24 @@ pub fn unpack_selected(
     options: &UnpackOptions,
     progress: &mut dyn Progress,
 ) -> Result<UnpackReport> {
-    let dir = match dst.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
+    // The filesystem's block limit: the requested size, or what ext4 without `64bit` holds.
+    let (limit, first_size) = match options.size {
+        Some(s) => (s / 4096, s / 4096 * 4096),
+        None => {
+            let limit = u64::from(u32::MAX);
+            (limit, placement::Placer::first_size(limit))
+        }
     };
-    let mut spool = Spool::new_in(&dir)?;
+    if limit == 0 {
+        return Err(Error::invalid_argument("the requested size is below one 4 KiB block"));
+    }
+    let create = match options.format {
+        ImageFormat::Asif => CreateOptions::asif(first_size / 4096, 4096),
+        f => CreateOptions::new(f, first_size),
+    }
+    .overwrite(options.overwrite);
+    let pending = DiskImage::create_pending(dst, &create)?;
+    let mut placer = placement::Placer::new(pending.image(), limit, options.size.is_some());
     let mut tree = MergedTree::new();
     let count = image.layers.len();
     for (i, l) in image.layers.iter().enumerate() {
@@ -151,10 +164,10 @@ pub fn unpack_selected(
             name,
             index: u32::try_from(i).map_err(|_| Error::unsupported("more than 2^32 layers"))?,
         };
-        layer::apply_layer(blob, &info, &mut tree, &mut spool, tick)?;
+        layer::apply_layer(blob, &info, &mut tree, &mut placer, tick).map_err(|e| e.with_path(dst))?;
         progress.layer_done();
     }
-    spool.finish()?;
+    placer.finish().map_err(|e| e.with_path(dst))?;
     let fs_tree = tree.to_tree()?;
     let mut fs_options = Options {
         size: options.size,
@@ -179,16 +192,18 @@ pub fn unpack_selected(
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
     }
-    let plan = Plan::new_sparse(&fs_tree, fs_options, &mut spool)?;
+    let plan = Plan::new_sparse(&fs_tree, fs_options, &mut placer)?;
     let size = plan.size_bytes();
-    let create = match options.format {
-        ImageFormat::Asif => CreateOptions::asif(size / 4096, 4096),
-        f => CreateOptions::new(f, size),
+    if options.size.is_none() {
+        // Compact: every placed block lies below the planned end.
+        pending
+            .image()
+            .resize(size)
+            .map_err(|e| e.with_path(dst).with_operation("sizing the image"))?;
     }
-    .overwrite(options.overwrite);
-    let pending = DiskImage::create_pending(dst, &create)?;
-    plan.write(pending.image(), &mut spool)
+    plan.write(pending.image(), &mut placer)
         .map_err(|e| e.with_path(dst))?;
+    drop(placer);
     pending.persist()?;
     Ok(UnpackReport {
         manifest_digest: image.manifest_digest.clone(),

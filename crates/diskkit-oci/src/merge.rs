@@ -7,7 +7,7 @@
 //! lower-layer content merged beneath it; the opaque marker `.wh..wh..opq` removes the
 //! directory's lower-layer children, recursing into directories this layer created or put
 //! entries in. So whiteouts may come before or after the entries of their layer, as the spec
-//! requires. File contents are referenced (spool offsets), so
+//! requires. File contents are referenced (content tokens of the placed data), so
 //! deleted files cost nothing in the output: only what the final tree reaches is written.
 //!
 //! Hard links. The spec applies a layer's whiteouts "regardless of the ordering in which the
@@ -39,10 +39,10 @@ pub(crate) const OPAQUE: &[u8] = b".wh..wh..opq";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum EntryKind {
     Dir,
-    /// Regular file: size and offset of its bytes in the spool.
+    /// Regular file: size and the token of its placed data.
     File {
         size: u64,
-        spool: u64,
+        content: u64,
     },
     Symlink(Vec<u8>),
     /// Hard link to another path (relative to the root).
@@ -390,8 +390,8 @@ impl MergedTree {
                 }
                 id
             }
-            EntryKind::File { size, spool } => {
-                self.push(MKind::Other(NodeKind::File { size, content: spool }), entry.meta)
+            EntryKind::File { size, content } => {
+                self.push(MKind::Other(NodeKind::File { size, content }), entry.meta)
             }
             EntryKind::Symlink(t) => self.push(MKind::Other(NodeKind::Symlink(t)), entry.meta),
             EntryKind::Char(major, minor) => {
@@ -445,6 +445,26 @@ impl MergedTree {
             }
         }
         self.children(dir).and_then(|m| m.get(name)).map(|ch| ch.id)
+    }
+
+    /// The content tokens of every file a name still reaches.
+    pub(crate) fn live_contents(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![0usize];
+        while let Some(id) = stack.pop() {
+            for &Child { id: child, .. } in self.children(id).into_iter().flat_map(|c| c.values()) {
+                if std::mem::replace(&mut seen[child], true) {
+                    continue;
+                }
+                match &self.nodes[child].kind {
+                    MKind::Dir(_) => stack.push(child),
+                    MKind::Other(NodeKind::File { content, .. }) => out.push(*content),
+                    MKind::Other(_) => {}
+                }
+            }
+        }
+        out
     }
 
     /// Convert to the writer's tree (only nodes reachable from the root).
@@ -549,7 +569,7 @@ mod tests {
         // Next layer: opaque usr/lib after a sibling of the same layer.
         t.begin_layer(1);
         t.apply(e("usr/lib/y", EntryKind::Fifo)).unwrap();
-        t.apply(e("usr/lib/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
+        t.apply(e("usr/lib/.wh..wh..opq", EntryKind::File { size: 0, content: 0 }))
             .unwrap();
         assert_eq!(names(&mut t, "usr/lib"), ["y"]);
     }
@@ -564,22 +584,22 @@ mod tests {
         // Re-created in this layer, then whited out: only the lower content goes.
         t.apply(e("d/", EntryKind::Dir)).unwrap();
         t.apply(e("d/new", EntryKind::Fifo)).unwrap();
-        t.apply(e(".wh.d", EntryKind::File { size: 0, spool: 0 }))
+        t.apply(e(".wh.d", EntryKind::File { size: 0, content: 0 }))
             .unwrap();
         assert_eq!(names(&mut t, "d"), ["new"]);
         // Whiteout first, then re-created: fresh.
-        t.apply(e(".wh.x", EntryKind::File { size: 0, spool: 0 }))
+        t.apply(e(".wh.x", EntryKind::File { size: 0, content: 0 }))
             .unwrap();
         t.apply(e("x/", EntryKind::Dir)).unwrap();
         assert!(names(&mut t, "x").is_empty());
         // Opaque marker for a directory with no entry of its own, over a lower file.
         t.begin_layer(2);
-        t.apply(e("x/.wh..wh..opq", EntryKind::File { size: 0, spool: 0 }))
+        t.apply(e("x/.wh..wh..opq", EntryKind::File { size: 0, content: 0 }))
             .unwrap();
         assert!(names(&mut t, "x").is_empty());
     }
 
-    /// File contents of every name under the root, as `name=spool offset`.
+    /// File contents of every name under the root, as `name=content token`.
     fn files(t: &mut MergedTree, path: &str) -> Vec<String> {
         let d = t
             .resolve_dir(&clean_path(path.as_bytes()), false)
@@ -598,7 +618,7 @@ mod tests {
     }
 
     fn wh(path: &str) -> Entry {
-        e(path, EntryKind::File { size: 0, spool: 0 })
+        e(path, EntryKind::File { size: 0, content: 0 })
     }
 
     fn link(path: &str, target: &str) -> Entry {
@@ -608,9 +628,9 @@ mod tests {
     #[test]
     fn hard_link_to_a_name_whited_out_in_the_same_layer() {
         let lower = |t: &mut MergedTree| {
-            t.apply(e("a", EntryKind::File { size: 1, spool: 7 })).unwrap();
-            t.apply(e("d/x", EntryKind::File { size: 1, spool: 8 })).unwrap();
-            t.apply(e("o/y", EntryKind::File { size: 1, spool: 9 })).unwrap();
+            t.apply(e("a", EntryKind::File { size: 1, content: 7 })).unwrap();
+            t.apply(e("d/x", EntryKind::File { size: 1, content: 8 })).unwrap();
+            t.apply(e("o/y", EntryKind::File { size: 1, content: 9 })).unwrap();
             t.begin_layer(1);
         };
         // Whiteouts first, links after: the links reach the lower inodes.
@@ -647,7 +667,7 @@ mod tests {
         let mut t = MergedTree::new();
         lower(&mut t);
         t.apply(wh(".wh.a")).unwrap();
-        t.apply(e("a", EntryKind::File { size: 1, spool: 42 })).unwrap();
+        t.apply(e("a", EntryKind::File { size: 1, content: 42 })).unwrap();
         t.apply(link("b", "a")).unwrap();
         assert_eq!(files(&mut t, ""), ["a=42", "b=42", "d", "o"]);
         // A name an earlier layer deleted is gone: NotFound, as in umoci and containerd.
@@ -716,7 +736,7 @@ mod tests {
     #[test]
     fn hard_link_survives_deletion_and_symlink_loops_fail() {
         let mut t = MergedTree::new();
-        t.apply(e("a", EntryKind::File { size: 1, spool: 0 })).unwrap();
+        t.apply(e("a", EntryKind::File { size: 1, content: 0 })).unwrap();
         t.apply(e("b", EntryKind::HardLink(clean_path(b"a")))).unwrap();
         t.begin_layer(1);
         t.whiteout(&clean_path(b".wh.a")).unwrap();

@@ -48,7 +48,7 @@ impl Op {
         let p = |i: &usize| clean_path(all[i % all.len()].as_bytes());
         let meta = Metadata::default();
         let (path, kind) = match self {
-            Op::File(i, c) => (p(i), EntryKind::File { size: 1, spool: *c }),
+            Op::File(i, c) => (p(i), EntryKind::File { size: 1, content: *c }),
             Op::Dir(i) => (p(i), EntryKind::Dir),
             Op::Fifo(i) => (p(i), EntryKind::Fifo),
             Op::Link(i, t) => (p(i), EntryKind::HardLink(p(t))),
@@ -56,12 +56,12 @@ impl Op {
                 let mut path = p(i);
                 let name = path.pop().unwrap_or_default();
                 path.push([WHITEOUT, &name].concat());
-                (path, EntryKind::File { size: 0, spool: 0 })
+                (path, EntryKind::File { size: 0, content: 0 })
             }
             Op::Opaque(i) => {
                 let mut path = p(i);
                 path.push(OPAQUE.to_vec());
-                (path, EntryKind::File { size: 0, spool: 0 })
+                (path, EntryKind::File { size: 0, content: 0 })
             }
         };
         Entry { path, kind, meta }

@@ -258,10 +258,7 @@ impl DiffHasher {
                 }
                 hex(&h.finalize())
             })?;
-        Ok(DiffHasher {
-            tx: Some(tx),
-            handle,
-        })
+        Ok(DiffHasher { tx: Some(tx), handle })
     }
 
     /// The digest of everything sent.
@@ -306,6 +303,11 @@ impl Decoded {
             progress,
             diff: None,
         })
+    }
+
+    /// Tell `progress` how many blob bytes were consumed from now on.
+    pub(crate) fn set_progress(&mut self, progress: Option<Rc<dyn Fn(u64)>>) {
+        self.progress = progress;
     }
 
     /// Read to the end of the stream and return the digests.

@@ -7,7 +7,7 @@ use diskkit::storage::MemStorage;
 use diskkit::{CreateOptions, DiskImage};
 use diskkit_ext4::writer::{Options, Plan};
 
-use crate::layer::{apply_layer, LayerInfo};
+use crate::layer::{apply_layer, start_layer, LayerInfo};
 use crate::merge::MergedTree;
 use crate::placement::Placer;
 
@@ -32,14 +32,8 @@ pub fn layer_unpack(data: &[u8]) -> Option<Vec<u8>> {
             name: format!("fuzz{i}"),
             index: i,
         };
-        apply_layer(
-            Box::new(Cursor::new(data.to_vec())),
-            &info,
-            &mut tree,
-            &mut placer,
-            None,
-        )
-        .ok()?;
+        let decoded = start_layer(Box::new(Cursor::new(data.to_vec())), &info).ok()?;
+        apply_layer(decoded, &info, &mut tree, &mut placer, None).ok()?;
     }
     placer.finish().ok()?;
     let fs = tree.to_tree().ok()?;

@@ -41,15 +41,10 @@ fn io_err(e: &std::io::Error, what: &'static str) -> Error {
     Error::new(kind, format!("{what}: {e}"))
 }
 
-/// Read one layer blob into `tree`, placing file data in the output image. Whiteouts are applied first (see
-/// [`crate::merge`]); every digest that is known is verified before returning.
-pub(crate) fn apply_layer(
-    blob: Box<dyn Read + Send>,
-    info: &LayerInfo,
-    tree: &mut MergedTree,
-    placer: &mut Placer<'_>,
-    progress: Option<Rc<dyn Fn(u64)>>,
-) -> Result<()> {
+/// Start decoding a layer blob on its own threads (see [`crate::decode`]). The decoder runs
+/// ahead by a bounded number of chunks: started while the layer before is still being
+/// applied, it has the start of this one ready when that one ends.
+pub(crate) fn start_layer(blob: Box<dyn Read + Send>, info: &LayerInfo) -> Result<Decoded> {
     if let Some(mt) = &info.media_type {
         if mt.contains("encrypted") {
             return Err(Error::unsupported(format!(
@@ -58,8 +53,20 @@ pub(crate) fn apply_layer(
             )));
         }
     }
-    let decoded = Decoded::spawn(blob, progress)
-        .map_err(|e| layer_err(info, io_err(&e, "starting the decoder thread")))?;
+    Decoded::spawn(blob, None).map_err(|e| layer_err(info, io_err(&e, "starting the decoder thread")))
+}
+
+/// Read one layer (started with [`start_layer`]) into `tree`, placing file data in the output
+/// image. Whiteouts are applied first (see [`crate::merge`]); every digest that is known is
+/// verified before returning.
+pub(crate) fn apply_layer(
+    mut decoded: Decoded,
+    info: &LayerInfo,
+    tree: &mut MergedTree,
+    placer: &mut Placer<'_>,
+    progress: Option<Rc<dyn Fn(u64)>>,
+) -> Result<()> {
+    decoded.set_progress(progress);
     let mut archive = tar::Archive::new(decoded);
     let entries = read_entries(&mut archive, placer).map_err(|e| layer_err(info, e))?;
     // Read to the end (end-of-archive padding) so the digests cover the whole stream.
@@ -328,10 +335,7 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, placer: &mut Placer<'_>)
                 let content = placer
                     .place_sparse(&mut entry, &chunks, real)
                     .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
-                EntryKind::File {
-                    size: real,
-                    content,
-                }
+                EntryKind::File { size: real, content }
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let size = entry.size();

@@ -141,7 +141,9 @@ pub fn unpack_selected(
         }
     };
     if limit == 0 {
-        return Err(Error::invalid_argument("the requested size is below one 4 KiB block"));
+        return Err(Error::invalid_argument(
+            "the requested size is below one 4 KiB block",
+        ));
     }
     let create = match options.format {
         ImageFormat::Asif => CreateOptions::asif(first_size / 4096, 4096),
@@ -152,19 +154,33 @@ pub fn unpack_selected(
     let mut placer = placement::Placer::new(pending.image(), limit, options.size.is_some());
     let mut tree = MergedTree::new();
     let count = image.layers.len();
-    for (i, l) in image.layers.iter().enumerate() {
-        let name = l.digest.clone().unwrap_or_else(|| l.member.clone());
-        let tick = progress.layer_start(i, count, &name, l.size);
-        let blob = image.open_layer(l)?;
-        let info = layer::LayerInfo {
+    let info = |i: usize| -> Result<layer::LayerInfo> {
+        let l = &image.layers[i];
+        Ok(layer::LayerInfo {
             digest: l.digest.clone(),
             size: l.size,
             diff_id: l.diff_id.clone(),
             media_type: l.media_type.clone(),
-            name,
+            name: l.digest.clone().unwrap_or_else(|| l.member.clone()),
             index: u32::try_from(i).map_err(|_| Error::unsupported("more than 2^32 layers"))?,
+        })
+    };
+    let start = |i: usize| -> Result<(layer::LayerInfo, decode::Decoded)> {
+        let info = info(i)?;
+        let decoded = layer::start_layer(image.open_layer(&image.layers[i])?, &info)?;
+        Ok((info, decoded))
+    };
+    let mut next = if count > 0 { Some(start(0)?) } else { None };
+    for (i, l) in image.layers.iter().enumerate() {
+        let Some((info, decoded)) = next.take() else {
+            break;
         };
-        layer::apply_layer(blob, &info, &mut tree, &mut placer, tick).map_err(|e| e.with_path(dst))?;
+        let tick = progress.layer_start(i, count, &info.name, l.size);
+        // The next layer starts decoding while this one is applied.
+        if i + 1 < count {
+            next = Some(start(i + 1)?);
+        }
+        layer::apply_layer(decoded, &info, &mut tree, &mut placer, tick).map_err(|e| e.with_path(dst))?;
         progress.layer_done();
     }
     placer.finish().map_err(|e| e.with_path(dst))?;

@@ -629,8 +629,10 @@ mod tests {
     fn hard_link_to_a_name_whited_out_in_the_same_layer() {
         let lower = |t: &mut MergedTree| {
             t.apply(e("a", EntryKind::File { size: 1, content: 7 })).unwrap();
-            t.apply(e("d/x", EntryKind::File { size: 1, content: 8 })).unwrap();
-            t.apply(e("o/y", EntryKind::File { size: 1, content: 9 })).unwrap();
+            t.apply(e("d/x", EntryKind::File { size: 1, content: 8 }))
+                .unwrap();
+            t.apply(e("o/y", EntryKind::File { size: 1, content: 9 }))
+                .unwrap();
             t.begin_layer(1);
         };
         // Whiteouts first, links after: the links reach the lower inodes.

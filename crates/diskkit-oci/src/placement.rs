@@ -120,19 +120,16 @@ impl<'i> Placer<'i> {
             return Ok(start);
         }
         let start = self.end;
-        let end = start
-            .checked_add(n)
-            .filter(|&e| e <= self.limit)
-            .ok_or_else(|| {
-                if self.fixed {
-                    Error::invalid_argument(format!(
-                        "the content needs more than the requested size of {} bytes",
-                        self.limit * BLOCK
-                    ))
-                } else {
-                    Error::unsupported("filesystems over 16 TiB (needs the 64bit feature)")
-                }
-            })?;
+        let end = start.checked_add(n).filter(|&e| e <= self.limit).ok_or_else(|| {
+            if self.fixed {
+                Error::invalid_argument(format!(
+                    "the content needs more than the requested size of {} bytes",
+                    self.limit * BLOCK
+                ))
+            } else {
+                Error::unsupported("filesystems over 16 TiB (needs the 64bit feature)")
+            }
+        })?;
         if !self.fixed && end * BLOCK > self.image.size() {
             let grown = (end * BLOCK).max(self.image.size().saturating_mul(2));
             self.image
@@ -466,9 +463,7 @@ mod tests {
         // Data at 0..10, 8192..8200 (same block as nothing else), 1 MiB..1 MiB+5000.
         let data: Vec<u8> = (0..10 + 8 + 5000).map(|i| (i % 250 + 1) as u8).collect();
         let chunks = [(0, 10), (8192, 8), (1 << 20, 5000)];
-        let t = p
-            .place_sparse(&mut data.as_slice(), &chunks, 4 << 20)
-            .unwrap();
+        let t = p.place_sparse(&mut data.as_slice(), &chunks, 4 << 20).unwrap();
         p.finish().unwrap();
         let runs = p.placed(t, 4 << 20).unwrap().unwrap();
         let want = [(0, base, 1), (2, base + 1, 1), (256, base + 2, 2)];

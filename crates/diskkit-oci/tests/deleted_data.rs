@@ -69,7 +69,10 @@ fn deleted_files_leave_no_data_and_give_their_blocks_back() {
     // layer): `keep-2` (1 MiB, layer 3) goes into the 4 MiB `big` gave back in layer 2, below
     // everything layer 1 wrote after `big`; `new` (layer 2) could not and went to the end.
     let first = |f: &str| -> u64 { debugfs(&raw, &format!("bmap {f} 0")).trim().parse().unwrap() };
-    assert!(first("keep-2") < first("small-01"), "keep-2 was not put in big's blocks");
+    assert!(
+        first("keep-2") < first("small-01"),
+        "keep-2 was not put in big's blocks"
+    );
     assert!(first("new") > first("linked-2"));
     // Data in use: the kept files (about 4.5 MiB) and metadata, not the 9.5 MiB written.
     assert!(report.bytes_used < 9 << 20, "{report:?}");
@@ -107,6 +110,9 @@ fn deleted_files_leave_no_data_and_give_their_blocks_back() {
         }
         check_fs(&out);
         let container = std::fs::read(&img).unwrap();
-        assert!(!contains(&container, b"GONE-"), "{name}: deleted bytes left in the file");
+        assert!(
+            !contains(&container, b"GONE-"),
+            "{name}: deleted bytes left in the file"
+        );
     }
 }

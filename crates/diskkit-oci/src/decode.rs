@@ -6,7 +6,8 @@
 //! decoder for reuse: three threads with a bounded number of chunks in flight, so the kernel
 //! can share the cores between decompression, hashing and writing as the load shifts.
 
-use std::io::{BufRead, BufReader, Read};
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,8 @@ const READ_DEPTH: usize = 4;
 /// chunks: the blob's hash then does not slow decompression down.
 struct Prefetched {
     rx: Option<Receiver<std::io::Result<Vec<u8>>>>,
+    /// Buffers handed back to the read thread.
+    spare: SyncSender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     handle: Option<JoinHandle<()>>,
@@ -78,6 +81,7 @@ struct Prefetched {
 impl Prefetched {
     fn spawn(mut from: BufReader<Hashing<Box<dyn Read + Send>>>) -> std::io::Result<Prefetched> {
         let (tx, rx) = sync_channel(READ_DEPTH);
+        let (spare, spare_rx) = sync_channel::<Vec<u8>>(READ_DEPTH + 2);
         let handle = std::thread::Builder::new()
             .name("layer-read".into())
             .spawn(move || {
@@ -89,7 +93,9 @@ impl Prefetched {
                 }
                 let mut inner = from.into_inner();
                 loop {
-                    let mut buf = vec![0u8; READ_CHUNK];
+                    // A buffer the decompressor is done with, or a new one while filling up.
+                    let mut buf = spare_rx.try_recv().unwrap_or_default();
+                    buf.resize(READ_CHUNK, 0);
                     let mut filled = 0;
                     while filled < READ_CHUNK {
                         match inner.read(&mut buf[filled..]) {
@@ -113,6 +119,7 @@ impl Prefetched {
             })?;
         Ok(Prefetched {
             rx: Some(rx),
+            spare,
             cur: Vec::new(),
             pos: 0,
             handle: Some(handle),
@@ -139,7 +146,9 @@ impl BufRead for Prefetched {
             let Some(rx) = &self.rx else { break };
             match rx.recv() {
                 Ok(Ok(v)) => {
-                    self.cur = v;
+                    let done = std::mem::replace(&mut self.cur, v);
+                    // The read thread may have finished; then the buffer is simply freed.
+                    let _ = self.spare.try_send(done);
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),
@@ -270,75 +279,29 @@ impl DiffHasher {
     }
 }
 
-/// The uncompressed stream of a blob, decoded on a helper thread.
-pub(crate) struct Decoded {
+/// The receiving end of the decoder: chunks in order, the position in the stream, and the
+/// hasher of the uncompressed stream.
+struct Stream {
     rx: Option<Receiver<Msg>>,
     /// Buffers handed back to the decoder.
     spare: SyncSender<Vec<u8>>,
     handle: Option<JoinHandle<Option<BlobDigest>>>,
     cur: Vec<u8>,
     pos: usize,
+    /// Bytes of the stream consumed so far.
+    offset: u64,
+    /// Bytes consumed through an [`Decoded::external`] handle since the archive last moved.
+    stolen: u64,
     progress: Option<Rc<dyn Fn(u64)>>,
     /// Hashes the uncompressed stream (compressed blobs only; a plain blob is its own).
     diff: Option<DiffHasher>,
 }
 
-impl Decoded {
-    /// Start decoding `blob`; `progress` is told how many blob bytes were consumed.
-    pub(crate) fn spawn(
-        blob: Box<dyn Read + Send>,
-        progress: Option<Rc<dyn Fn(u64)>>,
-    ) -> std::io::Result<Decoded> {
-        let (tx, rx) = sync_channel(DEPTH);
-        let (spare, spare_rx) = sync_channel(DEPTH + 2);
-        let handle = std::thread::Builder::new()
-            .name("layer-decode".into())
-            .spawn(move || produce(blob, &tx, &spare_rx))?;
-        Ok(Decoded {
-            rx: Some(rx),
-            spare,
-            handle: Some(handle),
-            cur: Vec::new(),
-            pos: 0,
-            progress,
-            diff: None,
-        })
-    }
-
-    /// Tell `progress` how many blob bytes were consumed from now on.
-    pub(crate) fn set_progress(&mut self, progress: Option<Rc<dyn Fn(u64)>>) {
-        self.progress = progress;
-    }
-
-    /// Read to the end of the stream and return the digests.
-    pub(crate) fn finish(mut self) -> std::io::Result<Digests> {
-        std::io::copy(&mut self, &mut std::io::sink())?;
-        self.rx = None;
-        let blob = self.handle.take().and_then(|h| h.join().ok()).flatten();
-        let blob = blob.ok_or_else(|| std::io::Error::other("the layer decoder stopped early"))?;
-        let diff = match self.diff.take() {
-            Some(d) => {
-                // The last chunk is still here: hash it too.
-                if let Some(tx) = &d.tx {
-                    tx.send(std::mem::take(&mut self.cur))
-                        .map_err(|_| std::io::Error::other("the diff_id hasher stopped"))?;
-                }
-                d.finish()?
-            }
-            None => blob.hex.clone(),
-        };
-        Ok(Digests {
-            diff,
-            blob: blob.hex,
-            blob_bytes: blob.bytes,
-        })
-    }
-}
-
-impl Read for Decoded {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl Stream {
+    /// Make sure the current chunk has unread bytes; false at the end of the stream.
+    fn fill(&mut self) -> std::io::Result<bool> {
         while self.pos == self.cur.len() {
-            let Some(rx) = &self.rx else { return Ok(0) };
+            let Some(rx) = &self.rx else { return Ok(false) };
             match rx.recv() {
                 Ok(Msg::Compressed(c)) => {
                     if c {
@@ -364,17 +327,61 @@ impl Read for Decoded {
                     self.pos = 0;
                 }
                 Ok(Msg::Fail(e)) => return Err(e),
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(false),
             }
+        }
+        Ok(true)
+    }
+
+    /// Hand up to `n` bytes to `f`, slice by slice, without copying; returns the count.
+    fn consume(&mut self, n: u64, f: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<u64> {
+        let mut done = 0u64;
+        while done < n && self.fill()? {
+            let k = (n - done).min((self.cur.len() - self.pos) as u64) as usize;
+            f(&self.cur[self.pos..self.pos + k])?;
+            self.pos += k;
+            self.offset += k as u64;
+            done += k as u64;
+        }
+        Ok(done)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.fill()? {
+            return Ok(0);
         }
         let n = buf.len().min(self.cur.len() - self.pos);
         buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
+        self.offset += n as u64;
         Ok(n)
+    }
+
+    fn finish(&mut self) -> std::io::Result<Digests> {
+        while self.consume(u64::MAX, &mut |_| Ok(()))? > 0 {}
+        self.rx = None;
+        let blob = self.handle.take().and_then(|h| h.join().ok()).flatten();
+        let blob = blob.ok_or_else(|| std::io::Error::other("the layer decoder stopped early"))?;
+        let diff = match self.diff.take() {
+            Some(d) => {
+                // The last chunk is still here: hash it too.
+                if let Some(tx) = &d.tx {
+                    tx.send(std::mem::take(&mut self.cur))
+                        .map_err(|_| std::io::Error::other("the diff_id hasher stopped"))?;
+                }
+                d.finish()?
+            }
+            None => blob.hex.clone(),
+        };
+        Ok(Digests {
+            diff,
+            blob: blob.hex,
+            blob_bytes: blob.bytes,
+        })
     }
 }
 
-impl Drop for Decoded {
+impl Drop for Stream {
     fn drop(&mut self) {
         // Closing the channel stops the producer at its next chunk; wait for it so no thread
         // outlives the unpack.
@@ -385,6 +392,114 @@ impl Drop for Decoded {
         if let Some(d) = self.diff.take() {
             let _ = d.finish();
         }
+    }
+}
+
+/// The uncompressed stream of a blob, decoded on helper threads.
+///
+/// The tar parser reads headers through one handle and skips what it does not read with
+/// [`Seek`] (nothing is copied). The unpacker takes file data through a second handle
+/// ([`Decoded::external`]) straight out of the decoder's chunks ([`Decoded::stream`]); the
+/// parser's next skip then accounts for the bytes taken behind its back.
+pub(crate) struct Decoded {
+    s: Rc<RefCell<Stream>>,
+    external: bool,
+}
+
+impl Decoded {
+    /// Start decoding `blob`; `progress` is told how many blob bytes were consumed.
+    pub(crate) fn spawn(
+        blob: Box<dyn Read + Send>,
+        progress: Option<Rc<dyn Fn(u64)>>,
+    ) -> std::io::Result<Decoded> {
+        let (tx, rx) = sync_channel(DEPTH);
+        let (spare, spare_rx) = sync_channel(DEPTH + 2);
+        let handle = std::thread::Builder::new()
+            .name("layer-decode".into())
+            .spawn(move || produce(blob, &tx, &spare_rx))?;
+        Ok(Decoded {
+            s: Rc::new(RefCell::new(Stream {
+                rx: Some(rx),
+                spare,
+                handle: Some(handle),
+                cur: Vec::new(),
+                pos: 0,
+                offset: 0,
+                stolen: 0,
+                progress,
+                diff: None,
+            })),
+            external: false,
+        })
+    }
+
+    /// A second handle on the same stream for taking file data past the tar parser.
+    pub(crate) fn external(&self) -> Decoded {
+        Decoded {
+            s: self.s.clone(),
+            external: true,
+        }
+    }
+
+    /// Tell `progress` how many blob bytes were consumed from now on.
+    pub(crate) fn set_progress(&self, progress: Option<Rc<dyn Fn(u64)>>) {
+        self.s.borrow_mut().progress = progress;
+    }
+
+    /// Hand the next `n` bytes (fewer at the end of the stream) to `f` slice by slice, as
+    /// they sit in the decoder's chunks; returns how many there were. External handles only.
+    pub(crate) fn stream(
+        &self,
+        n: u64,
+        f: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<u64> {
+        debug_assert!(self.external);
+        let mut s = self.s.borrow_mut();
+        let done = s.consume(n, f)?;
+        s.stolen += done;
+        Ok(done)
+    }
+
+    /// Read to the end of the stream and return the digests.
+    pub(crate) fn finish(self) -> std::io::Result<Digests> {
+        self.s.borrow_mut().finish()
+    }
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Read for &Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut s = self.s.borrow_mut();
+        let n = s.read(buf)?;
+        if self.external {
+            s.stolen += n as u64;
+        }
+        Ok(n)
+    }
+}
+
+impl Seek for Decoded {
+    /// Forward skips only (`SeekFrom::Current(n)`, `n >= 0`), relative to where the tar parser
+    /// thinks it is: bytes taken through an external handle since count as skipped already.
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let mut s = self.s.borrow_mut();
+        let SeekFrom::Current(delta) = pos else {
+            return Err(std::io::Error::other("the layer stream only skips forward"));
+        };
+        let stolen = std::mem::take(&mut s.stolen);
+        let skip = u64::try_from(delta)
+            .ok()
+            .and_then(|d| d.checked_sub(stolen))
+            .ok_or_else(|| std::io::Error::other("the layer stream cannot go back"))?;
+        if s.consume(skip, &mut |_| Ok(()))? != skip {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(s.offset)
     }
 }
 
@@ -412,6 +527,67 @@ mod tests {
             assert_eq!(dg.blob_bytes, blob.len() as u64);
             assert_eq!(dg.blob, hex(&Sha256::digest(&blob)));
             assert_eq!(dg.diff, hex(&Sha256::digest(&data)));
+        }
+    }
+
+    #[test]
+    fn data_taken_past_the_tar_parser_is_skipped_by_it() {
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("a", vec![1u8; 100 << 10]),
+            ("b", b"0123456789".to_vec()),
+            ("c", (0..300u32 << 10).map(|i| (i % 251) as u8).collect()),
+            ("d", vec![9u8; 5000]),
+        ];
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, data) in &files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            builder.append_data(&mut h, name, data.as_slice()).unwrap();
+        }
+        let plain = builder.into_inner().unwrap();
+        let zst = zstd::stream::encode_all(&plain[..], 1).unwrap();
+        for blob in [plain.clone(), zst] {
+            let decoded = Decoded::spawn(Box::new(Cursor::new(blob)), None).unwrap();
+            let data = decoded.external();
+            let mut archive = tar::Archive::new(decoded);
+            let mut got = Vec::new();
+            for e in archive.entries_with_seek().unwrap() {
+                let mut e = e.unwrap();
+                let name = String::from_utf8(e.path_bytes().into_owned()).unwrap();
+                let mut bytes = Vec::new();
+                match name.as_str() {
+                    // Taken whole past the parser, from the decoder's chunks.
+                    "a" | "c" => {
+                        let n = data
+                            .stream(e.size(), &mut |s| {
+                                bytes.extend_from_slice(s);
+                                Ok(())
+                            })
+                            .unwrap();
+                        assert_eq!(n, e.size());
+                    }
+                    // Read through the parser.
+                    "b" => {
+                        e.read_to_end(&mut bytes).unwrap();
+                    }
+                    // Partly taken through the external handle; the parser skips the rest.
+                    _ => {
+                        bytes.resize(1000, 0);
+                        (&data).read_exact(&mut bytes).unwrap();
+                    }
+                }
+                got.push((name, bytes));
+            }
+            assert_eq!(got.len(), 4);
+            for ((name, bytes), (want_name, want)) in got.iter().zip(&files) {
+                assert_eq!(name, want_name);
+                let want = if name == "d" { &want[..1000] } else { &want[..] };
+                assert!(bytes.as_slice() == want, "{name}");
+            }
+            let dg = archive.into_inner().finish().unwrap();
+            assert_eq!(dg.diff, hex(&Sha256::digest(&plain)));
         }
     }
 

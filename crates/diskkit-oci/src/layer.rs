@@ -60,15 +60,16 @@ pub(crate) fn start_layer(blob: Box<dyn Read + Send>, info: &LayerInfo) -> Resul
 /// image. Whiteouts are applied first (see [`crate::merge`]); every digest that is known is
 /// verified before returning.
 pub(crate) fn apply_layer(
-    mut decoded: Decoded,
+    decoded: Decoded,
     info: &LayerInfo,
     tree: &mut MergedTree,
     placer: &mut Placer<'_>,
     progress: Option<Rc<dyn Fn(u64)>>,
 ) -> Result<()> {
     decoded.set_progress(progress);
+    let data = decoded.external();
     let mut archive = tar::Archive::new(decoded);
-    let entries = read_entries(&mut archive, placer).map_err(|e| layer_err(info, e))?;
+    let entries = read_entries(&mut archive, &data, placer).map_err(|e| layer_err(info, e))?;
     // Read to the end (end-of-archive padding) so the digests cover the whole stream.
     let digests = archive
         .into_inner()
@@ -245,10 +246,16 @@ fn overlay_whiteout(path: &[Vec<u8>], kind: &EntryKind, opaque: bool) -> Option<
     Some(out)
 }
 
-fn read_entries<R: Read>(archive: &mut tar::Archive<R>, placer: &mut Placer<'_>) -> Result<Vec<Entry>> {
+/// Parse the entries; regular files' data goes from `data` (the stream's external handle)
+/// straight to the image.
+fn read_entries(
+    archive: &mut tar::Archive<Decoded>,
+    data: &Decoded,
+    placer: &mut Placer<'_>,
+) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     let iter = archive
-        .entries()
+        .entries_with_seek()
         .map_err(|e| io_err(&e, "reading the tar archive"))?;
     for entry in iter {
         let mut entry = entry.map_err(|e| io_err(&e, "reading a tar header"))?;
@@ -337,7 +344,15 @@ fn read_entries<R: Read>(archive: &mut tar::Archive<R>, placer: &mut Placer<'_>)
                     .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
                 EntryKind::File { size: real, content }
             }
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+            EntryType::Regular | EntryType::Continuous => {
+                let size = entry.size();
+                let content = placer
+                    .place_from(data, size)
+                    .map_err(|e| Error::new(e.kind(), format!("tar entry {name}")).with_source(e))?;
+                EntryKind::File { size, content }
+            }
+            EntryType::GNUSparse => {
+                // Old GNU sparse: the parser fills the holes with zeroes as it reads.
                 let size = entry.size();
                 let content = placer
                     .place(&mut entry, size)

@@ -18,9 +18,14 @@ use std::io::Read;
 use diskkit::{DiskImage, Error, Result};
 use diskkit_ext4::writer::{reserved_blocks, ContentSource, PlacedRun};
 
+use crate::decode::Decoded;
+
 const BLOCK: u64 = 4096;
 /// Bytes gathered before one write to the image.
 const BUFFER: usize = 1 << 20;
+/// Files at least this large go to the image straight from the decoder's chunks (no copy);
+/// smaller ones are gathered in the buffer.
+const DIRECT: u64 = 64 << 10;
 /// Size the image starts with (then doubled as needed).
 const FIRST_SIZE: u64 = 64 << 20;
 /// Most logical runs kept for one sparse file; beyond that it is stored dense.
@@ -237,6 +242,45 @@ impl<'i> Placer<'i> {
         if blocks > 0 {
             self.copy_in(from, start * BLOCK, size)?;
             self.pad();
+        }
+        Ok(token)
+    }
+
+    /// Place a file of `size` bytes that comes next in `data` (an external handle of the
+    /// layer stream); returns its content token. Large files are written from the decoder's
+    /// chunks as they are; small ones are gathered.
+    pub(crate) fn place_from(&mut self, data: &Decoded, size: u64) -> Result<u64> {
+        if size < DIRECT {
+            return self.place(&mut &*data, size);
+        }
+        let blocks = size.div_ceil(BLOCK);
+        let start = self.alloc(blocks)?;
+        let token = self.new_slot(Slot {
+            start,
+            blocks,
+            freed: false,
+        });
+        self.flush()?;
+        let image = self.image;
+        let mut at = start * BLOCK;
+        let mut failed: Option<Error> = None;
+        let got = data.stream(size, &mut |slice| {
+            // The blocks read as zeroes already: all-zero stretches stay holes.
+            if slice.iter().any(|&b| b != 0) {
+                if let Err(e) = image.write_at(slice, at) {
+                    failed = Some(e.with_operation("writing file data"));
+                    return Err(std::io::Error::other("write failed"));
+                }
+            }
+            at += slice.len() as u64;
+            Ok(())
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let got = got.map_err(|e| read_err(e, 0, size))?;
+        if got != size {
+            return Err(truncated(got, size));
         }
         Ok(token)
     }
@@ -493,6 +537,15 @@ mod tests {
         let mut small = Placer::new(&img, 100, true);
         let e = small.place(&mut std::io::repeat(1), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("requested size"), "{e}");
+        // A large file taken straight from the stream, cut short.
+        let d = Decoded::spawn(Box::new(std::io::Cursor::new(vec![7u8; 100_000])), None).unwrap();
+        let e = p.place_from(&d.external(), 200_000).unwrap_err();
+        assert!(e.to_string().contains("after 100000 of 200000"), "{e}");
+        // Whole, it lands where the run starts.
+        let d = Decoded::spawn(Box::new(std::io::Cursor::new(vec![8u8; 100_000])), None).unwrap();
+        let t = p.place_from(&d.external(), 100_000).unwrap();
+        let r = p.placed(t, 100_000).unwrap().unwrap();
+        assert_eq!(read(&img, r[0].physical, 100_000), vec![8u8; 100_000]);
         // Growing: a file past the first size grows the image.
         let big = 80 << 20;
         p.place(&mut std::io::repeat(7).take(big), big).unwrap();

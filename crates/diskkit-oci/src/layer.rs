@@ -57,8 +57,11 @@ pub(crate) fn start_layer(blob: Box<dyn Read + Send>, info: &LayerInfo) -> Resul
 }
 
 /// Read one layer (started with [`start_layer`]) into `tree`, placing file data in the output
-/// image. Whiteouts are applied first (see [`crate::merge`]); every digest that is known is
-/// verified before returning.
+/// image. Entries are merged as they are parsed, in archive order (whiteout semantics in
+/// [`crate::merge`]), and every digest that is known is verified at the end of the layer. A
+/// failure anywhere fails the whole unpack, so merging before the digests are checked cannot
+/// leave a wrong tree behind; when the merge fails, the digests are still checked first, so a
+/// damaged layer is reported as such.
 pub(crate) fn apply_layer(
     decoded: Decoded,
     info: &LayerInfo,
@@ -69,7 +72,8 @@ pub(crate) fn apply_layer(
     decoded.set_progress(progress);
     let data = decoded.external();
     let mut archive = tar::Archive::new(decoded);
-    let entries = read_entries(&mut archive, &data, placer).map_err(|e| layer_err(info, e))?;
+    tree.begin_layer(info.index);
+    let merge_failed = read_entries(&mut archive, &data, placer, tree).map_err(|e| layer_err(info, e))?;
     // Read to the end (end-of-archive padding) so the digests cover the whole stream.
     let digests = archive
         .into_inner()
@@ -101,9 +105,8 @@ pub(crate) fn apply_layer(
             )));
         }
     }
-    tree.begin_layer(info.index);
-    for e in entries {
-        tree.apply(e)?;
+    if let Some(e) = merge_failed {
+        return Err(e);
     }
     // What this layer deleted or replaced gives its blocks back.
     placer.release_unreachable(&tree.live_contents())
@@ -246,13 +249,15 @@ fn overlay_whiteout(path: &[Vec<u8>], kind: &EntryKind, opaque: bool) -> Option<
     Some(out)
 }
 
-/// Parse the entries; regular files' data goes from `data` (the stream's external handle)
-/// straight to the image.
+/// Parse the entries and merge them into `tree`; regular files' data goes from `data` (the
+/// stream's external handle) straight to the image. A parse error is returned as the error;
+/// a merge error stops the parsing and is returned inside `Ok`.
 fn read_entries(
     archive: &mut tar::Archive<Decoded>,
     data: &Decoded,
     placer: &mut Placer<'_>,
-) -> Result<Vec<Entry>> {
+    tree: &mut MergedTree,
+) -> Result<Option<Error>> {
     let mut out = Vec::new();
     let iter = archive
         .entries_with_seek()
@@ -397,8 +402,13 @@ fn read_entries(
             }),
             None => out.push(Entry { path, kind, meta }),
         }
+        for e in out.drain(..) {
+            if let Err(e) = tree.apply(e) {
+                return Ok(Some(e));
+            }
+        }
     }
-    Ok(out)
+    Ok(None)
 }
 
 /// Most entries accepted in a sparse map.

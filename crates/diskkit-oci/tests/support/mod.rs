@@ -328,7 +328,13 @@ fn quoted(path: &str) -> String {
 /// The image read through debugfs: `ls -p` per directory, then `stat`, `ea_list` and
 /// (regular files, long symlinks) `dump` per path, all batched.
 pub(crate) fn debugfs_tree(img: &Path) -> Tree {
+    debugfs_tree_inodes(img).0
+}
+
+/// [`debugfs_tree`], and the inode number of every path.
+pub(crate) fn debugfs_tree_inodes(img: &Path) -> (Tree, Inodes) {
     let mut out = Tree::new();
+    let mut inodes = Inodes::new();
     let mut level = vec![String::new()];
     while !level.is_empty() {
         let cmds: Vec<String> = level.iter().map(|d| format!("ls -p {}", quoted(d))).collect();
@@ -364,6 +370,7 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
                 if r.kind == 'd' {
                     next.push(path.clone());
                 }
+                inodes.insert(path.clone(), f[1].parse().unwrap());
                 out.insert(path, r);
             }
         }
@@ -426,6 +433,47 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
     for (i, (p, name)) in long_values.into_iter().enumerate() {
         let v = std::fs::read(dumps.path().join(format!("ea{i}"))).unwrap();
         out.get_mut(&p).unwrap().xattrs.insert(name, hex(&v));
+    }
+    (out, inodes)
+}
+
+/// Relative path -> inode number.
+pub(crate) type Inodes = BTreeMap<String, u64>;
+
+/// The inode number of every path of a real directory tree (`lost+found` left out).
+pub(crate) fn host_inodes(root: &Path) -> Inodes {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Inodes::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(rel, md.ino());
+        }
+    }
+    out
+}
+
+/// Which names share an inode, whatever its number: every path whose inode has more than one
+/// name -> all those names, sorted.
+pub(crate) fn link_groups(inodes: &Inodes) -> BTreeMap<String, Vec<String>> {
+    let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (p, ino) in inodes {
+        by_ino.entry(*ino).or_default().push(p.clone());
+    }
+    let mut out = BTreeMap::new();
+    for names in by_ino.into_values().filter(|n| n.len() > 1) {
+        for p in &names {
+            out.insert(p.clone(), names.clone());
+        }
     }
     out
 }

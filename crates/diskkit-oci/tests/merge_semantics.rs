@@ -117,7 +117,7 @@ fn matches_umoci_as_root() {
 mod model;
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
 
     /// Random layer stacks (`model`), hard links within and across layers included: diskkit's
     /// merge equals `umoci unpack --rootless` in every field debugfs shows (modes, owners,
@@ -128,16 +128,9 @@ proptest::proptest! {
     fn random_layers_match_umoci(layers in model::layers(), pick in proptest::prelude::any::<usize>()) {
         let t = tempfile::tempdir().unwrap();
         let stack = model::build(t.path(), &layers);
-        let gz: Vec<PathBuf> = stack
-            .tars
-            .iter()
-            .map(|tar| {
-                run(Command::new("gzip").args(["-n", "-k", "-f"]).arg(tar));
-                tar.with_extension("tar.gz")
-            })
-            .collect();
+        let tars: Vec<&Path> = stack.tars.iter().map(PathBuf::as_path).collect();
         let lay = t.path().join("lay");
-        support::layout(&lay, "v1", &gz.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        support::layout_gz(&lay, "v1", &tars);
         let img = t.path().join("out.img");
         do_unpack(&lay, None, &img).unwrap();
         e2fsck(&img);
@@ -160,9 +153,7 @@ proptest::proptest! {
             let target = &stack.gone[pick % stack.gone.len()];
             let (extra, link) = model::dangling_link(t.path(), "dangling.tar", target);
             let lay = t.path().join("lay-dangling");
-            let mut all: Vec<&Path> = gz.iter().map(PathBuf::as_path).collect();
-            all.push(&extra);
-            support::layout(&lay, "v1", &all);
+            support::layout_gz(&lay, "v1", &[&tars[..], &[extra.as_path()]].concat());
             let out = t.path().join("out-dangling");
             std::fs::create_dir(&out).unwrap();
             let e = do_unpack(&lay, None, &out.join("x.img")).unwrap_err();

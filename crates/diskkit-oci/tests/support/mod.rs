@@ -589,6 +589,47 @@ pub(crate) fn layout(out: &Path, tag: &str, layers: &[&Path]) {
     run(&mut cmd);
 }
 
+/// [`layout`] done in-process for uncompressed tar files, each stored gzip-compressed: what
+/// `mkoci-layout.sh` writes, without its dozens of processes per layer (the random-layer
+/// tests write hundreds of layouts).
+pub(crate) fn layout_gz(out: &Path, tag: &str, tars: &[&Path]) {
+    use std::fmt::Write as _;
+    let blobs = out.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let digest = sha(data);
+        std::fs::write(blobs.join(&digest), data).unwrap();
+        (format!("sha256:{digest}"), data.len())
+    };
+    let (mut layers, mut diff_ids) = (String::new(), String::new());
+    for (i, tar) in tars.iter().enumerate() {
+        let raw = std::fs::read(tar).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let (digest, size) = put(&gz.finish().unwrap());
+        let sep = if i == 0 { "" } else { "," };
+        write!(
+            layers,
+            r#"{sep}{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{size}}}"#
+        )
+        .unwrap();
+        write!(diff_ids, r#"{sep}"sha256:{}""#, sha(&raw)).unwrap();
+    }
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{diff_ids}]}}}}"#
+    );
+    let (cd, cs) = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cs}}},"layers":[{layers}]}}"#
+    );
+    let (md, ms) = put(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#
+    );
+    std::fs::write(out.join("index.json"), index).unwrap();
+    std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
 /// The reference merge: `umoci unpack` as root (exact owners, devices and xattrs); the
 /// rootfs directory, or umoci's error.
 pub(crate) fn umoci_unpack(lay: &Path, tag: &str, bundle: &Path) -> Result<std::path::PathBuf, String> {

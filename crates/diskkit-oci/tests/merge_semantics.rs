@@ -123,7 +123,8 @@ proptest::proptest! {
     /// merge equals `umoci unpack --rootless` in every field debugfs shows (modes, owners,
     /// sizes, content hashes, symlink targets, link counts) and in which names share an inode,
     /// and in what ext4-view reads. A further layer that hard-links a file the stack deleted
-    /// (whiteout, opaque directory, replaced parent) fails with `NotFound` and leaves no image.
+    /// (whiteout, opaque directory, replaced parent) fails with `NotFound` and leaves no image;
+    /// one that whites out a file and then links to it merges as umoci merges the link first.
     #[test]
     fn random_layers_match_umoci(layers in model::layers(), pick in proptest::prelude::any::<usize>()) {
         let t = tempfile::tempdir().unwrap();
@@ -135,23 +136,11 @@ proptest::proptest! {
         do_unpack(&lay, None, &img).unwrap();
         e2fsck(&img);
         let bundle = t.path().join("bundle");
-        run(Command::new("umoci")
-            .args(["unpack", "--rootless", "--image"])
-            .arg(format!("{}:v1", lay.display()))
-            .arg(&bundle));
-        let rootfs = bundle.join("rootfs");
-        let expected = support::host_tree(&rootfs);
-        let (ours, inodes) = support::debugfs_tree_inodes(&img);
-        support::assert_same("debugfs", &ours, &expected);
-        proptest::prop_assert_eq!(
-            support::link_groups(&inodes),
-            support::link_groups(&support::host_inodes(&rootfs)),
-            "names sharing an inode"
-        );
-        support::check_view("random layers", &img, &expected);
+        umoci_rootless(&lay, &bundle);
+        same_tree("random layers", &img, &bundle.join("rootfs"))?;
         if !stack.gone.is_empty() {
             let target = &stack.gone[pick % stack.gone.len()];
-            let (extra, link) = model::dangling_link(t.path(), "dangling.tar", target);
+            let (extra, link) = model::dangling_link(t.path(), target);
             let lay = t.path().join("lay-dangling");
             support::layout_gz(&lay, "v1", &[&tars[..], &[extra.as_path()]].concat());
             let out = t.path().join("out-dangling");
@@ -161,7 +150,46 @@ proptest::proptest! {
             proptest::prop_assert!(e.to_string().contains(target.as_str()), "{}", e);
             proptest::prop_assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "no output left behind");
         }
+        // Every other case: a further layer links to a file and whites it out, the whiteout
+        // first; diskkit's image must be umoci's merge of the same layer with the link first.
+        if pick % 2 == 0 && !stack.files.is_empty() {
+            let target = &stack.files[pick / 2 % stack.files.len()];
+            let (whfirst, lnfirst) = model::link_to_whited_out(t.path(), target);
+            let lay_wh = t.path().join("lay-whfirst");
+            support::layout_gz(&lay_wh, "v1", &[&tars[..], &[whfirst.as_path()]].concat());
+            let lay_ln = t.path().join("lay-lnfirst");
+            support::layout_gz(&lay_ln, "v1", &[&tars[..], &[lnfirst.as_path()]].concat());
+            let img = t.path().join("whfirst.img");
+            do_unpack(&lay_wh, None, &img).unwrap();
+            e2fsck(&img);
+            let bundle = t.path().join("bundle-lnfirst");
+            umoci_rootless(&lay_ln, &bundle);
+            same_tree(&format!("link to {target} after its whiteout"), &img, &bundle.join("rootfs"))?;
+        }
     }
+}
+
+fn umoci_rootless(lay: &Path, bundle: &Path) {
+    run(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", lay.display()))
+        .arg(bundle));
+}
+
+/// Our image against umoci's rootfs: every field debugfs shows, which names share an inode,
+/// and what ext4-view reads.
+fn same_tree(what: &str, img: &Path, rootfs: &Path) -> Result<(), proptest::test_runner::TestCaseError> {
+    let expected = support::host_tree(rootfs);
+    let (ours, inodes) = support::debugfs_tree_inodes(img);
+    support::assert_same(what, &ours, &expected);
+    proptest::prop_assert_eq!(
+        support::link_groups(&inodes),
+        support::link_groups(&support::host_inodes(rootfs)),
+        "{}: names sharing an inode",
+        what
+    );
+    support::check_view(what, img, &expected);
+    Ok(())
 }
 
 /// The generator's mix, over many cases (no unpacking): at least 30% of the hard links reach

@@ -346,11 +346,7 @@ impl Layer<'_> {
             return; // umoci would delete same-layer entries; the spec keeps them
         }
         self.parents(p);
-        let wh = match p.rsplit_once('/') {
-            Some((d, name)) => format!("{d}/.wh.{name}"),
-            None => format!(".wh.{p}"),
-        };
-        self.put(&wh, tar::EntryType::Regular, 0o644, &[], None);
+        self.put(&whiteout_of(p), tar::EntryType::Regular, 0o644, &[], None);
         self.model.remove_where(p, Why::Whiteout, |_, _| true);
     }
 
@@ -449,6 +445,8 @@ pub(crate) struct Stack {
     /// Paths that once held a regular file and are gone from the merged tree (a hard link to
     /// one of them in a further layer must fail with `NotFound`).
     pub(crate) gone: Vec<String>,
+    /// Regular files of the merged tree.
+    pub(crate) files: Vec<String>,
 }
 
 /// Write `layers` as `m0.tar`, `m1.tar`... in `dir`.
@@ -511,20 +509,57 @@ pub(crate) fn build(dir: &Path, layers: &[Vec<Op>]) -> Stack {
     Stack {
         tars,
         gone: model.gone(),
+        files: model.files(false).into_iter().chain(model.files(true)).collect(),
         stats: model.stats,
     }
 }
 
-/// A layer `name` in `dir` holding one hard link to `target`, at a top-level name that is
-/// not `target`'s first component (so its parents leave `target` alone); its path.
-pub(crate) fn dangling_link(dir: &Path, name: &str, target: &str) -> (PathBuf, String) {
+/// A top-level name that is not `target`'s first component (a link there leaves `target`
+/// and its parents alone).
+fn link_name_for(target: &str) -> String {
     let first = target.split('/').next().unwrap_or(target);
-    let link = NAMES.iter().find(|n| **n != first).unwrap().to_string();
+    NAMES.iter().find(|n| **n != first).unwrap().to_string()
+}
+
+fn whiteout_of(p: &str) -> String {
+    match p.rsplit_once('/') {
+        Some((d, name)) => format!("{d}/.wh.{name}"),
+        None => format!(".wh.{p}"),
+    }
+}
+
+/// Write a layer of `(path, hard link target or None for a whiteout)` entries to `dir/name`.
+fn write_entries(dir: &Path, name: &str, entries: &[(&str, Option<&str>)]) -> PathBuf {
     let mut l = tar::Builder::new(Vec::new());
-    let mut h = Layer::header(tar::EntryType::Link, 0o644, 0);
-    h.set_link_name(target).unwrap();
-    l.append_data(&mut h, &link, &[][..]).unwrap();
+    for (path, link) in entries {
+        let kind = match link {
+            Some(_) => tar::EntryType::Link,
+            None => tar::EntryType::Regular,
+        };
+        let mut h = Layer::header(kind, 0o644, 0);
+        if let Some(t) = link {
+            h.set_link_name(t).unwrap();
+        }
+        l.append_data(&mut h, path, &[][..]).unwrap();
+    }
     let path = dir.join(name);
     std::fs::write(&path, l.into_inner().unwrap()).unwrap();
-    (path, link)
+    path
+}
+
+/// A layer `dangling.tar` in `dir` holding one hard link to `target`; its path and the link's.
+pub(crate) fn dangling_link(dir: &Path, target: &str) -> (PathBuf, String) {
+    let link = link_name_for(target);
+    (write_entries(dir, "dangling.tar", &[(&link, Some(target))]), link)
+}
+
+/// Two layers that hard-link a new name to the file `target` and white `target` out:
+/// `whfirst.tar` with the whiteout first (umoci fails it; diskkit applies the whiteout to the
+/// lower layers whatever its place), `lnfirst.tar` with the link first (which umoci accepts).
+pub(crate) fn link_to_whited_out(dir: &Path, target: &str) -> (PathBuf, PathBuf) {
+    let link = link_name_for(target);
+    let wh = whiteout_of(target);
+    let whfirst = write_entries(dir, "whfirst.tar", &[(&wh, None), (&link, Some(target))]);
+    let lnfirst = write_entries(dir, "lnfirst.tar", &[(&link, Some(target)), (&wh, None)]);
+    (whfirst, lnfirst)
 }

@@ -150,21 +150,22 @@ proptest::proptest! {
             proptest::prop_assert!(e.to_string().contains(target.as_str()), "{}", e);
             proptest::prop_assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0, "no output left behind");
         }
-        // Every other case: a further layer links to a file and whites it out, the whiteout
-        // first; diskkit's image must be umoci's merge of the same layer with the link first.
+        // Every other case: a further layer links to a file and removes it (whiteout of it or
+        // of its parent, opaque parent, a directory in its place), the removal first; diskkit's
+        // image must be umoci's merge of the same layer with the link first.
         if pick % 2 == 0 && !stack.files.is_empty() {
             let target = &stack.files[pick / 2 % stack.files.len()];
-            let (whfirst, lnfirst) = model::link_to_whited_out(t.path(), target);
-            let lay_wh = t.path().join("lay-whfirst");
-            support::layout_gz(&lay_wh, "v1", &[&tars[..], &[whfirst.as_path()]].concat());
-            let lay_ln = t.path().join("lay-lnfirst");
-            support::layout_gz(&lay_ln, "v1", &[&tars[..], &[lnfirst.as_path()]].concat());
-            let img = t.path().join("whfirst.img");
-            do_unpack(&lay_wh, None, &img).unwrap();
+            let (removed_first, link_first, what) = model::link_to_removed(t.path(), target, pick / 4);
+            let lay_rm = t.path().join("lay-removed-first");
+            support::layout_gz(&lay_rm, "v1", &[&tars[..], &[removed_first.as_path()]].concat());
+            let lay_ln = t.path().join("lay-link-first");
+            support::layout_gz(&lay_ln, "v1", &[&tars[..], &[link_first.as_path()]].concat());
+            let img = t.path().join("removed-first.img");
+            do_unpack(&lay_rm, None, &img).unwrap_or_else(|e| panic!("{what}: {e}"));
             e2fsck(&img);
-            let bundle = t.path().join("bundle-lnfirst");
+            let bundle = t.path().join("bundle-link-first");
             umoci_rootless(&lay_ln, &bundle);
-            same_tree(&format!("link to {target} after its whiteout"), &img, &bundle.join("rootfs"))?;
+            same_tree(&what, &img, &bundle.join("rootfs"))?;
         }
     }
 }

@@ -528,16 +528,27 @@ fn whiteout_of(p: &str) -> String {
     }
 }
 
-/// Write a layer of `(path, hard link target or None for a whiteout)` entries to `dir/name`.
-fn write_entries(dir: &Path, name: &str, entries: &[(&str, Option<&str>)]) -> PathBuf {
+/// An entry of the extra layers the test puts on top of a stack.
+#[derive(Clone, Copy)]
+enum Extra<'a> {
+    /// A hard link to this path.
+    Link(&'a str),
+    /// An empty regular file: a whiteout or an opaque marker.
+    Marker,
+    Dir,
+}
+
+/// Write a layer of `entries` to `dir/name`.
+fn write_entries(dir: &Path, name: &str, entries: &[(&str, Extra)]) -> PathBuf {
     let mut l = tar::Builder::new(Vec::new());
-    for (path, link) in entries {
-        let kind = match link {
-            Some(_) => tar::EntryType::Link,
-            None => tar::EntryType::Regular,
+    for (path, e) in entries {
+        let (kind, path) = match e {
+            Extra::Link(_) => (tar::EntryType::Link, path.to_string()),
+            Extra::Marker => (tar::EntryType::Regular, path.to_string()),
+            Extra::Dir => (tar::EntryType::Directory, format!("{path}/")),
         };
-        let mut h = Layer::header(kind, 0o644, 0);
-        if let Some(t) = link {
+        let mut h = Layer::header(kind, 0o755, 0);
+        if let Extra::Link(t) = e {
             h.set_link_name(t).unwrap();
         }
         l.append_data(&mut h, path, &[][..]).unwrap();
@@ -550,16 +561,29 @@ fn write_entries(dir: &Path, name: &str, entries: &[(&str, Option<&str>)]) -> Pa
 /// A layer `dangling.tar` in `dir` holding one hard link to `target`; its path and the link's.
 pub(crate) fn dangling_link(dir: &Path, target: &str) -> (PathBuf, String) {
     let link = link_name_for(target);
-    (write_entries(dir, "dangling.tar", &[(&link, Some(target))]), link)
+    (
+        write_entries(dir, "dangling.tar", &[(&link, Extra::Link(target))]),
+        link,
+    )
 }
 
-/// Two layers that hard-link a new name to the file `target` and white `target` out:
-/// `whfirst.tar` with the whiteout first (umoci fails it; diskkit applies the whiteout to the
-/// lower layers whatever its place), `lnfirst.tar` with the link first (which umoci accepts).
-pub(crate) fn link_to_whited_out(dir: &Path, target: &str) -> (PathBuf, PathBuf) {
+/// Two layers that hard-link a new name to the file `target` and remove `target` as `how`
+/// picks (whiteout of it or of its parent, opaque parent, a directory in its place):
+/// `removed_first.tar` removes it before the link, which umoci fails (its link finds nothing,
+/// or a directory) and diskkit gives the link the lower file as the spec's whatever-the-order
+/// whiteouts require; `link_first.tar` links first, which umoci accepts. Also what was done.
+pub(crate) fn link_to_removed(dir: &Path, target: &str, how: usize) -> (PathBuf, PathBuf, String) {
     let link = link_name_for(target);
-    let wh = whiteout_of(target);
-    let whfirst = write_entries(dir, "whfirst.tar", &[(&wh, None), (&link, Some(target))]);
-    let lnfirst = write_entries(dir, "lnfirst.tar", &[(&link, Some(target)), (&wh, None)]);
-    (whfirst, lnfirst)
+    let parent = parent(target);
+    let (removal, what) = match (how % 4, parent) {
+        (1, Some(d)) => ((whiteout_of(d), Extra::Marker), "whiteout of its parent"),
+        (2, Some(d)) => ((format!("{d}/.wh..wh..opq"), Extra::Marker), "opaque parent"),
+        (3, _) => ((target.to_string(), Extra::Dir), "a directory in its place"),
+        _ => ((whiteout_of(target), Extra::Marker), "whiteout"),
+    };
+    let removal = (removal.0.as_str(), removal.1);
+    let link_entry = (link.as_str(), Extra::Link(target));
+    let first = write_entries(dir, "removed_first.tar", &[removal, link_entry]);
+    let second = write_entries(dir, "link_first.tar", &[link_entry, removal]);
+    (first, second, format!("{link} -> {target}, {what}"))
 }

@@ -214,6 +214,7 @@ fn random_layers_cover_cross_layer_links() {
     eprintln!("{cases} cases: {total:?}, {with_gone} with a deleted file to link to");
     let links = total.same_links + total.cross_links;
     assert!(total.cross_links * 10 >= links * 3, "{total:?}");
+    assert!(total.via_symlink * 20 >= links, "{total:?}");
     let each = [
         total.whited_out,
         total.opaque,

@@ -19,7 +19,7 @@ use proptest::prelude::*;
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const DIR_MODES: [u32; 3] = [0o755, 0o700, 0o1777];
 const FILE_MODES: [u32; 4] = [0o644, 0o600, 0o755, 0o4755];
-const TARGETS: [&str; 4] = ["a", "../b", "/c/a", "nowhere"];
+const TARGETS: [&str; 7] = ["a", "../b", "/c/a", "nowhere", ".", "..", "/"];
 
 fn paths() -> Vec<String> {
     let mut out = Vec::new();
@@ -42,6 +42,9 @@ pub(crate) enum Reach {
     Same,
     /// A regular file the lower layers made that this layer has not touched (yet).
     Lower,
+    /// Any regular file, named through a symlink to one of its parent directories (or to the
+    /// root): the link target's parents resolve through symlinks (clamped at the root).
+    ViaSymlink,
 }
 
 /// What [`Op::Hit`] does to a name of a file that has several.
@@ -85,9 +88,13 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (any::<usize>(), data(), any::<usize>()).prop_map(|(p, d, m)| Op::File(p, d, m)),
         2 => (any::<usize>(), any::<usize>()).prop_map(|(p, m)| Op::Dir(p, m)),
-        1 => (any::<usize>(), any::<usize>()).prop_map(|(p, t)| Op::Symlink(p, t)),
+        2 => (any::<usize>(), any::<usize>()).prop_map(|(p, t)| Op::Symlink(p, t)),
         1 => any::<usize>().prop_map(Op::Fifo),
-        3 => (any::<usize>(), any::<usize>(), prop_oneof![Just(Reach::Same), Just(Reach::Lower)])
+        3 => (any::<usize>(), any::<usize>(), prop_oneof![
+            2 => Just(Reach::Same),
+            2 => Just(Reach::Lower),
+            2 => Just(Reach::ViaSymlink),
+        ])
             .prop_map(|(p, t, r)| Op::HardLink(p, t, r)),
         2 => any::<usize>().prop_map(Op::Whiteout),
         1 => any::<usize>().prop_map(Op::Opaque),
@@ -108,6 +115,27 @@ fn under(p: &str, root: &str) -> bool {
     p.starts_with(&format!("{root}/"))
 }
 
+/// Where the symlink at `at` pointing to `target` leads, lexically, `..` clamped at the root
+/// (`""`): the model's paths hold no symlink, so this is where it resolves when a directory
+/// is there.
+fn resolve(at: &str, target: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    if !target.starts_with('/') {
+        out.extend(at.split('/'));
+        out.pop();
+    }
+    for c in target.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out.join("/")
+}
+
 fn parent(p: &str) -> Option<&str> {
     p.rsplit_once('/').map(|(d, _)| d)
 }
@@ -120,6 +148,8 @@ pub(crate) struct Stats {
     pub(crate) same_links: usize,
     /// Hard links to a file a lower layer made.
     pub(crate) cross_links: usize,
+    /// Hard links (of either kind) whose target path goes through a symlink.
+    pub(crate) via_symlink: usize,
     /// A name of a file that a cross-layer link gave another name went away while another
     /// name stayed, by how: whiteout of the name or of a parent, opaque parent, replaced by a
     /// regular file, replaced by something else.
@@ -135,6 +165,7 @@ impl Stats {
     pub(crate) fn add(&mut self, o: &Stats) {
         self.same_links += o.same_links;
         self.cross_links += o.cross_links;
+        self.via_symlink += o.via_symlink;
         self.whited_out += o.whited_out;
         self.opaque += o.opaque;
         self.replaced_by_file += o.replaced_by_file;
@@ -166,6 +197,8 @@ struct Node {
     layer: usize,
     /// Inode number; the names of a regular file and of its hard links share it.
     ino: usize,
+    /// A symlink's target (index in `TARGETS`).
+    symlink: Option<usize>,
 }
 
 /// The merged tree after the entries written so far. Paths are literal: the generator
@@ -190,6 +223,7 @@ impl Model {
             kind,
             layer: self.layer,
             ino: self.next_ino,
+            symlink: None,
         }
     }
 
@@ -243,6 +277,32 @@ impl Model {
         };
         self.remove_where(p, why, |_, _| true);
         self.tree.insert(p.to_string(), node);
+    }
+
+    /// (name through a symlink `keep` accepts, path) of every regular file below a directory
+    /// a symlink resolves to.
+    fn via_symlinks(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (s, n) in &self.tree {
+            let Some(t) = n.symlink.filter(|_| keep(s)) else {
+                continue;
+            };
+            let dir = resolve(s, TARGETS[t]);
+            if !dir.is_empty() && self.tree.get(&dir).is_none_or(|d| d.kind != Kind::Dir) {
+                continue;
+            }
+            for (f, n) in &self.tree {
+                let rest = if dir.is_empty() {
+                    Some(f.as_str())
+                } else {
+                    f.strip_prefix(&format!("{dir}/"))
+                };
+                if let Some(rest) = rest.filter(|_| n.kind == Kind::File) {
+                    out.push((format!("{s}/{rest}"), f.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Regular files at their path: made by this layer, or by lower ones.
@@ -335,8 +395,10 @@ impl Layer<'_> {
             tar::EntryType::Regular | tar::EntryType::Link => Kind::File,
             _ => Kind::Other,
         });
-        if let (tar::EntryType::Link, Some((_, ino))) = (kind, link) {
-            node.ino = ino;
+        match (kind, link) {
+            (tar::EntryType::Link, Some((_, ino))) => node.ino = ino,
+            (tar::EntryType::Symlink, Some((t, _))) => node.symlink = TARGETS.iter().position(|x| *x == t),
+            _ => {}
         }
         self.model.set(p, node);
     }
@@ -375,18 +437,27 @@ impl Layer<'_> {
     }
 
     fn hard_link(&mut self, p: &str, pick: usize, reach: Reach) {
-        let same = self.model.files(true);
-        let lower = self.model.files(false);
+        let plain =
+            |v: Vec<String>| -> Vec<(String, String)> { v.into_iter().map(|f| (f.clone(), f)).collect() };
+        let same = plain(self.model.files(true));
+        let lower = plain(self.model.files(false));
+        // Symlinks a link at `p` leaves alone: umoci removes what is at `p` and creates its
+        // parents before it resolves the target, so a target through a symlink at, below or
+        // above `p` fails there (diskkit resolves it first and links).
+        let via = self
+            .model
+            .via_symlinks(|s| s != p && !under(p, s) && !under(s, p));
         let pool = match reach {
+            Reach::ViaSymlink if !via.is_empty() => via,
             Reach::Same if !same.is_empty() => same,
-            Reach::Lower if !lower.is_empty() => lower,
+            Reach::Lower | Reach::ViaSymlink if !lower.is_empty() => lower,
+            Reach::Lower | Reach::ViaSymlink => same,
             Reach::Same => lower,
-            Reach::Lower => same,
         };
         if pool.is_empty() {
             return;
         }
-        let target = pool[pick % pool.len()].clone();
+        let (name, target) = pool[pick % pool.len()].clone();
         if target == p || under(&target, p) || under(p, &target) {
             return;
         }
@@ -397,7 +468,10 @@ impl Layer<'_> {
         } else {
             self.model.stats.same_links += 1;
         }
-        self.emit(p, tar::EntryType::Link, 0o644, &[], Some((&target, t.ino)));
+        if name != target {
+            self.model.stats.via_symlink += 1;
+        }
+        self.emit(p, tar::EntryType::Link, 0o644, &[], Some((&name, t.ino)));
     }
 
     fn hit(&mut self, pick: usize, hit: &Hit, data: &[u8]) {

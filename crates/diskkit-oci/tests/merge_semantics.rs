@@ -124,7 +124,8 @@ proptest::proptest! {
     /// sizes, content hashes, symlink targets, link counts) and in which names share an inode,
     /// and in what ext4-view reads. A further layer that hard-links a file the stack deleted
     /// (whiteout, opaque directory, replaced parent) fails with `NotFound` and leaves no image;
-    /// one that whites out a file and then links to it merges as umoci merges the link first.
+    /// one that removes a file (whiteout of it or of its parent, opaque parent, a directory in
+    /// its place) and then links to it merges as umoci merges the link first.
     #[test]
     fn random_layers_match_umoci(layers in model::layers(), pick in proptest::prelude::any::<usize>()) {
         let t = tempfile::tempdir().unwrap();

@@ -1,15 +1,19 @@
 //! Random layer stacks for `random_layers_match_umoci`: ops over a small set of paths, written
 //! as tar layers, with a model of the merged tree that tells which names each layer may link
 //! to. Generated cases avoid the places where umoci knowingly departs from the image spec or
-//! fails (a whiteout of a name the same layer already created; a hard link to a name whited
-//! out earlier in the same layer, or deleted by an earlier layer; a link to a same-layer
-//! replacement that is not a regular file) and device nodes, which rootless umoci cannot make.
+//! fails: a whiteout of a name the same layer already created; a hard link to a name removed
+//! earlier in the same layer (umoci fails, diskkit links the lower file: the test checks that
+//! separately with [`link_to_removed`]) or deleted by an earlier layer (both fail: checked with
+//! [`dangling_link`]); a link to a same-layer replacement that is not a regular file; a link
+//! whose target runs through a symlink at, above or below the link's own path. No device
+//! nodes either: rootless umoci cannot make them.
 //!
 //! Hard links reach files of their own layer and, about as often, files the lower layers made
-//! ([`Reach::Lower`]); [`Op::Hit`] then deletes (whiteout of the name or of its parent, opaque
-//! parent) or replaces (new content, another type) one name of a file that has several, in the
-//! same layer after the link or in a later one, so the surviving names must keep the old
-//! inode. Every regular file's content names its layer and op, so a wrong inode shows.
+//! ([`Reach::Lower`]), sometimes through a symlink to a parent ([`Reach::ViaSymlink`]);
+//! [`Op::Hit`] then deletes (whiteout of the name or of its parent, opaque parent) or replaces
+//! (new content, another type) one name of a file that has several, in the same layer after
+//! the link or in a later one, so the surviving names must keep the old inode. Every regular
+//! file's content names its layer and op, so a wrong inode shows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

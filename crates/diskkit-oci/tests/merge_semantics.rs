@@ -117,7 +117,7 @@ fn matches_umoci_as_root() {
 mod model;
 
 proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig { cases: 40, ..Default::default() })]
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
 
     /// Random layer stacks (`model`), hard links within and across layers included: diskkit's
     /// merge equals `umoci unpack --rootless` in every field debugfs shows (modes, owners,

@@ -328,7 +328,13 @@ fn quoted(path: &str) -> String {
 /// The image read through debugfs: `ls -p` per directory, then `stat`, `ea_list` and
 /// (regular files, long symlinks) `dump` per path, all batched.
 pub(crate) fn debugfs_tree(img: &Path) -> Tree {
+    debugfs_tree_inodes(img).0
+}
+
+/// [`debugfs_tree`], and the inode number of every path.
+pub(crate) fn debugfs_tree_inodes(img: &Path) -> (Tree, Inodes) {
     let mut out = Tree::new();
+    let mut inodes = Inodes::new();
     let mut level = vec![String::new()];
     while !level.is_empty() {
         let cmds: Vec<String> = level.iter().map(|d| format!("ls -p {}", quoted(d))).collect();
@@ -364,6 +370,7 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
                 if r.kind == 'd' {
                     next.push(path.clone());
                 }
+                inodes.insert(path.clone(), f[1].parse().unwrap());
                 out.insert(path, r);
             }
         }
@@ -426,6 +433,47 @@ pub(crate) fn debugfs_tree(img: &Path) -> Tree {
     for (i, (p, name)) in long_values.into_iter().enumerate() {
         let v = std::fs::read(dumps.path().join(format!("ea{i}"))).unwrap();
         out.get_mut(&p).unwrap().xattrs.insert(name, hex(&v));
+    }
+    (out, inodes)
+}
+
+/// Relative path -> inode number.
+pub(crate) type Inodes = BTreeMap<String, u64>;
+
+/// The inode number of every path of a real directory tree (`lost+found` left out).
+pub(crate) fn host_inodes(root: &Path) -> Inodes {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Inodes::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == "lost+found" {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            out.insert(rel, md.ino());
+        }
+    }
+    out
+}
+
+/// Which names share an inode, whatever its number: every path whose inode has more than one
+/// name -> all those names, sorted.
+pub(crate) fn link_groups(inodes: &Inodes) -> BTreeMap<String, Vec<String>> {
+    let mut by_ino: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (p, ino) in inodes {
+        by_ino.entry(*ino).or_default().push(p.clone());
+    }
+    let mut out = BTreeMap::new();
+    for names in by_ino.into_values().filter(|n| n.len() > 1) {
+        for p in &names {
+            out.insert(p.clone(), names.clone());
+        }
     }
     out
 }
@@ -539,6 +587,47 @@ pub(crate) fn layout(out: &Path, tag: &str, layers: &[&Path]) {
     let mut cmd = Command::new("bash");
     cmd.arg(local).arg(out).arg(tag).args(layers);
     run(&mut cmd);
+}
+
+/// [`layout`] done in-process for uncompressed tar files, each stored gzip-compressed: what
+/// `mkoci-layout.sh` writes, without its dozens of processes per layer (the random-layer
+/// tests write hundreds of layouts).
+pub(crate) fn layout_gz(out: &Path, tag: &str, tars: &[&Path]) {
+    use std::fmt::Write as _;
+    let blobs = out.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let digest = sha(data);
+        std::fs::write(blobs.join(&digest), data).unwrap();
+        (format!("sha256:{digest}"), data.len())
+    };
+    let (mut layers, mut diff_ids) = (String::new(), String::new());
+    for (i, tar) in tars.iter().enumerate() {
+        let raw = std::fs::read(tar).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let (digest, size) = put(&gz.finish().unwrap());
+        let sep = if i == 0 { "" } else { "," };
+        write!(
+            layers,
+            r#"{sep}{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{digest}","size":{size}}}"#
+        )
+        .unwrap();
+        write!(diff_ids, r#"{sep}"sha256:{}""#, sha(&raw)).unwrap();
+    }
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[{diff_ids}]}}}}"#
+    );
+    let (cd, cs) = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cs}}},"layers":[{layers}]}}"#
+    );
+    let (md, ms) = put(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#
+    );
+    std::fs::write(out.join("index.json"), index).unwrap();
+    std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
 /// The reference merge: `umoci unpack` as root (exact owners, devices and xattrs); the

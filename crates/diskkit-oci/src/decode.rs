@@ -15,8 +15,9 @@ use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
-/// Chunks in flight between the threads (each up to `CHUNK` bytes).
-const DEPTH: usize = 8;
+/// Chunks in flight between the threads (each up to `CHUNK` bytes): 16 MiB, deep enough that
+/// no thread waits while the scheduler shares two cores among four (8 was ~5% slower).
+const DEPTH: usize = 32;
 const CHUNK: usize = 512 << 10;
 
 /// SHA-256 hex digests and sizes of the blob and of its uncompressed stream.
@@ -65,7 +66,7 @@ impl<R: Read> Read for Hashing<R> {
 /// Compressed bytes read (and hashed) per chunk by the read thread.
 const READ_CHUNK: usize = 1 << 20;
 /// Compressed chunks in flight.
-const READ_DEPTH: usize = 4;
+const READ_DEPTH: usize = 8;
 
 /// A compressed blob read and hashed on its own thread and handed to the decompressor in
 /// chunks: the blob's hash then does not slow decompression down.

@@ -63,6 +63,20 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// Fill `buf` from `r` as far as it goes; returns the bytes read (fewer only at the end).
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Compressed bytes read (and hashed) per chunk by the read thread.
 const READ_CHUNK: usize = 1 << 20;
 /// Compressed chunks in flight.
@@ -97,18 +111,13 @@ impl Prefetched {
                     // A buffer the decompressor is done with, or a new one while filling up.
                     let mut buf = spare_rx.try_recv().unwrap_or_default();
                     buf.resize(READ_CHUNK, 0);
-                    let mut filled = 0;
-                    while filled < READ_CHUNK {
-                        match inner.read(&mut buf[filled..]) {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
+                    let filled = match read_full(&mut inner, &mut buf) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
                         }
-                    }
+                    };
                     if filled == 0 {
                         return;
                     }
@@ -221,15 +230,10 @@ fn produce(
         // Reuse a buffer the reader is done with; a new one only while the pipeline fills.
         let mut buf = spare.try_recv().unwrap_or_default();
         buf.resize(CHUNK, 0);
-        let mut filled = 0;
-        while filled < CHUNK {
-            match decoded.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return fail(e),
-            }
-        }
+        let filled = match read_full(&mut decoded, &mut buf) {
+            Ok(n) => n,
+            Err(e) => return fail(e),
+        };
         if filled == 0 {
             break;
         }

@@ -160,35 +160,27 @@ pub(crate) fn write_inodes(
                     i_block,
                 }
             }
-            Some(NodeKind::File { size, .. }) if p.placed.is_some() => {
-                let mapped: Vec<(u64, u64, u64)> = p
-                    .placed
-                    .iter()
-                    .flatten()
-                    .map(|r| (r.logical, r.physical, r.len))
-                    .collect();
-                let (i_block, tree_blocks) = extent::build_mapped(&mapped, p.tree_start());
-                write_tree(p.ino, tree_blocks)?;
-                InodeFields {
-                    mode: S_IFREG | perm,
-                    meta,
-                    size: *size,
-                    links: p.links,
-                    flags: EXTENTS_FL,
-                    i_block,
-                }
-            }
             Some(NodeKind::File { size, content }) => {
-                let dense = [(0, p.data_blocks)];
-                let runs: &[(u64, u64)] = if p.runs.is_empty() { &dense } else { &p.runs };
-                let mut phys = p.first_block;
-                for &(logical, blocks) in runs {
-                    let start = logical * BLOCK_SIZE as u64;
-                    let end = ((logical + blocks) * BLOCK_SIZE as u64).min(*size);
-                    write_content(image, source, *content, start, end, phys, &mut buf)?;
-                    phys += blocks;
-                }
-                let (i_block, tree_blocks) = extent::build_runs(runs, p.first_block, p.tree_start());
+                let (i_block, tree_blocks) = match &p.placed {
+                    // Already in the image: only mapped.
+                    Some(placed) => {
+                        let mapped: Vec<(u64, u64, u64)> =
+                            placed.iter().map(|r| (r.logical, r.physical, r.len)).collect();
+                        extent::build_mapped(&mapped, p.tree_start())
+                    }
+                    None => {
+                        let dense = [(0, p.data_blocks)];
+                        let runs: &[(u64, u64)] = if p.runs.is_empty() { &dense } else { &p.runs };
+                        let mut phys = p.first_block;
+                        for &(logical, blocks) in runs {
+                            let start = logical * BLOCK_SIZE as u64;
+                            let end = ((logical + blocks) * BLOCK_SIZE as u64).min(*size);
+                            write_content(image, source, *content, start, end, phys, &mut buf)?;
+                            phys += blocks;
+                        }
+                        extent::build_runs(runs, p.first_block, p.tree_start())
+                    }
+                };
                 write_tree(p.ino, tree_blocks)?;
                 InodeFields {
                     mode: S_IFREG | perm,

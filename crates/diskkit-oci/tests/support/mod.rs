@@ -121,6 +121,36 @@ pub(crate) fn assert_same(what: &str, ours: &Tree, expected: &Tree) {
 pub(crate) fn host_tree(root: &Path) -> Tree {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut out = Tree::new();
+    walk_host(root, |rel, p, md| {
+        let ft = md.file_type();
+        let mut r = Rec {
+            kind: kind_of(md.mode()),
+            perm: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            size: md.size(),
+            nlink: md.nlink(),
+            xattrs: host_xattrs(p),
+            ..Rec::default()
+        };
+        if ft.is_dir() {
+            r.size = 0;
+        } else if ft.is_file() {
+            r.sha = sha(&std::fs::read(p).unwrap());
+        } else if ft.is_symlink() {
+            r.target = std::fs::read_link(p).unwrap().to_string_lossy().into_owned();
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let dev = md.rdev();
+            r.rdev = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        }
+        out.insert(rel, r);
+    });
+    out
+}
+
+/// Call `f` with (relative path, path, metadata) for every path of a real directory tree,
+/// `lost+found` left out; symlinks are not followed.
+fn walk_host(root: &Path, mut f: impl FnMut(String, &Path, &std::fs::Metadata)) {
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
@@ -130,32 +160,12 @@ pub(crate) fn host_tree(root: &Path) -> Tree {
                 continue;
             }
             let md = std::fs::symlink_metadata(&p).unwrap();
-            let ft = md.file_type();
-            let mut r = Rec {
-                kind: kind_of(md.mode()),
-                perm: md.mode() & 0o7777,
-                uid: md.uid(),
-                gid: md.gid(),
-                size: md.size(),
-                nlink: md.nlink(),
-                xattrs: host_xattrs(&p),
-                ..Rec::default()
-            };
-            if ft.is_dir() {
+            if md.is_dir() {
                 stack.push(p.clone());
-                r.size = 0;
-            } else if ft.is_file() {
-                r.sha = sha(&std::fs::read(&p).unwrap());
-            } else if ft.is_symlink() {
-                r.target = std::fs::read_link(&p).unwrap().to_string_lossy().into_owned();
-            } else if ft.is_char_device() || ft.is_block_device() {
-                let dev = md.rdev();
-                r.rdev = (rustix::fs::major(dev), rustix::fs::minor(dev));
             }
-            out.insert(rel, r);
+            f(rel, &p, &md);
         }
     }
-    out
 }
 
 fn host_xattrs(p: &Path) -> BTreeMap<String, String> {
@@ -444,21 +454,9 @@ pub(crate) type Inodes = BTreeMap<String, u64>;
 pub(crate) fn host_inodes(root: &Path) -> Inodes {
     use std::os::unix::fs::MetadataExt;
     let mut out = Inodes::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel == "lost+found" {
-                continue;
-            }
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            if md.is_dir() {
-                stack.push(p.clone());
-            }
-            out.insert(rel, md.ino());
-        }
-    }
+    walk_host(root, |rel, _, md| {
+        out.insert(rel, md.ino());
+    });
     out
 }
 

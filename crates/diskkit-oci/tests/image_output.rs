@@ -108,8 +108,8 @@ fn gnu_sparse_files() {
     }
 }
 
-/// A 100 GiB sparse file with 5 bytes of data: the holes are found in the spool with
-/// SEEK_DATA and never read or written, and the bytes land in the right block.
+/// A 100 GiB sparse file with 5 bytes of data: only its data block is stored (the sparse map
+/// says where the data is; the holes are never written), and the bytes land in the right block.
 #[test]
 fn huge_sparse_file_is_cheap() {
     let t = tempfile::tempdir().unwrap();

@@ -47,7 +47,7 @@ echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 # The merged tree by extraction: each layer in order, its whiteouts applied first.
 cat >extract.sh <<'EOF'
 set -euo pipefail
-rm -rf m && mkdir m
+mkdir m
 for l in "$@"; do
     { tar tf "$l" | grep -E '(^|/)\.wh\.' || true; } | while read -r p; do
         d=$(dirname "$p") b=$(basename "$p")
@@ -60,25 +60,25 @@ for l in "$@"; do
     tar -C m -xf "$l" --exclude='.wh.*'
 done
 EOF
-bash extract.sh "${layers[@]}" # once in the open: it must work
-extract=$(med bash extract.sh "${layers[@]}")
+rm -rf m && bash extract.sh "${layers[@]}" # once in the open: it must work
+extract=$(medp 'rm -rf m' bash extract.sh "${layers[@]}")
 entries=$(find m | wc -l)
 bytes=$(du -sb m | cut -f1)
 fs_bytes=$(( (bytes * 12 / 10 / 4096 + 65536) * 4096 ))
 export MIN_SIZE=$fs_bytes
 floor=$(med bash -c 'tar -C m -cf - . | cat >/dev/null')
-mkfs=$(med bash -c "rm -f mk.img && truncate -s $fs_bytes mk.img && mkfs.ext4 -q -F -d m mk.img")
+mkfs=$(medp 'rm -f mk.img' bash -c "truncate -s $fs_bytes mk.img && mkfs.ext4 -q -F -d m mk.img")
 rm -f mk.img
 
 declare -A dk
 for c in tar zst gz; do
-    dk[$c]=$(med bash -c "rm -f out.img && '$dk_bin' unpack lay-$c:bench out.img")
+    dk[$c]=$(medp 'rm -f out.img' "$dk_bin" unpack "lay-$c:bench" out.img)
     check_fsck out.img "diskkit ($c)"
 done
 ino=$(debugfs -R stats out.img 2>/dev/null | awk -F: '/^Inode count/ {c=$2} /^Free inodes/ {f=$2} END {print c - f}')
 dk_rss=$(rss "$dk_bin" unpack --force lay-tar:bench out.img)
 rm -f out.img
-ab=$(med bash -c "rm -f ab.img && '$ab_bin' ab.img ${layers[*]}")
+ab=$(medp 'rm -f ab.img' "$ab_bin" ab.img "${layers[@]}")
 if e2fsck -fn ab.img >ab-fsck.txt 2>&1; then ab_fsck=clean; else
     ab_fsck="NOT clean"
     echo "arcbox-ext4 image, e2fsck -fn:"; grep -v '^ *$' ab-fsck.txt | sed -n 1,12p

@@ -18,6 +18,13 @@ setup_bench() {
 
 # med COMMAND...: the median wall time of `runs` runs.
 med() { local i; for i in $(seq "$runs"); do t "$@"; done | median; }
+# medp PREP COMMAND...: like med, with the shell snippet PREP run (untimed) before each run:
+# removing the previous output there keeps the cost of freeing its pages out of the timing.
+medp() {
+    local i prep=$1
+    shift
+    for i in $(seq "$runs"); do bash -c "$prep"; t "$@"; done | median
+}
 
 # rss COMMAND...: peak resident set size in KiB of one run.
 rss() { /usr/bin/time -f %M -o rss.txt "$@" >/dev/null 2>&1; cat rss.txt; rm -f rss.txt; }

@@ -27,19 +27,19 @@ fs_bytes=$(( (bytes * 12 / 10 / 4096 + 65536) * 4096 ))
 export MIN_SIZE=$fs_bytes
 
 # Peers on the extracted tree (the last extraction stays for tar c and mkfs -d).
-extract=$(med bash -c 'rm -rf x && mkdir x && tar -C x -xf layer.tar')
+extract=$(medp 'rm -rf x' bash -c 'mkdir x && tar -C x -xf layer.tar')
 floor=$(med bash -c 'tar -C x -cf - . | cat >/dev/null')
-mkfs=$(med bash -c "rm -f mk.img && truncate -s $fs_bytes mk.img && mkfs.ext4 -q -F -d x mk.img")
+mkfs=$(medp 'rm -f mk.img' bash -c "truncate -s $fs_bytes mk.img && mkfs.ext4 -q -F -d x mk.img")
 mkfs_rss=$(rss mkfs.ext4 -q -F -d x mk.img)
 rm -rf x mk.img
 
 declare -A dk ab dk_rss
 run_pair() { # CODEC LAYOUT BLOB
-    dk[$1]=$(med bash -c "rm -f out.img && '$dk_bin' unpack $2:bench out.img")
+    dk[$1]=$(medp 'rm -f out.img' "$dk_bin" unpack "$2:bench" out.img)
     check_fsck out.img "diskkit ($1)"
     dk_rss[$1]=$(rss "$dk_bin" unpack --force "$2:bench" out.img)
     rm -f out.img
-    ab[$1]=$(med bash -c "rm -f ab.img && '$ab_bin' ab.img $3")
+    ab[$1]=$(medp 'rm -f ab.img' "$ab_bin" ab.img "$3")
     check_fsck ab.img "arcbox-ext4 ($1)"
     [ "$1" = tar ] && ab_rss=$(rss "$ab_bin" ab.img "$3")
     rm -f ab.img

@@ -53,7 +53,9 @@ pub(crate) fn start_layer(blob: Box<dyn Read + Send>, info: &LayerInfo) -> Resul
             )));
         }
     }
-    Decoded::spawn(blob, None).map_err(|e| layer_err(info, io_err(&e, "starting the decoder thread")))
+    let checked = info.digest.is_some() || info.diff_id.is_some();
+    Decoded::spawn(blob, None, checked)
+        .map_err(|e| layer_err(info, io_err(&e, "starting the decoder thread")))
 }
 
 /// Read one layer (started with [`start_layer`]) into `tree`, placing file data in the output

@@ -538,11 +538,11 @@ mod tests {
         let e = small.place(&mut std::io::repeat(1), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("requested size"), "{e}");
         // A large file taken straight from the stream, cut short.
-        let d = Decoded::spawn(Box::new(std::io::Cursor::new(vec![7u8; 100_000])), None).unwrap();
+        let d = Decoded::spawn(Box::new(std::io::Cursor::new(vec![7u8; 100_000])), None, false).unwrap();
         let e = p.place_from(&d.external(), 200_000).unwrap_err();
         assert!(e.to_string().contains("after 100000 of 200000"), "{e}");
         // Whole, it lands where the run starts.
-        let d = Decoded::spawn(Box::new(std::io::Cursor::new(vec![8u8; 100_000])), None).unwrap();
+        let d = Decoded::spawn(Box::new(std::io::Cursor::new(vec![8u8; 100_000])), None, false).unwrap();
         let t = p.place_from(&d.external(), 100_000).unwrap();
         let r = p.placed(t, 100_000).unwrap().unwrap();
         assert_eq!(read(&img, r[0].physical, 100_000), vec![8u8; 100_000]);

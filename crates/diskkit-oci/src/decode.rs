@@ -372,7 +372,7 @@ impl Stream {
     }
 
     fn finish(&mut self) -> std::io::Result<Digests> {
-        while self.consume(u64::MAX, &mut |_| Ok(()))? > 0 {}
+        self.consume(u64::MAX, &mut |_| Ok(()))?;
         self.rx = None;
         let blob = self.handle.take().and_then(|h| h.join().ok()).flatten();
         let blob = blob.ok_or_else(|| std::io::Error::other("the layer decoder stopped early"))?;

@@ -225,20 +225,21 @@ impl<'i> Placer<'i> {
         }
     }
 
-    fn new_slot(&mut self, slot: Slot) -> u64 {
-        self.slots.push(slot);
-        self.slots.len() as u64 - 1
+    /// A new file of `blocks` blocks: its first block (0 when empty) and content token.
+    fn new_file(&mut self, blocks: u64) -> Result<(u64, u64)> {
+        let start = if blocks > 0 { self.alloc(blocks)? } else { 0 };
+        self.slots.push(Slot {
+            start,
+            blocks,
+            freed: false,
+        });
+        Ok((start, self.slots.len() as u64 - 1))
     }
 
     /// Place a file of `size` bytes read from `from`; returns its content token.
     pub(crate) fn place(&mut self, from: &mut dyn Read, size: u64) -> Result<u64> {
         let blocks = size.div_ceil(BLOCK);
-        let start = if blocks > 0 { self.alloc(blocks)? } else { 0 };
-        let token = self.new_slot(Slot {
-            start,
-            blocks,
-            freed: false,
-        });
+        let (start, token) = self.new_file(blocks)?;
         if blocks > 0 {
             self.copy_in(from, start * BLOCK, size)?;
             self.pad();
@@ -253,13 +254,7 @@ impl<'i> Placer<'i> {
         if size < DIRECT {
             return self.place(&mut &*data, size);
         }
-        let blocks = size.div_ceil(BLOCK);
-        let start = self.alloc(blocks)?;
-        let token = self.new_slot(Slot {
-            start,
-            blocks,
-            freed: false,
-        });
+        let (start, token) = self.new_file(size.div_ceil(BLOCK))?;
         self.flush()?;
         let image = self.image;
         let mut at = start * BLOCK;
@@ -315,13 +310,7 @@ impl<'i> Placer<'i> {
         if runs.len() > MAX_SPARSE_RUNS {
             runs = vec![(0, real_size.div_ceil(BLOCK))];
         }
-        let blocks: u64 = runs.iter().map(|r| r.1).sum();
-        let start = if blocks > 0 { self.alloc(blocks)? } else { 0 };
-        let token = self.new_slot(Slot {
-            start,
-            blocks,
-            freed: false,
-        });
+        let (start, token) = self.new_file(runs.iter().map(|r| r.1).sum())?;
         let mut run_i = 0usize;
         let mut base = start;
         for &(off, n) in chunks {

@@ -304,25 +304,21 @@ pub(crate) fn plan(
                         p.tree_blocks =
                             extent::tree_blocks(runs.iter().map(|r| extent::extent_count(r.len)).sum());
                         p.placed = Some(runs);
-                        p.xattrs = xattr::place(&node.meta.xattrs)?;
-                        data_blocks = data_blocks
-                            .checked_add(p.own_blocks())
-                            .ok_or_else(|| Error::unsupported("filesystem too large"))?;
-                        continue;
-                    }
-                    let ranges = match source.as_deref_mut() {
-                        Some(s) if *size > 0 => s.data_ranges(*content, *size)?,
-                        _ => None,
-                    };
-                    match ranges.and_then(|r| block_runs(&r, *size)) {
-                        Some(runs) if runs != [(0, blocks)] => {
-                            p.data_blocks = runs.iter().map(|r| r.1).sum();
-                            p.tree_blocks = extent::tree_blocks(extent::runs_extent_count(&runs));
-                            p.runs = runs;
-                        }
-                        _ => {
-                            p.data_blocks = blocks;
-                            p.tree_blocks = extent::tree_blocks(extent::extent_count(blocks));
+                    } else {
+                        let ranges = match source.as_deref_mut() {
+                            Some(s) if *size > 0 => s.data_ranges(*content, *size)?,
+                            _ => None,
+                        };
+                        match ranges.and_then(|r| block_runs(&r, *size)) {
+                            Some(runs) if runs != [(0, blocks)] => {
+                                p.data_blocks = runs.iter().map(|r| r.1).sum();
+                                p.tree_blocks = extent::tree_blocks(extent::runs_extent_count(&runs));
+                                p.runs = runs;
+                            }
+                            _ => {
+                                p.data_blocks = blocks;
+                                p.tree_blocks = extent::tree_blocks(extent::extent_count(blocks));
+                            }
                         }
                     }
                 }

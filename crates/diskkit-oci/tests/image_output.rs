@@ -8,7 +8,7 @@ use std::process::Command;
 
 use diskkit::ImageFormat;
 use diskkit_oci::{unpack, NoProgress, UnpackOptions};
-use support::{debugfs, do_unpack, dump, e2fsck, fixtures, listing, mkoci, run, sha};
+use support::{debugfs, do_unpack, dump, e2fsck, fixtures, layout, listing, run, sha, sparse_layout};
 
 #[test]
 fn reproducible_and_asif() {
@@ -80,7 +80,7 @@ fn gnu_sparse_files() {
         }
         run(cmd.arg("-cf").arg(&tar).arg("sparse.bin"));
         let lay = d.join(format!("lay-{format}-{}", extra.unwrap_or("")));
-        run(Command::new("bash").arg(mkoci()).arg(&lay).arg("v1").arg(&tar));
+        layout(&lay, "v1", &[&tar]);
         let img = d.join("sparse.img");
         let _ = std::fs::remove_file(&img);
         do_unpack(&lay, None, &img).unwrap();
@@ -121,18 +121,7 @@ fn huge_sparse_file_is_cheap() {
     f.set_len(size).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"hello", 50 << 30).unwrap();
     drop(f);
-    let tar = d.join("l.tar");
-    run(Command::new("tar")
-        .args(["--sparse", "--format=pax", "-C"])
-        .arg(&src)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("huge"));
-    run(Command::new("bash")
-        .arg(mkoci())
-        .arg(d.join("lay"))
-        .arg("v1")
-        .arg(&tar));
+    sparse_layout(&src, "huge", &d.join("lay"));
     let img = d.join("out.img");
     do_unpack(&d.join("lay"), None, &img).unwrap();
     e2fsck(&img);

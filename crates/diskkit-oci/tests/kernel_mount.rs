@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 
 use diskkit_oci::{unpack, NoProgress, UnpackOptions};
-use support::{debugfs, dump, e2fsck, fixtures, mkoci, mount, run, sha, walk};
+use support::{debugfs, dump, e2fsck, fixtures, mount, run, sha, sparse_layout, walk};
 
 /// The kernel's ext4 driver reads the image (loop mount, read-only) and sees what umoci
 /// extracts. Runs where loop mounts are allowed (root in CI); prints why and returns otherwise.
@@ -142,18 +142,7 @@ fn kernel_reads_extent_blocks_with_checksums() {
         std::os::unix::fs::FileExt::write_all_at(&f, b"isle!", i * 100_000_007).unwrap();
     }
     drop(f);
-    let tar = d.join("l.tar");
-    run(Command::new("tar")
-        .args(["--sparse", "--format=pax", "-C"])
-        .arg(&src)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("holes"));
-    run(Command::new("bash")
-        .arg(mkoci())
-        .arg(d.join("lay"))
-        .arg("v1")
-        .arg(&tar));
+    sparse_layout(&src, "holes", &d.join("lay"));
     let img = d.join("out.img");
     let options = UnpackOptions {
         metadata_csum: true,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use diskkit_oci::{unpack, NoProgress, UnpackOptions};
-use support::{do_unpack, dump, e2fsck, fixtures, listing, mkoci, run, sha};
+use support::{do_unpack, dump, e2fsck, fixtures, layout, listing, run, sha};
 
 #[test]
 fn archives_as_sources() {
@@ -93,7 +93,7 @@ fn multi_platform_nested_index() {
             .arg(&tar)
             .arg("arch"));
         let lay = d.join(format!("lay-{arch}"));
-        run(Command::new("bash").arg(mkoci()).arg(&lay).arg("v1").arg(&tar));
+        layout(&lay, "v1", &[&tar]);
         for e in std::fs::read_dir(lay.join("blobs/sha256")).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), blobs.join(e.file_name())).unwrap();
@@ -169,11 +169,7 @@ fn corrupt_layers_fail_cleanly() {
     // A truncated plain tar whose digests match its (truncated) bytes.
     let l1 = std::fs::read(t.path().join("l1.tar")).unwrap();
     std::fs::write(t.path().join("trunc.tar"), &l1[..l1.len() / 2 + 100]).unwrap();
-    run(Command::new("bash")
-        .arg(mkoci())
-        .arg(t.path().join("bad1"))
-        .arg("v1")
-        .arg(t.path().join("trunc.tar")));
+    layout(&t.path().join("bad1"), "v1", &[&t.path().join("trunc.tar")]);
     let e = do_unpack(&t.path().join("bad1"), None, &out.join("a.img")).unwrap_err();
     assert_eq!(e.kind(), diskkit::ErrorKind::Corrupt, "{e:?}");
     // A gzip blob cut short (the digest no longer matches either).

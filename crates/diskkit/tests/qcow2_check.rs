@@ -338,20 +338,7 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
     let base = d.join("base.raw");
     copy(&raw, &base);
     let top = d.join("top.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&top),
-        ],
-    );
+    qemu_create_qcow2(&top, &["-b", "base.raw", "-F", "raw"], None);
     assert!(qemu_io(&top, "qcow2", &["write -P 0x77 64k 128k"])
         .status
         .success());
@@ -434,19 +421,7 @@ fn compressed_bitmap_backing_and_snapshot_images_survive_repair() {
 fn oversized_files_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("big.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            s(&img),
-            "1M",
-        ],
-    );
+    qemu_create_qcow2(&img, &["-o", "cluster_size=512"], Some("1M"));
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len((qcow2::MAX_CHECK_CLUSTERS + 1) * 512).unwrap();
     let e = qcow2::check_file(&img, Repair::None).unwrap_err();
@@ -460,19 +435,7 @@ fn oversized_files_are_refused_clearly() {
 fn refcounts_too_narrow_for_the_references_are_not_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("narrow.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "refcount_bits=1,cluster_size=4096",
-            s(&img),
-            "1M",
-        ],
-    );
+    qemu_create_qcow2(&img, &["-o", "refcount_bits=1,cluster_size=4096"], Some("1M"));
     let writes = ["write -P 0x01 0 4k", "write -P 0x02 4k 4k"];
     assert!(qemu_io(&img, "qcow2", &writes).status.success());
     // Point the second L2 entry at the first one's cluster (the second cluster leaks).

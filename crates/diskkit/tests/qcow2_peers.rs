@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use diskkit::storage::{FileStorage, Storage};
 use diskkit::{open_layer, CreateOptions, DiskImage, ErrorKind, ImageFormat, Mapping, OpenOptions};
-use qcow2_support::{qemu_dirty, run, run_ok, s};
+use qcow2_support::{qemu_create_qcow2, qemu_dirty, run, run_ok, s};
 
 struct Rng(u64);
 
@@ -277,20 +277,7 @@ fn backing_file_is_recorded_not_opened_and_unallocated_is_absent() {
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0xabu8; 4 << 20]).unwrap();
     let top = dir.path().join("top.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&top),
-        ],
-    );
+    qemu_create_qcow2(&top, &["-b", "base.raw", "-F", "raw"], None);
     qemu_io(&top, &["write -P 0x01 64k 64k", "write -z 1M 64k"]);
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&top, false).unwrap());
     let layer = open_layer(storage, &OpenOptions::new()).unwrap();

@@ -581,10 +581,20 @@ pub(crate) fn run(cmd: &mut Command) -> String {
 
 /// An OCI layout at `out` tagged `tag` from the given layer files (`mkoci-layout.sh`).
 pub(crate) fn layout(out: &Path, tag: &str, layers: &[&Path]) {
-    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mkoci-layout.sh");
-    let mut cmd = Command::new("bash");
-    cmd.arg(local).arg(out).arg(tag).args(layers);
-    run(&mut cmd);
+    run(Command::new("bash").arg(mkoci()).arg(out).arg(tag).args(layers));
+}
+
+/// A one-layer layout at `out` (tag `v1`) of `src/name` tarred by GNU tar with `--sparse` in
+/// PAX format.
+pub(crate) fn sparse_layout(src: &Path, name: &str, out: &Path) {
+    let tar = out.with_extension("tar");
+    run(Command::new("tar")
+        .args(["--sparse", "--format=pax", "-C"])
+        .arg(src)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(name));
+    layout(out, "v1", &[&tar]);
 }
 
 /// [`layout`] done in-process for uncompressed tar files, each stored gzip-compressed: what
@@ -710,20 +720,11 @@ pub(crate) fn fixtures(dir: &Path) {
         run(Command::new("gzip").args(["-n", "-k", "-f"]).arg(dir.join(l)));
     }
     run(Command::new("zstd").args(["-q", "-f"]).arg(dir.join("l2.tar")));
-    run(Command::new("bash")
-        .arg(mkoci())
-        .arg(dir.join("lay"))
-        .arg("v1")
-        .arg(dir.join("l1.tar.gz"))
-        .arg(dir.join("l2.tar.zst"))
-        .arg(dir.join("l3.tar")));
-    run(Command::new("bash")
-        .arg(mkoci())
-        .arg(dir.join("laygz"))
-        .arg("v1")
-        .arg(dir.join("l1.tar.gz"))
-        .arg(dir.join("l2.tar.gz"))
-        .arg(dir.join("l3.tar.gz")));
+    let layers = |names: [&str; 3]| names.map(|n| dir.join(n));
+    let mixed = layers(["l1.tar.gz", "l2.tar.zst", "l3.tar"]);
+    layout(&dir.join("lay"), "v1", &mixed.each_ref().map(PathBuf::as_path));
+    let gz = layers(["l1.tar.gz", "l2.tar.gz", "l3.tar.gz"]);
+    layout(&dir.join("laygz"), "v1", &gz.each_ref().map(PathBuf::as_path));
 }
 
 pub(crate) fn debugfs(img: &Path, req: &str) -> String {
@@ -780,26 +781,16 @@ pub(crate) fn listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
 pub(crate) fn walk(root: &Path) -> BTreeMap<String, (String, u64, String)> {
     use std::os::unix::fs::MetadataExt;
     let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel == "lost+found" {
-                continue;
-            }
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            let mut hash = String::new();
-            let mut size = md.size();
-            if md.is_dir() {
-                stack.push(p.clone());
-                size = 0;
-            } else if md.is_file() {
-                hash = sha(&std::fs::read(&p).unwrap());
-            }
-            out.insert(rel, (format!("{:06o}", md.mode()), size, hash));
+    walk_host(root, |rel, p, md| {
+        let mut hash = String::new();
+        let mut size = md.size();
+        if md.is_dir() {
+            size = 0;
+        } else if md.is_file() {
+            hash = sha(&std::fs::read(p).unwrap());
         }
-    }
+        out.insert(rel, (format!("{:06o}", md.mode()), size, hash));
+    });
     out
 }
 

@@ -27,6 +27,15 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -q -f qcow2 OPTIONS... IMG [SIZE]`.
+pub fn qemu_create_qcow2(img: &Path, options: &[&str], size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(options);
+    args.push(s(img));
+    args.extend(size);
+    run_ok("qemu-img", &args);
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -78,10 +87,7 @@ pub fn qemu_dirty(img: &Path, opts: &str, size: &str, writes: &[&str]) {
     } else {
         format!("lazy_refcounts=on,{opts}")
     };
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", &opts, s(img), size],
-    );
+    qemu_create_qcow2(img, &["-o", &opts], Some(size));
     let mut cmds = writes.to_vec();
     cmds.push("sigraise 9");
     let out = qemu_io(img, "qcow2", &cmds);

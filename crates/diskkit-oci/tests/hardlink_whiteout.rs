@@ -79,3 +79,35 @@ fn link_to_a_name_an_earlier_layer_deleted_fails_like_umoci() {
         "no output left behind"
     );
 }
+
+/// The same failing link in a layer whose bytes are damaged (past the end-of-archive marker,
+/// so the tar still parses and the merge still fails): the damage is what is reported, since
+/// entries merge while the layer streams but the digests are checked before a merge error.
+#[test]
+fn a_damaged_layer_is_reported_as_damaged_before_its_merge_error() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    fixtures(d);
+    let lay = d.join("cross");
+    layout(
+        &lay,
+        "v1",
+        &[&d.join("h1.tar"), &d.join("hdel.tar"), &d.join("hlink.tar")],
+    );
+    let hlink = std::fs::read(d.join("hlink.tar")).unwrap();
+    let blob = lay.join("blobs/sha256").join(support::sha(&hlink));
+    let mut damaged = hlink.clone();
+    *damaged.last_mut().unwrap() ^= 0xff;
+    std::fs::remove_file(&blob).unwrap(); // a hard link of the original tar
+    std::fs::write(&blob, &damaged).unwrap();
+    let out = d.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let e = ours(&lay, &out.join("x.img")).unwrap_err();
+    assert_eq!(e.kind(), diskkit::ErrorKind::Corrupt, "{e:?}");
+    assert!(e.to_string().contains("mismatch"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "no output left behind"
+    );
+}

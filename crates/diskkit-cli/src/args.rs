@@ -347,6 +347,9 @@ pub(crate) enum Command {
     },
     /// Serve images over NBD (to QEMU, libnbd tools, the Linux kernel, macOS VZ).
     Serve(crate::cmd::serve::ServeArgs),
+    /// VM image bundles (taskcluster-worker's image.tar.zst): create, extract, verify, info.
+    #[command(subcommand)]
+    Bundle(crate::cmd::bundle::BundleCommand),
     /// List the partitions of a disk image (GPT or MBR).
     Partitions {
         #[command(flatten)]

@@ -1,6 +1,7 @@
 //! One module per command.
 
 mod access;
+pub(crate) mod bundle;
 mod check;
 mod compare;
 mod convert;
@@ -135,6 +136,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             length,
         } => access::discard(&open, &path, &offset, &length),
         Command::Serve(args) => serve::run(&args),
+        Command::Bundle(command) => bundle::run(command),
         Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
         Command::Ls {
             fs,

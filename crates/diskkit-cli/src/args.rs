@@ -350,6 +350,8 @@ pub(crate) enum Command {
     /// VM image bundles (taskcluster-worker's image.tar.zst): create, extract, verify, info.
     #[command(subcommand)]
     Bundle(crate::cmd::bundle::BundleCommand),
+    /// The download-once image cache: fetch, instance, release, ls, rm, gc.
+    Cache(crate::cmd::cache::CacheArgs),
     /// List the partitions of a disk image (GPT or MBR).
     Partitions {
         #[command(flatten)]

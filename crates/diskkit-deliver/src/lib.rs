@@ -11,7 +11,9 @@
 //!   tracks references and survives being killed at any moment.
 
 pub mod bundle;
+pub mod cache;
 pub mod error;
 mod fsutil;
+pub mod http;
 
 pub use error::{Error, ErrorKind, Result};

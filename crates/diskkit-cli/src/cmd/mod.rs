@@ -2,6 +2,7 @@
 
 mod access;
 pub(crate) mod bundle;
+pub(crate) mod cache;
 mod check;
 mod compare;
 mod convert;
@@ -137,6 +138,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
         } => access::discard(&open, &path, &offset, &length),
         Command::Serve(args) => serve::run(&args),
         Command::Bundle(command) => bundle::run(command),
+        Command::Cache(args) => cache::run(args),
         Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
         Command::Ls {
             fs,

@@ -43,6 +43,7 @@ use diskkit::ImageFormat;
 pub use self::create::{create, CreateOptions, CreateReport};
 pub use self::layer::LayerDetails;
 pub use self::machine::{Machine, MAX_MACHINE_JSON};
+pub(crate) use self::read::hex;
 pub use self::read::{parse_sha256, BundleInfo, DiskDetails};
 use self::read::{read_bundle, DiskTarget};
 use crate::error::{Error, PathContext, Result};

@@ -64,25 +64,17 @@ impl Sink for Discard {
     }
 }
 
-/// What [`copy_regions`] did.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Copied {
-    /// Bytes read from the stream.
-    pub(crate) read: u64,
-    /// Bytes written to the sink (after skipping zero granules).
-    pub(crate) written: u64,
-}
-
 /// Read `regions`' bytes from `data` in order and write them at their offsets into `sink`.
-/// `tick` is called after every buffer (for progress).
+/// `tick` is called after every buffer (for progress). Returns the bytes written (all-zero
+/// granules are skipped).
 pub(crate) fn copy_regions(
     data: &mut dyn Read,
     regions: &[Region],
     sink: &dyn Sink,
     tick: &mut dyn FnMut(),
-) -> Result<Copied> {
+) -> Result<u64> {
     if regions.is_empty() {
-        return Ok(Copied::default());
+        return Ok(0);
     }
     let (to_writer, from_reader): (SyncSender<(u64, Vec<u8>)>, Receiver<(u64, Vec<u8>)>) =
         sync_channel(IN_FLIGHT);
@@ -97,7 +89,6 @@ pub(crate) fn copy_regions(
             }
             Ok(written)
         });
-        let mut read = 0u64;
         let mut spare = 0usize;
         let mut result = Ok(());
         'regions: for r in regions {
@@ -121,7 +112,6 @@ pub(crate) fn copy_regions(
                     result = Err(read_error(e));
                     break 'regions;
                 }
-                read += n as u64;
                 pos += n as u64;
                 if to_writer.send((pos - n as u64, buf)).is_err() {
                     break 'regions;
@@ -134,8 +124,7 @@ pub(crate) fn copy_regions(
             .join()
             .unwrap_or_else(|_| Err(Error::bundle("the writer thread panicked")));
         result?;
-        let written = written?;
-        Ok(Copied { read, written })
+        written
     })
 }
 
@@ -210,8 +199,9 @@ mod tests {
         ];
         let sink = Record(Mutex::new(Vec::new()));
         let mut ticks = 0;
-        let c = copy_regions(&mut &data[..], &regions, &sink, &mut || ticks += 1).unwrap();
-        assert_eq!(c.read, data.len() as u64);
+        let mut input = &data[..];
+        let written = copy_regions(&mut input, &regions, &sink, &mut || ticks += 1).unwrap();
+        assert!(input.is_empty());
         let w = sink.0.into_inner().unwrap();
         assert_eq!(
             w,
@@ -221,7 +211,7 @@ mod tests {
                 ((5 << 30) + BUFFER as u64 + 8192, 10_000 - 8192)
             ]
         );
-        assert_eq!(c.written, 4096 + 4096 + 10_000 - 8192);
+        assert_eq!(written, 4096 + 4096 + 10_000 - 8192);
         assert_eq!(ticks, 4);
     }
 

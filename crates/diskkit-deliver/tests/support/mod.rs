@@ -99,7 +99,7 @@ pub fn gnu_bundle(dir: &Path, members: &[&str], out: &Path) {
     sh(
         dir,
         &format!(
-            "tar -cS --format=gnu -f - {list} | zstd -q -T0 -o '{}'",
+            "tar -cS --format=gnu -f - {list} | zstd -q -f -T0 -o '{}'",
             out.display()
         ),
     );
@@ -128,6 +128,22 @@ pub fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// SHA-256 of `data` (by `sha256sum`).
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let owned = data.to_vec();
+    let w = thread::spawn(move || stdin.write_all(&owned));
+    let out = child.wait_with_output().unwrap();
+    w.join().unwrap().unwrap();
+    let hex = String::from_utf8(out.stdout).unwrap();
+    diskkit_deliver::bundle::parse_sha256(hex.split_whitespace().next().unwrap()).unwrap()
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; callers retry on a collision).

@@ -226,8 +226,20 @@ impl Nginx {
         format!("http://127.0.0.1:{}/{name}", self.port)
     }
 
-    /// The access log's lines.
+    /// The access log's lines (after waiting until the log has not grown for 300 ms: nginx
+    /// logs a request after sending its response).
     pub fn access_log(&self) -> Vec<String> {
+        let path = self.dir.path().join("access.log");
+        let mut last = None;
+        let start = Instant::now();
+        loop {
+            let len = fs::metadata(&path).map(|m| m.len()).ok();
+            if len == last || start.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            last = len;
+            thread::sleep(Duration::from_millis(300));
+        }
         fs::read_to_string(self.dir.path().join("access.log"))
             .unwrap_or_default()
             .lines()

@@ -259,7 +259,9 @@ impl Cache {
             for e in rd.flatten() {
                 let file = e.file_name().to_string_lossy().into_owned();
                 let Some(rest) = file.strip_prefix("instance-") else {
-                    if file.starts_with(".instance-") {
+                    // Temporary files of an interrupted `instance` (nobody is making one
+                    // now: the lock is held exclusively).
+                    if file.starts_with('.') {
                         fsutil::remove_any(&e.path());
                     }
                     continue;

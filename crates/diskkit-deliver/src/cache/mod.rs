@@ -154,6 +154,18 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
     }
 }
 
+/// Whether `name` is a temporary file (`.NAME.tmp-PID-RANDOM`, see `fsutil::temp_sibling`)
+/// whose writer has exited.
+fn stale_temp(name: &str) -> bool {
+    let Some((_, suffix)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
+        return false;
+    };
+    let Some(pid) = suffix.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    Holder::process(pid).is_none()
+}
+
 /// Seconds since the epoch.
 pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
@@ -355,9 +367,18 @@ impl Cache {
         let _ = fs::remove_file(self.partial_path(id));
     }
 
-    /// Clear what needs no lock: everything in `trash/`, and staging directories in `tmp/`
-    /// whose ID nobody holds.
+    /// Clear what needs no lock: everything in `trash/`, staging directories in `tmp/` whose
+    /// ID nobody holds, and temporary files of processes that died before renaming them.
     fn sweep(&self) {
+        for d in ["refs", "locks", "partial"] {
+            if let Ok(rd) = fs::read_dir(self.root.join(d)) {
+                for e in rd.flatten() {
+                    if stale_temp(&e.file_name().to_string_lossy()) {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
         if let Ok(rd) = fs::read_dir(self.root.join("trash")) {
             for e in rd.flatten() {
                 fsutil::remove_any(&e.path());

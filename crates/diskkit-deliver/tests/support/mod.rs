@@ -284,6 +284,8 @@ pub enum Fault {
     Status503RetryAfter,
     /// Pass `n` bytes of the response, then send nothing for `d` and close.
     StallAfter(u64, Duration),
+    /// Pass everything through at about this many bytes per second.
+    Throttle(u64),
 }
 
 /// A TCP proxy in front of a server that applies one [`Fault`] per connection, in order
@@ -291,6 +293,8 @@ pub enum Fault {
 pub struct FaultProxy {
     pub port: u16,
     faults: Arc<Mutex<VecDeque<Fault>>>,
+    /// The fault for connections after the listed ones.
+    pub default: Arc<Mutex<Fault>>,
     pub connections: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
@@ -304,14 +308,15 @@ impl FaultProxy {
         let faults = Arc::new(Mutex::new(faults.iter().copied().collect::<VecDeque<_>>()));
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (f, c, s) = (faults.clone(), connections.clone(), stop.clone());
+        let default = Arc::new(Mutex::new(Fault::None));
+        let (f, c, s, dflt) = (faults.clone(), connections.clone(), stop.clone(), default.clone());
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         client.set_nonblocking(false).unwrap();
                         c.fetch_add(1, Ordering::Relaxed);
-                        let fault = f.lock().unwrap().pop_front().unwrap_or(Fault::None);
+                        let fault = f.lock().unwrap().pop_front().unwrap_or(*dflt.lock().unwrap());
                         thread::spawn(move || serve(client, upstream, fault));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -321,6 +326,7 @@ impl FaultProxy {
         FaultProxy {
             port,
             faults,
+            default,
             connections,
             stop,
             thread: Some(thread),
@@ -329,6 +335,11 @@ impl FaultProxy {
 
     pub fn url(&self, name: &str) -> String {
         format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Apply `fault` to every connection after the listed ones.
+    pub fn set_default(&self, fault: Fault) {
+        *self.default.lock().unwrap() = fault;
     }
 
     pub fn push(&self, fault: Fault) {
@@ -383,13 +394,18 @@ fn serve(mut client: TcpStream, upstream: u16, fault: Fault) {
                 let _ = std::io::copy(&mut from_client, &mut to_server);
                 let _ = to_server.shutdown(Shutdown::Write);
             });
+            let rate = match fault {
+                Fault::Throttle(r) => Some(r.max(1)),
+                _ => None,
+            };
+            let begun = Instant::now();
             let limit = match fault {
                 Fault::CutAfter(n) | Fault::StallAfter(n, _) => n,
                 _ => u64::MAX,
             };
             let mut from_server = server;
             let mut sent = 0u64;
-            let mut buf = vec![0u8; 64 << 10];
+            let mut buf = vec![0u8; if rate.is_some() { 16 << 10 } else { 64 << 10 }];
             while sent < limit {
                 let want = (limit - sent).min(buf.len() as u64) as usize;
                 match from_server.read(&mut buf[..want]) {
@@ -399,6 +415,12 @@ fn serve(mut client: TcpStream, upstream: u16, fault: Fault) {
                             break;
                         }
                         sent += n as u64;
+                        if let Some(r) = rate {
+                            let due = Duration::from_secs_f64(sent as f64 / r as f64);
+                            if let Some(wait) = due.checked_sub(begun.elapsed()) {
+                                thread::sleep(wait);
+                            }
+                        }
                     }
                 }
             }

@@ -14,6 +14,8 @@ pub mod bundle;
 pub mod cache;
 pub mod error;
 mod fsutil;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 
 pub use error::{Error, ErrorKind, Result};

@@ -3,6 +3,8 @@
 #   extract: diskkit bundle extract      vs  zstd -dc | tar -xS            (goal: time <= 0.8x)
 #   create:  diskkit bundle create       vs  tar -cS --format=gnu | zstd -T0 (goal: time <= 1.0x)
 #   fetch:   diskkit cache fetch (nginx) vs  curl -o                        (goal: throughput >= 0.95x)
+#            (a fetch also checks and extracts the bundle while it downloads, so it is also
+#            compared with curl | tee | zstd -dc | tar -xS, and its download phase with curl)
 # and the peak RSS of every diskkit command (goal: < 256 MiB).
 #
 # The disk is SIZE_GIB (default 4) GiB, half of it data (64 MiB runs of files from /usr,
@@ -22,7 +24,7 @@ scratch_dir "${3:-}" diskkit-bench-bundle
 rt() {
     local s e
     s=$(date +%s.%N)
-    /usr/bin/time -f "%M" -o rss.txt "$@" >/dev/null 2>err.txt || { cat err.txt >&2; exit 1; }
+    /usr/bin/time -f "%M" -o rss.txt "$@" >out.txt 2>err.txt || { cat err.txt >&2; exit 1; }
     e=$(date +%s.%N)
     echo "$(echo "$e - $s" | bc -l) $(tail -1 rss.txt)"
 }
@@ -76,15 +78,24 @@ for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; 
 url="http://127.0.0.1:$port/img.tar.zst"
 bytes=$(stat -c %s www/img.tar.zst)
 sha=$(sha256sum www/img.tar.zst | cut -d' ' -f1)
+# dl_secs: the download time diskkit reports ("downloaded ... in S s") in out.txt.
+dl_secs() { sed -n 's/.*downloaded .* in \([0-9.]*\) s.*/\1/p' out.txt; }
 for ((r = 1; r <= runs; r++)); do
-    rm -f got.tar.zst && rm -rf cache
+    rm -f got.tar.zst && rm -rf cache x
     read -r s k < <(rt curl -s -o got.tar.zst "$url")
     add fetch_curl "$s" "$k"
-    read -r s k < <(rt "$dk" cache --dir cache fetch -q img "$url")
+    mkdir x
+    read -r s k < <(rt sh -c "curl -s '$url' | tee got.tar.zst | zstd -dc | tar -xS -C x -f -")
+    add fetch_pipe "$s" "$k"
+    rm -rf x got.tar.zst
+    read -r s k < <(rt "$dk" cache --dir cache fetch img "$url")
     add fetch_dk "$s" "$k"
+    add fetch_dk_dl "$(dl_secs)" 0
     rm -rf cache
-    read -r s k < <(rt "$dk" cache --dir cache fetch -q --sha256 "$sha" img "$url")
-    add fetch_dk_sha "$s" "$k"
+    read -r s k < <(rt "$dk" cache --dir cache fetch --no-sync --sha256 "$sha" img "$url")
+    add fetch_dk_nosync "$s" "$k"
+    add fetch_dk_nosync_dl "$(dl_secs)" 0
+    rm -rf cache
 done
 
 med() { printf '%s' "${T[$1]}" | median; }
@@ -96,6 +107,9 @@ printf '%-44s %10s %10s %8s %14s\n' "operation" "diskkit s" "peer s" "ratio" "pe
 line() { printf '%-44s %10.3f %10.3f %8s %14s\n' "$1" "$(med "$2")" "$(med "$3")" "$4" "$(( $(rss "$2") / 1024 ))"; }
 line "create vs tar -cS | zstd -T0 (time)" create_dk create_peer "$(ratio "$(med create_dk)" "$(med create_peer)")"
 line "extract vs zstd -dc | tar -xS (time)" extract_dk extract_peer "$(ratio "$(med extract_dk)" "$(med extract_peer)")"
-line "cache fetch vs curl -o (throughput)" fetch_dk fetch_curl "$(ratio "$(med fetch_curl)" "$(med fetch_dk)")"
-line "cache fetch --sha256 vs curl -o (throughput)" fetch_dk_sha fetch_curl "$(ratio "$(med fetch_curl)" "$(med fetch_dk_sha)")"
+line "fetch+extract vs curl | tee | zstd -dc | tar -xS" fetch_dk fetch_pipe "$(ratio "$(med fetch_pipe)" "$(med fetch_dk)")"
+line "  fetch's download phase vs curl -o (thrpt)" fetch_dk_dl fetch_curl "$(ratio "$(med fetch_curl)" "$(med fetch_dk_dl)")"
+line "  fetch+extract vs curl -o (throughput)" fetch_dk fetch_curl "$(ratio "$(med fetch_curl)" "$(med fetch_dk)")"
+line "fetch --no-sync --sha256 vs the same pipe" fetch_dk_nosync fetch_pipe "$(ratio "$(med fetch_pipe)" "$(med fetch_dk_nosync)")"
+line "  its download phase vs curl -o (thrpt)" fetch_dk_nosync_dl fetch_curl "$(ratio "$(med fetch_curl)" "$(med fetch_dk_nosync_dl)")"
 echo "peer peak RSS MiB: tar|zstd create $(( $(rss create_peer) / 1024 )) (sh only), curl $(( $(rss fetch_curl) / 1024 ))"

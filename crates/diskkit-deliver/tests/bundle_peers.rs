@@ -135,7 +135,7 @@ fn stacks_split_into_base_and_layer() {
         .map(|r| r["length"].as_u64().unwrap())
         .sum();
     assert!(
-        top_bytes >= (64 << 10) + (100 << 10) + 512 + (1 << 20) && top_bytes <= 4 << 20,
+        ((64 << 10) + (100 << 10) + 512 + (1 << 20)..=4 << 20).contains(&top_bytes),
         "{top_bytes}"
     );
 

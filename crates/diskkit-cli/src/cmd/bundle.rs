@@ -57,6 +57,10 @@ pub(crate) enum BundleCommand {
         format: BaseFormat,
         #[command(flatten)]
         limits: CheckArgs,
+        /// Make the files durable (fsync) before the directory appears; without it, like
+        /// tar -x, data may be lost to a power failure soon after.
+        #[arg(long)]
+        sync: bool,
         /// Print nothing on success.
         #[arg(short, long)]
         quiet: bool,
@@ -119,6 +123,7 @@ impl CheckArgs {
             format,
             max_disk_size: parse_size(&self.max_disk_size)?,
             sha256: self.sha256.as_deref().map(bundle::parse_sha256).transpose()?,
+            sync: false,
         })
     }
 }
@@ -160,6 +165,7 @@ pub(crate) fn run(command: BundleCommand) -> Result<u8> {
         BundleCommand::Extract {
             format,
             limits,
+            sync,
             quiet,
             bundle,
             dir,
@@ -168,7 +174,8 @@ pub(crate) fn run(command: BundleCommand) -> Result<u8> {
                 BaseFormat::Raw => ImageFormat::Raw,
                 BaseFormat::Asif => ImageFormat::Asif,
             };
-            let options = limits.options(format)?;
+            let mut options = limits.options(format)?;
+            options.sync = sync;
             let info = with_input(&bundle, "extracting", |input, bar| {
                 bundle::extract(input, &dir, &options, &mut |n| bar(n))
             })

@@ -56,6 +56,10 @@ enum CacheCommand {
         /// Attempts in a row without progress before giving up.
         #[arg(long, value_name = "N", default_value_t = 7)]
         retries: u32,
+        /// Do not fsync the entry before adding it (faster; a power failure soon after
+        /// may leave it damaged). For machines whose disks do not outlive a crash anyway.
+        #[arg(long)]
+        no_sync: bool,
         /// Print nothing on success.
         #[arg(short, long)]
         quiet: bool,
@@ -185,6 +189,7 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
             ca_files,
             timeout,
             retries,
+            no_sync,
             quiet,
         } => {
             let options = FetchOptions {
@@ -199,9 +204,11 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
                     },
                     ..ClientOptions::default()
                 },
+                sync: !no_sync,
             };
             let bar = bytes_bar(0, &format!("fetching {id}"));
             let terminal = std::io::stderr().is_terminal();
+            let mut downloaded = None;
             let fetched = cache
                 .fetch(&id, &Source::parse(&source), &options, &mut |ev| match ev {
                     FetchEvent::Waiting => bar.set_message(format!("waiting for another fetch of {id}")),
@@ -228,6 +235,9 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
                             });
                         }
                     }
+                    FetchEvent::Downloaded {
+                        transferred, seconds, ..
+                    } => downloaded = Some((transferred, seconds)),
                     FetchEvent::Converting => {
                         if terminal {
                             bar.set_message(format!("converting {id}"));
@@ -239,8 +249,15 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
             if !quiet {
                 let e = &fetched.entry;
                 let how = if fetched.made { "fetched" } else { "cached" };
+                let speed = downloaded.map_or_else(String::new, |(bytes, secs): (u64, f64)| {
+                    format!(
+                        ", downloaded {} in {secs:.2} s ({:.1} MB/s)",
+                        human(bytes),
+                        bytes as f64 / secs.max(1e-9) / 1e6
+                    )
+                });
                 println!(
-                    "{how} {id}: {} ({} disk, {}, sha256 {})",
+                    "{how} {id}: {} ({} disk, {}, sha256 {}{speed})",
                     e.dir.display(),
                     human(e.record.disk_size),
                     e.record.kind,

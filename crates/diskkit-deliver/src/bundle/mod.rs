@@ -70,6 +70,10 @@ pub struct ExtractOptions {
     pub max_disk_size: u64,
     /// The SHA-256 the compressed bundle must have.
     pub sha256: Option<[u8; 32]>,
+    /// Make the extracted files durable (synced) before the directory is renamed into
+    /// place. Without it, as with `tar -x`, the files are complete for every process at
+    /// once but a power failure soon after may lose data.
+    pub sync: bool,
 }
 
 impl Default for ExtractOptions {
@@ -78,6 +82,7 @@ impl Default for ExtractOptions {
             format: ImageFormat::Raw,
             max_disk_size: DEFAULT_MAX_DISK_SIZE,
             sha256: None,
+            sync: false,
         }
     }
 }
@@ -138,8 +143,8 @@ pub fn open_bundle(bundle: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Extract into `staging`, a directory that does not exist yet (created here). Files are
-/// synced, and so is `staging`; on error it is removed.
+/// Extract into `staging`, a directory that does not exist yet (created here); with
+/// `options.sync` the files and `staging` are synced. On error it is removed.
 pub(crate) fn extract_into(
     input: &mut dyn Read,
     staging: &Path,
@@ -156,14 +161,15 @@ pub(crate) fn extract_into(
         target,
         options.max_disk_size,
         options.sha256.as_ref(),
+        options.sync,
         progress,
     )?;
-    for name in [MACHINE, LAYER] {
-        File::open(staging.join(name))
+    if options.sync {
+        File::open(staging.join(MACHINE))
             .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io_while(e, format!("syncing {name}")))?;
+            .map_err(|e| Error::io_while(e, format!("syncing {MACHINE}")))?;
+        fsutil::sync_dir(staging)?;
     }
-    fsutil::sync_dir(staging)?;
     guard.keep();
     Ok(info)
 }
@@ -185,6 +191,7 @@ pub fn verify(
         DiskTarget::Discard,
         options.max_disk_size,
         options.sha256.as_ref(),
+        false,
         progress,
     )
 }

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::bundle::layer::{self, LayerDetails};
 use crate::bundle::machine::{Machine, MAX_MACHINE_JSON};
-use crate::bundle::sink::{copy_regions, Discard, FileSink, ImageSink, Sink};
+use crate::bundle::sink::{copy_regions, with_file_sink, Discard, ImageSink, Sink};
 use crate::bundle::tar::{Header, TarReader};
 use crate::bundle::{ASIF_DISK, DISK, LAYER, MACHINE};
 use crate::error::{Error, Result};
@@ -96,6 +96,7 @@ pub(crate) fn read_bundle(
     target: DiskTarget,
     max_disk_size: u64,
     sha256: Option<&[u8; 32]>,
+    durable: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<BundleInfo> {
     let count = Arc::new(AtomicU64::new(0));
@@ -154,34 +155,17 @@ pub(crate) fn read_bundle(
                 machine_bytes = buf;
             }
             1 => {
-                let path = staging.join(LAYER);
-                let file = new_sparse_file(&path, size)?;
-                copy_regions(
-                    &mut tar.data(),
-                    &regions,
-                    &FileSink {
-                        file: &file,
-                        what: LAYER,
-                    },
-                    &mut tick,
-                )?;
-                file.sync_all()
-                    .map_err(|e| Error::io_while(e, format!("writing {LAYER}")))?;
+                let file = new_sparse_file(&staging.join(LAYER), size)?;
+                with_file_sink(&file, LAYER, durable, |sink| {
+                    copy_regions(&mut tar.data(), &regions, sink, &mut tick)
+                })?;
             }
             _ => match target {
                 DiskTarget::Raw => {
                     let file = new_sparse_file(&staging.join(DISK), size)?;
-                    copy_regions(
-                        &mut tar.data(),
-                        &regions,
-                        &FileSink {
-                            file: &file,
-                            what: DISK,
-                        },
-                        &mut tick,
-                    )?;
-                    file.sync_all()
-                        .map_err(|e| Error::io_while(e, format!("writing {DISK}")))?;
+                    with_file_sink(&file, DISK, durable, |sink| {
+                        copy_regions(&mut tar.data(), &regions, sink, &mut tick)
+                    })?;
                 }
                 DiskTarget::Asif => {
                     if size % 512 != 0 || size == 0 {

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 use diskkit::DiskImage;
@@ -27,18 +28,74 @@ pub(crate) trait Sink: Sync {
     fn write_at(&self, data: &[u8], offset: u64) -> Result<()>;
 }
 
+/// Bytes written between two background syncs of a [`FileSink`].
+const SYNC_EVERY: u64 = 64 << 20;
+
 /// A plain file, written sparsely (set to its full length first).
 pub(crate) struct FileSink<'a> {
-    pub(crate) file: &'a File,
-    pub(crate) what: &'static str,
+    file: &'a File,
+    what: &'static str,
+    /// Wakes the background syncer (see [`with_file_sink`]).
+    kick: Option<SyncSender<()>>,
+    unsynced: AtomicU64,
 }
 
 impl Sink for FileSink<'_> {
     fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         self.file
             .write_all_at(data, offset)
-            .map_err(|e| Error::io_while(e, format!("writing {}", self.what)))
+            .map_err(|e| Error::io_while(e, format!("writing {}", self.what)))?;
+        if let Some(kick) = &self.kick {
+            let n = data.len() as u64;
+            if self.unsynced.fetch_add(n, Ordering::Relaxed) + n >= SYNC_EVERY {
+                self.unsynced.store(0, Ordering::Relaxed);
+                // A sync already pending covers these bytes too.
+                let _ = kick.try_send(());
+            }
+        }
+        Ok(())
     }
+}
+
+/// Run `f` with a sink writing `file`. With `durable`, a background thread syncs the data
+/// written so far every 64 MiB (so the disk writes overlap decompression instead of all
+/// waiting for the end), and the file is synced before returning.
+pub(crate) fn with_file_sink<T>(
+    file: &File,
+    what: &'static str,
+    durable: bool,
+    f: impl FnOnce(&FileSink<'_>) -> Result<T>,
+) -> Result<T> {
+    if !durable {
+        return f(&FileSink {
+            file,
+            what,
+            kick: None,
+            unsynced: AtomicU64::new(0),
+        });
+    }
+    let (kick, kicked) = sync_channel::<()>(1);
+    let result = std::thread::scope(|scope| {
+        let syncer = scope.spawn(move || {
+            for () in kicked {
+                // Errors show up again in the final sync below.
+                let _ = file.sync_data();
+            }
+        });
+        let sink = FileSink {
+            file,
+            what,
+            kick: Some(kick),
+            unsynced: AtomicU64::new(0),
+        };
+        let r = f(&sink);
+        drop(sink);
+        let _ = syncer.join();
+        r
+    })?;
+    file.sync_all()
+        .map_err(|e| Error::io_while(e, format!("writing {what}")))?;
+    Ok(result)
 }
 
 /// A disk image (the ASIF conversion of disk.img).
@@ -64,6 +121,9 @@ impl Sink for Discard {
     }
 }
 
+/// A buffer of member data and the offset it goes to.
+type Piece = (u64, Vec<u8>);
+
 /// Read `regions`' bytes from `data` in order and write them at their offsets into `sink`.
 /// `tick` is called after every buffer (for progress). Returns the bytes written (all-zero
 /// granules are skipped).
@@ -76,8 +136,7 @@ pub(crate) fn copy_regions(
     if regions.is_empty() {
         return Ok(0);
     }
-    let (to_writer, from_reader): (SyncSender<(u64, Vec<u8>)>, Receiver<(u64, Vec<u8>)>) =
-        sync_channel(IN_FLIGHT);
+    let (to_writer, from_reader): (SyncSender<Piece>, Receiver<Piece>) = sync_channel(IN_FLIGHT);
     let (to_reader, from_writer) = sync_channel::<Vec<u8>>(IN_FLIGHT + 1);
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<u64> {

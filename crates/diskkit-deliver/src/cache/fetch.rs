@@ -71,6 +71,10 @@ pub struct FetchOptions {
     pub max_disk_size: u64,
     /// The HTTP client's settings (timeouts, retries, CA files).
     pub http: ClientOptions,
+    /// Make the entry durable (fsync its files, in the background while they are written)
+    /// before it appears in the cache, so that a power failure cannot leave a listed entry
+    /// with missing data. Turn off on machines whose disks do not outlive a crash anyway.
+    pub sync: bool,
 }
 
 impl Default for FetchOptions {
@@ -79,6 +83,7 @@ impl Default for FetchOptions {
             sha256: None,
             max_disk_size: DEFAULT_MAX_DISK_SIZE,
             http: ClientOptions::default(),
+            sync: true,
         }
     }
 }
@@ -109,6 +114,16 @@ pub enum FetchEvent<'a> {
     },
     /// A plain image is being converted into the entry.
     Converting,
+    /// The download finished: the source is `bytes` long, `transferred` of them arrived in
+    /// this call, in `seconds` (the entry is ready soon after: it was extracted meanwhile).
+    Downloaded {
+        /// The source's size.
+        bytes: u64,
+        /// Bytes received by this call (less after a resume).
+        transferred: u64,
+        /// Seconds from the first request to the last byte.
+        seconds: f64,
+    },
 }
 
 /// What [`Cache::fetch`] did.
@@ -270,11 +285,16 @@ impl Cache {
                 fs::set_permissions(&p, fs::Permissions::from_mode(0o444))
                     .map_err(|e| Error::io_while(e, "protecting the entry's files").with_path(&p))?;
             }
-            File::open(&p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io_while(e, "syncing the entry").with_path(&p))?;
+            if options.sync {
+                // Already synced while written (disk.img, layer.qcow2): cheap.
+                File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io_while(e, "syncing the entry").with_path(&p))?;
+            }
         }
-        fsutil::sync_dir(&staging)?;
+        if options.sync {
+            fsutil::sync_dir(&staging)?;
+        }
         let dest = self.entry_dir(id);
         rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -285,7 +305,9 @@ impl Cache {
         )
         .map_err(|e| Error::io_while(e.into(), "adding the entry to the cache").with_path(&dest))?;
         guard.keep();
-        fsutil::sync_dir(&self.root.join("entries"))?;
+        if options.sync {
+            fsutil::sync_dir(&self.root.join("entries"))?;
+        }
         self.remove_partial(id);
         Ok(record)
     }
@@ -317,6 +339,7 @@ impl Cache {
         let cancel = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             let downloader = scope.spawn(|| {
+                let began = std::time::Instant::now();
                 let r = http::download(&client, url, &file, &mut state, &mut |ev| {
                     if cancel.load(Ordering::Relaxed) {
                         return Err(Error::new(ErrorKind::Io, "fetch cancelled"));
@@ -355,7 +378,7 @@ impl Cache {
                     Ok(())
                 });
                 shared.finish(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                r
+                r.map(|o| (o, began.elapsed()))
             });
             let extracted = self.consume_download(&file, &shared, staging, options, events);
             if extracted.is_err() {
@@ -365,21 +388,31 @@ impl Cache {
                 .join()
                 .unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "the download thread panicked")));
             match (downloaded, extracted) {
-                (Ok(_), Ok(v)) => Ok(v),
+                (Ok(d), Ok(v)) => Ok((v, d)),
                 // A download error explains an extraction error (the data stopped coming).
                 (Err(d), Err(_)) if d.message() != Some("fetch cancelled") => Err(d),
                 (_, Err(e)) => Err(e),
                 (Err(d), Ok(_)) => Err(d),
             }
         });
-        if let Err(e) = &result {
-            // Keep what was downloaded for a later resume only when the transfer failed;
-            // bad content is not worth resuming.
-            if !matches!(e.kind(), ErrorKind::Network | ErrorKind::Io) {
-                self.remove_partial(id);
+        match result {
+            Ok((v, (outcome, elapsed))) => {
+                events(FetchEvent::Downloaded {
+                    bytes: outcome.len,
+                    transferred: outcome.transferred,
+                    seconds: elapsed.as_secs_f64(),
+                });
+                Ok(v)
+            }
+            Err(e) => {
+                // Keep what was downloaded for a later resume only when the transfer failed;
+                // bad content is not worth resuming.
+                if !matches!(e.kind(), ErrorKind::Network | ErrorKind::Io) {
+                    self.remove_partial(id);
+                }
+                Err(e)
             }
         }
-        result
     }
 
     /// Extract (or, for a plain image, convert) what the downloader writes into `file`.
@@ -415,6 +448,7 @@ impl Cache {
                 format: ImageFormat::Raw,
                 max_disk_size: options.max_disk_size,
                 sha256: options.sha256,
+                sync: options.sync,
             };
             let r = bundle::extract_into(&mut reader, staging, &extract, &mut |_| shared.report_now(events));
             match r {
@@ -453,6 +487,7 @@ fn fetch_path(
         format: ImageFormat::Raw,
         max_disk_size: options.max_disk_size,
         sha256: options.sha256,
+        sync: options.sync,
     };
     let info = bundle::extract_into(&mut file, staging, &extract, &mut |done| {
         events(FetchEvent::Transfer { done, total });

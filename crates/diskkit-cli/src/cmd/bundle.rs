@@ -35,6 +35,10 @@ pub(crate) enum BundleCommand {
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Make the bundle durable (fsync) before it appears; without it, like tar | zstd,
+        /// data may be lost to a power failure soon after.
+        #[arg(long)]
+        sync: bool,
         /// Print nothing on success.
         #[arg(short, long)]
         quiet: bool,
@@ -148,6 +152,7 @@ pub(crate) fn run(command: BundleCommand) -> Result<u8> {
             level,
             threads,
             force,
+            sync,
             quiet,
             parents,
             image,
@@ -156,8 +161,7 @@ pub(crate) fn run(command: BundleCommand) -> Result<u8> {
             machine.as_deref(),
             level,
             threads,
-            force,
-            quiet,
+            (force, sync, quiet),
             &parents,
             &image,
             &out,
@@ -260,13 +264,11 @@ fn with_input<T>(
     r
 }
 
-#[allow(clippy::too_many_arguments)]
 fn create(
     machine: Option<&Path>,
     level: i32,
     threads: Option<u32>,
-    force: bool,
-    quiet: bool,
+    (force, sync, quiet): (bool, bool, bool),
     parents: &ParentArgs,
     image: &Path,
     out: &Path,
@@ -283,6 +285,7 @@ fn create(
         level,
         threads: threads.unwrap_or(0),
         overwrite: force,
+        sync,
     };
     let bar = bytes_bar(0, "bundling");
     let report = bundle::create(image, out, &options, &mut |done, total| {

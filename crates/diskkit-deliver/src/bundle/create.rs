@@ -41,6 +41,9 @@ pub struct CreateOptions {
     pub threads: u32,
     /// Replace an existing output file.
     pub overwrite: bool,
+    /// Make the bundle durable (fsync) before it is renamed into place; without it, as with
+    /// `tar | zstd`, a power failure soon after may lose data.
+    pub sync: bool,
 }
 
 impl Default for CreateOptions {
@@ -51,6 +54,7 @@ impl Default for CreateOptions {
             level: 3,
             threads: 0,
             overwrite: false,
+            sync: false,
         }
     }
 }
@@ -199,13 +203,13 @@ pub fn create(
         .map_err(|e| Error::io_while(e, "finishing the zstd stream"))?;
     writer
         .flush()
-        .and_then(|()| file.sync_all())
+        .and_then(|()| if options.sync { file.sync_all() } else { Ok(()) })
         .map_err(|e| Error::io_while(e, format!("writing {}", tmp_out.display())))?;
     drop(writer);
     let compressed_size = file.metadata().map(|m| m.len()).unwrap_or(0);
     drop(file);
     drop(layer);
-    persist(&tmp_out, out, options.overwrite)?;
+    persist(&tmp_out, out, options.overwrite, options.sync)?;
     tmp_guard.keep();
     drop(staging);
     Ok(CreateReport {
@@ -219,9 +223,9 @@ pub fn create(
     })
 }
 
-/// Rename `tmp` to `out` (without replacing an existing file unless `overwrite`) and sync
-/// the directory.
-pub(crate) fn persist(tmp: &Path, out: &Path, overwrite: bool) -> Result<()> {
+/// Rename `tmp` to `out` (without replacing an existing file unless `overwrite`), and sync
+/// the directory when `durable`.
+pub(crate) fn persist(tmp: &Path, out: &Path, overwrite: bool, durable: bool) -> Result<()> {
     if overwrite {
         std::fs::rename(tmp, out)
     } else {
@@ -235,7 +239,10 @@ pub(crate) fn persist(tmp: &Path, out: &Path, overwrite: bool) -> Result<()> {
         .map_err(std::io::Error::from)
     }
     .map_err(|e| Error::io_while(e, format!("renaming the bundle to {}", out.display())))?;
-    fsutil::sync_dir(&fsutil::parent_dir(out))
+    if durable {
+        fsutil::sync_dir(&fsutil::parent_dir(out))?;
+    }
+    Ok(())
 }
 
 /// Make `layer_path` a qcow2 overlay holding what `source`'s top layer holds, backed by

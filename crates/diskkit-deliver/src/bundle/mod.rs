@@ -115,7 +115,7 @@ pub fn extract(
     }
     let staging = Cleanup::new(fsutil::temp_sibling(dir)?);
     let info = extract_into(input, staging.path(), options, progress)?;
-    create::persist(staging.path(), dir, false)?;
+    create::persist(staging.path(), dir, false, options.sync)?;
     staging.keep();
     Ok(info)
 }

@@ -127,6 +127,7 @@ impl CheckArgs {
             format,
             max_disk_size: parse_size(&self.max_disk_size)?,
             sha256: self.sha256.as_deref().map(bundle::parse_sha256).transpose()?,
+            digest: false,
             sync: false,
         })
     }
@@ -219,7 +220,7 @@ pub(crate) fn run(command: BundleCommand) -> Result<u8> {
                     bundle.display(),
                     human(info.disk.size),
                     human(info.layer.file_size),
-                    info.sha256
+                    info.sha256.as_deref().unwrap_or("-")
                 );
             }
             Ok(0)
@@ -315,7 +316,7 @@ fn create(
 fn print_info(path: &Path, info: &BundleInfo) {
     let m = &info.machine;
     println!("bundle: {}", path.display());
-    println!("sha256: {}", info.sha256);
+    println!("sha256: {}", info.sha256.as_deref().unwrap_or("-"));
     println!(
         "compressed size: {} ({} bytes); tar stream {}",
         human(info.compressed_size),

@@ -70,6 +70,9 @@ pub struct ExtractOptions {
     pub max_disk_size: u64,
     /// The SHA-256 the compressed bundle must have.
     pub sha256: Option<[u8; 32]>,
+    /// Compute the bundle's SHA-256 (for [`BundleInfo::sha256`]) even when no digest is
+    /// expected. `verify` always computes it.
+    pub digest: bool,
     /// Make the extracted files durable (synced) before the directory is renamed into
     /// place. Without it, as with `tar -x`, the files are complete for every process at
     /// once but a power failure soon after may lose data.
@@ -82,6 +85,7 @@ impl Default for ExtractOptions {
             format: ImageFormat::Raw,
             max_disk_size: DEFAULT_MAX_DISK_SIZE,
             sha256: None,
+            digest: false,
             sync: false,
         }
     }
@@ -161,6 +165,7 @@ pub(crate) fn extract_into(
         target,
         options.max_disk_size,
         options.sha256.as_ref(),
+        options.digest,
         options.sync,
         progress,
     )?;
@@ -191,6 +196,7 @@ pub fn verify(
         DiskTarget::Discard,
         options.max_disk_size,
         options.sha256.as_ref(),
+        true,
         false,
         progress,
     )

@@ -63,21 +63,24 @@ pub struct BundleInfo {
     pub compressed_size: u64,
     /// Bytes of the tar stream inside it.
     pub tar_size: u64,
-    /// The SHA-256 of the compressed bundle, in hex.
-    pub sha256: String,
+    /// The SHA-256 of the compressed bundle, in hex, when it was computed (an expected
+    /// digest was given, or [`super::ExtractOptions::digest`]).
+    pub sha256: Option<String>,
 }
 
-/// Counts and hashes the bytes read through it.
+/// Counts (and, when asked, hashes) the bytes read through it.
 struct Tap<R> {
     inner: R,
     count: Arc<AtomicU64>,
-    hash: Sha256,
+    hash: Option<Sha256>,
 }
 
 impl<R: Read> Read for Tap<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
         self.count.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
@@ -89,13 +92,16 @@ const NAMES: [&str; 3] = [MACHINE, LAYER, DISK];
 /// Read a whole bundle from `input`, writing `layer.qcow2`, `machine.json` and (per
 /// `target`) the disk into `staging`, an existing empty directory. Every rule is checked;
 /// on error `staging` may hold partial files (the caller removes it). `progress` gets the
-/// compressed bytes read so far. With `sha256`, the compressed bytes must have that digest.
+/// compressed bytes read so far. With `sha256`, the compressed bytes must have that digest;
+/// with `digest`, their digest is computed for [`BundleInfo::sha256`] anyway (hashing costs
+/// the decompressing thread time, so it is skipped when nobody wants it).
 pub(crate) fn read_bundle(
     input: &mut dyn Read,
     staging: &Path,
     target: DiskTarget,
     max_disk_size: u64,
     sha256: Option<&[u8; 32]>,
+    digest: bool,
     durable: bool,
     progress: &mut dyn FnMut(u64),
 ) -> Result<BundleInfo> {
@@ -103,7 +109,7 @@ pub(crate) fn read_bundle(
     let mut tap = Tap {
         inner: input,
         count: count.clone(),
-        hash: Sha256::new(),
+        hash: (digest || sha256.is_some()).then(Sha256::new),
     };
     let mut magic = [0u8; 4];
     let mut got = 0;
@@ -226,8 +232,8 @@ pub(crate) fn read_bundle(
         regions: disk_header.regions().len() as u64,
         sparse: disk_header.sparse.is_some(),
     };
-    let digest: [u8; 32] = tap.hash.finalize().into();
-    if let Some(want) = sha256 {
+    let digest: Option<[u8; 32]> = tap.hash.map(|h| h.finalize().into());
+    if let (Some(want), Some(digest)) = (sha256, digest) {
         if &digest != want {
             return Err(Error::new(
                 crate::ErrorKind::DigestMismatch,
@@ -255,7 +261,7 @@ pub(crate) fn read_bundle(
         members,
         compressed_size: count.load(Ordering::Relaxed),
         tar_size,
-        sha256: hex(&digest),
+        sha256: digest.map(|d| hex(&d)),
     })
 }
 

@@ -339,6 +339,8 @@ impl Cache {
         let cancel = AtomicBool::new(false);
         let result = std::thread::scope(|scope| {
             let downloader = scope.spawn(|| {
+                // Wakes the extractor even if this thread ends unexpectedly.
+                let _finish = FinishOnDrop(&shared);
                 let began = std::time::Instant::now();
                 let r = http::download(&client, url, &file, &mut state, &mut |ev| {
                     if cancel.load(Ordering::Relaxed) {
@@ -448,11 +450,12 @@ impl Cache {
                 format: ImageFormat::Raw,
                 max_disk_size: options.max_disk_size,
                 sha256: options.sha256,
+                digest: true,
                 sync: options.sync,
             };
             let r = bundle::extract_into(&mut reader, staging, &extract, &mut |_| shared.report_now(events));
             match r {
-                Ok(info) => return Ok(("bundle", info.sha256, info.disk.size)),
+                Ok(info) => return Ok(("bundle", info.sha256.unwrap_or_default(), info.disk.size)),
                 Err(_) if shared.generation() != generation => {
                     fsutil::remove_any(staging);
                     continue;
@@ -487,13 +490,14 @@ fn fetch_path(
         format: ImageFormat::Raw,
         max_disk_size: options.max_disk_size,
         sha256: options.sha256,
+        digest: true,
         sync: options.sync,
     };
     let info = bundle::extract_into(&mut file, staging, &extract, &mut |done| {
         events(FetchEvent::Transfer { done, total });
     })
     .map_err(|e| e.with_path(path))?;
-    Ok(("bundle", info.sha256, info.disk.size))
+    Ok(("bundle", info.sha256.unwrap_or_default(), info.disk.size))
 }
 
 /// Convert the plain image in `file` into an entry: a sparse RAW `disk.img`, an empty
@@ -698,6 +702,19 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner().0);
         }
         self.report(events, &mut st);
+    }
+}
+
+/// Marks the download ended (failed, unless it was marked already) when dropped.
+struct FinishOnDrop<'a>(&'a Shared);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        if st.done.is_none() {
+            st.done = Some(Err("the download stopped unexpectedly".into()));
+            self.0.changed.notify_all();
+        }
     }
 }
 

@@ -159,16 +159,7 @@ pub(crate) fn extract_into(
     std::fs::create_dir(staging)
         .map_err(|e| Error::io_while(e, format!("creating {}", staging.display())))?;
     let guard = Cleanup::new(staging);
-    let info = read_bundle(
-        input,
-        staging,
-        target,
-        options.max_disk_size,
-        options.sha256.as_ref(),
-        options.digest,
-        options.sync,
-        progress,
-    )?;
+    let info = read_bundle(input, staging, target, options, progress)?;
     if options.sync {
         File::open(staging.join(MACHINE))
             .and_then(|f| f.sync_all())
@@ -190,16 +181,12 @@ pub fn verify(
         Cleanup::new(std::env::temp_dir().join(format!(".diskkit-bundle-{}", fsutil::random_suffix())));
     std::fs::create_dir(staging.path())
         .map_err(|e| Error::io_while(e, format!("creating {}", staging.path().display())))?;
-    read_bundle(
-        input,
-        staging.path(),
-        DiskTarget::Discard,
-        options.max_disk_size,
-        options.sha256.as_ref(),
-        true,
-        false,
-        progress,
-    )
+    let options = ExtractOptions {
+        digest: true,
+        sync: false,
+        ..options.clone()
+    };
+    read_bundle(input, staging.path(), DiskTarget::Discard, &options, progress)
 }
 
 /// [`verify`] the bundle file at `bundle`.

@@ -15,7 +15,7 @@ use crate::bundle::layer::{self, LayerDetails};
 use crate::bundle::machine::{Machine, MAX_MACHINE_JSON};
 use crate::bundle::sink::{copy_regions, with_file_sink, Discard, ImageSink, Sink};
 use crate::bundle::tar::{Header, TarReader};
-use crate::bundle::{ASIF_DISK, DISK, LAYER, MACHINE};
+use crate::bundle::{ExtractOptions, ASIF_DISK, DISK, LAYER, MACHINE};
 use crate::error::{Error, Result};
 
 /// The zstd frame magic number.
@@ -92,19 +92,20 @@ const NAMES: [&str; 3] = [MACHINE, LAYER, DISK];
 /// Read a whole bundle from `input`, writing `layer.qcow2`, `machine.json` and (per
 /// `target`) the disk into `staging`, an existing empty directory. Every rule is checked;
 /// on error `staging` may hold partial files (the caller removes it). `progress` gets the
-/// compressed bytes read so far. With `sha256`, the compressed bytes must have that digest;
-/// with `digest`, their digest is computed for [`BundleInfo::sha256`] anyway (hashing costs
-/// the decompressing thread time, so it is skipped when nobody wants it).
+/// compressed bytes read so far. `options` gives the size limit, the expected digest, whether
+/// to compute the digest anyway for [`BundleInfo::sha256`] (hashing costs the decompressing
+/// thread time, so it is skipped when nobody wants it) and whether to sync what is written.
 pub(crate) fn read_bundle(
     input: &mut dyn Read,
     staging: &Path,
     target: DiskTarget,
-    max_disk_size: u64,
-    sha256: Option<&[u8; 32]>,
-    digest: bool,
-    durable: bool,
+    options: &ExtractOptions,
     progress: &mut dyn FnMut(u64),
 ) -> Result<BundleInfo> {
+    let max_disk_size = options.max_disk_size;
+    let sha256 = options.sha256.as_ref();
+    let digest = options.digest;
+    let durable = options.sync;
     let count = Arc::new(AtomicU64::new(0));
     let mut tap = Tap {
         inner: input,

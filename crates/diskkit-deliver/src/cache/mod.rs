@@ -38,6 +38,7 @@
 //! "it exists" and "it is referenced".
 
 mod fetch;
+mod follow;
 mod gc;
 mod instance;
 mod lock;

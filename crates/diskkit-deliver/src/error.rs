@@ -180,6 +180,18 @@ impl Error {
         self.inner.operation
     }
 
+    /// The message followed by every cause (`message: cause: cause...`), for places that
+    /// keep only text (such as the failure record other processes read).
+    pub fn full_message(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        text
+    }
+
     /// Whether the error, or an error it wraps, is an I/O error that says a file or its
     /// device ran out of space.
     pub fn is_out_of_space(&self) -> bool {

@@ -244,7 +244,7 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
                         }
                     }
                 })
-                .with_context(|| format!("cannot fetch '{id}' from {source}"))?;
+                .with_context(|| format!("cannot fetch '{id}'"))?;
             bar.finish_and_clear();
             if !quiet {
                 let e = &fetched.entry;

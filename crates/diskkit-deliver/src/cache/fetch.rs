@@ -216,7 +216,7 @@ impl Cache {
                 let record = FailureRecord {
                     attempt: fsutil::random_suffix(),
                     kind: kind_name(e.kind()),
-                    message: format!("{e:#}"),
+                    message: e.full_message(),
                 };
                 let _ = fsutil::write_atomic(
                     &self.failed_path(id),

@@ -68,7 +68,8 @@ impl Shared {
     }
 
     pub(super) fn retry(&self, error: &Error, wait: Duration) {
-        self.lock().retry = Some((error.to_string(), wait));
+        // With its causes: the event's reader gets only this text.
+        self.lock().retry = Some((error.full_message(), wait));
     }
 
     pub(super) fn finish(&self, r: std::result::Result<(), String>) {

@@ -385,20 +385,21 @@ fn transport_error(e: ureq::Error, url: &str) -> Error {
         ureq::Error::BadUri(_) | ureq::Error::Http(_) => ErrorKind::InvalidArgument,
         _ => ErrorKind::Network,
     };
+    // The details are in the source, which reporters print after the message.
     let what = match &e {
-        ureq::Error::Timeout(t) => format!("{url}: timed out ({t})"),
-        ureq::Error::ConnectionFailed => format!("{url}: connection failed"),
-        ureq::Error::HostNotFound => format!("{url}: host not found"),
-        ureq::Error::Tls(m) => format!("{url}: TLS error: {m}"),
-        ureq::Error::Io(io) => format!("{url}: {io}"),
-        other => format!("{url}: {other}"),
+        ureq::Error::Timeout(_) => "timed out",
+        ureq::Error::ConnectionFailed | ureq::Error::Io(_) => "connection failed",
+        ureq::Error::HostNotFound => "host not found",
+        ureq::Error::Tls(_) => "TLS failed",
+        ureq::Error::BadUri(_) | ureq::Error::Http(_) => "invalid URL",
+        _ => "request failed",
     };
-    Error::new(kind, what).with_source(e)
+    Error::new(kind, format!("{url}: {what}")).with_source(e)
 }
 
 /// A body read error as a network error.
 pub(crate) fn body_error(e: std::io::Error, url: &str) -> Error {
-    Error::new(ErrorKind::Network, format!("{url}: transfer interrupted: {e}")).with_source(e)
+    Error::new(ErrorKind::Network, format!("{url}: transfer interrupted")).with_source(e)
 }
 
 #[cfg(test)]

@@ -176,25 +176,17 @@ pub fn create(
     tar.end_member()?;
     let mut done = 0u64;
     progress(0, total);
-    let mut buf = vec![0u8; READ_BUFFER];
     for (name, image, size, regions) in [
         (LAYER, &layer, layer.size(), &layer_regions),
         (DISK, disk, disk.size(), &disk_regions),
     ] {
         tar.begin_member(name, size, regions)?;
-        for r in regions.iter() {
-            let mut pos = r.offset;
-            while pos < r.end() {
-                let n = (r.end() - pos).min(READ_BUFFER as u64) as usize;
-                image
-                    .read_at(&mut buf[..n], pos)
-                    .map_err(|e| Error::image(e, format!("reading the data of {name}")))?;
-                tar.write_data(&buf[..n])?;
-                pos += n as u64;
-                done += n as u64;
-                progress(done, total);
-            }
-        }
+        read_ahead(image, regions, name, &mut |data| {
+            tar.write_data(data)?;
+            done += data.len() as u64;
+            progress(done, total);
+            Ok(())
+        })?;
         tar.end_member()?;
     }
     let encoder = tar.finish()?;
@@ -220,6 +212,62 @@ pub fn create(
         layer_stored,
         compressed_size,
         machine,
+    })
+}
+
+/// Buffers read ahead by [`read_ahead`]'s reading thread.
+const READ_AHEAD: usize = 4;
+
+/// Read `regions` of `image` in order on a separate thread (so reading overlaps what `f`
+/// does with the data, here compression) and hand each buffer to `f`.
+fn read_ahead(
+    image: &DiskImage,
+    regions: &[Region],
+    name: &str,
+    f: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let (to_main, from_reader) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(READ_AHEAD);
+    let (to_reader, from_main) = std::sync::mpsc::sync_channel::<Vec<u8>>(READ_AHEAD + 1);
+    // `move`: the channels are dropped when this closure returns (also early, on an error),
+    // before the scope waits for the reader, which then stops instead of waiting forever.
+    std::thread::scope(move |scope| {
+        scope.spawn(move || {
+            let mut spare = 0;
+            for r in regions {
+                let mut pos = r.offset;
+                while pos < r.end() {
+                    let n = (r.end() - pos).min(READ_BUFFER as u64) as usize;
+                    let mut buf = match from_main.try_recv() {
+                        Ok(b) => b,
+                        Err(_) if spare <= READ_AHEAD => {
+                            spare += 1;
+                            vec![0u8; READ_BUFFER]
+                        }
+                        Err(_) => match from_main.recv() {
+                            Ok(b) => b,
+                            Err(_) => return,
+                        },
+                    };
+                    buf.resize(n, 0);
+                    let read = image
+                        .read_at(&mut buf, pos)
+                        .map(|()| buf)
+                        .map_err(|e| Error::image(e, format!("reading the data of {name}")));
+                    let failed = read.is_err();
+                    if to_main.send(read).is_err() || failed {
+                        return;
+                    }
+                    pos += n as u64;
+                }
+            }
+        });
+        for buf in from_reader {
+            let buf = buf?;
+            f(&buf)?;
+            // The reader may have finished; then the buffer is dropped.
+            let _ = to_reader.send(buf);
+        }
+        Ok(())
     })
 }
 

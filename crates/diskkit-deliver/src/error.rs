@@ -35,6 +35,17 @@ pub enum ErrorKind {
     AlreadyExists,
     /// The caller passed an argument that cannot be honoured.
     InvalidArgument,
+    /// A registry sent a manifest or index that is malformed, too large, of a media type
+    /// that is not a manifest's, or that points outside its repository.
+    InvalidManifest,
+    /// The registry wants credentials, or refused the ones given.
+    Authentication,
+    /// Something valid that this version does not handle (a Docker schema 1 manifest, a
+    /// digest algorithm other than sha256).
+    Unsupported,
+    /// An artifact is not what the command expects (a container image where a VM disk was
+    /// asked for, a disk layer that does not decompress).
+    InvalidArtifact,
 }
 
 impl ErrorKind {
@@ -50,6 +61,10 @@ impl ErrorKind {
             ErrorKind::InUse => "in use",
             ErrorKind::AlreadyExists => "already exists",
             ErrorKind::InvalidArgument => "invalid argument",
+            ErrorKind::InvalidManifest => "invalid manifest",
+            ErrorKind::Authentication => "authentication failed",
+            ErrorKind::Unsupported => "not supported",
+            ErrorKind::InvalidArtifact => "invalid artifact",
         }
     }
 }
@@ -64,6 +79,7 @@ struct Inner {
     message: Option<String>,
     path: Option<PathBuf>,
     operation: Option<&'static str>,
+    status: Option<u16>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -79,6 +95,7 @@ impl Error {
                 message: Some(message.into()),
                 path: None,
                 operation: None,
+                status: None,
                 source: None,
             }),
         }
@@ -92,6 +109,7 @@ impl Error {
                 message: None,
                 path: None,
                 operation: None,
+                status: None,
                 source: None,
             }),
         }
@@ -152,6 +170,17 @@ impl Error {
             self.inner.operation = Some(operation);
         }
         self
+    }
+
+    /// Record the HTTP status a server answered with.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.inner.status = Some(status);
+        self
+    }
+
+    /// The HTTP status behind an [`ErrorKind::HttpStatus`] error.
+    pub fn http_status(&self) -> Option<u16> {
+        self.inner.status
     }
 
     /// Replace the message, keeping kind, context and cause.
@@ -268,7 +297,12 @@ impl From<Error> for io::Error {
     fn from(err: Error) -> Self {
         let kind = match err.kind() {
             ErrorKind::Io | ErrorKind::Image => io::ErrorKind::Other,
-            ErrorKind::InvalidBundle | ErrorKind::DigestMismatch => io::ErrorKind::InvalidData,
+            ErrorKind::InvalidBundle
+            | ErrorKind::DigestMismatch
+            | ErrorKind::InvalidManifest
+            | ErrorKind::InvalidArtifact => io::ErrorKind::InvalidData,
+            ErrorKind::Authentication => io::ErrorKind::PermissionDenied,
+            ErrorKind::Unsupported => io::ErrorKind::Unsupported,
             ErrorKind::Network | ErrorKind::HttpStatus => io::ErrorKind::ConnectionAborted,
             ErrorKind::NotFound => io::ErrorKind::NotFound,
             ErrorKind::InUse => io::ErrorKind::ResourceBusy,

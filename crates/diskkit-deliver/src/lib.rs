@@ -17,5 +17,6 @@ mod fsutil;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod registry;
 
 pub use error::{Error, ErrorKind, Result};

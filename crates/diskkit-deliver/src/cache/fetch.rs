@@ -375,6 +375,7 @@ impl Cache {
                         }
                         http::Event::Retry { error, wait } => shared.retry(error, wait),
                         http::Event::Discarding => shared.discarding(),
+                        http::Event::Data { .. } => {}
                     }
                     Ok(())
                 });

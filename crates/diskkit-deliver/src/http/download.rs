@@ -52,6 +52,14 @@ pub enum Event<'a> {
     /// The file's bytes are about to be discarded: the download starts over (the resource
     /// changed, or the server would not continue it). Sent before the file is truncated.
     Discarding,
+    /// These bytes were just written to the file at `at` (sent before the matching
+    /// [`Event::Progress`]); lets a caller hash while downloading.
+    Data {
+        /// Where in the file they went.
+        at: u64,
+        /// The bytes.
+        data: &'a [u8],
+    },
     /// A transfer failed and will be retried after `wait`.
     Retry {
         /// Why.
@@ -74,6 +82,16 @@ pub struct DownloadOutcome {
     pub state: ResumeState,
 }
 
+/// Extra settings of [`download_with`].
+#[derive(Debug, Clone, Default)]
+pub struct DownloadOptions {
+    /// Headers sent with every request (e.g. `Authorization`).
+    pub headers: Vec<(String, String)>,
+    /// The resource never changes (it is named by its digest): resume without validators
+    /// and without `If-Range`. What arrives must still be checked by the caller.
+    pub immutable: bool,
+}
+
 /// Download `url` into `file` (opened for reading and writing), resuming after what it
 /// holds if `state` says those bytes came from the same URL and carries validators.
 /// `events` is told when a body starts (with the state to persist), as bytes arrive, and
@@ -85,10 +103,28 @@ pub fn download(
     state: &mut ResumeState,
     events: &mut dyn FnMut(Event<'_>) -> Result<()>,
 ) -> Result<DownloadOutcome> {
+    download_with(client, url, file, state, &DownloadOptions::default(), events)
+}
+
+/// [`download`] with extra headers, and for resources that never change.
+pub fn download_with(
+    client: &Client,
+    url: &str,
+    file: &File,
+    state: &mut ResumeState,
+    options: &DownloadOptions,
+    events: &mut dyn FnMut(Event<'_>) -> Result<()>,
+) -> Result<DownloadOutcome> {
     let io = |e: std::io::Error| Error::io_while(e, "writing the download");
+    let headers: Vec<(&str, &str)> = options
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
     let mut len = file.metadata().map_err(io)?.len();
-    let usable =
-        state.url == url && state.validators.if_range().is_some() && state.total.is_none_or(|t| len <= t);
+    let usable = state.url == url
+        && (options.immutable || state.validators.if_range().is_some())
+        && state.total.is_none_or(|t| len <= t);
     if len > 0 && !usable {
         events(Event::Discarding)?;
         file.set_len(0).map_err(io)?;
@@ -110,17 +146,22 @@ pub fn download(
         let range = (len > 0).then(|| Range {
             start: len,
             end: None,
-            if_range: state.validators.if_range().map(str::to_string),
+            if_range: if options.immutable {
+                None
+            } else {
+                state.validators.if_range().map(str::to_string)
+            },
         });
         let attempt = (|| -> Result<bool> {
-            let mut resp = client.get(url, range.as_ref())?;
+            let mut resp = client.get_with_headers(url, range.as_ref(), &headers)?;
             let head = resp.head.clone();
             match head.status {
                 206 if len > 0 => {
                     let ok_range = head.content_range.is_some_and(|(first, _, total)| {
                         first == len && (total.is_none() || state.total.is_none() || total == state.total)
                     });
-                    let same = head.validators == Validators::default()
+                    let same = options.immutable
+                        || head.validators == Validators::default()
                         || state.validators.same_version(&head.validators);
                     if !ok_range || !same {
                         // Not the piece asked for: start over.
@@ -187,6 +228,10 @@ pub fn download(
                     ));
                 }
                 file.write_all_at(&buf[..n], len).map_err(io)?;
+                events(Event::Data {
+                    at: len,
+                    data: &buf[..n],
+                })?;
                 len += n as u64;
                 transferred += n as u64;
                 progressed = true;

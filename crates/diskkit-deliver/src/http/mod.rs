@@ -39,7 +39,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
-pub use self::download::{download, DownloadOutcome, Event, ResumeState};
+pub use self::download::{download, download_with, DownloadOptions, DownloadOutcome, Event, ResumeState};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How often and how patiently to retry.
@@ -165,6 +165,27 @@ pub struct Head {
     pub content_type: Option<String>,
     /// `Retry-After` in seconds, if given as a number.
     pub retry_after: Option<u64>,
+    /// Every header, names in lower case, in the order received (values that are not
+    /// visible ASCII are left out).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Head {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name` (case-insensitive), in order.
+    pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 impl Head {
@@ -179,6 +200,10 @@ impl Head {
             validators: Validators::from_headers(h),
             content_type: get("content-type").map(str::to_string),
             retry_after: get("retry-after").and_then(|v| v.trim().parse().ok()),
+            headers: h
+                .iter()
+                .filter_map(|(n, v)| Some((n.as_str().to_ascii_lowercase(), v.to_str().ok()?.to_string())))
+                .collect(),
         }
     }
 }
@@ -219,6 +244,78 @@ impl Response {
     /// The body, as it arrives.
     pub fn body(&mut self) -> &mut dyn Read {
         &mut self.body
+    }
+
+    /// Read the whole body into memory, refusing one longer than `limit` bytes (checked
+    /// against `Content-Length` first, then while reading). `url` names the resource in
+    /// errors.
+    pub fn read_limited(&mut self, limit: u64, url: &str) -> Result<Vec<u8>> {
+        let too_long = || {
+            Error::new(
+                ErrorKind::InvalidArgument,
+                format!("{url}: the response is larger than the {limit} bytes accepted"),
+            )
+        };
+        if self.head.length.is_some_and(|l| l > limit) {
+            return Err(too_long());
+        }
+        let mut buf = Vec::new();
+        (&mut self.body)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut buf)
+            .map_err(|e| body_error(e, url))?;
+        if buf.len() as u64 > limit {
+            return Err(too_long());
+        }
+        Ok(buf)
+    }
+
+    /// Read and drop the rest of the body (at most 64 KiB; more is left unread), so that the
+    /// connection can be reused.
+    pub fn discard_body(&mut self) {
+        let _ = std::io::copy(&mut (&mut self.body).take(64 << 10), &mut std::io::sink());
+    }
+}
+
+/// An HTTP method for [`Client::send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET.
+    Get,
+    /// HEAD.
+    Head,
+    /// POST.
+    Post,
+    /// PUT.
+    Put,
+    /// PATCH.
+    Patch,
+    /// DELETE.
+    Delete,
+}
+
+/// The body of a request sent with [`Client::send`].
+pub enum Body<'a> {
+    /// No body (a POST or PUT without one still sends `Content-Length: 0`).
+    Empty,
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// `len` bytes read from `reader` (sent with `Content-Length: len`).
+    Reader {
+        /// Where the bytes come from.
+        reader: &'a mut dyn Read,
+        /// How many bytes it yields.
+        len: u64,
+    },
+}
+
+impl std::fmt::Debug for Body<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Body::Reader { len, .. } => write!(f, "Reader({len} bytes)"),
+        }
     }
 }
 
@@ -296,7 +393,61 @@ impl Client {
     /// One GET (no retries; see [`Client::get_with_retries`]). Any status is returned as a
     /// response; transport failures are errors of kind [`ErrorKind::Network`].
     pub fn get(&self, url: &str, range: Option<&Range>) -> Result<Response> {
+        self.get_with_headers(url, range, &[])
+    }
+
+    /// One request of any method with extra headers and a body (no retries). Any status is
+    /// returned as a response; transport failures are errors of kind [`ErrorKind::Network`].
+    /// Redirects are followed for GET and HEAD only; `Authorization` is never sent to the
+    /// target of a redirect.
+    pub fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Body<'_>) -> Result<Response> {
+        use ureq::SendBody;
+        let resp = match method {
+            Method::Get | Method::Head | Method::Delete => {
+                let mut req = match method {
+                    Method::Get => self.agent.get(url),
+                    Method::Head => self.agent.head(url),
+                    _ => self.agent.delete(url),
+                };
+                for (n, v) in headers {
+                    req = req.header(*n, *v);
+                }
+                req.call()
+            }
+            Method::Post | Method::Put | Method::Patch => {
+                let mut req = match method {
+                    Method::Post => self.agent.post(url),
+                    Method::Put => self.agent.put(url),
+                    _ => self.agent.patch(url),
+                };
+                // Uploads are not replayed to another place.
+                req = req.config().max_redirects(0).build();
+                for (n, v) in headers {
+                    req = req.header(*n, *v);
+                }
+                match body {
+                    Body::Empty => req.header("Content-Length", "0").send_empty(),
+                    Body::Bytes(b) => req.send(b),
+                    Body::Reader { reader, len } => req
+                        .header("Content-Length", len.to_string())
+                        .send(SendBody::from_reader(reader)),
+                }
+            }
+        }
+        .map_err(|e| transport_error(e, url))?;
+        let head = Head::from_response(&resp);
+        Ok(Response {
+            head,
+            body: resp.into_body().into_reader(),
+        })
+    }
+
+    /// One GET with extra headers (no retries), optionally of a range.
+    pub fn get_with_headers(&self, url: &str, range: Option<&Range>, headers: &[(&str, &str)]) -> Result<Response> {
         let mut req = self.agent.get(url);
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
         if let Some(r) = range {
             let spec = match r.end {
                 Some(end) => format!("bytes={}-{end}", r.start),
@@ -377,6 +528,7 @@ pub(crate) fn status_error(status: u16, url: &str) -> Error {
         ErrorKind::HttpStatus,
         format!("{url}: HTTP status {status}{hint}"),
     )
+    .with_status(status)
 }
 
 /// A ureq error as a network error (or an invalid argument for a bad URL).

@@ -18,5 +18,6 @@ mod fsutil;
 pub mod fuzzing;
 pub mod http;
 pub mod registry;
+pub mod tart;
 
 pub use error::{Error, ErrorKind, Result};

@@ -400,7 +400,13 @@ impl Client {
     /// returned as a response; transport failures are errors of kind [`ErrorKind::Network`].
     /// Redirects are followed for GET and HEAD only; `Authorization` is never sent to the
     /// target of a redirect.
-    pub fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Body<'_>) -> Result<Response> {
+    pub fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Body<'_>,
+    ) -> Result<Response> {
         use ureq::SendBody;
         let resp = match method {
             Method::Get | Method::Head | Method::Delete => {
@@ -443,7 +449,12 @@ impl Client {
     }
 
     /// One GET with extra headers (no retries), optionally of a range.
-    pub fn get_with_headers(&self, url: &str, range: Option<&Range>, headers: &[(&str, &str)]) -> Result<Response> {
+    pub fn get_with_headers(
+        &self,
+        url: &str,
+        range: Option<&Range>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response> {
         let mut req = self.agent.get(url);
         for (n, v) in headers {
             req = req.header(*n, *v);

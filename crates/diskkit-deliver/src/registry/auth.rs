@@ -272,7 +272,9 @@ fn normalize_key(key: &str) -> String {
 /// docs for the order). Unreadable or malformed files are skipped.
 pub fn find_credentials(files: &[PathBuf], registry: &str, repository: &str) -> Option<Credentials> {
     for file in files {
-        let Ok(f) = std::fs::File::open(file) else { continue };
+        let Ok(f) = std::fs::File::open(file) else {
+            continue;
+        };
         let mut bytes = Vec::new();
         if std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_AUTH_JSON), &mut bytes).is_err() {
             continue;
@@ -280,11 +282,8 @@ pub fn find_credentials(files: &[PathBuf], registry: &str, repository: &str) -> 
         let Ok(parsed) = serde_json::from_slice::<AuthFile>(&bytes) else {
             continue;
         };
-        let entries: Vec<(String, &AuthEntry)> = parsed
-            .auths
-            .iter()
-            .map(|(k, v)| (normalize_key(k), v))
-            .collect();
+        let entries: Vec<(String, &AuthEntry)> =
+            parsed.auths.iter().map(|(k, v)| (normalize_key(k), v)).collect();
         // Most specific first: registry/repo/path, registry/repo, ..., registry.
         let full = format!("{registry}/{repository}");
         let mut candidates = vec![full.clone()];
@@ -330,7 +329,12 @@ pub(crate) fn parse_token(body: &[u8], realm: &str) -> Result<(String, Option<u6
         .token
         .filter(|t| !t.is_empty())
         .or(t.access_token.filter(|t| !t.is_empty()))
-        .ok_or_else(|| Error::new(ErrorKind::Network, format!("the token service {realm} sent no token")))?;
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Network,
+                format!("the token service {realm} sent no token"),
+            )
+        })?;
     if token.len() > 64 << 10 || token.bytes().any(|c| !(0x21..0x7f).contains(&c)) {
         return Err(Error::new(
             ErrorKind::Network,
@@ -368,7 +372,15 @@ mod tests {
 
     #[test]
     fn bad_challenges() {
-        for h in ["", "   ", "Bearer realm=\"unterminated", "=x", "Bearer realm=\"a\u{1}\"", "Bearer realm=", "\"q\""] {
+        for h in [
+            "",
+            "   ",
+            "Bearer realm=\"unterminated",
+            "=x",
+            "Bearer realm=\"a\u{1}\"",
+            "Bearer realm=",
+            "\"q\"",
+        ] {
             assert!(parse_challenges(h).is_err(), "{h:?}");
         }
         assert!(parse_challenges(&"Bearer a=b,".repeat(5000)).is_err());
@@ -397,17 +409,17 @@ mod tests {
         let c = find_credentials(&files, "localhost:5000", "other").unwrap();
         assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "p:q"));
         assert!(find_credentials(&files, "quay.io", "x").is_none());
-        assert_eq!(
-            Credentials::parse("u:p").unwrap().basic_header(),
-            "Basic dTpw"
-        );
+        assert_eq!(Credentials::parse("u:p").unwrap().basic_header(), "Basic dTpw");
         assert!(Credentials::parse("nouser").is_err());
     }
 
     #[test]
     fn tokens() {
         assert_eq!(parse_token(br#"{"token":"abc"}"#, "r").unwrap().0, "abc");
-        assert_eq!(parse_token(br#"{"access_token":"d","expires_in":60}"#, "r").unwrap(), ("d".into(), Some(60)));
+        assert_eq!(
+            parse_token(br#"{"access_token":"d","expires_in":60}"#, "r").unwrap(),
+            ("d".into(), Some(60))
+        );
         assert!(parse_token(br#"{"token":""}"#, "r").is_err());
         assert!(parse_token(b"<html>", "r").is_err());
         assert!(parse_token(br#"{"token":"a\nb"}"#, "r").is_err());

@@ -143,12 +143,16 @@ pub(crate) fn fetch_blob(
             match ev {
                 http::Event::Started { from, .. } => {
                     if from != hashed {
-                        hasher = hash_prefix(&file, from)
-                            .map_err(|e| Error::io_while(e, "reading a partial download").with_path(&partial))?;
+                        hasher = hash_prefix(&file, from).map_err(|e| {
+                            Error::io_while(e, "reading a partial download").with_path(&partial)
+                        })?;
                         hashed = from;
                     }
                     if from > desc.size {
-                        return Err(Error::new(ErrorKind::DigestMismatch, "the partial download is too long"));
+                        return Err(Error::new(
+                            ErrorKind::DigestMismatch,
+                            "the partial download is too long",
+                        ));
                     }
                     events(BlobEvent::Start {
                         digest: &desc.digest,
@@ -158,15 +162,19 @@ pub(crate) fn fetch_blob(
                 }
                 http::Event::Data { at, data } => {
                     if at != hashed {
-                        hasher = hash_prefix(&file, at)
-                            .map_err(|e| Error::io_while(e, "reading a partial download").with_path(&partial))?;
+                        hasher = hash_prefix(&file, at).map_err(|e| {
+                            Error::io_while(e, "reading a partial download").with_path(&partial)
+                        })?;
                     }
                     hasher.update(data);
                     hashed = at + data.len() as u64;
                     if hashed > desc.size {
                         return Err(Error::new(
                             ErrorKind::DigestMismatch,
-                            format!("the registry sent more than the {} bytes of blob {}", desc.size, desc.digest),
+                            format!(
+                                "the registry sent more than the {} bytes of blob {}",
+                                desc.size, desc.digest
+                            ),
                         ));
                     }
                 }
@@ -199,7 +207,11 @@ pub(crate) fn fetch_blob(
         if e.http_status() == Some(404) {
             Error::new(
                 ErrorKind::NotFound,
-                format!("blob {} not found in {}", desc.digest, registry.reference().name()),
+                format!(
+                    "blob {} not found in {}",
+                    desc.digest,
+                    registry.reference().name()
+                ),
             )
         } else {
             e

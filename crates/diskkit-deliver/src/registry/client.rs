@@ -146,7 +146,10 @@ impl Registry {
             401 => Ok(resp.head.header("www-authenticate").map(str::to_string)),
             404 => Err(Error::new(
                 ErrorKind::HttpStatus,
-                format!("{} does not serve the registry API (GET /v2/ answered 404)", self.base),
+                format!(
+                    "{} does not serve the registry API (GET /v2/ answered 404)",
+                    self.base
+                ),
             )
             .with_status(404)),
             s if http::retryable_status(s) => Ok(None),
@@ -183,17 +186,24 @@ impl Registry {
             )
         };
         if let Some(c) = challenges.iter().find(|c| c.scheme == "bearer") {
-            let realm = c
-                .param("realm")
-                .ok_or_else(|| Error::new(ErrorKind::Authentication, "the bearer challenge names no realm"))?;
+            let realm = c.param("realm").ok_or_else(|| {
+                Error::new(ErrorKind::Authentication, "the bearer challenge names no realm")
+            })?;
             let plain_realm = realm.starts_with("http://");
             if !(realm.starts_with("https://") || plain_realm) {
                 return Err(Error::new(
                     ErrorKind::Authentication,
-                    format!("the token realm '{}' is not an HTTP(S) URL", realm.escape_default()),
+                    format!(
+                        "the token realm '{}' is not an HTTP(S) URL",
+                        realm.escape_default()
+                    ),
                 ));
             }
-            if plain_realm && !self.options.insecure && !self.reference.is_local() && self.credentials.is_some() {
+            if plain_realm
+                && !self.options.insecure
+                && !self.reference.is_local()
+                && self.credentials.is_some()
+            {
                 return Err(Error::new(
                     ErrorKind::Authentication,
                     format!("the token service {realm} is plain HTTP; not sending credentials there (--insecure allows it)"),
@@ -252,7 +262,10 @@ impl Registry {
             if failed_before == Some(value.as_str()) {
                 return Err(Error::new(
                     ErrorKind::Authentication,
-                    format!("the registry {host} refused the credentials for {}", creds.username),
+                    format!(
+                        "the registry {host} refused the credentials for {}",
+                        creds.username
+                    ),
                 ));
             }
             *self.auth.lock().unwrap_or_else(|e| e.into_inner()) = AuthState::Header(value);
@@ -262,7 +275,11 @@ impl Registry {
             ErrorKind::Authentication,
             format!(
                 "the registry {host} asks for an authentication scheme diskkit does not speak ({})",
-                challenges.iter().map(|c| c.scheme.as_str()).collect::<Vec<_>>().join(", ")
+                challenges
+                    .iter()
+                    .map(|c| c.scheme.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ))
     }
@@ -293,11 +310,13 @@ impl Registry {
                 Payload::Empty => self.http.send(method, url, headers, Body::Empty),
                 Payload::Bytes(b) => self.http.send(method, url, headers, Body::Bytes(b)),
                 Payload::File { path, offset, len } => {
-                    let mut f = File::open(path).map_err(|e| Error::io_while(e, "reading the upload").with_path(path))?;
+                    let mut f = File::open(path)
+                        .map_err(|e| Error::io_while(e, "reading the upload").with_path(path))?;
                     f.seek(SeekFrom::Start(offset))
                         .map_err(|e| Error::io_while(e, "reading the upload").with_path(path))?;
                     let mut r = f.take(len);
-                    self.http.send(method, url, headers, Body::Reader { reader: &mut r, len })
+                    self.http
+                        .send(method, url, headers, Body::Reader { reader: &mut r, len })
                 }
             };
             let wait = match result {
@@ -423,13 +442,19 @@ impl Registry {
             if d.starts_with("sha256:") && d != digest {
                 return Err(Error::new(
                     ErrorKind::DigestMismatch,
-                    format!("the manifest '{reference}' does not match the digest the registry announced ({d})"),
+                    format!(
+                        "the manifest '{reference}' does not match the digest the registry announced ({d})"
+                    ),
                 ));
             }
         }
         let (media_type, document) = manifest::parse(&bytes, resp.head.content_type.as_deref(), expected)
             .map_err(|e| {
-                let m = format!("{}: {}", self.reference.with_manifest(None, None).name(), e.message().unwrap_or(""));
+                let m = format!(
+                    "{}: {}",
+                    self.reference.with_manifest(None, None).name(),
+                    e.message().unwrap_or("")
+                );
                 let m = format!("{m} (manifest '{reference}')");
                 e.with_message(m)
             })?;
@@ -487,7 +512,10 @@ impl Registry {
                 let copied = std::io::copy(&mut resp.body().take(skip), &mut std::io::sink())
                     .map_err(|e| http::body_error(e, &url))?;
                 if copied != skip {
-                    return Err(Error::new(ErrorKind::Network, format!("{url}: transfer interrupted")));
+                    return Err(Error::new(
+                        ErrorKind::Network,
+                        format!("{url}: transfer interrupted"),
+                    ));
                 }
                 Ok(resp)
             }
@@ -526,7 +554,10 @@ impl Registry {
     /// Resolve an upload `Location` against the registry.
     fn location(&self, resp: &Response, url: &str) -> Result<String> {
         let loc = resp.head.header("location").ok_or_else(|| {
-            Error::new(ErrorKind::Network, format!("{url}: the registry sent no upload location"))
+            Error::new(
+                ErrorKind::Network,
+                format!("{url}: the registry sent no upload location"),
+            )
         })?;
         if loc.starts_with("https://") || loc.starts_with("http://") {
             Ok(loc.to_string())
@@ -572,7 +603,10 @@ impl Registry {
             };
             match result {
                 Ok(()) => return Ok(true),
-                Err(e) if matches!(e.kind(), ErrorKind::Network) || e.http_status().is_some_and(http::retryable_status) => {
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::Network)
+                        || e.http_status().is_some_and(http::retryable_status) =>
+                {
                     failures += 1;
                     if failures >= policy.attempts.max(1) {
                         return Err(e);
@@ -616,7 +650,8 @@ impl Registry {
                 Payload::Bytes(b) => &b[done as usize..(done + n) as usize],
                 Payload::File { path, offset, .. } => {
                     buf.resize(n as usize, 0);
-                    let f = File::open(path).map_err(|e| Error::io_while(e, "reading the upload").with_path(path))?;
+                    let f = File::open(path)
+                        .map_err(|e| Error::io_while(e, "reading the upload").with_path(path))?;
                     std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, offset + done)
                         .map_err(|e| Error::io_while(e, "reading the upload").with_path(path))?;
                     &buf
@@ -627,7 +662,10 @@ impl Registry {
             let attempt = self.request(
                 Method::Patch,
                 &location,
-                &[("Content-Type", "application/octet-stream"), ("Content-Range", &range)],
+                &[
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Range", &range),
+                ],
                 Payload::Bytes(piece),
             );
             match attempt {
@@ -641,7 +679,11 @@ impl Registry {
                     resp.discard_body();
                     failures += 1;
                     if failures >= policy.attempts.max(1) {
-                        return Err(self.status(resp.head.status, &format!("a chunk of {digest}"), &location));
+                        return Err(self.status(
+                            resp.head.status,
+                            &format!("a chunk of {digest}"),
+                            &location,
+                        ));
                     }
                     std::thread::sleep(policy.backoff(failures));
                     let mut loc = location.clone();
@@ -734,7 +776,13 @@ mod tests {
 
     #[test]
     fn query_encoding() {
-        assert_eq!(encode_query("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
-        assert_eq!(Registry::with_digest("/v2/x/blobs/uploads/u?_state=s", "sha256:ab"), "/v2/x/blobs/uploads/u?_state=s&digest=sha256%3Aab");
+        assert_eq!(
+            encode_query("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
+        assert_eq!(
+            Registry::with_digest("/v2/x/blobs/uploads/u?_state=s", "sha256:ab"),
+            "/v2/x/blobs/uploads/u?_state=s&digest=sha256%3Aab"
+        );
     }
 }

@@ -34,7 +34,8 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// The `Accept` header for manifest requests: every type this client reads.
-pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+pub const ACCEPT: &str =
+    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
      application/vnd.docker.distribution.manifest.list.v2+json, \
      application/vnd.docker.distribution.manifest.v2+json";
 
@@ -69,7 +70,9 @@ pub fn valid_media_type(mt: &str) -> bool {
     };
     mt.len() <= 255
         && mt.bytes().all(|c| (0x20..0x7f).contains(&c))
-        && main.split_once('/').is_some_and(|(t, s)| name_ok(t) && name_ok(s))
+        && main
+            .split_once('/')
+            .is_some_and(|(t, s)| name_ok(t) && name_ok(s))
 }
 
 /// A platform as descriptors carry it.
@@ -130,12 +133,19 @@ impl Descriptor {
         if !valid_media_type(&self.media_type) {
             return Err(invalid(format!(
                 "{what} has an invalid media type '{}'",
-                self.media_type.chars().take(100).collect::<String>().escape_default()
+                self.media_type
+                    .chars()
+                    .take(100)
+                    .collect::<String>()
+                    .escape_default()
             )));
         }
         check_digest(&self.digest).map_err(|e| invalid(format!("{what}: {}", e.message().unwrap_or(""))))?;
         if self.size > MAX_BLOB {
-            return Err(invalid(format!("{what} {} claims {} bytes", self.digest, self.size)));
+            return Err(invalid(format!(
+                "{what} {} claims {} bytes",
+                self.digest, self.size
+            )));
         }
         if self.urls.as_ref().is_some_and(|u| !u.is_empty()) {
             return Err(invalid(format!(
@@ -255,8 +265,16 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>, expected: Option<&str>) -
         .map_err(|e| invalid("the manifest is not a JSON object".to_string()).with_source(e))?;
     let header_type = content_type
         .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
-        .filter(|c| !c.is_empty() && c != "application/json" && c != "application/octet-stream" && c != "text/plain");
-    let shown = |t: &str| t.chars().take(100).collect::<String>().escape_default().to_string();
+        .filter(|c| {
+            !c.is_empty() && c != "application/json" && c != "application/octet-stream" && c != "text/plain"
+        });
+    let shown = |t: &str| {
+        t.chars()
+            .take(100)
+            .collect::<String>()
+            .escape_default()
+            .to_string()
+    };
     if let Some(h) = &header_type {
         if !valid_media_type(h) || kind_of(h).is_none() {
             if h.starts_with("application/vnd.docker.distribution.manifest.v1") {
@@ -274,7 +292,9 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>, expected: Option<&str>) -
     if probe.schema_version != Some(2) {
         return Err(invalid(format!(
             "unsupported manifest schema version {}",
-            probe.schema_version.map_or("(none)".to_string(), |v| v.to_string())
+            probe
+                .schema_version
+                .map_or("(none)".to_string(), |v| v.to_string())
         )));
     }
     let body_type = probe.media_type.clone();
@@ -324,10 +344,13 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>, expected: Option<&str>) -
             Document::Manifest(m)
         }
         Kind::Index => {
-            let idx: Index = serde_json::from_slice(bytes)
-                .map_err(|e| invalid(format!("the index is malformed: {e}")))?;
+            let idx: Index =
+                serde_json::from_slice(bytes).map_err(|e| invalid(format!("the index is malformed: {e}")))?;
             if idx.manifests.len() > MAX_ENTRIES {
-                return Err(invalid(format!("the index lists {} manifests", idx.manifests.len())));
+                return Err(invalid(format!(
+                    "the index lists {} manifests",
+                    idx.manifests.len()
+                )));
             }
             for (i, d) in idx.manifests.iter().enumerate() {
                 d.validate(&format!("index entry {}", i + 1))?;
@@ -402,7 +425,11 @@ mod tests {
         assert!(parse(b"[]", None, None).is_err());
         assert!(parse(b"{\"schemaVersion\":1}", None, None).is_err());
         assert_eq!(
-            kind(parse(b"{}", Some("application/vnd.docker.distribution.manifest.v1+prettyjws"), None)),
+            kind(parse(
+                b"{}",
+                Some("application/vnd.docker.distribution.manifest.v1+prettyjws"),
+                None
+            )),
             ErrorKind::Unsupported
         );
         // A descriptor said index, the document is a manifest.
@@ -414,7 +441,17 @@ mod tests {
         assert!(valid_media_type(OCI_MANIFEST));
         assert!(valid_media_type("application/vnd.cirruslabs.tart.disk.v2"));
         assert!(valid_media_type("text/plain; charset=utf-8"));
-        for bad in ["", "x", "/x", "a/", "a/b/c", "a b/c", "a/b\n", "../x", &format!("a/{}", "b".repeat(300))] {
+        for bad in [
+            "",
+            "x",
+            "/x",
+            "a/",
+            "a/b/c",
+            "a b/c",
+            "a/b\n",
+            "../x",
+            &format!("a/{}", "b".repeat(300)),
+        ] {
             assert!(!valid_media_type(bad), "{bad:?}");
         }
     }

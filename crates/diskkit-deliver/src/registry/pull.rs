@@ -68,7 +68,11 @@ pub struct PullReport {
 /// manifests are skipped, entries that name another platform are skipped, nested indexes
 /// are followed, and among several candidates the only one that names its platform wins.
 /// Returns the manifest and the documents on the way (the root first).
-pub fn resolve(registry: &Registry, root: Fetched, platform: &Platform) -> Result<(Vec<Fetched>, Option<String>)> {
+pub fn resolve(
+    registry: &Registry,
+    root: Fetched,
+    platform: &Platform,
+) -> Result<(Vec<Fetched>, Option<String>)> {
     let mut docs = vec![root];
     let mut chosen_platform = None;
     for _depth in 0..8 {
@@ -79,7 +83,8 @@ pub fn resolve(registry: &Registry, root: Fetched, platform: &Platform) -> Resul
             .manifests
             .iter()
             .filter(|d| {
-                d.annotations.get("vnd.docker.reference.type").map(String::as_str) != Some("attestation-manifest")
+                d.annotations.get("vnd.docker.reference.type").map(String::as_str)
+                    != Some("attestation-manifest")
             })
             .filter(|d| {
                 d.platform
@@ -102,7 +107,11 @@ pub fn resolve(registry: &Registry, root: Fetched, platform: &Platform) -> Resul
             v.join(", ")
         };
         if candidates.len() > 1 {
-            let explicit: Vec<&Descriptor> = candidates.iter().copied().filter(|d| d.platform.is_some()).collect();
+            let explicit: Vec<&Descriptor> = candidates
+                .iter()
+                .copied()
+                .filter(|d| d.platform.is_some())
+                .collect();
             if explicit.len() == 1 {
                 candidates = explicit;
             } else {
@@ -137,12 +146,20 @@ pub fn resolve(registry: &Registry, root: Fetched, platform: &Platform) -> Resul
         if next.bytes.len() as u64 != d.size {
             return Err(Error::new(
                 ErrorKind::InvalidManifest,
-                format!("manifest {} is {} bytes, not the {} its index says", d.digest, next.bytes.len(), d.size),
+                format!(
+                    "manifest {} is {} bytes, not the {} its index says",
+                    d.digest,
+                    next.bytes.len(),
+                    d.size
+                ),
             ));
         }
         docs.push(next);
     }
-    Err(Error::new(ErrorKind::InvalidManifest, "indexes nested more than 8 deep"))
+    Err(Error::new(
+        ErrorKind::InvalidManifest,
+        "indexes nested more than 8 deep",
+    ))
 }
 
 /// Download `blobs` into `blobs_dir` through `ingest`, `jobs` at a time. Returns (blobs
@@ -168,7 +185,9 @@ pub(crate) fn fetch_all(
                 let Some(d) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front() else {
                     break;
                 };
-                match fetch_blob(registry, d, blobs_dir, ingest, events, &|| stop.load(Ordering::Relaxed)) {
+                match fetch_blob(registry, d, blobs_dir, ingest, events, &|| {
+                    stop.load(Ordering::Relaxed)
+                }) {
                     Ok(true) => {
                         let mut f = fetched.lock().unwrap_or_else(|e| e.into_inner());
                         f.0 += 1;
@@ -196,9 +215,13 @@ fn create_dir(p: &Path) -> Result<()> {
 
 /// Check the config of a single-manifest image against an explicitly asked platform.
 fn check_config_platform(config_path: &Path, platform: &Platform) -> Result<()> {
-    let bytes = std::fs::read(config_path).map_err(|e| Error::io_while(e, "reading the config").with_path(config_path))?;
+    let bytes = std::fs::read(config_path)
+        .map_err(|e| Error::io_while(e, "reading the config").with_path(config_path))?;
     let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if let (Some(os), Some(arch)) = (v.get("os").and_then(Value::as_str), v.get("architecture").and_then(Value::as_str)) {
+    if let (Some(os), Some(arch)) = (
+        v.get("os").and_then(Value::as_str),
+        v.get("architecture").and_then(Value::as_str),
+    ) {
         let variant = v.get("variant").and_then(Value::as_str);
         if !platform.matches(os, arch, variant.or(platform.variant.as_deref())) {
             return Err(Error::new(
@@ -228,13 +251,20 @@ pub fn pull(
         return Err(Error::new(ErrorKind::InvalidManifest, "nothing resolved"));
     };
     let Document::Manifest(manifest) = &last.document else {
-        return Err(Error::new(ErrorKind::InvalidManifest, "the reference does not lead to an image manifest"));
+        return Err(Error::new(
+            ErrorKind::InvalidManifest,
+            "the reference does not lead to an image manifest",
+        ));
     };
     let manifest: Manifest = manifest.clone();
     let manifest_desc = last.descriptor();
     let (root_dir, blobs_dir, ingest) = match dest {
         Destination::Layout(d) => (d.clone(), d.join("blobs/sha256"), d.join(".diskkit-ingest")),
-        Destination::Store(d) => (d.clone(), d.join("content/blobs/sha256"), d.join("content/ingest")),
+        Destination::Store(d) => (
+            d.clone(),
+            d.join("content/blobs/sha256"),
+            d.join("content/ingest"),
+        ),
     };
     create_dir(&blobs_dir)?;
     create_dir(&ingest)?;
@@ -272,7 +302,13 @@ pub fn pull(
             add_to_index(d, &manifest_desc, options.ref_name.as_deref())?;
         }
         Destination::Store(d) => {
-            add_to_state(d, &reference.with_manifest(reference.tag.as_deref(), reference.digest.as_deref()).to_string(), &root_desc)?;
+            add_to_state(
+                d,
+                &reference
+                    .with_manifest(reference.tag.as_deref(), reference.digest.as_deref())
+                    .to_string(),
+                &root_desc,
+            )?;
         }
     }
     Ok(PullReport {
@@ -304,15 +340,21 @@ pub fn add_to_index(layout: &Path, desc: &Descriptor, ref_name: Option<&str>) ->
         Err(e) => return Err(Error::io_while(e, "reading index.json").with_path(&path)),
     };
     let Some(obj) = index.as_object_mut() else {
-        return Err(Error::new(ErrorKind::InvalidArgument, "index.json is not a JSON object").with_path(&path));
+        return Err(
+            Error::new(ErrorKind::InvalidArgument, "index.json is not a JSON object").with_path(&path),
+        );
     };
     obj.entry("schemaVersion").or_insert(json!(2));
     let manifests = obj.entry("manifests").or_insert(json!([]));
     let Some(list) = manifests.as_array_mut() else {
-        return Err(Error::new(ErrorKind::InvalidArgument, "index.json's manifests is not a list").with_path(&path));
+        return Err(
+            Error::new(ErrorKind::InvalidArgument, "index.json's manifests is not a list").with_path(&path),
+        );
     };
     list.retain(|m| {
-        let name = m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str);
+        let name = m
+            .pointer("/annotations/org.opencontainers.image.ref.name")
+            .and_then(Value::as_str);
         match ref_name {
             Some(r) => name != Some(r),
             None => !(name.is_none() && m.get("digest").and_then(Value::as_str) == Some(&desc.digest)),
@@ -341,11 +383,16 @@ pub fn add_to_state(store: &Path, reference: &str, desc: &Descriptor) -> Result<
         Err(e) => return Err(Error::io_while(e, "reading state.json").with_path(&path)),
     };
     let Some(obj) = state.as_object_mut() else {
-        return Err(Error::new(ErrorKind::InvalidArgument, "state.json is not a JSON object").with_path(&path));
+        return Err(
+            Error::new(ErrorKind::InvalidArgument, "state.json is not a JSON object").with_path(&path),
+        );
     };
     let mut d = desc.clone();
     d.annotations.clear();
-    obj.insert(reference.to_string(), serde_json::to_value(&d).map_err(|e| Error::invalid_argument(e.to_string()))?);
+    obj.insert(
+        reference.to_string(),
+        serde_json::to_value(&d).map_err(|e| Error::invalid_argument(e.to_string()))?,
+    );
     let bytes = serde_json::to_vec(&state).map_err(|e| Error::invalid_argument(e.to_string()))?;
     fsutil::write_atomic(&path, &bytes, false)
 }

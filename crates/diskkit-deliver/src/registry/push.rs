@@ -31,9 +31,14 @@ pub struct PushReport {
 fn read_doc(layout: &Path, d: &Descriptor) -> Result<(Vec<u8>, Document)> {
     d.validate("manifest")?;
     let path = layout.join("blobs/sha256").join(d.hex());
-    let bytes = std::fs::read(&path).map_err(|e| Error::io_while(e, "reading a manifest").with_path(&path))?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| Error::io_while(e, "reading a manifest").with_path(&path))?;
     if manifest::sha256_digest(&bytes) != d.digest {
-        return Err(Error::new(ErrorKind::DigestMismatch, format!("blob {} of the layout is damaged", d.digest)).with_path(&path));
+        return Err(Error::new(
+            ErrorKind::DigestMismatch,
+            format!("blob {} of the layout is damaged", d.digest),
+        )
+        .with_path(&path));
     }
     let (_, doc) = manifest::parse(&bytes, None, Some(&d.media_type))?;
     Ok((bytes, doc))
@@ -43,9 +48,13 @@ fn read_doc(layout: &Path, d: &Descriptor) -> Result<(Vec<u8>, Document)> {
 /// its only image.
 fn choose(layout: &Path, name: Option<&str>) -> Result<Descriptor> {
     let path = layout.join("index.json");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io_while(e, "reading index.json").with_path(&path))?;
-    let index: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::new(ErrorKind::InvalidArgument, "index.json is not JSON").with_path(&path).with_source(e))?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| Error::io_while(e, "reading index.json").with_path(&path))?;
+    let index: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Error::new(ErrorKind::InvalidArgument, "index.json is not JSON")
+            .with_path(&path)
+            .with_source(e)
+    })?;
     let list: Vec<Descriptor> = index
         .get("manifests")
         .cloned()
@@ -63,7 +72,12 @@ fn choose(layout: &Path, name: Option<&str>) -> Result<Descriptor> {
         Some(n) if n.starts_with("sha256:") => list.iter().filter(|d| d.digest == n).collect(),
         Some(n) => list
             .iter()
-            .filter(|d| d.annotations.get("org.opencontainers.image.ref.name").map(String::as_str) == Some(n))
+            .filter(|d| {
+                d.annotations
+                    .get("org.opencontainers.image.ref.name")
+                    .map(String::as_str)
+                    == Some(n)
+            })
             .collect(),
         None => list.iter().collect(),
     };
@@ -71,7 +85,11 @@ fn choose(layout: &Path, name: Option<&str>) -> Result<Descriptor> {
         [one] => Ok((*one).clone()),
         [] => Err(Error::new(
             ErrorKind::NotFound,
-            format!("no image {} in the layout (names: {})", name.unwrap_or(""), names()),
+            format!(
+                "no image {} in the layout (names: {})",
+                name.unwrap_or(""),
+                names()
+            ),
         )
         .with_path(layout)),
         _ => Err(Error::invalid_argument(format!(
@@ -159,7 +177,10 @@ pub fn push_layout(
     let mut todo = vec![root.clone()];
     while let Some(d) = todo.pop() {
         if docs.len() > 4096 {
-            return Err(Error::new(ErrorKind::InvalidManifest, "the layout's index lists too many manifests"));
+            return Err(Error::new(
+                ErrorKind::InvalidManifest,
+                "the layout's index lists too many manifests",
+            ));
         }
         let (bytes, doc) = read_doc(layout, &d)?;
         match doc {

@@ -66,7 +66,11 @@ fn valid_component(c: &str) -> bool {
             }
             _ => return false,
         }
-        if start == 0 || !b.get(i).is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit()) {
+        if start == 0
+            || !b
+                .get(i)
+                .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
             return false;
         }
     }
@@ -113,21 +117,28 @@ fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Check a digest: `sha256:` and 64 lower-case hex digits. Other algorithms are refused
 /// (nothing here can verify them).
 pub fn check_digest(d: &str) -> Result<()> {
     let Some((algo, hex)) = d.split_once(':') else {
-        return Err(Error::invalid_argument(format!("'{d}' is not a digest (ALGORITHM:HEX)")));
+        return Err(Error::invalid_argument(format!(
+            "'{d}' is not a digest (ALGORITHM:HEX)"
+        )));
     };
     if algo != "sha256" {
         return Err(Error::invalid_argument(format!(
             "digest '{d}': only sha256 digests are supported"
         )));
     }
-    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
         return Err(Error::invalid_argument(format!(
             "digest '{}': expected 64 lower-case hex digits",
             d.chars().take(80).collect::<String>()
@@ -175,7 +186,11 @@ impl Reference {
                 if !valid_host(first) {
                     return Err(bad(text, &format!("'{first}' is not a valid registry host")));
                 }
-                let reg = if first == "index.docker.io" { DOCKER_HUB } else { first };
+                let reg = if first == "index.docker.io" {
+                    DOCKER_HUB
+                } else {
+                    first
+                };
                 (reg.to_string(), rest.to_string())
             }
             _ => (DOCKER_HUB.to_string(), path.to_string()),
@@ -245,7 +260,11 @@ impl Reference {
     /// plain HTTP is allowed there without `--insecure`, as docker allows it.
     pub fn is_local(&self) -> bool {
         let host = self.registry.strip_prefix('[').map_or_else(
-            || self.registry.rsplit_once(':').map_or(self.registry.as_str(), |(h, _)| h),
+            || {
+                self.registry
+                    .rsplit_once(':')
+                    .map_or(self.registry.as_str(), |(h, _)| h)
+            },
             |r| r.split_once(']').map_or(r, |(h, _)| h),
         );
         host == "localhost"
@@ -305,7 +324,10 @@ mod tests {
         assert_eq!(r("index.docker.io/user/app:1"), "docker.io/user/app:1");
         let d = format!("sha256:{}", "a".repeat(64));
         assert_eq!(r(&format!("alpine@{d}")), format!("docker.io/library/alpine@{d}"));
-        assert_eq!(r(&format!("alpine:1@{d}")), format!("docker.io/library/alpine:1@{d}"));
+        assert_eq!(
+            r(&format!("alpine:1@{d}")),
+            format!("docker.io/library/alpine:1@{d}")
+        );
         let p = Reference::parse("alpine").unwrap();
         assert_eq!(p.api_host(), "registry-1.docker.io");
         assert_eq!(p.manifest_reference(), "latest");
@@ -315,7 +337,10 @@ mod tests {
     fn hosts() {
         assert_eq!(r("localhost:5000/x"), "localhost:5000/x:latest");
         assert_eq!(r("localhost/x:t"), "localhost/x:t");
-        assert_eq!(r("quay.io/fedora/fedora-bootc:42"), "quay.io/fedora/fedora-bootc:42");
+        assert_eq!(
+            r("quay.io/fedora/fedora-bootc:42"),
+            "quay.io/fedora/fedora-bootc:42"
+        );
         assert_eq!(r("Registry/x"), "Registry/x:latest");
         assert_eq!(r("[::1]:5000/a/b"), "[::1]:5000/a/b:latest");
         assert!(Reference::parse("localhost:5000/x").unwrap().is_local());
@@ -333,8 +358,21 @@ mod tests {
             assert!(Reference::parse(&format!("h.io/{ok}")).is_ok(), "{ok}");
         }
         for bad in [
-            "", "h.io/", "h.io/A", "h.io/a_", "h.io/_a", "h.io/a___b", "h.io/a..b", "h.io/a//b", "h.io/a b",
-            "h.io/a:", "h.io/a:-x", "h.io/a@sha256:abc", "h.io/a@md5:00", "bad host!/x", "h.io:99999x/a",
+            "",
+            "h.io/",
+            "h.io/A",
+            "h.io/a_",
+            "h.io/_a",
+            "h.io/a___b",
+            "h.io/a..b",
+            "h.io/a//b",
+            "h.io/a b",
+            "h.io/a:",
+            "h.io/a:-x",
+            "h.io/a@sha256:abc",
+            "h.io/a@md5:00",
+            "bad host!/x",
+            "h.io:99999x/a",
             "h.io/a/../b",
         ] {
             assert!(Reference::parse(bad).is_err(), "{bad}");

@@ -12,6 +12,8 @@ mod info;
 mod kernel;
 mod map;
 mod partitions;
+pub(crate) mod pull;
+pub(crate) mod push;
 pub(crate) mod serve;
 mod stack;
 mod unpack;
@@ -139,6 +141,8 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
         Command::Serve(args) => serve::run(&args),
         Command::Bundle(command) => bundle::run(command),
         Command::Cache(args) => cache::run(args),
+        Command::Pull(args) => pull::run(&args),
+        Command::Push(args) => push::run(&args),
         Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
         Command::Ls {
             fs,
@@ -183,6 +187,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             metadata_csum,
             force,
             store,
+            registry,
             src,
             dst,
         } => unpack::run(
@@ -194,6 +199,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
                 metadata_csum,
                 force,
                 store: store.as_deref(),
+                registry: &registry,
             },
             &src,
             dst.as_deref(),

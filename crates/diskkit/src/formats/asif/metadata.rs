@@ -268,11 +268,11 @@ mod macos_tests {
 \t<dict/>\n</dict>\n</plist>\n";
         assert_eq!(macos.len(), 351);
         assert_eq!(&block[..20], b"meta\0\0\0\x01\0\0\x02\0\0\0\0\0\0\0\x02\0");
-        assert_eq!(
-            String::from_utf8_lossy(&block[0x200..0x200 + macos.len()]),
-            macos
-        );
+        assert_eq!(String::from_utf8_lossy(&block[0x200..0x200 + macos.len()]), macos);
         assert!(block[0x200 + macos.len()..].iter().all(|&b| b == 0));
-        assert_eq!(Metadata::parse(&block).unwrap().layer_info().unwrap().stable_uuid, Some(id));
+        assert_eq!(
+            Metadata::parse(&block).unwrap().layer_info().unwrap().stable_uuid,
+            Some(id)
+        );
     }
 }

@@ -275,9 +275,10 @@ pub(super) fn zero_slice_encoding(len: u64) -> Vec<u8> {
     v
 }
 
-/// A random locally administered unicast MAC address.
-fn random_mac() -> String {
-    let b = uuid::Uuid::new_v4().into_bytes();
+/// A locally administered unicast MAC address derived from `seed` (the repository's name):
+/// pushing the same disk again gives the same config blob, so it is not uploaded again.
+fn derived_mac(seed: &str) -> String {
+    let b = Sha256::digest(seed.as_bytes());
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         (b[0] & 0xfe) | 0x02,
@@ -290,7 +291,7 @@ fn random_mac() -> String {
 }
 
 /// A minimal tart `config.json` for a Linux VM.
-fn default_vm_config(os: &str, arch: &str, format: DiskFormat) -> Vec<u8> {
+fn default_vm_config(os: &str, arch: &str, format: DiskFormat, seed: &str) -> Vec<u8> {
     let v = json!({
         "version": 1,
         "os": os,
@@ -299,7 +300,7 @@ fn default_vm_config(os: &str, arch: &str, format: DiskFormat) -> Vec<u8> {
         "cpuCount": 2,
         "memorySizeMin": 4u64 << 30,
         "memorySize": 4u64 << 30,
-        "macAddress": random_mac(),
+        "macAddress": derived_mac(seed),
         "display": {"width": 1024, "height": 768},
         "diskFormat": format.name(),
     });
@@ -497,7 +498,12 @@ pub fn push_disk(
             }
             serde_json::to_vec(&v).unwrap_or_default()
         }
-        None => default_vm_config(&options.os, &options.architecture, format),
+        None => default_vm_config(
+            &options.os,
+            &options.architecture,
+            format,
+            &registry.reference().name(),
+        ),
     };
     let mut layer_list = vec![push_small(CONFIG_MEDIA_TYPE, &vm_config)?];
     layer_list.extend(slices.into_iter().map(|s| s.0));

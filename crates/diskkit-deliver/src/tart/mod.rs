@@ -28,7 +28,7 @@
 //! name.
 
 pub mod lz4;
-mod pull;
+pub(crate) mod pull;
 mod push;
 
 use std::collections::HashMap;

@@ -58,29 +58,34 @@ pub struct DiskPullReport {
 }
 
 /// One slice to fetch.
-struct SliceRef {
+pub(crate) struct SliceRef {
     desc: Descriptor,
-    offset: u64,
-    len: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
     content: String,
 }
 
-/// Read the artifact's layout: disk format, slices with their offsets, config and nvram.
-fn read_layout(
-    registry: &Registry,
+/// The artifact's layout: disk format, slices with their offsets, disk size, config and
+/// nvram layers.
+pub(crate) struct Layout {
+    pub(crate) format: DiskFormat,
+    pub(crate) slices: Vec<SliceRef>,
+    pub(crate) size: u64,
+    pub(crate) vm_config: Option<Descriptor>,
+    pub(crate) nvram: Option<Descriptor>,
+}
+
+/// Read the artifact's layout from its manifest. `fetch` reads a small blob (the configs,
+/// at most 1 MiB); `name` is how messages name the artifact.
+pub(crate) fn read_layout(
+    name: &dyn std::fmt::Display,
     m: &Manifest,
-) -> Result<(
-    DiskFormat,
-    Vec<SliceRef>,
-    u64,
-    Option<Descriptor>,
-    Option<Descriptor>,
-)> {
+    fetch: &mut dyn FnMut(&Descriptor) -> Result<Vec<u8>>,
+) -> Result<Layout> {
     let bad = |msg: String| Error::new(ErrorKind::InvalidArtifact, msg);
     if m.layers.iter().any(|l| l.media_type == LEGACY_DISK_MEDIA_TYPE) {
         return Err(bad(format!(
-            "{} uses tart's old disk layer type ({LEGACY_DISK_MEDIA_TYPE}), which tart itself no longer reads; re-push it with a current tart",
-            registry.reference()
+            "{name} uses tart's old disk layer type ({LEGACY_DISK_MEDIA_TYPE}), which tart itself no longer reads; re-push it with a current tart"
         )));
     }
     let configs: Vec<&Descriptor> = m
@@ -100,8 +105,7 @@ fn read_layout(
         .collect();
     if disks.is_empty() {
         return Err(bad(format!(
-            "{} is not a VM disk in tart's layout (no {DISK_MEDIA_TYPE} layers); use --layout or --store for container images",
-            registry.reference()
+            "{name} is not a VM disk in tart's layout (no {DISK_MEDIA_TYPE} layers); use --layout or --store for container images"
         )));
     }
     if configs.len() > 1 || nvrams.len() > 1 {
@@ -110,7 +114,7 @@ fn read_layout(
     // The disk format: the stub config's label, else the VM config's diskFormat.
     let mut format = None;
     if m.config.size <= 1 << 20 {
-        let cfg = fetch_small(registry, &m.config)?;
+        let cfg = fetch(&m.config)?;
         let v: Value = serde_json::from_slice(&cfg).unwrap_or(Value::Null);
         format = v
             .pointer(&format!(
@@ -123,7 +127,7 @@ fn read_layout(
     if format.is_none() {
         if let Some(c) = configs.first() {
             if c.size <= 1 << 20 {
-                let v: Value = serde_json::from_slice(&fetch_small(registry, c)?).unwrap_or(Value::Null);
+                let v: Value = serde_json::from_slice(&fetch(c)?).unwrap_or(Value::Null);
                 format = v.get("diskFormat").and_then(Value::as_str).map(str::to_string);
             }
         }
@@ -185,13 +189,18 @@ fn read_layout(
             )));
         }
     }
-    Ok((
+    if offset % 512 != 0 {
+        return Err(bad(format!(
+            "the disk is {offset} bytes, not a whole number of 512-byte sectors"
+        )));
+    }
+    Ok(Layout {
         format,
         slices,
-        offset,
-        configs.first().map(|d| (*d).clone()),
-        nvrams.first().map(|d| (*d).clone()),
-    ))
+        size: offset,
+        vm_config: configs.first().map(|d| (*d).clone()),
+        nvram: nvrams.first().map(|d| (*d).clone()),
+    })
 }
 
 /// Fetch a small blob into memory and check it.
@@ -414,7 +423,7 @@ pub fn pull_disk(
     let reference = registry.reference().clone();
     let fetched = registry.get_manifest(reference.manifest_reference(), None)?;
     let m = match &fetched.document {
-        Document::Manifest(m) => m.clone(),
+        Document::Manifest(m) => (**m).clone(),
         Document::Index(_) => {
             return Err(Error::new(
                 ErrorKind::InvalidArtifact,
@@ -422,7 +431,13 @@ pub fn pull_disk(
             ))
         }
     };
-    let (disk_format, slices, size, vm_config, nvram) = read_layout(registry, &m)?;
+    let Layout {
+        format: disk_format,
+        slices,
+        size,
+        vm_config,
+        nvram,
+    } = read_layout(&reference, &m, &mut |d| fetch_small(registry, d))?;
     let native = match disk_format {
         DiskFormat::Raw => ImageFormat::Raw,
         DiskFormat::Asif => ImageFormat::Asif,

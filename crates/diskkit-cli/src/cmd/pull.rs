@@ -185,7 +185,7 @@ impl TransferBars {
         }
     }
 
-    pub(crate) fn event(&self, ev: BlobEvent<'_>) {
+    pub(crate) fn event(&self, ev: &BlobEvent<'_>) {
         let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         let short = |d: &str| -> String {
             let d = d.trim_start_matches("sha256:");
@@ -195,7 +195,7 @@ impl TransferBars {
                 d.to_string()
             }
         };
-        match ev {
+        match *ev {
             BlobEvent::Start { digest, size, from } => {
                 let b = self.multi.insert_before(&self.total, ProgressBar::new(size));
                 b.set_style(
@@ -278,7 +278,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
                 nvram: args.nvram.clone(),
                 vm_config: args.vm_config.clone(),
             },
-            &|ev| bars.event(ev),
+            &|ev| bars.event(&ev),
         )
         .with_context(|| format!("cannot pull {reference} into '{}'", out.display()))?;
         bars.finish();
@@ -313,7 +313,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
             platform,
             ref_name: ref_name.clone(),
         },
-        &|ev| bars.event(ev),
+        &|ev| bars.event(&ev),
     )
     .with_context(|| format!("cannot pull {reference}"))?;
     bars.finish();

@@ -108,7 +108,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         .with_context(|| format!("cannot push to {reference}"))?;
     let bars = TransferBars::new("pushing", 0, args.quiet);
     if let Some((dir, name)) = layout_source(&args.source) {
-        let report = registry::push_layout(&registry, &dir, name.as_deref(), &|ev| bars.event(ev))
+        let report = registry::push_layout(&registry, &dir, name.as_deref(), &|ev| bars.event(&ev))
             .with_context(|| format!("cannot push '{}' to {reference}", args.source))?;
         bars.finish();
         if !args.quiet {
@@ -157,7 +157,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
     if let Some(t) = &args.temp_dir {
         disk_options.temp_dir = t.clone();
     }
-    let report = tart::push_disk(&registry, path, &open, &disk_options, &|ev| bars.event(ev))
+    let report = tart::push_disk(&registry, path, &open, &disk_options, &|ev| bars.event(&ev))
         .with_context(|| format!("cannot push '{}' to {reference}", path.display()))?;
     bars.finish();
     if !args.quiet {

@@ -84,7 +84,7 @@ pub(crate) fn run(args: Args<'_>, src: &str, dst: Option<&Path>) -> Result<u8> {
             None,
             &args.registry.options(None)?,
             platform.clone(),
-            &|ev| bars.event(ev),
+            &|ev| bars.event(&ev),
         )
         .with_context(|| format!("cannot pull {r}"))?;
         bars.finish();

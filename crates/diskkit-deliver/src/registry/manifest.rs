@@ -229,7 +229,7 @@ pub struct Fetched {
 #[derive(Debug, Clone)]
 pub enum Document {
     /// An image manifest.
-    Manifest(Manifest),
+    Manifest(Box<Manifest>),
     /// An index.
     Index(Index),
 }
@@ -341,7 +341,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>, expected: Option<&str>) -
             for (i, l) in m.layers.iter().enumerate() {
                 l.validate(&format!("layer {}", i + 1))?;
             }
-            Document::Manifest(m)
+            Document::Manifest(Box::new(m))
         }
         Kind::Index => {
             let idx: Index =

@@ -256,7 +256,7 @@ pub fn pull(
             "the reference does not lead to an image manifest",
         ));
     };
-    let manifest: Manifest = manifest.clone();
+    let manifest: Manifest = (**manifest).clone();
     let manifest_desc = last.descriptor();
     let (root_dir, blobs_dir, ingest) = match dest {
         Destination::Layout(d) => (d.clone(), d.join("blobs/sha256"), d.join(".diskkit-ingest")),

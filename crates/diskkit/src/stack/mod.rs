@@ -97,14 +97,14 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
     }
     let found = parent.layer_uuid.map_or_else(
         || "none".to_owned(),
-        |u| u.hyphenated().to_string().to_uppercase(),
+        |u| u.hyphenated().to_string(),
     );
     let mut err = Error::new(
         ErrorKind::LayerMismatch,
         format!(
             "the layer expects parent UUID {} but its parent's layer UUID is {found} \
              (the parent was written after this layer was made, or it is the wrong file)",
-            expected.hyphenated().to_string().to_uppercase()
+            expected.hyphenated().to_string()
         ),
     );
     if let Some(p) = child_path {

@@ -64,6 +64,11 @@ Sizes and offsets:
   40GiB, 1.5T (K = 1024). A disk size without a unit below 1 MiB is refused (write 40G, or 40B
   for bytes); sizes that are not whole blocks are rounded up, with a warning.
 
+Parent files:
+  A layer names its parent (a qcow2 backing file) by a path that is only followed when it
+  stays in the layer's own directory; --allow-parent-dir DIR also follows parents under DIR,
+  --allow-any-parent follows any (only for images you trust).
+
 Reports and messages:
   --output human|json chooses a report's style. Commands that create or change something
   print one line saying what they did (path, format, size); -q silences it. Errors are one

@@ -14,7 +14,7 @@ use crate::size::{self, human, whole_blocks, Bytes, SizeChange};
 
 const PIECE: usize = 1 << 20;
 
-/// Change an image's virtual size (absolute, or +SIZE / -SIZE).
+/// Change an image's virtual size.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Change the virtual size of an image (the top layer of a stack sets the \
@@ -43,7 +43,7 @@ pub(crate) struct ResizeArgs {
     size: SizeChange,
 }
 
-/// Write bytes from a file (default: stdin) into the virtual disk at an offset.
+/// Write a file (or stdin) into the virtual disk at an offset.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Write a file's bytes (stdin by default) into the virtual disk at an offset, \
@@ -73,7 +73,7 @@ pub(crate) struct WriteArgs {
     from: Option<PathBuf>,
 }
 
-/// Read bytes from the virtual disk to a file (default: stdout).
+/// Read from the virtual disk to a file (or stdout).
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Read bytes from the virtual disk (through the whole stack) to a file, or to \

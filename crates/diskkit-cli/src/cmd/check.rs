@@ -31,7 +31,7 @@ pub(crate) enum RepairMode {
     All,
 }
 
-/// Check an image's consistency and optionally repair it (like `qemu-img check`).
+/// Check an image's consistency, and repair it (like qemu-img check).
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Check the consistency of one image file (its parents are not opened), like \

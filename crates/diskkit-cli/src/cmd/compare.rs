@@ -12,7 +12,7 @@ use crate::exit;
 use crate::format::Format;
 use crate::progress::bytes_bar;
 
-/// Compare two images' contents (like `qemu-img compare`); exit 0 identical, 1 different.
+/// Compare two images' contents: exit 0 identical, 1 different.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Compare what two images (or stacks) read, byte for byte, whatever their \

@@ -15,7 +15,7 @@ use crate::messages::{self, done};
 use crate::progress::bytes_bar;
 use crate::size::whole_blocks;
 
-/// Convert an image to another format (like `qemu-img convert`); the output is sparse.
+/// Convert an image to another format, sparse (like qemu-img convert).
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Convert an image to another format (like `qemu-img convert`). Ranges that \

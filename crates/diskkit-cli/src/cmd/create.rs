@@ -11,7 +11,7 @@ use crate::format::{self, Format};
 use crate::messages::{self, done};
 use crate::size::{self, whole_blocks, Bytes};
 
-/// Create a blank image (like `qemu-img create` or `diskutil image create blank --fs none`).
+/// Create a blank image (like qemu-img create).
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Create a blank image (like `qemu-img create` or `diskutil image create blank \

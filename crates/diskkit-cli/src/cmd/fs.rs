@@ -37,7 +37,7 @@ pub(crate) struct FsArgs {
     pub(crate) platform: Option<String>,
 }
 
-/// List a directory inside an image's ext2/3/4 filesystem, without mounting.
+/// List a directory of the ext2/3/4 filesystem inside an image.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "List a directory of the ext2/3/4 filesystem inside any image diskkit opens \
@@ -103,7 +103,7 @@ pub(crate) struct StatArgs {
     target: String,
 }
 
-/// Copy a file or directory tree out of an image (modes, symlinks and times kept).
+/// Copy a file or a directory tree out of an image.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Copy a file or a whole directory tree out of the ext2/3/4 filesystem inside \

@@ -10,7 +10,7 @@ use super::open_image;
 use crate::args::{DetachedArg, OpenArgs, Output, OutputArg};
 use crate::size::human;
 
-/// Show an image's format, size, layers and space use (like `qemu-img info`).
+/// Show an image's format, size, layers and space use.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Show an image's format, virtual size, block size, layer type and UUIDs, file \

@@ -13,7 +13,7 @@ use super::fs::{open_fs, parse_target, FsArgs};
 use crate::args::{Output, OutputArg, QuietArg};
 use crate::messages::note;
 
-/// Find the bootable kernel in an image (a UKI, or kernel + initramfs) and extract it.
+/// Find the bootable kernel in an image, and extract it.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Find the bootable kernel in an image: a unified kernel image (UKI), else \

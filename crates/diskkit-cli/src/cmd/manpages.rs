@@ -12,7 +12,7 @@ use clap_mangen::Man;
 use crate::args::QuietArg;
 use crate::messages::done;
 
-/// Write diskkit's man pages (diskkit.1, diskkit-create.1, ...) into a directory.
+/// Write diskkit's man pages into a directory.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Write the man pages, one per command (diskkit.1, diskkit-create.1, \
@@ -48,7 +48,11 @@ fn write_tree(cmd: &clap::Command, name: &str, dir: &Path, count: &mut usize) ->
     if cmd.is_hide_set() {
         return Ok(());
     }
-    let page = cmd.clone().name(name.to_owned()).display_name(name.replace('-', " "));
+    let page = cmd
+        .clone()
+        .name(name.to_owned())
+        .display_name(name.replace('-', " "))
+        .version(env!("CARGO_PKG_VERSION"));
     let path = dir.join(format!("{name}.1"));
     let mut buf = Vec::new();
     render(&page, &mut buf).with_context(|| format!("cannot render '{}'", path.display()))?;
@@ -82,7 +86,34 @@ fn render(cmd: &clap::Command, w: &mut dyn Write) -> std::io::Result<()> {
     if let Some(text) = after {
         render_after_help(&text, w)?;
     }
+    render_see_also(cmd, w)?;
     man.render_version_section(w)
+}
+
+/// SEE ALSO: the main page lists every command's page; the others point back to it.
+fn render_see_also(cmd: &clap::Command, w: &mut dyn Write) -> std::io::Result<()> {
+    let name = cmd.get_name();
+    let mut pages = Vec::new();
+    if name == "diskkit" {
+        collect_pages(cmd, "diskkit", &mut pages);
+    } else {
+        pages.push("diskkit".to_owned());
+    }
+    let list: Vec<String> = pages.iter().map(|p| format!("{p}(1)")).collect();
+    let mut roff = Roff::default();
+    roff.control("SH", ["SEE ALSO"]);
+    // Names are not hyphenated or stretched across the line.
+    roff.control("nh", []).control("ad", ["l"]);
+    roff.text([roman(list.join(", "))]);
+    roff.to_writer(w)
+}
+
+fn collect_pages(cmd: &clap::Command, prefix: &str, out: &mut Vec<String>) {
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        let name = format!("{prefix}-{}", sub.get_name());
+        out.push(name.clone());
+        collect_pages(sub, &name, out);
+    }
 }
 
 /// `after_help` text is blocks headed `Title:` with indented lines beneath; each becomes a

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::open_image;
 use crate::args::{DetachedArg, OpenArgs, Output, OutputArg};
 
-/// Show which ranges hold data, read as zeroes, or are absent (like `qemu-img map`).
+/// Show which ranges hold data, zeroes or nothing (like qemu-img map).
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Show the allocation map of the virtual disk: runs of data, zeroes and absent \

@@ -12,7 +12,7 @@ use super::open_image;
 use crate::args::{DetachedArg, OpenArgs, Output, OutputArg};
 use crate::size::human;
 
-/// List the partitions of a disk image (GPT or MBR, logical partitions too).
+/// List the partitions of a disk image (GPT or MBR).
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "List the partitions of a disk image (GPT, or MBR with its logical \

@@ -51,7 +51,7 @@ pub(crate) enum TlsArg {
     Allow,
 }
 
-/// Serve images over NBD (to QEMU, libnbd tools, the Linux kernel, macOS VZ).
+/// Serve images over NBD (to QEMU, libnbd, the Linux kernel, macOS VZ).
 #[derive(Debug, Clone, ClapArgs)]
 #[command(
     long_about = "Serve images (whole stacks) over NBD, to QEMU, libnbd's tools (nbdinfo, \

@@ -80,7 +80,7 @@ pub(crate) struct LayerCreateArgs {
     path: PathBuf,
 }
 
-/// Freeze the top layer under a new name and put a new empty overlay at its path.
+/// Freeze the top layer; a new empty overlay takes its path.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Freeze the top layer under a new name (`<stem>.snapN.<ext>`, printed) and put \
@@ -101,7 +101,7 @@ pub(crate) struct SnapshotArgs {
     top: PathBuf,
 }
 
-/// Throw away everything written since the last snapshot: the top layer becomes empty.
+/// Empty the top layer: back to the last snapshot.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Throw away everything written to the top layer: it becomes an empty layer \
@@ -142,7 +142,7 @@ pub(crate) struct CommitArgs {
     top: PathBuf,
 }
 
-/// Move the top layer onto another parent without changing what the stack reads.
+/// Move the top layer onto another parent; the stack reads the same.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Move the top layer onto another parent. Ranges where the old and the new \

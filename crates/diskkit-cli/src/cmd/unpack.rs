@@ -62,7 +62,7 @@ impl Progress for Bars {
     }
 }
 
-/// Build an ext4 disk image from an OCI image, a root filesystem tarball or a directory.
+/// Make an ext4 disk from an OCI image, a rootfs tarball or a directory.
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Build a merged ext4 root filesystem image, rootless, with diskkit's own ext4 \

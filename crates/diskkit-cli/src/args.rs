@@ -118,7 +118,13 @@ pub(crate) struct QuietArg {
 pub(crate) struct NewImageArgs {
     /// Format of the new image: raw, asif or qcow2. Default: from the file name's extension
     /// (.qcow2, .asif, .raw; .img and anything else: raw).
-    #[arg(short = 'O', long = "format", id = "new_format", value_enum, value_name = "FORMAT")]
+    #[arg(
+        short = 'O',
+        long = "format",
+        id = "new_format",
+        value_enum,
+        value_name = "FORMAT"
+    )]
     pub(crate) format: Option<Format>,
     /// ASIF: chunk size, the unit of allocation (default 1M).
     #[arg(long, value_name = "SIZE", value_parser = crate::size::unit_size)]

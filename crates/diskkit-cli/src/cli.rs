@@ -255,7 +255,10 @@ mod tests {
 
     #[test]
     fn help_pointer_names_the_subcommand() {
-        let args: Vec<OsString> = ["diskkit", "layer", "create", "x"].iter().map(Into::into).collect();
+        let args: Vec<OsString> = ["diskkit", "layer", "create", "x"]
+            .iter()
+            .map(Into::into)
+            .collect();
         assert_eq!(subcommand_path(&args), ["layer", "create"]);
         let text = "error: boom\n\nFor more information, try '--help'.\n";
         assert_eq!(

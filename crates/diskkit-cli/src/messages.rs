@@ -73,7 +73,11 @@ pub(crate) fn error_line(e: &anyhow::Error) -> String {
             }
             // A bare kind ("not found") in front of its cause ("No such file or directory")
             // says nothing the cause does not.
-            if std::error::Error::source(lib).is_some() && GENERIC.contains(&text.as_str()) {
+            if std::error::Error::source(lib).is_some()
+                && GENERIC
+                    .iter()
+                    .any(|g| text == *g || text.starts_with(&format!("{g} (")))
+            {
                 continue;
             }
         }
@@ -92,8 +96,37 @@ pub(crate) fn error_line(e: &anyhow::Error) -> String {
         line.push_str("; ");
         line.push_str(&h);
     }
-    // One line, whatever a cause's text held.
-    line.replace('\n', " ")
+    // One line, whatever a cause's text held; outputs named as the user named them.
+    hide_temp_names(&line.replace('\n', " "))
+}
+
+/// Outputs are written as `.NAME.diskkit-<32 hex>.tmp` next to NAME and renamed when complete
+/// (`diskkit::output::PendingFile`); an error from the middle of that names the temporary
+/// file. People know the file as NAME.
+fn hide_temp_names(text: &str) -> String {
+    const MARK: &str = ".diskkit-";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let tail = &rest[at + MARK.len()..];
+        let is_temp = tail.len() >= 36
+            && tail.as_bytes()[..32].iter().all(u8::is_ascii_hexdigit)
+            && tail[32..].starts_with(".tmp");
+        // The temporary name starts with a '.' right after a separator.
+        let start = rest[..at]
+            .rfind(|c: char| c == '/' || c == '\'' || c == ' ' || c == '(')
+            .map_or(0, |i| i + 1);
+        if is_temp && rest[start..].starts_with('.') && start < at {
+            out.push_str(&rest[..start]);
+            out.push_str(&rest[start + 1..at]);
+            rest = &tail[36..];
+        } else {
+            out.push_str(&rest[..at + MARK.len()]);
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What a library error without a message of its own says (its kind).
@@ -121,6 +154,11 @@ fn without_path(text: &str, path: &str) -> String {
     text.replacen(&format!(" ({path}, "), " (", 1)
 }
 
+/// `1 file`, `2 files`.
+pub(crate) fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Print an error on stderr.
 pub(crate) fn error(e: &anyhow::Error) {
     let _ = writeln!(io::stderr(), "diskkit: error: {}", error_line(e));
@@ -134,7 +172,9 @@ mod tests {
 
     #[test]
     fn path_is_named_once() {
-        let lib = diskkit::Error::corrupt("bad table").with_path("x.asif").with_offset(4096);
+        let lib = diskkit::Error::corrupt("bad table")
+            .with_path("x.asif")
+            .with_offset(4096);
         let e = anyhow::Error::new(lib).context("cannot open 'x.asif'");
         assert_eq!(error_line(&e), "cannot open 'x.asif': bad table (at offset 4096)");
         let lib = diskkit::Error::corrupt("bad table").with_path("y.asif");
@@ -147,6 +187,19 @@ mod tests {
             error_line(&e),
             "cannot open 'x.asif': No such file or directory (os error 2)"
         );
+    }
+
+    #[test]
+    fn temporary_names_are_not_shown() {
+        let e = anyhow::anyhow!(
+            "No space left on device (dir/.out.raw.diskkit-0123456789abcdef0123456789abcdef.tmp, at offset 5)"
+        )
+        .context("cannot write 'dir/out.raw'");
+        assert_eq!(
+            error_line(&e),
+            "cannot write 'dir/out.raw': No space left on device (dir/out.raw, at offset 5)"
+        );
+        assert_eq!(hide_temp_names("a .diskkit-x.tmp b"), "a .diskkit-x.tmp b");
     }
 
     #[test]

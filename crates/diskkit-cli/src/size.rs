@@ -55,7 +55,11 @@ pub(crate) fn bytes(text: &str) -> Result<Bytes, String> {
         "t" | "tb" | "tib" => 40,
         "p" | "pb" | "pib" => 50,
         "e" | "eb" | "eib" => 60,
-        _ => return Err(format!("unknown unit '{unit}': use K, M, G, T, P or E (powers of 1024), or B for bytes")),
+        _ => {
+            return Err(format!(
+                "unknown unit '{unit}': use K, M, G, T, P or E (powers of 1024), or B for bytes"
+            ))
+        }
     };
     let scale = 1u128 << shift;
     let value: u128 = match num.split_once('.') {
@@ -152,6 +156,15 @@ pub(crate) fn whole_blocks(size: u64, block: u32, what: &str) -> anyhow::Result<
     Ok(rounded)
 }
 
+/// `64 MiB (67108864 bytes)`, or `22 bytes` below 1 KiB: an amount people read and can check.
+pub(crate) fn human_exact(bytes: u64) -> String {
+    if bytes < 1024 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{} ({bytes} bytes)", human(bytes))
+    }
+}
+
 /// `40 GiB` style, for human output.
 pub(crate) fn human(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
@@ -213,7 +226,19 @@ mod tests {
 
     #[test]
     fn bad_sizes() {
-        for bad in ["", "G", "12X", "-5", "-5G", "1.5", "99999999999999999999", "17E", "1..5G", "abc", "."] {
+        for bad in [
+            "",
+            "G",
+            "12X",
+            "-5",
+            "-5G",
+            "1.5",
+            "99999999999999999999",
+            "17E",
+            "1..5G",
+            "abc",
+            ".",
+        ] {
             assert!(bytes(bad).is_err(), "{bad}");
         }
         assert!(bytes("-5G").unwrap_err().contains("negative"));
@@ -231,9 +256,18 @@ mod tests {
 
     #[test]
     fn changes() {
-        assert_eq!(size_change("+1G").unwrap(), SizeChange::Grow(bytes("1G").unwrap()));
-        assert_eq!(size_change("-1M").unwrap(), SizeChange::Shrink(bytes("1M").unwrap()));
-        assert_eq!(size_change("2G").unwrap(), SizeChange::Absolute(bytes("2G").unwrap()));
+        assert_eq!(
+            size_change("+1G").unwrap(),
+            SizeChange::Grow(bytes("1G").unwrap())
+        );
+        assert_eq!(
+            size_change("-1M").unwrap(),
+            SizeChange::Shrink(bytes("1M").unwrap())
+        );
+        assert_eq!(
+            size_change("2G").unwrap(),
+            SizeChange::Absolute(bytes("2G").unwrap())
+        );
         assert!(size_change("--1M").is_err());
     }
 
@@ -244,5 +278,7 @@ mod tests {
         assert_eq!(human(1536), "1.5 KiB");
         assert_eq!(human((1 << 30) + (1 << 20)), "1 GiB");
         assert_eq!(human(1395864576), "1.3 GiB");
+        assert_eq!(human_exact(22), "22 bytes");
+        assert_eq!(human_exact(4096), "4 KiB (4096 bytes)");
     }
 }

@@ -228,7 +228,10 @@ fn unreadable_image_exits_1_and_a_missing_file_2() {
     let out = diskkit(&["check", &d.s("missing.qcow2")]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("diskkit: error: cannot open '") && err.contains("missing.qcow2"), "{err}");
+    assert!(
+        err.starts_with("diskkit: error: cannot open '") && err.contains("missing.qcow2"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -85,7 +85,10 @@ fn layer_create_follows_the_name() {
         let o = diskkit(&["layer", "create", "--parent", &base, &d.s(name)]);
         assert_eq!(o.status.code(), Some(2));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("name the layer .qcow2 or .asif, or give -O qcow2 or -O asif"), "{err}");
+        assert!(
+            err.contains("name the layer .qcow2 or .asif, or give -O qcow2 or -O asif"),
+            "{err}"
+        );
         assert!(!d.path(name).exists());
     }
 }

@@ -12,7 +12,9 @@ use support::Dir;
 
 /// The quick start's ```sh blocks, each with whether it is run.
 fn quick_start_blocks(readme: &str) -> Vec<(bool, String)> {
-    let start = readme.find("\n## Quick start").expect("README has a Quick start section");
+    let start = readme
+        .find("\n## Quick start")
+        .expect("README has a Quick start section");
     let section = &readme[start + 1..];
     let end = section[3..].find("\n## ").map_or(section.len(), |i| i + 3);
     let section = &section[..end];
@@ -61,22 +63,41 @@ fn quick_start_runs_as_written() {
         .arg("-c")
         .arg(&script)
         .current_dir(&scratch)
-        .env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()))
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
         .output()
         .expect("bash");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the quick start failed:\n{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(
+        out.status.success(),
+        "the quick start failed:\n{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
     // What the recipes say they make, they make.
     for (needle, what) in [
         ("created 'disk.qcow2' (qcow2, 20 GiB)", "create"),
         ("converted 'disk.asif' to 'vm.img' (qcow2, 20 GiB)", "convert -O"),
         ("froze 'vm.qcow2' as 'vm.snap1.qcow2'", "snapshot"),
-        ("unpacked the tarball 'rootfs.tar.zst' into 'root.qcow2' (qcow2, 1 GiB)", "unpack"),
-        ("serving 'vm.qcow2' (qcow2, 20 GiB) read-write at nbd+unix:///?socket=", "serve"),
+        (
+            "unpacked the tarball 'rootfs.tar.zst' into 'root.qcow2' (qcow2, 1 GiB)",
+            "unpack",
+        ),
+        (
+            "serving 'vm.qcow2' (qcow2, 20 GiB) read-write at nbd+unix:///?socket=",
+            "serve",
+        ),
     ] {
         assert!(stdout.contains(needle), "{what}: no '{needle}' in\n{stdout}");
     }
     assert!(stdout.contains("hello\n"), "cat: {stdout}");
-    assert_eq!(std::fs::read_to_string(scratch.join("etc-copy/motd")).unwrap(), "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(scratch.join("etc-copy/motd")).unwrap(),
+        "hello\n"
+    );
 }

@@ -77,8 +77,14 @@ fn tcp_exports_each_get_their_url_and_quiet_prints_nothing() {
         .filter_map(|l| l.split_once(" at ").map(|(_, u)| u))
         .collect();
     assert_eq!(urls.len(), 2, "{out}");
-    assert!(urls[0].starts_with("nbd://127.0.0.1:") && urls[0].ends_with("/first%20disk"), "{out}");
-    assert!(out.contains(&format!("serving '{a}' (raw, 4 MiB) read-only at")), "{out}");
+    assert!(
+        urls[0].starts_with("nbd://127.0.0.1:") && urls[0].ends_with("/first%20disk"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("serving '{a}' (raw, 4 MiB) read-only at")),
+        "{out}"
+    );
     assert_eq!(tool_ok("nbdinfo", &["--size", urls[0]]).trim(), "4194304");
     assert_eq!(tool_ok("nbdinfo", &["--size", urls[1]]).trim(), "8388608");
     let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
@@ -110,7 +116,16 @@ fn verbose_logs_are_for_people() {
     diskkit_ok(&["create", "--size", "4M", &img]);
     let sock = d.path("v.sock");
     let mut child = Command::new(diskkit_bin())
-        .args(["serve", "--foreground", "-v", "--socket", sock.to_str().unwrap(), "--export", "disk", &img])
+        .args([
+            "serve",
+            "--foreground",
+            "-v",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--export",
+            "disk",
+            &img,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -119,18 +134,32 @@ fn verbose_logs_are_for_people() {
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut first)
         .unwrap();
-    assert!(first.starts_with(&format!("serving '{img}' (raw, 4 MiB) read-write at nbd+unix:///disk?socket=")), "{first}");
-    tool_ok("nbdinfo", &["--map", &format!("nbd+unix:///disk?socket={}", sock.display())]);
+    assert!(
+        first.starts_with(&format!(
+            "serving '{img}' (raw, 4 MiB) read-write at nbd+unix:///disk?socket="
+        )),
+        "{first}"
+    );
+    tool_ok(
+        "nbdinfo",
+        &["--map", &format!("nbd+unix:///disk?socket={}", sock.display())],
+    );
     tool_ok("kill", &["-TERM", &child.id().to_string()]);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("diskkit serve: connection 0: on the Unix socket"), "{log}");
+    assert!(
+        log.contains("diskkit serve: connection 0: on the Unix socket"),
+        "{log}"
+    );
     assert!(
         log.contains("diskkit serve: connection 0: using export 'disk' (read-write; structured replies, base:allocation"),
         "{log}"
     );
     assert!(log.contains("diskkit serve: connection 0: closed"), "{log}");
     // -v is not a request trace (that is -vv), and shows no Rust debug names.
-    assert!(!log.contains("BLOCK_STATUS") && !log.contains("Some(") && !log.contains('{'), "{log}");
+    assert!(
+        !log.contains("BLOCK_STATUS") && !log.contains("Some(") && !log.contains('{'),
+        "{log}"
+    );
 }

@@ -179,12 +179,23 @@ fn parent_policy_on_the_command_line() {
         "{err}"
     );
     diskkit_ok(&["info", "--allow-any-parent", p(&child)]);
-    // The base written after the layer was made: the mismatch names both UUIDs.
+    // The refusal names the option that follows it.
+    let canonical = d.canonicalize().unwrap();
+    assert!(
+        err.trim_end()
+            .ends_with(&format!("; to follow it, add --allow-parent-dir {}", canonical.display())),
+        "{err}"
+    );
+    // The base written after the layer was made: the mismatch names both UUIDs, as `info`
+    // prints them (lowercase).
+    let recorded = info["parent_uuid"].as_str().unwrap().to_owned();
     diskkit_ok(&["discard", p(&base), "--offset", "0", "--length", "4096"]);
+    let now = info_json(&base, &[])["layer_uuid"].as_str().unwrap().to_owned();
     let out = diskkit(&["info", "--allow-any-parent", p(&child)]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("expects parent UUID"), "{err}");
+    assert!(err.contains(&format!("expects parent UUID {recorded}")), "{err}");
+    assert!(err.contains(&format!("layer UUID is {now}")), "{err}");
 }
 
 #[test]

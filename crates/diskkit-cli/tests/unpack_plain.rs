@@ -87,7 +87,9 @@ fn listing(img: &str) -> Listing {
 
 /// FNV-1a of file contents, to compare listings (not a defence against crafted collisions).
 fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// A root filesystem with every kind of entry `mkfs.ext4 -d` copies.
@@ -129,7 +131,13 @@ fn tarballs_and_directories_match_mkfs_ext4_d() {
     // GNU tar: plain, gzip, zstd; and the directory itself.
     let tar = d.s("rootfs.tar");
     tool_ok("tar", &["--xattrs", "--numeric-owner", "-C", t, "-cf", &tar, "."]);
-    tool_ok("sh", &["-ec", &format!("gzip -nkc {tar} > {tar}.gz && zstd -q -k {tar} -o {tar}.zst")]);
+    tool_ok(
+        "sh",
+        &[
+            "-ec",
+            &format!("gzip -nkc {tar} > {tar}.gz && zstd -q -k {tar} -o {tar}.zst"),
+        ],
+    );
     let cases = [
         (tar.clone(), "out.raw"),
         (format!("{tar}.gz"), "out.qcow2"),
@@ -140,7 +148,10 @@ fn tarballs_and_directories_match_mkfs_ext4_d() {
         let out = d.s(name);
         let said = diskkit_ok(&["unpack", &src, &out]);
         let kind = if src == t { "the directory" } else { "the tarball" };
-        assert!(said.starts_with(&format!("unpacked {kind} '{src}' into '{out}' (")), "{said}");
+        assert!(
+            said.starts_with(&format!("unpacked {kind} '{src}' into '{out}' (")),
+            "{said}"
+        );
         // Read back with independent readers, as RAW.
         let raw = d.s(&format!("{name}.check.raw"));
         match name.rsplit('.').next().unwrap() {
@@ -169,7 +180,18 @@ fn reproducible_tarball_images_are_identical_whatever_the_compression() {
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::write(tree.join("etc/hostname"), "box\n").unwrap();
     let tar = d.s("r.tar");
-    tool_ok("tar", &["--mtime=@0", "--sort=name", "-C", tree.to_str().unwrap(), "-cf", &tar, "."]);
+    tool_ok(
+        "tar",
+        &[
+            "--mtime=@0",
+            "--sort=name",
+            "-C",
+            tree.to_str().unwrap(),
+            "-cf",
+            &tar,
+            ".",
+        ],
+    );
     tool_ok("sh", &["-ec", &format!("zstd -q -k {tar} -o {tar}.zst")]);
     let a = d.s("a.raw");
     let b = d.s("b.raw");
@@ -197,20 +219,36 @@ fn inputs_that_are_not_root_filesystems_are_clear_errors() {
     let e = err(&["unpack", &format!("{tar}.xz"), &d.s("o.raw")]);
     assert!(e.contains("xz-compressed input") && e.contains("zstd"), "{e}");
     let e = err(&["unpack", &format!("{tar}:latest"), &d.s("o.raw")]);
-    assert!(e.contains("':latest' names an image in an OCI layout or archive"), "{e}");
+    assert!(
+        e.contains("':latest' names an image in an OCI layout or archive"),
+        "{e}"
+    );
     let e = err(&["unpack", "--platform", "linux/arm64", &tar, &d.s("o.raw")]);
-    assert!(e.contains("a platform only chooses among an OCI image's variants"), "{e}");
+    assert!(
+        e.contains("a platform only chooses among an OCI image's variants"),
+        "{e}"
+    );
     let e = err(&["unpack", "--store", &d.s("store"), &tar]);
-    assert!(e.contains("give an OCI image, not a tarball or a directory"), "{e}");
+    assert!(
+        e.contains("give an OCI image, not a tarball or a directory"),
+        "{e}"
+    );
     // A compressed image archive is not taken for a root filesystem.
     let archive = d.path("archive");
     std::fs::create_dir_all(archive.join("blobs/sha256")).unwrap();
     std::fs::write(archive.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    std::fs::write(archive.join("index.json"), r#"{"schemaVersion":2,"manifests":[]}"#).unwrap();
+    std::fs::write(
+        archive.join("index.json"),
+        r#"{"schemaVersion":2,"manifests":[]}"#,
+    )
+    .unwrap();
     let oci = d.s("image.tar");
     tool_ok("tar", &["-C", archive.to_str().unwrap(), "-cf", &oci, "."]);
     tool_ok("sh", &["-ec", &format!("gzip -k {oci}")]);
     let e = err(&["unpack", &format!("{oci}.gz"), &d.s("o.raw")]);
-    assert!(e.contains("a gzip-compressed image archive; decompress it first"), "{e}");
+    assert!(
+        e.contains("a gzip-compressed image archive; decompress it first"),
+        "{e}"
+    );
     assert!(!d.path("o.raw").exists());
 }

@@ -1,7 +1,8 @@
 //! OCI images unpacked, layer by layer, into one merged ext4 root filesystem.
 //!
 //! [`unpack`] reads an OCI layout directory, an OCI archive or a docker-archive, picks the
-//! image by reference and platform, streams each layer (gzip, zstd or plain, sniffed by magic)
+//! image by reference and platform (or takes a root filesystem tarball or a directory as the
+//! one layer), streams each layer (gzip, zstd or plain, sniffed by magic)
 //! while verifying its digest and diff_id, and merges the layers with whiteout semantics into an
 //! in-memory tree ([`MergedTree`]). File contents go straight to their final blocks in the output
 //! image (RAW, ASIF or qcow2, created under a temporary name) while the layer is decoded; what a
@@ -16,6 +17,7 @@ pub mod fuzzing;
 mod layer;
 mod merge;
 mod placement;
+mod plain;
 mod source;
 mod store;
 mod tree;

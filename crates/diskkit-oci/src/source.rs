@@ -1,5 +1,6 @@
-//! Image sources: OCI layout directories, OCI archives and docker-archives; choosing the
-//! manifest by reference and platform.
+//! Image sources: OCI layout directories, OCI archives and docker-archives, choosing the
+//! manifest by reference and platform; and inputs that are one layer themselves, a root
+//! filesystem tarball or a directory.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -36,7 +37,7 @@ pub enum Input {
     Directory,
 }
 
-fn normalize(path: &str) -> Option<String> {
+pub(crate) fn normalize(path: &str) -> Option<String> {
     let mut out: Vec<&str> = Vec::new();
     for c in path.split('/') {
         match c {
@@ -365,25 +366,30 @@ pub fn select(
     platform_given: bool,
 ) -> Result<SelectedImage> {
     if !src.is_dir() {
-        match sniff(src)? {
-            Sniffed::Compressed(what) => {
-                if compressed_image_archive(src, what)? {
+        match crate::plain::sniff(src)? {
+            crate::plain::Sniffed::Compressed(what) => {
+                if crate::plain::compressed_image_archive(src, what)? {
                     return Err(Error::unsupported(format!(
                         "a {what}-compressed image archive; decompress it first (an OCI or \
                          docker archive is read uncompressed)"
                     ))
                     .with_path(src));
                 }
-                return single_layer(Store::Tarball(src.to_path_buf()), Input::Tarball, reference, platform_given);
+                return single_layer(
+                    Store::Tarball(src.to_path_buf()),
+                    Input::Tarball,
+                    reference,
+                    platform_given,
+                );
             }
-            Sniffed::Unsupported(what) => {
+            crate::plain::Sniffed::Unsupported(what) => {
                 return Err(Error::unsupported(format!(
                     "{what}-compressed input; recompress it with zstd or gzip (e.g. `xz -dc \
                      rootfs.tar.xz | zstd -o rootfs.tar.zst`) or give it uncompressed"
                 ))
                 .with_path(src))
             }
-            Sniffed::Other => {}
+            crate::plain::Sniffed::Other => {}
         }
     }
     let store = Store::open(src)?;
@@ -395,9 +401,19 @@ pub fn select(
     } else if store.exists("manifest.json") {
         select_docker(store, reference)
     } else if matches!(store, Store::Dir(_)) {
-        single_layer(Store::Tree(src.to_path_buf()), Input::Directory, reference, platform_given)
+        single_layer(
+            Store::Tree(src.to_path_buf()),
+            Input::Directory,
+            reference,
+            platform_given,
+        )
     } else {
-        single_layer(Store::Tarball(src.to_path_buf()), Input::Tarball, reference, platform_given)
+        single_layer(
+            Store::Tarball(src.to_path_buf()),
+            Input::Tarball,
+            reference,
+            platform_given,
+        )
     }
 }
 
@@ -436,74 +452,6 @@ fn single_layer(
             media_type: None,
         }],
     })
-}
-
-/// What the first bytes of a file say.
-enum Sniffed {
-    /// gzip or zstd, which layers may be.
-    Compressed(&'static str),
-    /// A compression layers may not use.
-    Unsupported(&'static str),
-    /// Anything else (a tar archive, or not).
-    Other,
-}
-
-fn sniff(path: &Path) -> Result<Sniffed> {
-    let mut magic = [0u8; 6];
-    let mut f = File::open(path).map_err(|e| {
-        Error::io(e)
-            .with_path(path)
-            .with_operation("opening the input")
-    })?;
-    let mut n = 0;
-    while n < magic.len() {
-        match f.read(&mut magic[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io(e).with_path(path)),
-        }
-    }
-    let m = &magic[..n];
-    Ok(if m.starts_with(&[0x1f, 0x8b]) {
-        Sniffed::Compressed("gzip")
-    } else if m.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Sniffed::Compressed("zstd")
-    } else if m.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        Sniffed::Unsupported("xz")
-    } else if m.starts_with(b"BZh") {
-        Sniffed::Unsupported("bzip2")
-    } else {
-        Sniffed::Other
-    })
-}
-
-/// Whether a compressed tarball is an image archive (a compressed `docker save` or OCI
-/// archive) rather than a root filesystem: looks at the names of its first entries, within the
-/// first 32 MiB of its content.
-fn compressed_image_archive(path: &Path, what: &str) -> Result<bool> {
-    let f = File::open(path).map_err(|e| Error::io(e).with_path(path))?;
-    let f = std::io::BufReader::new(f);
-    let decoded: Box<dyn Read> = if what == "gzip" {
-        Box::new(flate2::bufread::MultiGzDecoder::new(f))
-    } else {
-        Box::new(zstd::stream::read::Decoder::with_buffer(f).map_err(|e| Error::io(e).with_path(path))?)
-    };
-    let mut archive = tar::Archive::new(decoded.take(32 << 20));
-    let Ok(entries) = archive.entries() else {
-        return Ok(false);
-    };
-    for entry in entries.take(16) {
-        let Ok(entry) = entry else { break };
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let Some(name) = normalize(&name) else { continue };
-        if matches!(name.as_str(), "index.json" | "manifest.json" | "oci-layout" | "repositories")
-            || name.starts_with("blobs/")
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 fn select_oci(

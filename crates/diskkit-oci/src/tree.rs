@@ -344,7 +344,15 @@ mod tests {
         let long_name = format!("./etc/sub/{long}");
         assert_eq!(
             names,
-            [".", "./etc", "./etc/link", "./etc/motd", "./etc/motd2", "./etc/sub", &long_name]
+            [
+                ".",
+                "./etc",
+                "./etc/link",
+                "./etc/motd",
+                "./etc/motd2",
+                "./etc/sub",
+                &long_name
+            ]
         );
         assert_eq!(seen[2].1, tar::EntryType::Symlink);
         assert_eq!(seen[3].2, b"hello\n");

@@ -25,7 +25,9 @@ impl PendingFile {
         let dest = dest.as_ref().to_path_buf();
         match fs::symlink_metadata(&dest) {
             Ok(m) if m.is_dir() => {
-                return Err(Error::invalid_argument("the output is a directory; name a file in it").with_path(&dest))
+                return Err(
+                    Error::invalid_argument("the output is a directory; name a file in it").with_path(&dest),
+                )
             }
             Ok(_) if !overwrite => {
                 return Err(Error::new(

@@ -10,7 +10,7 @@ use clap::Args as ClapArgs;
 use super::open_image;
 use crate::args::{DetachedArg, OpenArgs, QuietArg, RepairArg};
 use crate::messages::{self, done};
-use crate::size::{self, human, whole_blocks, Bytes, SizeChange};
+use crate::size::{self, human, human_exact, whole_blocks, Bytes, SizeChange};
 
 const PIECE: usize = 1 << 20;
 
@@ -137,9 +137,7 @@ pub(crate) fn resize(a: &ResizeArgs) -> Result<u8> {
     let old = image.size();
     let new = match a.size {
         SizeChange::Absolute(n) => n.value,
-        SizeChange::Grow(n) => old
-            .checked_add(n.value)
-            .context("the new size is too large")?,
+        SizeChange::Grow(n) => old.checked_add(n.value).context("the new size is too large")?,
         SizeChange::Shrink(n) => match old.checked_sub(n.value).filter(|&v| v > 0) {
             Some(v) => v,
             None => bail!(
@@ -178,8 +176,14 @@ pub(crate) fn write(a: &WriteArgs) -> Result<u8> {
         Some(p) => {
             let f = File::open(p).with_context(|| format!("cannot open '{}'", p.display()))?;
             // A file's length is known: refuse before writing anything when it does not fit.
-            let meta = f.metadata().with_context(|| format!("cannot open '{}'", p.display()))?;
-            if meta.is_file() && offset.checked_add(meta.len()).is_none_or(|end| end > image.size()) {
+            let meta = f
+                .metadata()
+                .with_context(|| format!("cannot open '{}'", p.display()))?;
+            if meta.is_file()
+                && offset
+                    .checked_add(meta.len())
+                    .is_none_or(|end| end > image.size())
+            {
                 bail!(
                     "'{}' ({} bytes) does not fit in '{}' at offset {offset:#x}: the disk is {} \
                      bytes",
@@ -221,8 +225,8 @@ pub(crate) fn write(a: &WriteArgs) -> Result<u8> {
     done(
         a.quiet.quiet,
         format_args!(
-            "wrote {} ({n} bytes) at offset {offset:#x} into {}",
-            human(n),
+            "wrote {} at offset {offset:#x} into {}",
+            human_exact(n),
             messages::open_image(path, &image)
         ),
     );
@@ -235,7 +239,10 @@ pub(crate) fn read(a: &ReadArgs) -> Result<u8> {
     let image = open_image(path, &a.open.options(false).detached(a.detached.detached))?;
     let size = image.size();
     if offset > size {
-        bail!("offset {offset} is past the end of '{}' ({size} bytes)", path.display());
+        bail!(
+            "offset {offset} is past the end of '{}' ({size} bytes)",
+            path.display()
+        );
     }
     let length = match a.length {
         Some(l) => l.value,
@@ -243,7 +250,7 @@ pub(crate) fn read(a: &ReadArgs) -> Result<u8> {
     };
     if offset.checked_add(length).is_none_or(|end| end > size) {
         bail!(
-            "{length} bytes from offset {offset} run past the end of '{}' ({size} bytes)",
+            "offset {offset} + length {length} runs past the end of '{}' ({size} bytes)",
             path.display()
         );
     }
@@ -279,8 +286,8 @@ pub(crate) fn discard(a: &DiscardArgs) -> Result<u8> {
     done(
         a.quiet.quiet,
         format_args!(
-            "discarded {} ({length} bytes) at offset {offset:#x} in {}",
-            human(length),
+            "discarded {} at offset {offset:#x} in {}",
+            human_exact(length),
             messages::open_image(path, &image)
         ),
     );

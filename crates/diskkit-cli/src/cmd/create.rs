@@ -56,9 +56,11 @@ pub(crate) struct Args {
 }
 
 fn misplaced_f(_: &str) -> Result<String, String> {
-    Err("-f is the format of an image being opened; the new image's format is -O FORMAT (or its \
+    Err(
+        "-f is the format of an image being opened; the new image's format is -O FORMAT (or its \
          file name's extension)"
-        .into())
+            .into(),
+    )
 }
 
 impl NewImageArgs {

@@ -14,7 +14,7 @@ use diskkit_ext4::read::{Filesystem, PartitionSelector};
 
 use super::open_image;
 use crate::args::{DetachedArg, OpenArgs, Output, OutputArg, QuietArg};
-use crate::messages::done;
+use crate::messages::{count, done};
 
 /// Where to find a filesystem: an image (with its partition) or an Apple `container` store.
 #[derive(Debug, Clone, ClapArgs)]
@@ -338,12 +338,12 @@ pub(crate) fn cp(a: &CpArgs) -> Result<u8> {
         Output::Human => done(
             a.quiet.quiet,
             format_args!(
-                "copied '{src}' to '{}': {} files, {} directories, {} symlinks, {}",
+                "copied '{src}' to '{}': {}, {}, {}, {}",
                 report.dest.display(),
-                report.files,
-                report.dirs,
-                report.symlinks,
-                crate::size::human(report.bytes)
+                count(report.files, "file", "files"),
+                count(report.dirs, "directory", "directories"),
+                count(report.symlinks, "symlink", "symlinks"),
+                crate::size::human_exact(report.bytes)
             ),
         ),
     }

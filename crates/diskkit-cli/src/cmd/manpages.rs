@@ -109,7 +109,10 @@ fn render_see_also(cmd: &clap::Command, w: &mut dyn Write) -> std::io::Result<()
 }
 
 fn collect_pages(cmd: &clap::Command, prefix: &str, out: &mut Vec<String>) {
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("{prefix}-{}", sub.get_name());
         out.push(name.clone());
         collect_pages(sub, &name, out);

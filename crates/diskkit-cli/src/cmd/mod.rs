@@ -49,7 +49,10 @@ pub(crate) fn parent_outside(child: &Path) -> Option<(String, PathBuf)> {
     if Path::new(&hint).is_absolute() {
         return None;
     }
-    let dir = child.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = child
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let target = dir.join(&hint).canonicalize().ok()?;
     let parent_dir = target.parent()?.to_path_buf();
     let child_dir = dir.canonicalize().ok()?;
@@ -59,7 +62,10 @@ pub(crate) fn parent_outside(child: &Path) -> Option<(String, PathBuf)> {
 /// The fix for a parent refused by the default policy.
 fn allow_parent_hint(child: &Path) -> Option<Hint> {
     let (_, dir) = parent_outside(child)?;
-    Some(Hint(format!("to follow it, add --allow-parent-dir {}", shell_path(&dir))))
+    Some(Hint(format!(
+        "to follow it, add --allow-parent-dir {}",
+        shell_path(&dir)
+    )))
 }
 
 /// `dir` as the user would type it: relative to the working directory when inside it, quoted

@@ -61,7 +61,13 @@ pub(crate) struct LayerCreateArgs {
     #[arg(long, value_name = "PARENT")]
     parent: PathBuf,
     /// Format of the new layer: qcow2 or asif. Default: from the file name's extension.
-    #[arg(short = 'O', long = "format", id = "new_format", value_enum, value_name = "FORMAT")]
+    #[arg(
+        short = 'O',
+        long = "format",
+        id = "new_format",
+        value_enum,
+        value_name = "FORMAT"
+    )]
     format: Option<LayerFormat>,
     /// The layer's role.
     #[arg(long = "type", value_enum, default_value = "overlay")]
@@ -184,7 +190,10 @@ pub(crate) fn layer_create(a: &LayerCreateArgs) -> Result<u8> {
     let mut options = LayerOptions::new(kind).format(format).overwrite(a.force);
     if let Some(c) = a.chunk_size {
         if format != ImageFormat::Asif {
-            bail!("--chunk-size is for ASIF layers; '{}' is {format}", path.display());
+            bail!(
+                "--chunk-size is for ASIF layers; '{}' is {format}",
+                path.display()
+            );
         }
         options = options.chunk_size(c);
     }
@@ -199,7 +208,10 @@ pub(crate) fn layer_create(a: &LayerCreateArgs) -> Result<u8> {
         a.quiet.quiet,
         format_args!(
             "created {} layer {} on '{}'",
-            a.kind.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default(),
+            a.kind
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default(),
             messages::image(path, format, stack.size()),
             a.parent.display()
         ),

@@ -1,4 +1,5 @@
-//! `diskkit unpack`: OCI image → merged ext4 root filesystem.
+//! `diskkit unpack`: an OCI image (layers merged), a root filesystem tarball or a directory →
+//! an ext4 disk image.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -85,7 +86,13 @@ Examples:
 pub(crate) struct Args {
     /// Format of the new image: raw, asif or qcow2. Default: from DST's extension (.qcow2,
     /// .asif, .raw; .img and anything else: raw).
-    #[arg(short = 'O', long = "format", id = "new_format", value_enum, value_name = "FORMAT")]
+    #[arg(
+        short = 'O',
+        long = "format",
+        id = "new_format",
+        value_enum,
+        value_name = "FORMAT"
+    )]
     format: Option<Format>,
     /// Filesystem size (sparse); default: compact (content plus about 10%).
     #[arg(long, value_name = "SIZE", value_parser = size::disk_size, allow_hyphen_values = true)]

@@ -95,10 +95,9 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
     if parent.layer_uuid == Some(expected) {
         return Ok(());
     }
-    let found = parent.layer_uuid.map_or_else(
-        || "none".to_owned(),
-        |u| u.hyphenated().to_string(),
-    );
+    let found = parent
+        .layer_uuid
+        .map_or_else(|| "none".to_owned(), |u| u.hyphenated().to_string());
     let mut err = Error::new(
         ErrorKind::LayerMismatch,
         format!(

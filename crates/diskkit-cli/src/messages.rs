@@ -113,9 +113,7 @@ fn hide_temp_names(text: &str) -> String {
             && tail.as_bytes()[..32].iter().all(u8::is_ascii_hexdigit)
             && tail[32..].starts_with(".tmp");
         // The temporary name starts with a '.' right after a separator.
-        let start = rest[..at]
-            .rfind(|c: char| c == '/' || c == '\'' || c == ' ' || c == '(')
-            .map_or(0, |i| i + 1);
+        let start = rest[..at].rfind(['/', '\'', ' ', '(']).map_or(0, |i| i + 1);
         if is_temp && rest[start..].starts_with('.') && start < at {
             out.push_str(&rest[..start]);
             out.push_str(&rest[start + 1..at]);

@@ -182,8 +182,10 @@ fn parent_policy_on_the_command_line() {
     // The refusal names the option that follows it.
     let canonical = d.canonicalize().unwrap();
     assert!(
-        err.trim_end()
-            .ends_with(&format!("; to follow it, add --allow-parent-dir {}", canonical.display())),
+        err.trim_end().ends_with(&format!(
+            "; to follow it, add --allow-parent-dir {}",
+            canonical.display()
+        )),
         "{err}"
     );
     // The base written after the layer was made: the mismatch names both UUIDs, as `info`

@@ -108,13 +108,13 @@ impl Read for ChannelReader {
 }
 
 /// An I/O error naming the host path it concerns.
-fn at(path: &Path, e: io::Error) -> io::Error {
+fn at(path: &Path, e: &io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// Write the tar stream of the tree at `root` (the root directory itself as `./`).
 fn write_tree(root: &Path, out: &mut ChannelWriter) -> io::Result<()> {
-    let meta = std::fs::symlink_metadata(root).map_err(|e| at(root, e))?;
+    let meta = std::fs::symlink_metadata(root).map_err(|e| at(root, &e))?;
     if !meta.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -128,16 +128,16 @@ fn write_tree(root: &Path, out: &mut ChannelWriter) -> io::Result<()> {
     let mut stack = vec![(root.to_path_buf(), PathBuf::from("."))];
     while let Some((dir, name)) = stack.pop() {
         let mut children: Vec<_> = std::fs::read_dir(&dir)
-            .map_err(|e| at(&dir, e))?
+            .map_err(|e| at(&dir, &e))?
             .map(|e| e.map(|e| e.file_name()))
             .collect::<io::Result<_>>()
-            .map_err(|e| at(&dir, e))?;
+            .map_err(|e| at(&dir, &e))?;
         children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut subdirs = Vec::new();
         for child in children {
             let host = dir.join(&child);
             let inner = name.join(&child);
-            let meta = std::fs::symlink_metadata(&host).map_err(|e| at(&host, e))?;
+            let meta = std::fs::symlink_metadata(&host).map_err(|e| at(&host, &e))?;
             append(&mut builder, &host, &inner, &meta, &mut links)?;
             if meta.is_dir() {
                 subdirs.push((host, inner));
@@ -180,7 +180,7 @@ fn append<W: Write>(
     if ft.is_file() {
         header.set_entry_type(tar::EntryType::Regular);
         header.set_size(meta.len());
-        let file = File::open(host).map_err(|e| at(host, e))?;
+        let file = File::open(host).map_err(|e| at(host, &e))?;
         // A file that changes size while it is read would corrupt the stream: read exactly
         // the size the header announces, and fail if it is shorter.
         let mut data = Exact {
@@ -191,7 +191,7 @@ fn append<W: Write>(
         return builder.append_data(&mut header, name, &mut data);
     }
     if ft.is_symlink() {
-        let target = std::fs::read_link(host).map_err(|e| at(host, e))?;
+        let target = std::fs::read_link(host).map_err(|e| at(host, &e))?;
         header.set_entry_type(tar::EntryType::Symlink);
         return builder.append_link(&mut header, name, target);
     }
@@ -235,7 +235,7 @@ struct Exact<'a, R> {
 
 impl<R: Read> Read for Exact<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf).map_err(|e| at(self.path, e))?;
+        let n = self.inner.read(buf).map_err(|e| at(self.path, &e))?;
         if n == 0 && self.left > 0 && !buf.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -254,7 +254,7 @@ fn xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         Ok(n) => n,
         // No xattr support on this filesystem, or none to read.
         Err(rustix::io::Errno::NOTSUP | rustix::io::Errno::NODATA) => return Ok(Vec::new()),
-        Err(e) => return Err(at(path, e.into())),
+        Err(e) => return Err(at(path, &e.into())),
     };
     let mut out = Vec::new();
     for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
@@ -267,7 +267,7 @@ fn xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
             }
             // Removed meanwhile, or not readable by this user (trusted.*): left out.
             Err(rustix::io::Errno::NODATA | rustix::io::Errno::PERM | rustix::io::Errno::ACCESS) => {}
-            Err(e) => return Err(at(path, e.into())),
+            Err(e) => return Err(at(path, &e.into())),
         }
     }
     out.sort();

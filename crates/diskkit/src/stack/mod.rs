@@ -103,7 +103,7 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
         format!(
             "the layer expects parent UUID {} but its parent's layer UUID is {found} \
              (the parent was written after this layer was made, or it is the wrong file)",
-            expected.hyphenated().to_string()
+            expected.hyphenated()
         ),
     );
     if let Some(p) = child_path {

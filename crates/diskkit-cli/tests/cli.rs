@@ -228,7 +228,23 @@ fn read_write_discard_resize() {
     assert_error(&["resize", &img, "-4M"], "shrink");
     assert_error(&["read", &img, "--offset", "4M", "--length", "1"], "past the end");
     std::fs::write(d.path("big.bin"), vec![1u8; 5 << 20]).unwrap();
-    assert_error(&["write", &img, "--from", &d.s("big.bin")], "runs past the end");
+    assert_error(&["write", &img, "--from", &d.s("big.bin")], "does not fit");
+    // From a pipe the length is not known beforehand: what fits is written, and said so.
+    let out = std::process::Command::new(support::diskkit_bin())
+        .args(["write", &img])
+        .stdin(
+            std::fs::File::open(d.path("big.bin"))
+                .map(std::process::Stdio::from)
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the input runs past the end") && err.contains("the first 4194304 bytes were written"),
+        "{err}"
+    );
     // stdin
     let mut child = std::process::Command::new(support::diskkit_bin())
         .args(["write", &img, "--offset", "512"])

@@ -250,5 +250,9 @@ fn inputs_that_are_not_root_filesystems_are_clear_errors() {
         e.contains("a gzip-compressed image archive; decompress it first"),
         "{e}"
     );
+    // Nor is what an interrupted `skopeo copy` leaves (a layout without index.json).
+    std::fs::remove_file(archive.join("index.json")).unwrap();
+    let e = err(&["unpack", archive.to_str().unwrap(), &d.s("o.raw")]);
+    assert!(e.contains("an OCI layout without index.json"), "{e}");
     assert!(!d.path("o.raw").exists());
 }

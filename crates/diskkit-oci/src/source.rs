@@ -401,6 +401,14 @@ pub fn select(
     } else if store.exists("manifest.json") {
         select_docker(store, reference)
     } else if matches!(store, Store::Dir(_)) {
+        // A root filesystem has no `oci-layout` or `blobs/` at its top; a layout whose copy
+        // was interrupted (skopeo leaves `blobs/` behind) must not become a disk of itself.
+        if src.join("oci-layout").exists() || src.join("blobs").is_dir() {
+            return Err(Error::invalid_format(
+                "an OCI layout without index.json (was the copy into it interrupted?)",
+            )
+            .with_path(src));
+        }
         single_layer(
             Store::Tree(src.to_path_buf()),
             Input::Directory,

@@ -125,7 +125,7 @@ fn write_tree(root: &Path, out: &mut ChannelWriter) -> io::Result<()> {
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     append(&mut builder, root, Path::new("."), &meta, &mut links)?;
     // Depth-first, names in byte order; directories are listed before their contents.
-    let mut stack = vec![(root.to_path_buf(), PathBuf::from("."))];
+    let mut stack = vec![(root.to_path_buf(), PathBuf::new())];
     while let Some((dir, name)) = stack.pop() {
         let mut children: Vec<_> = std::fs::read_dir(&dir)
             .map_err(|e| at(&dir, &e))?
@@ -136,6 +136,7 @@ fn write_tree(root: &Path, out: &mut ChannelWriter) -> io::Result<()> {
         let mut subdirs = Vec::new();
         for child in children {
             let host = dir.join(&child);
+            // Names relative to the root, without a `./` prefix.
             let inner = name.join(&child);
             let meta = std::fs::symlink_metadata(&host).map_err(|e| at(&host, &e))?;
             append(&mut builder, &host, &inner, &meta, &mut links)?;
@@ -341,16 +342,16 @@ mod tests {
             seen.push((path.to_string_lossy().into_owned(), kind, body));
         }
         let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
-        let long_name = format!("./etc/sub/{long}");
+        let long_name = format!("etc/sub/{long}");
         assert_eq!(
             names,
             [
                 ".",
-                "./etc",
-                "./etc/link",
-                "./etc/motd",
-                "./etc/motd2",
-                "./etc/sub",
+                "etc",
+                "etc/link",
+                "etc/motd",
+                "etc/motd2",
+                "etc/sub",
                 &long_name
             ]
         );

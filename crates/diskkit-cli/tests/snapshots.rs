@@ -15,6 +15,11 @@ fn help_and_messages() {
     cases
         .register_bin("diskkit", std::path::Path::new(env!("CARGO_BIN_EXE_diskkit")))
         .default_bin_name("diskkit")
+        // The same width and no colours whatever the environment (clap reads COLUMNS when
+        // stdout is not a terminal, and CLICOLOR_FORCE).
+        .env("COLUMNS", "100")
+        .env("CLICOLOR_FORCE", "0")
+        .env("NO_COLOR", "1")
         // Messages say "0.1.0"-independent things; the version line is redacted.
         .insert_var("[VERSION]", env!("CARGO_PKG_VERSION"))
         .unwrap();

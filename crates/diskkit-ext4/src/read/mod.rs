@@ -5,6 +5,7 @@
 pub mod apple_store;
 pub mod entry;
 pub mod extract;
+pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernel;

@@ -1,6 +1,8 @@
 //! Shared helpers for the writer tests: in-memory content, image creation, e2fsck and debugfs.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod oracle;
+
 use std::path::Path;
 use std::process::Command;
 

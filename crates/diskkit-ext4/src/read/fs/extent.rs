@@ -12,7 +12,9 @@ use super::Fs;
 use crate::crc::crc32c;
 
 const MAGIC: u16 = 0xF30A;
-const MAX_DEPTH: u16 = 5;
+/// The kernel stops at 5 levels; e2fsck accepts deeper trees (it only offers to shorten
+/// them), so this reader does too, up to a bound that keeps a lookup short.
+const MAX_DEPTH: u16 = 16;
 /// Lengths above this mark an unwritten extent (length - 32768 blocks).
 const INIT_MAX_LEN: u16 = 32768;
 const ENTRY: usize = 12;

@@ -276,7 +276,8 @@ impl Fs {
             block.copy_from_slice(s);
         }
         let area_start = GOOD_OLD_SIZE.saturating_add(extra_isize);
-        let xattr_area = if isz > GOOD_OLD_SIZE {
+        // No in-inode attributes without room for i_extra_isize itself (as e2fsprogs reads it).
+        let xattr_area = if isz > GOOD_OLD_SIZE && extra_isize >= 2 {
             raw.get(area_start..).unwrap_or_default().to_vec()
         } else {
             Vec::new()

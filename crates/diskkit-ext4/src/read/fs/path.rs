@@ -135,9 +135,14 @@ impl Fs {
         let len = inode.size as usize;
         if inode.has_inline_data() {
             let data = self.inline_data(inode)?;
-            return data.get(..len).map(<[u8]>::to_vec).ok_or_else(|| {
-                Error::corrupt(format!("inode {}: inline symlink target is cut short", inode.ino))
-            });
+            let (target, rest) = data.split_at(len.min(data.len()));
+            if target.len() < len || rest.iter().any(|&b| b != 0) {
+                return Err(Error::corrupt(format!(
+                    "inode {}: the inline symlink target does not match its size {len}",
+                    inode.ino
+                )));
+            }
+            return no_nul(inode, target.to_vec());
         }
         // A fast symlink keeps its target in i_block: the kernel's test is that no data block
         // is allocated (an attribute block does not count).
@@ -147,12 +152,25 @@ impl Fs {
             0
         };
         if len < inode.block.len() && inode.blocks.saturating_sub(ea_blocks) == 0 {
-            return Ok(inode.block[..len].to_vec());
+            return no_nul(inode, inode.block[..len].to_vec());
         }
         let mut buf = vec![0u8; len];
         let mut r = FileReader::new(self, inode)?;
         let n = r.read_at(0, &mut buf)?;
         buf.truncate(n);
-        Ok(buf)
+        no_nul(inode, buf)
     }
+}
+
+/// A target with a NUL inside its recorded size: the kernel would cut it short there and
+/// e2fsprogs would not, so it is refused as damaged.
+fn no_nul(inode: &Inode, target: Vec<u8>) -> Result<Vec<u8>> {
+    if target.contains(&0) {
+        return Err(Error::corrupt(format!(
+            "inode {}: the symlink target has a NUL byte within its recorded size {}",
+            inode.ino,
+            target.len()
+        )));
+    }
+    Ok(target)
 }

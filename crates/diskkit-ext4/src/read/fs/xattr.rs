@@ -80,11 +80,12 @@ impl Fs {
     /// The attributes stored inside the inode.
     pub(crate) fn inode_xattrs(&self, inode: &Inode) -> Result<Vec<RawXattr>> {
         let area = &inode.xattr_area;
-        if area.len() < 4 || le32(area, 0) != MAGIC {
+        // Room for the magic number and at least something after it, as e2fsprogs requires.
+        if area.len() <= 4 || le32(area, 0) != MAGIC {
             return Ok(Vec::new());
         }
         let body = &area[4..];
-        self.parse_entries(inode.ino, "in-inode attributes", body, 0, 0)
+        self.parse_entries(inode, "in-inode attributes", body, 0, 0)
     }
 
     fn block_xattrs(&self, inode: &Inode) -> Result<Vec<RawXattr>> {
@@ -101,16 +102,6 @@ impl Fs {
         }
         let data = self.dev().block(blk)?;
         let what = format!("attribute block {blk}");
-        if le32(&data, 0) != MAGIC {
-            return Err(Error::corrupt(format!("inode {}: {what} has a bad magic number", inode.ino)));
-        }
-        if le32(&data, 8) != 1 {
-            return Err(Error::corrupt(format!(
-                "inode {}: {what} claims {} blocks (only 1 is possible)",
-                inode.ino,
-                le32(&data, 8)
-            )));
-        }
         if sb.metadata_csum() {
             let mut copy = data.to_vec();
             copy[0x10..0x14].fill(0);
@@ -123,70 +114,146 @@ impl Fs {
                 )));
             }
         }
-        self.parse_entries(inode.ino, &what, &data, BLOCK_HEADER, 0)
+        if le32(&data, 0) != MAGIC {
+            return Err(Error::corrupt(format!("inode {}: {what} has a bad magic number", inode.ino)));
+        }
+        self.parse_entries(inode, &what, &data, BLOCK_HEADER, 0)
     }
 
-    /// Entries from `start` in `area` until the four zero bytes that end them; values at
-    /// `value_base + e_value_offs` in `area`, or in an `ea_inode`.
-    fn parse_entries(&self, ino: u32, what: &str, area: &[u8], start: usize, value_base: usize) -> Result<Vec<RawXattr>> {
+    /// Entries from `start` in `area` (values at `value_base + e_value_offs`, or in an
+    /// `ea_inode`), with the checks e2fsprogs makes: names and values inside the area and
+    /// after the entry list, value inodes marked as such and of the right size, and each
+    /// entry's hash (when not 0) matching its name and value.
+    fn parse_entries(&self, owner: &Inode, what: &str, area: &[u8], start: usize, value_base: usize) -> Result<Vec<RawXattr>> {
+        let ino = owner.ino;
         let bad = |m: String| Error::corrupt(format!("inode {ino}: {what}: {m}"));
+        let storage = area.len().saturating_sub(start);
+        let is_last = |pos: usize| le32(area, pos) == 0;
+        let name_room = |len: usize| (len.saturating_add(3)) & !3;
+        // First pass: where the entry list ends.
+        let mut end = start;
+        let mut remain = storage;
+        while remain >= ENTRY_HEADER && !is_last(end) {
+            remain -= ENTRY_HEADER;
+            let nl = name_room(usize::from(area[end]));
+            if nl > remain {
+                return Err(bad("an attribute name runs past the end".into()));
+            }
+            remain -= nl;
+            end = end.saturating_add(ENTRY_HEADER).saturating_add(nl);
+        }
+        let values_size = area.len().saturating_sub(value_base);
         let mut out = Vec::new();
         let mut pos = start;
-        loop {
-            if pos.checked_add(4).is_none_or(|e| e > area.len()) {
-                return Err(bad("the entry list runs past its end".into()));
-            }
-            if le32(area, pos) == 0 {
-                break;
-            }
+        let mut remain = storage;
+        while remain >= ENTRY_HEADER && !is_last(pos) {
+            remain -= ENTRY_HEADER;
             let name_len = usize::from(area[pos]);
+            remain = remain.saturating_sub(name_room(name_len));
             let index = area.get(pos.saturating_add(1)).copied().unwrap_or(0);
             let value_offs = usize::from(le16(area, pos.saturating_add(2)));
             let value_inum = le32(area, pos.saturating_add(4));
-            let value_size = le32(area, pos.saturating_add(8));
+            let value_size = le32(area, pos.saturating_add(8)) as usize;
+            let hash = le32(area, pos.saturating_add(12));
             let name = slice(area, pos.saturating_add(ENTRY_HEADER), name_len)
-                .ok_or_else(|| bad("an attribute name runs past the end".into()))?
+                .unwrap_or_default()
                 .to_vec();
-            let value = if value_inum != 0 {
+            let shown = || String::from_utf8_lossy(&name).into_owned();
+            let (value, value_hash) = if value_inum == 0 {
+                if value_size > remain {
+                    return Err(bad(format!("the value of {} is larger than the space left", shown())));
+                }
+                if value_offs.saturating_add(value_size) > values_size
+                    || (value_size > 0 && value_base.saturating_add(value_offs) < end.saturating_add(4))
+                {
+                    return Err(bad(format!("the value of {} lies outside the value area", shown())));
+                }
+                remain -= value_size;
+                let at = value_base.saturating_add(value_offs);
+                let v = slice(area, at, value_size).unwrap_or_default().to_vec();
+                // The hash covers the value padded to whole 4-byte words.
+                let words = slice(area, at, name_room(value_size)).map(<[u8]>::to_vec);
+                (v, ValueHash::Words(words.unwrap_or_default()))
+            } else {
                 if !self.sb().has_incompat(INCOMPAT_EA_INODE) {
                     return Err(bad("a value lives in an inode but the ea_inode feature is off".into()));
                 }
-                self.ea_inode_value(ino, value_inum, value_size)?
-            } else {
-                slice(area, value_base.saturating_add(value_offs), value_size as usize)
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "the value of {} ({value_size} bytes at {value_offs}) runs past the end",
-                            String::from_utf8_lossy(&name)
-                        ))
-                    })?
-                    .to_vec()
+                if value_offs != 0 || value_size > 65536 {
+                    return Err(bad(format!("the value inode entry of {} is malformed", shown())));
+                }
+                let (v, ea) = self.ea_inode_value(ino, value_inum, value_size)?;
+                (v, ValueHash::Inode(ea.atime.secs as u32, ea))
             };
+            if hash != 0 {
+                let (h, signed) = entry_hashes(&name, &value_hash);
+                if hash != h && hash != signed {
+                    // An old Lustre-style value inode records its owner instead.
+                    let lustre = match &value_hash {
+                        ValueHash::Inode(_, ea) => {
+                            ea.mtime.secs as u32 == ino && ea.generation == owner.generation
+                        }
+                        ValueHash::Words(_) => false,
+                    };
+                    if !lustre {
+                        return Err(bad(format!("the hash of attribute {} does not match it", shown())));
+                    }
+                }
+            }
             out.push(RawXattr { index, name, value });
-            let entry_len = (ENTRY_HEADER.saturating_add(name_len).saturating_add(3)) & !3;
-            pos = pos.saturating_add(entry_len);
+            pos = pos.saturating_add(ENTRY_HEADER).saturating_add(name_room(name_len));
         }
         Ok(out)
     }
 
-    fn ea_inode_value(&self, owner: u32, ino: u32, size: u32) -> Result<Vec<u8>> {
+    fn ea_inode_value(&self, owner: u32, ino: u32, size: usize) -> Result<(Vec<u8>, Inode)> {
         let inode = self.inode(ino)?;
-        if inode.flags & FLAG_EA_INODE == 0 {
+        if inode.flags & FLAG_EA_INODE == 0 || inode.has_inline_data() || inode.links == 0 {
             return Err(Error::corrupt(format!(
-                "inode {owner}: attribute value inode {ino} is not marked as holding a value"
+                "inode {owner}: attribute value inode {ino} is not a valid value inode"
             )));
         }
-        if inode.size != u64::from(size) || inode.size > MAX_VALUE {
+        if inode.size != size as u64 || inode.size > MAX_VALUE {
             return Err(Error::corrupt(format!(
                 "inode {owner}: attribute value inode {ino} holds {} bytes, the entry says {size}",
                 inode.size
             )));
         }
-        let mut value = vec![0u8; size as usize];
+        let mut value = vec![0u8; size];
         let mut r = self.open_file(&inode)?;
         r.read_at(0, &mut value)?;
-        Ok(value)
+        Ok((value, inode))
     }
+}
+
+/// What an entry's hash covers after its name.
+enum ValueHash {
+    /// The value's bytes, padded to whole words.
+    Words(Vec<u8>),
+    /// A value inode's own hash (kept in its `i_atime`).
+    Inode(u32, Inode),
+}
+
+/// The entry hash with name bytes taken unsigned and signed (old kernels on signed-char
+/// architectures); e2fsprogs accepts either.
+fn entry_hashes(name: &[u8], value: &ValueHash) -> (u32, u32) {
+    let name_hash = |signed: bool| {
+        name.iter().fold(0u32, |h, &b| {
+            let c = if signed { i32::from(b as i8) as u32 } else { u32::from(b) };
+            (h << 5) ^ (h >> 27) ^ c
+        })
+    };
+    let with_value = |mut h: u32| {
+        match value {
+            ValueHash::Words(w) => {
+                for c in w.chunks_exact(4) {
+                    h = (h << 16) ^ (h >> 16) ^ le32(c, 0);
+                }
+            }
+            ValueHash::Inode(ea_hash, _) => h = (h << 16) ^ (h >> 16) ^ ea_hash,
+        }
+        h
+    };
+    (with_value(name_hash(false)), with_value(name_hash(true)))
 }
 
 /// ext4's compact ACL format (version 1; short entries for owner, group, mask and other)

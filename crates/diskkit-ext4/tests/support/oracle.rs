@@ -324,7 +324,10 @@ pub fn debugfs_tree(img: &Path) -> Tree {
                 Ok(c) => *node = Err(format!("debugfs dumped {} of {} bytes", c.len(), n.size)),
                 Err(_) => {
                     let f = std::fs::File::open(s.join(format!("c{ino}")));
-                    match f.map(|f| hash_stream(f, n.size)) {
+                    // debugfs 1.47.0 dumps a whole inline-data area (60 bytes and more) rather
+                    // than i_size bytes: the rest must be zeroes, and is left out.
+                    let inline = flags(&stats, ino) & 0x1000_0000 != 0;
+                    match f.map(|f| hash_stream(f, if inline { n.size } else { u64::MAX })) {
                         Ok(Ok(h)) if h.0 == n.size => n.content = Some(h),
                         Ok(Ok(h)) => *node = Err(format!("debugfs dumped {} of {} bytes", h.0, n.size)),
                         _ => *node = Err("debugfs could not dump it".into()),
@@ -380,7 +383,8 @@ impl Hasher {
     }
 }
 
-fn hash_stream(mut f: std::fs::File, _size: u64) -> std::io::Result<(u64, u64)> {
+/// Length and hash of a dumped file, up to `limit` bytes (past it, only zeroes may follow).
+fn hash_stream(mut f: std::fs::File, limit: u64) -> std::io::Result<(u64, u64)> {
     use std::io::Read;
     let mut h = Hasher::default();
     let mut buf = vec![0u8; 1 << 20];
@@ -390,9 +394,25 @@ fn hash_stream(mut f: std::fs::File, _size: u64) -> std::io::Result<(u64, u64)> 
         if n == 0 {
             return Ok((total, h.finish()));
         }
-        h.update(&buf[..n]);
-        total += n as u64;
+        let keep = (limit.saturating_sub(total)).min(n as u64) as usize;
+        if buf[keep..n].iter().any(|&b| b != 0) {
+            return Ok((total + n as u64, 0));
+        }
+        h.update(&buf[..keep]);
+        total += keep as u64;
     }
+}
+
+/// `Flags:` of an inode's `stat` output.
+fn flags(stats: &BTreeMap<String, Vec<u8>>, ino: u32) -> u32 {
+    stats
+        .get(&format!("stat <{ino}>"))
+        .and_then(|t| {
+            let t = String::from_utf8_lossy(t);
+            let v = t.split("Flags: 0x").nth(1)?.split_whitespace().next()?.to_owned();
+            u32::from_str_radix(&v, 16).ok()
+        })
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -68,14 +68,6 @@ impl Device {
         }
     }
 
-    pub(crate) fn source(&self) -> &Arc<dyn SectorSource + Send + Sync> {
-        &self.src
-    }
-
-    pub(crate) fn block_size(&self) -> usize {
-        self.block_size
-    }
-
     pub(crate) fn overlay(&self) -> &BTreeMap<u64, Replayed> {
         &self.overlay
     }

@@ -23,6 +23,8 @@ pub(crate) enum RunKind {
 /// `len` logical blocks from `lblk` that map the same way.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Run {
+    /// First logical block (kept for debugging output).
+    #[allow(dead_code)]
     pub(crate) lblk: u64,
     pub(crate) len: u64,
     pub(crate) kind: RunKind,
@@ -129,19 +131,12 @@ impl FileReader {
         let buf = &mut buf[..want];
         match &mut self.source {
             Source::Inline(data) => {
+                // Past the inline area the kernel reads zeroes (up to i_size).
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
-                let src = start
-                    .checked_add(want)
-                    .and_then(|e| data.get(start..e))
-                    .ok_or_else(|| {
-                        Error::corrupt(format!(
-                            "inode {}: inline data holds {} bytes, less than the size {}",
-                            self.ino,
-                            data.len(),
-                            self.size
-                        ))
-                    })?;
-                buf.copy_from_slice(src);
+                let have = data.get(start..).unwrap_or_default();
+                let n = have.len().min(want);
+                buf[..n].copy_from_slice(&have[..n]);
+                buf[n..].fill(0);
                 Ok(want)
             }
             Source::Blocks(map) => {

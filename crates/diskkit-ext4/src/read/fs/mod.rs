@@ -42,7 +42,7 @@ use device::Device;
 pub use dir::{DirEntry, MAX_DIR_ENTRIES};
 pub use file::FileReader;
 pub use inode::{FileType, Inode, Timestamp};
-pub use path::{Lookup, Resolved};
+pub use path::{Lookup, Resolved, MAX_SYMLINKS};
 use superblock::{Superblock, COMPAT_HAS_JOURNAL, INCOMPAT_RECOVER, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE};
 pub use xattr::Xattr;
 

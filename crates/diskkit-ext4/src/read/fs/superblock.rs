@@ -1,6 +1,6 @@
 //! The ext2/3/4 superblock (1024 bytes at byte 1024): geometry, features, and its checks.
 
-use diskkit::{Error, ErrorKind, Result};
+use diskkit::{Error, Result};
 
 use super::bytes::{hilo, le16, le32};
 use crate::crc::crc32c;
@@ -11,6 +11,7 @@ const MAGIC: u16 = 0xEF53;
 
 // s_feature_compat
 pub(crate) const COMPAT_HAS_JOURNAL: u32 = 0x4;
+pub(crate) const COMPAT_EXT_ATTR: u32 = 0x8;
 const COMPAT_SPARSE_SUPER2: u32 = 0x200;
 
 // s_feature_incompat
@@ -81,9 +82,7 @@ pub(crate) struct Superblock {
     pub(crate) ro_compat: u32,
     pub(crate) uuid: [u8; 16],
     pub(crate) label: [u8; 16],
-    pub(crate) journal_uuid: [u8; 16],
     pub(crate) journal_inum: u32,
-    pub(crate) journal_dev: u32,
     pub(crate) jnl_backup_type: u8,
     pub(crate) jnl_blocks: [u32; 17],
     pub(crate) desc_size: u16,
@@ -144,9 +143,7 @@ impl Superblock {
             ro_compat,
             uuid: arr16(0x68),
             label: arr16(0x78),
-            journal_uuid: arr16(0xD0),
             journal_inum: le32(b, 0xE0),
-            journal_dev: le32(b, 0xE4),
             jnl_backup_type: b.get(0xFD).copied().unwrap_or(0),
             jnl_blocks,
             desc_size: if is64 { le16(b, 0xFE) } else { 32 },
@@ -356,11 +353,6 @@ impl Superblock {
     /// The largest logical block a file can have plus one.
     pub(crate) fn max_file_blocks(&self) -> u64 {
         1u64 << 32
-    }
-
-    /// An error for a feature this reader recognises but cannot honour.
-    pub(crate) fn unsupported(what: impl Into<String>) -> Error {
-        Error::new(ErrorKind::Unsupported, what)
     }
 }
 

@@ -6,7 +6,7 @@ use diskkit::{Error, Result};
 
 use super::bytes::{le16, le32, slice};
 use super::inode::{Inode, FLAG_EA_INODE};
-use super::superblock::INCOMPAT_EA_INODE;
+use super::superblock::{COMPAT_EXT_ATTR, INCOMPAT_EA_INODE, INCOMPAT_INLINE_DATA};
 use super::Fs;
 use crate::crc::crc32c;
 
@@ -52,6 +52,12 @@ impl Fs {
     /// Every extended attribute of `inode`, in-inode ones first, in on-disk order. The
     /// `system.data` attribute that holds inline data is internal and left out.
     pub fn xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>> {
+        // Without ext_attr (or inline_data) the attribute areas mean nothing (e2fsprogs
+        // ignores them; e2fsck clears them).
+        let sb = self.sb();
+        if !sb.has_compat(COMPAT_EXT_ATTR) && !sb.has_incompat(INCOMPAT_INLINE_DATA) {
+            return Ok(Vec::new());
+        }
         let mut raw = self.inode_xattrs(inode)?;
         raw.extend(self.block_xattrs(inode)?);
         let mut out = Vec::with_capacity(raw.len());

@@ -47,9 +47,11 @@ fn make_tree(root: &Path) {
     std::fs::create_dir_all(root.join("dir/sub/deeper")).unwrap();
     std::fs::create_dir_all(root.join("big")).unwrap();
     std::fs::create_dir_all(root.join("empty")).unwrap();
-    for (i, size) in [0usize, 1, 59, 60, 61, 100, 1023, 1024, 1025, 4095, 4096, 4097, 65536, 300_000]
-        .into_iter()
-        .enumerate()
+    for (i, size) in [
+        0usize, 1, 59, 60, 61, 100, 1023, 1024, 1025, 4095, 4096, 4097, 65536, 300_000,
+    ]
+    .into_iter()
+    .enumerate()
     {
         w(&format!("dir/f{size}"), &pseudo_random(size, i as u64 + 1));
     }
@@ -63,14 +65,20 @@ fn make_tree(root: &Path) {
         f.set_len(6 << 20).unwrap();
     }
     for i in 0..700 {
-        w(&format!("big/entry-with-a-longish-name-{i:04}"), format!("{i}\n").as_bytes());
+        w(
+            &format!("big/entry-with-a-longish-name-{i:04}"),
+            format!("{i}\n").as_bytes(),
+        );
     }
     std::os::unix::fs::symlink("dir/f100", root.join("short_link")).unwrap();
     let long = format!("/{}", "very-long-symlink-target/".repeat(12));
     std::os::unix::fs::symlink(&long, root.join("long_link")).unwrap();
     std::os::unix::fs::symlink("../../sparse", root.join("dir/sub/rel_link")).unwrap();
     std::fs::hard_link(root.join("dir/f4096"), root.join("hardlink")).unwrap();
-    sh(&format!("mknod '{0}/chardev' c 1 3 && mknod '{0}/blockdev' b 259 70000 && mkfifo '{0}/fifo'", root.display()));
+    sh(&format!(
+        "mknod '{0}/chardev' c 1 3 && mknod '{0}/blockdev' b 259 70000 && mkfifo '{0}/fifo'",
+        root.display()
+    ));
     sh(&format!(
         "cd '{0}' && setfattr -n user.small -v hello dir/f1 && setfattr -n user.empty dir/f59 \
          && setfattr -n trusted.t -v 0x000102ff dir/sub \
@@ -79,10 +87,16 @@ fn make_tree(root: &Path) {
         root.display(),
         hex(&pseudo_random(700, 5)),
     ));
-    sh(&format!("cd '{0}' && setfacl -m u:1234:r-x,g:99:rw- dir/f0 && setfacl -d -m u:42:rwx dir/sub", root.display()));
+    sh(&format!(
+        "cd '{0}' && setfacl -m u:1234:r-x,g:99:rw- dir/f0 && setfacl -d -m u:42:rwx dir/sub",
+        root.display()
+    ));
     std::fs::set_permissions(root.join("dir/f1023"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::fs::set_permissions(root.join("dir/sub"), std::fs::Permissions::from_mode(0o3770)).unwrap();
-    sh(&format!("chown 1234:5678 '{0}/dir/f1024' && chown -h 70000:70001 '{0}/short_link'", root.display()));
+    sh(&format!(
+        "chown 1234:5678 '{0}/dir/f1024' && chown -h 70000:70001 '{0}/short_link'",
+        root.display()
+    ));
     sh(&format!(
         "touch -h -d '1960-03-04 05:06:07.123456789 UTC' '{0}/dir/f1025' '{0}/long_link' \
          && touch -d '2100-01-01 00:00:01.5 UTC' '{0}/dir/f4097' && touch -d '1901-12-14 00:00:00 UTC' '{0}/dir/f65536'",
@@ -96,10 +110,15 @@ fn hex(b: &[u8]) -> String {
 
 /// A block of `path` in `img` (debugfs `bmap`).
 fn bmap(img: &Path, path: &str, lblk: u64) -> u64 {
-    let out = Command::new("debugfs").args(["-R", &format!("bmap {path} {lblk}")]).arg(img).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| {
-        panic!("bmap {path} {lblk}: {}", String::from_utf8_lossy(&out.stderr))
-    })
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("bmap {path} {lblk}")])
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bmap {path} {lblk}: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 struct Case {
@@ -115,7 +134,13 @@ struct Case {
 }
 
 const fn case(name: &'static str, mkfs: &'static str) -> Case {
-    Case { name, mkfs, hash: None, unsigned_hash: false, journal: None }
+    Case {
+        name,
+        mkfs,
+        hash: None,
+        unsigned_hash: false,
+        journal: None,
+    }
 }
 
 fn cases() -> Vec<Case> {
@@ -139,15 +164,45 @@ fn cases() -> Vec<Case> {
         case("ext4-64k", "-t ext4 -b 65536"),
         case("ext4-casefold", "-t ext4 -O casefold"),
         case("ext4-encrypt", "-t ext4 -O encrypt"),
-        Case { hash: Some("legacy"), ..case("ext4-hash-legacy", "-t ext4") },
-        Case { hash: Some("tea"), ..case("ext4-hash-tea", "-t ext4") },
-        Case { hash: Some("half_md4"), unsigned_hash: true, ..case("ext4-hash-half-md4-unsigned", "-t ext4") },
-        Case { hash: Some("tea"), unsigned_hash: true, ..case("ext4-hash-tea-unsigned", "-t ext4") },
-        Case { hash: Some("legacy"), unsigned_hash: true, ..case("ext2-hash-legacy-unsigned", "-t ext2") },
-        Case { journal: Some(""), ..case("journal-ext3", "-t ext3 -b 1024") },
-        Case { journal: Some("-c -v 3"), ..case("journal-ext4-64bit-csum-v3", "-t ext4") },
-        Case { journal: Some("-c -v 2"), ..case("journal-ext4-32bit-csum-v2", "-t ext4 -O ^64bit") },
-        Case { journal: Some(""), ..case("journal-ext4-64bit-nocsum", "-t ext4 -O ^metadata_csum") },
+        Case {
+            hash: Some("legacy"),
+            ..case("ext4-hash-legacy", "-t ext4")
+        },
+        Case {
+            hash: Some("tea"),
+            ..case("ext4-hash-tea", "-t ext4")
+        },
+        Case {
+            hash: Some("half_md4"),
+            unsigned_hash: true,
+            ..case("ext4-hash-half-md4-unsigned", "-t ext4")
+        },
+        Case {
+            hash: Some("tea"),
+            unsigned_hash: true,
+            ..case("ext4-hash-tea-unsigned", "-t ext4")
+        },
+        Case {
+            hash: Some("legacy"),
+            unsigned_hash: true,
+            ..case("ext2-hash-legacy-unsigned", "-t ext2")
+        },
+        Case {
+            journal: Some(""),
+            ..case("journal-ext3", "-t ext3 -b 1024")
+        },
+        Case {
+            journal: Some("-c -v 3"),
+            ..case("journal-ext4-64bit-csum-v3", "-t ext4")
+        },
+        Case {
+            journal: Some("-c -v 2"),
+            ..case("journal-ext4-32bit-csum-v2", "-t ext4 -O ^64bit")
+        },
+        Case {
+            journal: Some(""),
+            ..case("journal-ext4-64bit-nocsum", "-t ext4 -O ^metadata_csum")
+        },
     ]
 }
 
@@ -185,6 +240,8 @@ fn build(case: &Case, tree: &Path, dir: &Path) -> std::path::PathBuf {
     }
     std::fs::write(&cmds, c).unwrap();
     sh(&format!("debugfs -w -f '{}' '{}'", cmds.display(), img.display()));
+    // debugfs leaves some accounting to e2fsck (i_blocks of a new value inode).
+    let _ = Command::new("e2fsck").args(["-fy"]).arg(&img).output();
     if let Some(jo) = case.journal {
         // Three transactions over blocks of files the comparison reads: one rewrites a data
         // block of f4096 and one of the 2 MiB file, one revokes the 2 MiB file's block again
@@ -220,8 +277,15 @@ fn generated_filesystems_read_like_debugfs() {
         }
         let img = build(&case, &tree, t.path());
         let copy = t.path().join("replayed.img");
-        sh(&format!("cp --sparse=always '{}' '{}'", img.display(), copy.display()));
-        let _ = Command::new("e2fsck").args(["-E", "journal_only", "-y"]).arg(&copy).output();
+        sh(&format!(
+            "cp --sparse=always '{}' '{}'",
+            img.display(),
+            copy.display()
+        ));
+        let _ = Command::new("e2fsck")
+            .args(["-E", "journal_only", "-y"])
+            .arg(&copy)
+            .output();
         let fsck = Command::new("e2fsck").args(["-fn"]).arg(&copy).output().unwrap();
         if !fsck.status.success() {
             failures.push(format!(
@@ -241,6 +305,33 @@ fn generated_filesystems_read_like_debugfs() {
         };
         let c = compare(&ours, &theirs);
         eprintln!("{}: {}", case.name, c.summary());
+        if case.journal.is_some() {
+            // The transactions were pending, and the reader replayed them: without the
+            // replay the rewritten files read differently.
+            let fs = support::oracle::open(&img).unwrap();
+            assert_eq!(fs.replayed_transactions(), 3, "{}: {:?}", case.name, fs.notes());
+            let unreplayed = debugfs_tree(&img);
+            for p in ["/dir/f4096", "/dir/f300000"] {
+                let p = p.as_bytes();
+                let before = unreplayed[p].as_ref().unwrap().content;
+                let after = ours[p].as_ref().unwrap().content;
+                assert_ne!(
+                    before,
+                    after,
+                    "{}: {} unchanged by the replay",
+                    case.name,
+                    String::from_utf8_lossy(p)
+                );
+            }
+            // The revoked block and the uncommitted transaction were not applied.
+            for p in ["/dir/sub/deeper/two_mib", "/dir/f1024"] {
+                let p = p.as_bytes();
+                assert_eq!(
+                    unreplayed[p].as_ref().unwrap().content,
+                    ours[p].as_ref().unwrap().content
+                );
+            }
+        }
         if !c.is_exact() || c.matched < 730 {
             failures.push(format!("{}: {}", case.name, c.summary()));
         }
@@ -263,10 +354,18 @@ fn oracle_one_image() {
     let theirs = debugfs_tree(&img);
     let ours = reader_tree(&img).unwrap();
     for (p, n) in &theirs {
-        eprintln!("debugfs {}: {:?}", String::from_utf8_lossy(p), n.as_ref().map(|n| n.kind));
+        eprintln!(
+            "debugfs {}: {:?}",
+            String::from_utf8_lossy(p),
+            n.as_ref().map(|n| n.kind)
+        );
     }
     for (p, n) in &ours {
-        eprintln!("reader {}: {:?}", String::from_utf8_lossy(p), n.as_ref().map(|n| n.kind));
+        eprintln!(
+            "reader {}: {:?}",
+            String::from_utf8_lossy(p),
+            n.as_ref().map(|n| n.kind)
+        );
     }
     eprintln!("{}", compare(&ours, &theirs).summary());
 }

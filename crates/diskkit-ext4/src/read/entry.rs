@@ -172,10 +172,7 @@ impl Filesystem {
     /// The [`Entry`] of an inode found at `path` (named `name`).
     pub fn entry_for(&self, path: &[u8], name: String, inode: &Inode) -> Result<Entry> {
         let target = if inode.file_type() == FileType::Symlink {
-            let t = self
-                .fs()
-                .read_link(inode)
-                .map_err(|e| e.with_path(lossy(path)))?;
+            let t = self.fs().read_link(inode).map_err(|e| e.with_path(lossy(path)))?;
             if t.len() as u64 > MAX_LINK {
                 return Err(Error::corrupt("symlink target too long").with_path(lossy(path)));
             }
@@ -271,10 +268,7 @@ impl Filesystem {
     pub fn xattrs(&self, path: impl AsRef<[u8]>) -> Result<Vec<Xattr>> {
         let raw = path.as_ref();
         let r = self.resolve(raw, false)?;
-        let mut v = self
-            .fs()
-            .xattrs(&r.inode)
-            .map_err(|e| e.with_path(lossy(raw)))?;
+        let mut v = self.fs().xattrs(&r.inode).map_err(|e| e.with_path(lossy(raw)))?;
         v.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(v)
     }
@@ -314,7 +308,10 @@ impl Filesystem {
         if file.size() > limit {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("file is {} bytes, more than the {limit} accepted here", file.size()),
+                format!(
+                    "file is {} bytes, more than the {limit} accepted here",
+                    file.size()
+                ),
             )
             .with_path(path));
         }
@@ -338,7 +335,12 @@ pub fn copy_reader(file: &mut FileReader, offset: u64, len: Option<u64>, out: &m
     if offset > end {
         return Err(Error::out_of_bounds("offset past the end of the file"));
     }
-    let mut buf = vec![0u8; (1usize << 20).min(usize::try_from(end - offset).unwrap_or(usize::MAX)).max(1)];
+    let mut buf = vec![
+        0u8;
+        (1usize << 20)
+            .min(usize::try_from(end - offset).unwrap_or(usize::MAX))
+            .max(1)
+    ];
     let mut pos = offset;
     while pos < end {
         let want = ((end - pos) as usize).min(buf.len());

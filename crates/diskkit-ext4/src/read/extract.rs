@@ -237,7 +237,13 @@ impl std::io::Write for SparseWriter {
 }
 
 /// Build the tree under a temporary sibling of `target`, then rename it into place.
-fn copy_tree(fs: &Filesystem, src: &[u8], inode: &Inode, target: &Path, report: &mut CopyReport) -> Result<()> {
+fn copy_tree(
+    fs: &Filesystem,
+    src: &[u8],
+    inode: &Inode,
+    target: &Path,
+    report: &mut CopyReport,
+) -> Result<()> {
     let parent = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -301,10 +307,7 @@ fn copy_dir(
         );
     }
     report.dirs += 1;
-    let mut list = fs
-        .fs()
-        .read_dir(inode)
-        .map_err(|e| e.with_path(&src_display))?;
+    let mut list = fs.fs().read_dir(inode).map_err(|e| e.with_path(&src_display))?;
     list.sort_by(|a, b| a.name.cmp(&b.name));
     for e in list {
         let name = e.name;

@@ -78,8 +78,9 @@ const MAX_DEPTH: usize = 64;
 fn run_debugfs(img: &Path, cmds: &[String], scratch: &Path) -> Vec<u8> {
     let file = scratch.join("cmds");
     std::fs::write(&file, cmds.join("\n") + "\n").unwrap();
-    let out = Command::new("debugfs")
-        .arg("-f")
+    // Bounded: debugfs can spin on some damaged images.
+    let out = Command::new("timeout")
+        .args(["300", "debugfs", "-f"])
         .arg(&file)
         .arg(img)
         .output()
@@ -180,11 +181,14 @@ fn parse_stat(ino: u32, text: &str) -> Result<Node, String> {
     };
     let mode_s = text[type_end + 5..].split_whitespace().next().ok_or("mode")?;
     let mode = u16::from_str_radix(mode_s, 8).map_err(|e| e.to_string())?;
-    let device = text.lines().find(|l| l.contains("Device major/minor number:")).and_then(|l| {
-        let v = l.split("number:").nth(1)?.split_whitespace().next()?;
-        let (a, b) = v.split_once(':')?;
-        Some((a.parse().ok()?, b.parse().ok()?))
-    });
+    let device = text
+        .lines()
+        .find(|l| l.contains("Device major/minor number:"))
+        .and_then(|l| {
+            let v = l.split("number:").nth(1)?.split_whitespace().next()?;
+            let (a, b) = v.split_once(':')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        });
     let fast_target = text.find("Fast link dest: \"").map(|i| {
         let s = &text[i + 17..];
         let end = s.rfind("\"\n").unwrap_or(s.len());
@@ -228,7 +232,10 @@ fn xattr_names(text: &str) -> Vec<String> {
 /// An attribute name as debugfs printed it: text, or hex bytes when mostly unprintable.
 fn decode_name(printed: &str) -> Vec<u8> {
     let parts: Vec<&str> = printed.split(' ').filter(|p| !p.is_empty()).collect();
-    let hex = parts.len() > 1 && parts.iter().all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
+    let hex = parts.len() > 1
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok());
     if hex {
         parts.iter().map(|p| u8::from_str_radix(p, 16).unwrap()).collect()
     } else {
@@ -254,7 +261,9 @@ pub fn debugfs_tree(img: &Path) -> Tree {
         let by_cmd: BTreeMap<String, Vec<u8>> = split_outputs(&out).into_iter().collect();
         let mut next = Vec::new();
         for (dir, ino) in &level {
-            let Some(o) = by_cmd.get(&format!("ls -p <{ino}>")) else { continue };
+            let Some(o) = by_cmd.get(&format!("ls -p <{ino}>")) else {
+                continue;
+            };
             for (child, name, is_dir) in parse_ls(o) {
                 let p = join(dir, &name);
                 paths.insert(p.clone(), child);
@@ -285,7 +294,11 @@ pub fn debugfs_tree(img: &Path) -> Tree {
             for (k, name) in xattr_names(&text).into_iter().enumerate() {
                 if name != "system.data" {
                     let raw = decode_name(&name);
-                    dumps.push(format!("ea_get -f {}/x{ino}_{k} <{ino}> {}", s.display(), String::from_utf8_lossy(&raw)));
+                    dumps.push(format!(
+                        "ea_get -f {}/x{ino}_{k} <{ino}> {}",
+                        s.display(),
+                        String::from_utf8_lossy(&raw)
+                    ));
                 }
             }
         }
@@ -338,7 +351,12 @@ pub fn debugfs_tree(img: &Path) -> Tree {
     }
     paths
         .into_iter()
-        .map(|(p, ino)| (p, nodes.get(&ino).cloned().unwrap_or_else(|| Err("no stat".into()))))
+        .map(|(p, ino)| {
+            (
+                p,
+                nodes.get(&ino).cloned().unwrap_or_else(|| Err("no stat".into())),
+            )
+        })
         .collect()
 }
 
@@ -580,7 +598,12 @@ pub fn diff_node(ours: &Node, theirs: &Node) -> Vec<String> {
     macro_rules! cmp {
         ($f:ident) => {
             if ours.$f != theirs.$f {
-                d.push(format!("{}: ours {:?}, debugfs {:?}", stringify!($f), ours.$f, theirs.$f));
+                d.push(format!(
+                    "{}: ours {:?}, debugfs {:?}",
+                    stringify!($f),
+                    ours.$f,
+                    theirs.$f
+                ));
             }
         };
     }
@@ -592,7 +615,11 @@ pub fn diff_node(ours: &Node, theirs: &Node) -> Vec<String> {
     cmp!(size);
     cmp!(links);
     cmp!(device);
-    for (name, a, b) in [("atime", ours.atime, theirs.atime), ("ctime", ours.ctime, theirs.ctime), ("mtime", ours.mtime, theirs.mtime)] {
+    for (name, a, b) in [
+        ("atime", ours.atime, theirs.atime),
+        ("ctime", ours.ctime, theirs.ctime),
+        ("mtime", ours.mtime, theirs.mtime),
+    ] {
         if !same_time(a, b) {
             d.push(format!("{name}: ours {a:?}, debugfs {b:?}"));
         }
@@ -618,12 +645,22 @@ pub fn diff_node(ours: &Node, theirs: &Node) -> Vec<String> {
     if ours_x != theirs.xattrs {
         d.push(format!(
             "xattrs: ours {:?}, debugfs {:?}",
-            ours_x.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>(),
-            theirs.xattrs.keys().map(|k| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>()
+            ours_x
+                .keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect::<Vec<_>>(),
+            theirs
+                .xattrs
+                .keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect::<Vec<_>>()
         ));
     }
     if ours.content != theirs.content {
-        d.push(format!("content differs: ours {:?}, debugfs {:?} (length, hash)", ours.content, theirs.content));
+        d.push(format!(
+            "content differs: ours {:?}, debugfs {:?} (length, hash)",
+            ours.content, theirs.content
+        ));
     }
     d
 }
@@ -648,7 +685,11 @@ impl Comparison {
 
     pub fn summary(&self) -> String {
         let mut s = format!("{} paths matched", self.matched);
-        for (what, v) in [("mismatch", &self.mismatches), ("reader error", &self.reader_errors), ("missing", &self.missing)] {
+        for (what, v) in [
+            ("mismatch", &self.mismatches),
+            ("reader error", &self.reader_errors),
+            ("missing", &self.missing),
+        ] {
             for m in v.iter().take(8) {
                 s.push_str(&format!("\n  {what}: {m}"));
             }
@@ -683,13 +724,17 @@ pub fn compare(ours: &Tree, theirs: &Tree) -> Comparison {
     for (p, o) in ours {
         if !theirs.contains_key(p) && !p.ends_with(b"<listing>") {
             let _ = o;
-            c.missing.push(format!("{}: listed by the reader only", String::from_utf8_lossy(p)));
+            c.missing.push(format!(
+                "{}: listed by the reader only",
+                String::from_utf8_lossy(p)
+            ));
         }
     }
     for (p, o) in ours {
         if p.ends_with(b"<listing>") {
             if let Err(e) = o {
-                c.reader_errors.push(format!("{}: {e}", String::from_utf8_lossy(p)));
+                c.reader_errors
+                    .push(format!("{}: {e}", String::from_utf8_lossy(p)));
             }
         }
     }

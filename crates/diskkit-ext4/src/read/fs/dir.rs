@@ -75,9 +75,16 @@ impl Fs {
     }
 
     /// Call `f` for each entry (`.` and `..` included) until it returns `false`.
-    pub(crate) fn for_each_entry(&self, dir: &Inode, f: &mut dyn FnMut(DirEntry) -> Result<bool>) -> Result<()> {
+    pub(crate) fn for_each_entry(
+        &self,
+        dir: &Inode,
+        f: &mut dyn FnMut(DirEntry) -> Result<bool>,
+    ) -> Result<()> {
         if dir.file_type != FileType::Directory {
-            return Err(Error::invalid_argument(format!("inode {} is not a directory", dir.ino)));
+            return Err(Error::invalid_argument(format!(
+                "inode {} is not a directory",
+                dir.ino
+            )));
         }
         if dir.has_inline_data() {
             return self.inline_dir(dir, f);
@@ -92,7 +99,10 @@ impl Fs {
             )));
         }
         let mut map = BlockMap::new(self, dir)?;
-        let seed = self.sb().metadata_csum().then(|| self.inode_seed(dir.ino, dir.generation));
+        let seed = self
+            .sb()
+            .metadata_csum()
+            .then(|| self.inode_seed(dir.ino, dir.generation));
         let htree = dir.flags & FLAG_INDEX != 0;
         let mut lblk = 0u64;
         while lblk < nblocks {
@@ -141,7 +151,10 @@ impl Fs {
         }
         let ft = self.sb().filetype();
         let first = data.get(4..60).unwrap_or_default();
-        let where_ = DirBlock { ino: dir.ino, lblk: 0 };
+        let where_ = DirBlock {
+            ino: dir.ino,
+            lblk: 0,
+        };
         if !parse_entries(first, first.len(), ft, usize::MAX, where_, f)? {
             return Ok(());
         }
@@ -283,9 +296,7 @@ fn parse_entries(
             (usize::from(le16(head, 6)), 0)
         };
         if r < 8 || r % 4 != 0 || pos.saturating_add(r) > usable {
-            return Err(at.err(format_args!(
-                "entry at byte {pos} has an impossible length {r}"
-            )));
+            return Err(at.err(format_args!("entry at byte {pos} has an impossible length {r}")));
         }
         if ino != 0 {
             if name_len.saturating_add(8) > r {
@@ -300,7 +311,11 @@ fn parse_entries(
             let e = DirEntry {
                 ino,
                 name,
-                file_type: if filetype { FileType::from_dirent(ftype) } else { None },
+                file_type: if filetype {
+                    FileType::from_dirent(ftype)
+                } else {
+                    None
+                },
             };
             if !f(e)? {
                 return Ok(false);
@@ -346,11 +361,17 @@ mod tests {
         let mut bad = b.clone();
         bad[4] = 0xFF;
         bad[5] = 0x7;
-        assert!(collect(&bad, 1024).unwrap_err().to_string().contains("impossible length"));
+        assert!(collect(&bad, 1024)
+            .unwrap_err()
+            .to_string()
+            .contains("impossible length"));
         // name longer than its record
         let mut bad = b.clone();
         bad[6] = 9;
-        assert!(collect(&bad, 1024).unwrap_err().to_string().contains("does not fit"));
+        assert!(collect(&bad, 1024)
+            .unwrap_err()
+            .to_string()
+            .contains("does not fit"));
     }
 
     #[test]

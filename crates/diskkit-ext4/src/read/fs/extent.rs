@@ -59,7 +59,15 @@ fn err(ino: u32, where_: &str, what: impl std::fmt::Display) -> Error {
 impl ExtentMap {
     pub(crate) fn new(fs: &Fs, ino: u32, generation: u32, i_block: &[u8; 60]) -> Result<ExtentMap> {
         let seed = fs.sb().metadata_csum().then(|| fs.inode_seed(ino, generation));
-        let root = parse(fs, ino, "root in the inode", i_block, None, 0, fs.sb().max_file_blocks())?;
+        let root = parse(
+            fs,
+            ino,
+            "root in the inode",
+            i_block,
+            None,
+            0,
+            fs.sb().max_file_blocks(),
+        )?;
         Ok(ExtentMap {
             ino,
             seed,
@@ -92,14 +100,25 @@ impl ExtentMap {
             let hi = idx.get(i.saturating_add(1)).map_or(node.hi, |&(k, _)| k);
             let child = idx[i].1;
             let block = fs.dev().block(child).map_err(|e| {
-                Error::new(e.kind(), format!("inode {}: cannot read extent block {child}", self.ino))
-                    .with_source(e)
+                Error::new(
+                    e.kind(),
+                    format!("inode {}: cannot read extent block {child}", self.ino),
+                )
+                .with_source(e)
             })?;
             if let Some(seed) = self.seed {
                 check_csum(self.ino, child, &block, seed)?;
             }
             let where_ = format!("block {child}");
-            node = parse(fs, self.ino, &where_, &block, Some(node.depth.saturating_sub(1)), lo, hi)?;
+            node = parse(
+                fs,
+                self.ino,
+                &where_,
+                &block,
+                Some(node.depth.saturating_sub(1)),
+                lo,
+                hi,
+            )?;
         }
     }
 }
@@ -165,7 +184,10 @@ fn parse(fs: &Fs, ino: u32, where_: &str, b: &[u8], depth: Option<u16>, lo: u64,
     let max = usize::from(le16(b, 4));
     let node_depth = le16(b, 6);
     if entries > max || max.saturating_mul(ENTRY).saturating_add(ENTRY) > b.len() {
-        return Err(bad(&format_args!("{entries} entries, room for {max}, in {} bytes", b.len())));
+        return Err(bad(&format_args!(
+            "{entries} entries, room for {max}, in {} bytes",
+            b.len()
+        )));
     }
     match depth {
         None if node_depth > MAX_DEPTH => {
@@ -199,7 +221,10 @@ fn parse(fs: &Fs, ino: u32, where_: &str, b: &[u8], depth: Option<u16>, lo: u64,
             };
             let end = x.lblk.saturating_add(x.len);
             if x.len == 0 {
-                return Err(bad(&format_args!("extent at logical block {} has length 0", x.lblk)));
+                return Err(bad(&format_args!(
+                    "extent at logical block {} has length 0",
+                    x.lblk
+                )));
             }
             if x.lblk < lo || end > hi {
                 return Err(bad(&format_args!(
@@ -231,13 +256,17 @@ fn parse(fs: &Fs, ino: u32, where_: &str, b: &[u8], depth: Option<u16>, lo: u64,
             let key = u64::from(le32(e, 0));
             let child = hilo(le32(e, 4), u32::from(le16(e, 8)));
             if (i > 0 && key < lo) || key >= hi {
-                return Err(bad(&format_args!("index key {key} lies outside its range {lo}..{hi}")));
+                return Err(bad(&format_args!(
+                    "index key {key} lies outside its range {lo}..{hi}"
+                )));
             }
             if v.last().is_some_and(|&(k, _)| key <= k) {
                 return Err(bad(&format_args!("index keys out of order at {key}")));
             }
             if child < first || child >= total {
-                return Err(bad(&format_args!("index points to block {child}, outside the filesystem")));
+                return Err(bad(&format_args!(
+                    "index points to block {child}, outside the filesystem"
+                )));
             }
             v.push((key, child));
         }

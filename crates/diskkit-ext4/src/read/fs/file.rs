@@ -47,7 +47,10 @@ impl BlockMap {
                 &inode.block,
             )?)))
         } else {
-            Ok(BlockMap::Indirect(IndirectMap::new(inode.ino, inode.block_pointers())))
+            Ok(BlockMap::Indirect(IndirectMap::new(
+                inode.ino,
+                inode.block_pointers(),
+            )))
         }
     }
 
@@ -93,7 +96,10 @@ impl FileReader {
                 ),
             ));
         }
-        let max = fs.sb().max_file_blocks().saturating_mul(fs.sb().block_size() as u64);
+        let max = fs
+            .sb()
+            .max_file_blocks()
+            .saturating_mul(fs.sb().block_size() as u64);
         if inode.size > max {
             return Err(Error::corrupt(format!(
                 "inode {}: size {} is larger than any file the filesystem can hold ({max} bytes)",
@@ -121,9 +127,7 @@ impl FileReader {
 
     /// Fill `buf` from byte `offset`; returns the bytes read (short only at the end of file).
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let end = offset
-            .saturating_add(buf.len() as u64)
-            .min(self.size);
+        let end = offset.saturating_add(buf.len() as u64).min(self.size);
         if offset >= end {
             return Ok(0);
         }
@@ -150,7 +154,14 @@ impl FileReader {
 /// Largest single device read for file data.
 const MAX_READ: usize = 4 << 20;
 
-fn read_blocks(fs: &Fs, ino: u32, map: &mut BlockMap, scratch: &mut Vec<u8>, offset: u64, buf: &mut [u8]) -> Result<()> {
+fn read_blocks(
+    fs: &Fs,
+    ino: u32,
+    map: &mut BlockMap,
+    scratch: &mut Vec<u8>,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
     let bs = fs.sb().block_size();
     let bs64 = bs as u64;
     let mut done = 0usize;

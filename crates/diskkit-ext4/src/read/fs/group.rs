@@ -27,7 +27,10 @@ pub(crate) fn desc_location(sb: &Superblock, g: u32) -> (u64, usize) {
     // (and so the table after it) starts one block later.
     let zero_adjust = u64::from(index == 0 && bs == 1024 && sb.cluster_ratio() > 1);
     let block = if !sb.has_incompat(INCOMPAT_META_BG) || index < u64::from(sb.first_meta_bg) {
-        first.saturating_add(index).saturating_add(1).saturating_add(zero_adjust)
+        first
+            .saturating_add(index)
+            .saturating_add(1)
+            .saturating_add(zero_adjust)
     } else {
         // meta_bg: the descriptor block of each meta group sits in the meta group's first
         // group, after that group's superblock backup if it has one.
@@ -53,8 +56,7 @@ impl Fs {
         }
         let (block, offset) = desc_location(sb, g);
         let data = self.dev().block(block).map_err(|e| {
-            Error::new(e.kind(), format!("cannot read the descriptor of block group {g}"))
-                .with_source(e)
+            Error::new(e.kind(), format!("cannot read the descriptor of block group {g}")).with_source(e)
         })?;
         let size = usize::from(sb.desc_size);
         let d = slice(&data, offset, size)
@@ -68,7 +70,11 @@ impl Fs {
             Some((c & 0xFFFF) as u16)
         } else if sb.has_ro(RO_COMPAT_GDT_CSUM) {
             let head = d.get(..0x1E).unwrap_or_default();
-            let tail = if sb.is_64bit() { d.get(0x20..).unwrap_or_default() } else { &[] };
+            let tail = if sb.is_64bit() {
+                d.get(0x20..).unwrap_or_default()
+            } else {
+                &[]
+            };
             Some(crc16(&[&sb.uuid, &g.to_le_bytes(), head, tail]))
         } else {
             None

@@ -60,7 +60,15 @@ impl IndirectMap {
     }
 
     /// Follow pointer `p`, which covers `covers` blocks, to the block at offset `rel` in it.
-    fn descend(&self, fs: &Fs, mut p: u32, mut rel: u64, mut covers: u64, per: u64, lblk: u64) -> Result<Run> {
+    fn descend(
+        &self,
+        fs: &Fs,
+        mut p: u32,
+        mut rel: u64,
+        mut covers: u64,
+        per: u64,
+        lblk: u64,
+    ) -> Result<Run> {
         loop {
             if p == 0 {
                 return Ok(Run {
@@ -71,13 +79,18 @@ impl IndirectMap {
             }
             let b = self.check(fs, p)?;
             let data = fs.dev().block(b).map_err(|e| {
-                Error::new(e.kind(), format!("inode {}: cannot read indirect block {b}", self.ino))
-                    .with_source(e)
+                Error::new(
+                    e.kind(),
+                    format!("inode {}: cannot read indirect block {b}", self.ino),
+                )
+                .with_source(e)
             })?;
             let child = covers / per;
             let i = (rel / child) as usize;
             if child == 1 {
-                let ptrs: Vec<u32> = (0..per as usize).map(|k| le32(&data, k.saturating_mul(4))).collect();
+                let ptrs: Vec<u32> = (0..per as usize)
+                    .map(|k| le32(&data, k.saturating_mul(4)))
+                    .collect();
                 return self.scan(fs, &ptrs, lblk, i, 1);
             }
             p = le32(&data, i.saturating_mul(4));

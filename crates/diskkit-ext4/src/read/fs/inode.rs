@@ -229,8 +229,11 @@ impl Fs {
         let byte = (in_group as usize).saturating_mul(isz);
         let block = desc.inode_table.saturating_add((byte / bs) as u64);
         let data = self.dev().block(block).map_err(|e| {
-            Error::new(e.kind(), format!("cannot read inode {ino} (inode table block {block})"))
-                .with_source(e)
+            Error::new(
+                e.kind(),
+                format!("cannot read inode {ino} (inode table block {block})"),
+            )
+            .with_source(e)
         })?;
         let raw = slice(&data, byte % bs, isz)
             .ok_or_else(|| Error::corrupt(format!("inode {ino} does not fit its table block")))?;
@@ -245,9 +248,7 @@ impl Fs {
         } else {
             0
         };
-        if isz > GOOD_OLD_SIZE
-            && (GOOD_OLD_SIZE.saturating_add(extra_isize) > isz || extra_isize % 4 != 0)
-        {
+        if isz > GOOD_OLD_SIZE && (GOOD_OLD_SIZE.saturating_add(extra_isize) > isz || extra_isize % 4 != 0) {
             return Err(Error::corrupt(format!(
                 "inode {ino}: extra size {extra_isize} does not fit a {isz}-byte inode"
             )));

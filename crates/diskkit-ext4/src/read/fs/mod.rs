@@ -75,9 +75,7 @@ impl std::fmt::Debug for Fs {
 fn read_superblock(src: &(dyn SectorSource + Send + Sync)) -> Result<Superblock> {
     let end = SUPERBLOCK_OFFSET.saturating_add(SUPERBLOCK_SIZE as u64);
     if src.size() < end {
-        return Err(Error::invalid_format(
-            "too small to hold an ext2/3/4 superblock",
-        ));
+        return Err(Error::invalid_format("too small to hold an ext2/3/4 superblock"));
     }
     let mut b = vec![0u8; SUPERBLOCK_SIZE];
     src.read_exact_at(&mut b, SUPERBLOCK_OFFSET)?;
@@ -100,7 +98,13 @@ impl Fs {
             return Ok(fs);
         };
         if rec.overlay.is_empty() {
-            return Ok(Fs::build(src, sb, BTreeMap::new(), rec.warnings, rec.transactions));
+            return Ok(Fs::build(
+                src,
+                sb,
+                BTreeMap::new(),
+                rec.warnings,
+                rec.transactions,
+            ));
         }
         // The superblock itself may have been logged.
         let bs = sb.block_size();
@@ -110,7 +114,8 @@ impl Fs {
                 let tmp = Device::new(Arc::clone(&src), bs, sb.blocks_count, rec.overlay.clone());
                 let data = tmp.block(block)?;
                 let raw = bytes::slice(&data, at, SUPERBLOCK_SIZE).unwrap_or_default();
-                Superblock::parse(raw).map_err(|e| e.with_operation("reading the superblock the journal replayed"))?
+                Superblock::parse(raw)
+                    .map_err(|e| e.with_operation("reading the superblock the journal replayed"))?
             }
             None => sb,
         };

@@ -117,7 +117,10 @@ impl Fs {
     /// A symlink's target, as stored.
     pub fn read_link(&self, inode: &Inode) -> Result<Vec<u8>> {
         if inode.file_type != FileType::Symlink {
-            return Err(Error::invalid_argument(format!("inode {} is not a symlink", inode.ino)));
+            return Err(Error::invalid_argument(format!(
+                "inode {} is not a symlink",
+                inode.ino
+            )));
         }
         if inode.is_encrypted() {
             return Err(Error::unsupported(format!(

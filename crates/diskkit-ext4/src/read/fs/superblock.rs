@@ -206,10 +206,7 @@ impl Superblock {
         } else {
             self.log_cluster_size = self.log_block_size;
         }
-        if self.inode_size < 128
-            || !self.inode_size.is_power_of_two()
-            || u64::from(self.inode_size) > bs
-        {
+        if self.inode_size < 128 || !self.inode_size.is_power_of_two() || u64::from(self.inode_size) > bs {
             return Err(bad(format!(
                 "inode size {} is not a power of two between 128 and the block size",
                 self.inode_size
@@ -284,10 +281,7 @@ impl Superblock {
 
     /// Blocks per cluster (1 without `bigalloc`).
     pub(crate) fn cluster_ratio(&self) -> u64 {
-        1u64 << self
-            .log_cluster_size
-            .saturating_sub(self.log_block_size)
-            .min(30)
+        1u64 << self.log_cluster_size.saturating_sub(self.log_block_size).min(30)
     }
 
     pub(crate) fn has_incompat(&self, f: u32) -> bool {

@@ -121,7 +121,10 @@ impl Fs {
             }
         }
         if le32(&data, 0) != MAGIC {
-            return Err(Error::corrupt(format!("inode {}: {what} has a bad magic number", inode.ino)));
+            return Err(Error::corrupt(format!(
+                "inode {}: {what} has a bad magic number",
+                inode.ino
+            )));
         }
         self.parse_entries(inode, &what, &data, BLOCK_HEADER, 0)
     }
@@ -130,7 +133,14 @@ impl Fs {
     /// `ea_inode`), with the checks e2fsprogs makes: names and values inside the area and
     /// after the entry list, value inodes marked as such and of the right size, and each
     /// entry's hash (when not 0) matching its name and value.
-    fn parse_entries(&self, owner: &Inode, what: &str, area: &[u8], start: usize, value_base: usize) -> Result<Vec<RawXattr>> {
+    fn parse_entries(
+        &self,
+        owner: &Inode,
+        what: &str,
+        area: &[u8],
+        start: usize,
+        value_base: usize,
+    ) -> Result<Vec<RawXattr>> {
         let ino = owner.ino;
         let bad = |m: String| Error::corrupt(format!("inode {ino}: {what}: {m}"));
         let storage = area.len().saturating_sub(start);
@@ -167,12 +177,18 @@ impl Fs {
             let shown = || String::from_utf8_lossy(&name).into_owned();
             let (value, value_hash) = if value_inum == 0 {
                 if value_size > remain {
-                    return Err(bad(format!("the value of {} is larger than the space left", shown())));
+                    return Err(bad(format!(
+                        "the value of {} is larger than the space left",
+                        shown()
+                    )));
                 }
                 if value_offs.saturating_add(value_size) > values_size
                     || (value_size > 0 && value_base.saturating_add(value_offs) < end.saturating_add(4))
                 {
-                    return Err(bad(format!("the value of {} lies outside the value area", shown())));
+                    return Err(bad(format!(
+                        "the value of {} lies outside the value area",
+                        shown()
+                    )));
                 }
                 remain -= value_size;
                 let at = value_base.saturating_add(value_offs);
@@ -182,7 +198,9 @@ impl Fs {
                 (v, ValueHash::Words(words.unwrap_or_default()))
             } else {
                 if !self.sb().has_incompat(INCOMPAT_EA_INODE) {
-                    return Err(bad("a value lives in an inode but the ea_inode feature is off".into()));
+                    return Err(bad(
+                        "a value lives in an inode but the ea_inode feature is off".into()
+                    ));
                 }
                 if value_offs != 0 || value_size > 65536 {
                     return Err(bad(format!("the value inode entry of {} is malformed", shown())));
@@ -201,12 +219,17 @@ impl Fs {
                         ValueHash::Words(_) => false,
                     };
                     if !lustre {
-                        return Err(bad(format!("the hash of attribute {} does not match it", shown())));
+                        return Err(bad(format!(
+                            "the hash of attribute {} does not match it",
+                            shown()
+                        )));
                     }
                 }
             }
             out.push(RawXattr { index, name, value });
-            pos = pos.saturating_add(ENTRY_HEADER).saturating_add(name_room(name_len));
+            pos = pos
+                .saturating_add(ENTRY_HEADER)
+                .saturating_add(name_room(name_len));
         }
         Ok(out)
     }
@@ -244,7 +267,11 @@ enum ValueHash {
 fn entry_hashes(name: &[u8], value: &ValueHash) -> (u32, u32) {
     let name_hash = |signed: bool| {
         name.iter().fold(0u32, |h, &b| {
-            let c = if signed { i32::from(b as i8) as u32 } else { u32::from(b) };
+            let c = if signed {
+                i32::from(b as i8) as u32
+            } else {
+                u32::from(b)
+            };
             (h << 5) ^ (h >> 27) ^ c
         })
     };

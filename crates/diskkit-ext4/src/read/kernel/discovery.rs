@@ -8,9 +8,9 @@ use super::{
     order, Cmdline, Discovery, KernelCandidate, KernelKind, CMDLINE_FILES, MAX_CMDLINE, MAX_DIR_ENTRIES,
     MAX_UKI_DEPTH, MAX_UNAME, SEARCHED,
 };
+use crate::read::fs::{FileReader, FileType, Lookup};
 use crate::read::partition::SectorSource;
 use crate::read::pe::{parse_pe, PeFile};
-use crate::read::fs::{FileReader, FileType, Lookup};
 use crate::read::volume::Filesystem;
 
 fn join(dir: &str, name: &str) -> String {

@@ -142,7 +142,11 @@ impl Journal<'_> {
     /// Tags of a descriptor block: (offset, flags), up to the last-tag flag.
     fn tags(&self, b: &[u8]) -> Vec<(usize, u32)> {
         let tag_bytes = self.sb.tag_bytes();
-        let size = if self.sb.csum_v2or3() { self.bs - TAIL } else { self.bs };
+        let size = if self.sb.csum_v2or3() {
+            self.bs - TAIL
+        } else {
+            self.bs
+        };
         let mut out = Vec::new();
         let mut p = HEADER;
         while p + tag_bytes <= size {
@@ -217,7 +221,9 @@ impl Fs {
         let sb = self.sb();
         let ino = sb.journal_inum;
         if ino > sb.group_count.saturating_mul(sb.inodes_per_group) {
-            return Err(Error::corrupt(format!("journal inode number {ino} is out of range")));
+            return Err(Error::corrupt(format!(
+                "journal inode number {ino} is out of range"
+            )));
         }
         let bs = sb.block_size();
         let usable = |i: &Inode| {
@@ -266,7 +272,8 @@ impl Fs {
             return Err(Error::corrupt("the journal is shorter than its superblock says"));
         }
         j.first = jsb.first;
-        if jsb.has(INCOMPAT_FAST_COMMIT) && jsb.maxlen.saturating_sub(jsb.num_fc_blocks) < MIN_JOURNAL_BLOCKS {
+        if jsb.has(INCOMPAT_FAST_COMMIT) && jsb.maxlen.saturating_sub(jsb.num_fc_blocks) < MIN_JOURNAL_BLOCKS
+        {
             return Err(Error::corrupt("the journal's fast-commit area is too large"));
         }
         // The log wraps at the end of the journal (e2fsprogs 1.47 wraps there with fast
@@ -399,7 +406,8 @@ fn run_pass(j: &mut Journal<'_>, info: &mut Info, pass: Pass, rec: &mut Recovery
                     let (from, data) = match j.read(io) {
                         Ok(x) => x,
                         Err(e) => {
-                            rec.warnings.push(format!("journal block {io} could not be read: {e}"));
+                            rec.warnings
+                                .push(format!("journal block {io} could not be read: {e}"));
                             failure.get_or_insert(e);
                             continue;
                         }
@@ -449,8 +457,9 @@ fn run_pass(j: &mut Journal<'_>, info: &mut Info, pass: Pass, rec: &mut Recovery
                     if info.end_transaction != 0 {
                         break;
                     }
-                    let ok = (crc32_sum.value() == found && kind == CRC32_CHKSUM && size == CRC32_CHKSUM_SIZE)
-                        || (kind == 0 && size == 0 && found == 0);
+                    let ok =
+                        (crc32_sum.value() == found && kind == CRC32_CHKSUM && size == CRC32_CHKSUM_SIZE)
+                            || (kind == 0 && size == 0 && found == 0);
                     if !ok {
                         chksum_error = true;
                     }

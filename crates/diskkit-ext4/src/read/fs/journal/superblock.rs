@@ -112,7 +112,11 @@ impl JournalSuperblock {
             start: be32(b, 0x1C),
             compat,
             incompat,
-            num_fc_blocks: if num_fc == 0 { DEFAULT_FAST_COMMIT_BLOCKS } else { num_fc },
+            num_fc_blocks: if num_fc == 0 {
+                DEFAULT_FAST_COMMIT_BLOCKS
+            } else {
+                num_fc
+            },
             csum_seed,
         })
     }

@@ -112,7 +112,7 @@ fn needs_replay(img: &Path) -> bool {
 /// checksum it was not allowed to fix).
 fn fsck_clean(img: &Path) -> bool {
     // Some damaged images keep e2fsck busy for minutes; those are not clean.
-    let out = run(Command::new("timeout").args(["120", "e2fsck", "-fn"]).arg(img));
+    let out = run(Command::new("timeout").args(["30", "e2fsck", "-fn"]).arg(img));
     let text = String::from_utf8_lossy(&out.stdout);
     out.status.code() == Some(0)
         && text.lines().filter(|l| !l.trim().is_empty()).all(|l| {
@@ -148,7 +148,7 @@ fn check_image(name: &str, gz: &Path, work: &Path) -> Outcome {
     let jino = journal_inode(&a);
     if replayed {
         run(Command::new("timeout")
-            .args(["120", "e2fsck", "-E", "journal_only", "-y"])
+            .args(["30", "e2fsck", "-E", "journal_only", "-y"])
             .arg(&b));
     }
     let oracle = if replayed { &b } else { &a };
@@ -230,8 +230,9 @@ fn e2fsprogs_regression_images() {
         if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
             continue;
         }
+        let started = std::time::Instant::now();
         let outcome = check_image(name, gz, dir.path());
-        eprintln!("{name}: {outcome:?}");
+        eprintln!("{name} ({:.1}s): {outcome:?}", started.elapsed().as_secs_f64());
         match outcome {
             Outcome::Exact(_) => exact += 1,
             Outcome::Damaged { .. } => damaged += 1,

@@ -80,7 +80,7 @@ fn run_debugfs(img: &Path, cmds: &[String], scratch: &Path) -> Vec<u8> {
     std::fs::write(&file, cmds.join("\n") + "\n").unwrap();
     // Bounded: debugfs can spin on some damaged images.
     let out = Command::new("timeout")
-        .args(["300", "debugfs", "-f"])
+        .args(["120", "debugfs", "-f"])
         .arg(&file)
         .arg(img)
         .output()

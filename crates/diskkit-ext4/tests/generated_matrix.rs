@@ -235,7 +235,7 @@ fn build(case: &Case, tree: &Path, dir: &Path) -> std::path::PathBuf {
     if case.mkfs.contains("ea_inode") {
         // A value larger than a block lives in its own inode.
         let v = dir.join("big_value");
-        std::fs::write(&v, pseudo_random(70000, 6)[..65000].to_vec()).unwrap();
+        std::fs::write(&v, &pseudo_random(70000, 6)[..65000]).unwrap();
         c.push_str(&format!("ea_set -f {} /dir/f100 user.huge\n", v.display()));
     }
     std::fs::write(&cmds, c).unwrap();

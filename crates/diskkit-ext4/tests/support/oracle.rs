@@ -145,7 +145,7 @@ fn time_line(text: &str, key: &str) -> Option<Time> {
     for line in text.lines() {
         let t = line.trim_start();
         if let Some(rest) = t.strip_prefix(key) {
-            let v = rest.trim_start().split_whitespace().next()?;
+            let v = rest.split_whitespace().next()?;
             let v = v.strip_prefix("0x")?;
             let (base, extra) = match v.split_once(':') {
                 Some((b, e)) => (b, Some(e)),
@@ -192,7 +192,7 @@ fn parse_stat(ino: u32, text: &str) -> Result<Node, String> {
     let fast_target = text.find("Fast link dest: \"").map(|i| {
         let s = &text[i + 17..];
         let end = s.rfind("\"\n").unwrap_or(s.len());
-        s[..end].as_bytes().to_vec()
+        s.as_bytes()[..end].to_vec()
     });
     Ok(Node {
         ino,

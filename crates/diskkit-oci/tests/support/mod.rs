@@ -224,7 +224,9 @@ fn view_walk(img: &Path, contents: bool) -> Tree {
                 continue;
             }
             let rel = if d.is_empty() { name } else { format!("{d}/{name}") };
-            let md = fs.inode(e.ino).unwrap_or_else(|err| panic!("reader: {rel}: {err}"));
+            let md = fs
+                .inode(e.ino)
+                .unwrap_or_else(|err| panic!("reader: {rel}: {err}"));
             let ft = md.file_type();
             let mut r = Rec {
                 kind: match ft {
@@ -247,7 +249,10 @@ fn view_walk(img: &Path, contents: bool) -> Tree {
             if let Some(t) = e.file_type {
                 assert_eq!(ft, t, "{rel}: dirent type vs inode");
             }
-            for x in fs.xattrs(&md).unwrap_or_else(|err| panic!("reader: {rel}: {err}")) {
+            for x in fs
+                .xattrs(&md)
+                .unwrap_or_else(|err| panic!("reader: {rel}: {err}"))
+            {
                 let n = String::from_utf8_lossy(&x.name).into_owned();
                 if !n.starts_with("system.") {
                     r.xattrs.insert(n, hex(&x.value));

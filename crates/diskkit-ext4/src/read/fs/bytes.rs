@@ -40,6 +40,7 @@ pub(crate) fn slice(b: &[u8], off: usize, len: usize) -> Option<&[u8]> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -54,7 +54,7 @@ impl Device {
         blocks: u64,
         overlay: BTreeMap<u64, Replayed>,
     ) -> Device {
-        let cap = (CACHE_BYTES / block_size.max(1)).max(16);
+        let cap = CACHE_BYTES.checked_div(block_size).unwrap_or(0).max(16);
         Device {
             src,
             block_size,
@@ -142,7 +142,7 @@ impl Device {
     /// journal overlay.
     pub(crate) fn read_blocks(&self, block: u64, buf: &mut [u8]) -> Result<()> {
         let bs = self.block_size;
-        let count = (buf.len() / bs) as u64;
+        let count = buf.len().checked_div(bs).unwrap_or(0) as u64;
         self.check(block, count)?;
         let end = block.saturating_add(count);
         let mut pos = block;

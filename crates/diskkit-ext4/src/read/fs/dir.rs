@@ -107,7 +107,7 @@ impl Fs {
         let mut lblk = 0u64;
         while lblk < nblocks {
             let run = map.find(self, lblk)?;
-            let len = run.len.min(nblocks - lblk);
+            let len = run.len.min(nblocks.saturating_sub(lblk));
             if let RunKind::Data(p) = run.kind {
                 for i in 0..len {
                     let pblk = p.saturating_add(i);
@@ -118,7 +118,7 @@ impl Fs {
                     };
                     let usable = match seed {
                         Some(seed) => match check_block(&block, seed, htree, where_)? {
-                            Kind::Leaf => bs - TAIL,
+                            Kind::Leaf => bs.saturating_sub(TAIL),
                             // An htree node: no entries but the root's `.` and `..`, which
                             // callers never need from here.
                             Kind::Index => continue,
@@ -203,7 +203,7 @@ fn rec_len(raw: u16, bs: usize) -> usize {
 /// block must parse as an htree node).
 fn check_block(b: &[u8], seed: u32, htree: bool, at: DirBlock) -> Result<Kind> {
     let bs = b.len();
-    let top = bs - TAIL;
+    let top = bs.saturating_sub(TAIL);
     // Walk the entries to see whether they end exactly where the tail begins.
     let mut pos = 0usize;
     let mut ok = true;
@@ -263,14 +263,14 @@ fn dx_count_offset(b: &[u8]) -> Option<usize> {
     let off = if r == bs && b.get(6) == Some(&0) && b.get(7) == Some(&0) {
         8
     } else if r == 12 {
-        if rec_len(le16(b, 16), bs) != bs - 12 || le32(b, 24) != 0 || b.get(29) != Some(&8) {
+        if rec_len(le16(b, 16), bs) != bs.saturating_sub(12) || le32(b, 24) != 0 || b.get(29) != Some(&8) {
             return None;
         }
         32
     } else {
         return None;
     };
-    let max = (bs - off) / 8;
+    let max = bs.saturating_sub(off) / 8;
     let limit = usize::from(le16(b, off));
     let count = usize::from(le16(b, off.saturating_add(2)));
     (limit <= max && count <= max).then_some(off)
@@ -327,6 +327,7 @@ fn parse_entries(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -139,10 +139,10 @@ fn leaf_run(leaf: &Node, lblk: u64) -> Run {
     if let Some(e) = i.checked_sub(1).and_then(|j| ext.get(j)) {
         let end = e.lblk.saturating_add(e.len);
         if lblk < end {
-            let skip = lblk - e.lblk;
+            let skip = lblk.saturating_sub(e.lblk);
             return Run {
                 lblk,
-                len: end - lblk,
+                len: end.saturating_sub(lblk),
                 kind: if e.unwritten {
                     RunKind::Unwritten
                 } else {
@@ -209,7 +209,7 @@ fn parse(fs: &Fs, ino: u32, where_: &str, b: &[u8], depth: Option<u16>, lo: u64,
             let e = raw(i);
             let raw_len = le16(e, 4);
             let (len, unwritten) = if raw_len > INIT_MAX_LEN {
-                (raw_len - INIT_MAX_LEN, true)
+                (raw_len.saturating_sub(INIT_MAX_LEN), true)
             } else {
                 (raw_len, false)
             };

@@ -131,7 +131,7 @@ impl FileReader {
         if offset >= end {
             return Ok(0);
         }
-        let want = (end - offset) as usize;
+        let want = end.saturating_sub(offset) as usize;
         let buf = &mut buf[..want];
         match &mut self.source {
             Source::Inline(data) => {
@@ -167,35 +167,40 @@ fn read_blocks(
     let mut done = 0usize;
     while done < buf.len() {
         let pos = offset.saturating_add(done as u64);
-        let lblk = pos / bs64;
-        let in_block = (pos % bs64) as usize;
+        let lblk = pos.checked_div(bs64).unwrap_or(0);
+        let in_block = pos.checked_rem(bs64).unwrap_or(0) as usize;
         let run = map
             .find(fs, lblk)
             .map_err(|e| e.with_operation("mapping file blocks"))?;
         let run_bytes = run.len.saturating_mul(bs64).saturating_sub(in_block as u64);
         let take = usize::try_from(run_bytes)
             .unwrap_or(usize::MAX)
-            .min(buf.len() - done)
+            .min(buf.len().saturating_sub(done))
             .min(MAX_READ);
-        let out = &mut buf[done..done + take];
+        let Some(out) = buf.get_mut(done..done.saturating_add(take)) else {
+            break;
+        };
         match run.kind {
             RunKind::Hole | RunKind::Unwritten => out.fill(0),
             RunKind::Data(pblk) => {
-                if in_block == 0 && take % bs == 0 {
+                if in_block == 0 && take.checked_rem(bs) == Some(0) {
                     fs.dev().read_blocks(pblk, out)?;
                 } else {
                     // Read the whole blocks covering the range, then copy the part wanted.
-                    let nblocks = (in_block + take).div_ceil(bs);
-                    scratch.resize(nblocks * bs, 0);
+                    let nblocks = in_block.saturating_add(take).div_ceil(bs);
+                    scratch.resize(nblocks.saturating_mul(bs), 0);
                     fs.dev().read_blocks(pblk, scratch).map_err(|e| {
                         Error::new(e.kind(), format!("inode {ino}: cannot read data block {pblk}"))
                             .with_source(e)
                     })?;
-                    out.copy_from_slice(&scratch[in_block..in_block + take]);
+                    let part = scratch
+                        .get(in_block..in_block.saturating_add(take))
+                        .unwrap_or_default();
+                    out.copy_from_slice(part);
                 }
             }
         }
-        done += take;
+        done = done.saturating_add(take);
     }
     Ok(())
 }

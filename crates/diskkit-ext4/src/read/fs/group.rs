@@ -18,10 +18,11 @@ pub(crate) struct GroupDesc {
 pub(crate) fn desc_location(sb: &Superblock, g: u32) -> (u64, usize) {
     let bs = sb.block_size();
     let size = usize::from(sb.desc_size);
-    let per_block = (bs / size).max(1);
+    let per_block = bs.checked_div(size).unwrap_or(1).max(1);
     let g = g as usize;
-    let index = (g / per_block) as u64; // descriptor block number within the table
-    let offset = (g % per_block).saturating_mul(size);
+    // Descriptor block number within the table, and the byte offset in it.
+    let index = g.checked_div(per_block).unwrap_or(0) as u64;
+    let offset = g.checked_rem(per_block).unwrap_or(0).saturating_mul(size);
     let first = u64::from(sb.first_data_block);
     // With 1 KiB blocks and bigalloc, block 0 holds only the boot sector; the superblock
     // (and so the table after it) starts one block later.

@@ -47,14 +47,14 @@ impl IndirectMap {
             let level_blocks = span;
             if lblk < start.saturating_add(level_blocks) {
                 let top = self.pointers[12usize.saturating_add(level)];
-                return self.descend(fs, top, lblk - start, level_blocks, per, lblk);
+                return self.descend(fs, top, lblk.saturating_sub(start), level_blocks, per, lblk);
             }
             start = start.saturating_add(level_blocks);
             span = span.saturating_mul(per);
         }
         Ok(Run {
             lblk,
-            len: u64::MAX - lblk,
+            len: u64::MAX.saturating_sub(lblk),
             kind: RunKind::Hole,
         })
     }
@@ -73,7 +73,7 @@ impl IndirectMap {
             if p == 0 {
                 return Ok(Run {
                     lblk,
-                    len: covers - rel,
+                    len: covers.saturating_sub(rel),
                     kind: RunKind::Hole,
                 });
             }
@@ -85,8 +85,8 @@ impl IndirectMap {
                 )
                 .with_source(e)
             })?;
-            let child = covers / per;
-            let i = (rel / child) as usize;
+            let child = covers.checked_div(per).unwrap_or(1).max(1);
+            let i = rel.checked_div(child).unwrap_or(0) as usize;
             if child == 1 {
                 let ptrs: Vec<u32> = (0..per as usize)
                     .map(|k| le32(&data, k.saturating_mul(4)))
@@ -94,7 +94,7 @@ impl IndirectMap {
                 return self.scan(fs, &ptrs, lblk, i, 1);
             }
             p = le32(&data, i.saturating_mul(4));
-            rel %= child;
+            rel = rel.checked_rem(child).unwrap_or(0);
             covers = child;
         }
     }
@@ -107,7 +107,7 @@ impl IndirectMap {
             let n = rest.iter().take_while(|&&p| p == 0).count();
             return Ok(Run {
                 lblk,
-                len: n as u64 + 1,
+                len: (n as u64).saturating_add(1),
                 kind: RunKind::Hole,
             });
         }

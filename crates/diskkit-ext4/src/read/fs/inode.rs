@@ -220,14 +220,17 @@ impl Fs {
                 sb.inodes_count
             )));
         }
-        let index = ino - 1;
-        let group = index / sb.inodes_per_group;
-        let in_group = index % sb.inodes_per_group;
+        // ino >= 1 was checked above; inodes_per_group > 0 when the superblock was.
+        let index = ino.saturating_sub(1);
+        let group = index.checked_div(sb.inodes_per_group).unwrap_or(0);
+        let in_group = index.checked_rem(sb.inodes_per_group).unwrap_or(0);
         let desc = self.group_desc(group)?;
         let isz = usize::from(sb.inode_size);
         let bs = sb.block_size();
         let byte = (in_group as usize).saturating_mul(isz);
-        let block = desc.inode_table.saturating_add((byte / bs) as u64);
+        let block = desc
+            .inode_table
+            .saturating_add(byte.checked_div(bs).unwrap_or(0) as u64);
         let data = self.dev().block(block).map_err(|e| {
             Error::new(
                 e.kind(),
@@ -235,7 +238,7 @@ impl Fs {
             )
             .with_source(e)
         })?;
-        let raw = slice(&data, byte % bs, isz)
+        let raw = slice(&data, byte.checked_rem(bs).unwrap_or(0), isz)
             .ok_or_else(|| Error::corrupt(format!("inode {ino} does not fit its table block")))?;
         self.parse_inode(ino, raw)
     }
@@ -342,6 +345,7 @@ impl Fs {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

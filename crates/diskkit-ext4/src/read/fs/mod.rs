@@ -18,6 +18,8 @@
 //! journal's length, directory listings by [`dir::MAX_DIR_ENTRIES`], symlink chains by 40
 //! links, and the metadata cache by 16 MiB.
 
+#![warn(clippy::arithmetic_side_effects)]
+
 mod bytes;
 mod device;
 mod dir;

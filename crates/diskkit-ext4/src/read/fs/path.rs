@@ -26,7 +26,7 @@ pub struct Resolved {
 #[derive(Debug, Clone)]
 pub enum Lookup {
     /// The path exists.
-    Found(Resolved),
+    Found(Box<Resolved>),
     /// A component does not exist (a dangling symlink ends here too).
     NotFound,
     /// A component that must be a directory is not one.
@@ -39,7 +39,7 @@ impl Lookup {
     /// The resolved path, or the error a missing one deserves.
     pub fn found(self) -> Result<Resolved> {
         match self {
-            Lookup::Found(r) => Ok(r),
+            Lookup::Found(r) => Ok(*r),
             Lookup::NotFound => Err(Error::new(ErrorKind::NotFound, "no such file or directory")),
             Lookup::NotADirectory => Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -111,7 +111,7 @@ impl Fs {
             canonical.push(b'/');
         }
         let inode = stack.pop().map_or(root, |(_, i)| i);
-        Ok(Lookup::Found(Resolved { inode, canonical }))
+        Ok(Lookup::Found(Box::new(Resolved { inode, canonical })))
     }
 
     /// A symlink's target, as stored.

@@ -222,7 +222,7 @@ impl Superblock {
                 self.blocks_per_group
             )));
         }
-        let inodes_per_block = bs / u64::from(self.inode_size);
+        let inodes_per_block = bs.checked_div(u64::from(self.inode_size)).unwrap_or(1);
         if u64::from(self.inodes_per_group) > bs.saturating_mul(8)
             || u64::from(self.inodes_per_group) < inodes_per_block
         {
@@ -237,7 +237,7 @@ impl Superblock {
                 self.first_data_block, self.blocks_count
             )));
         }
-        let data_blocks = self.blocks_count - u64::from(self.first_data_block);
+        let data_blocks = self.blocks_count.saturating_sub(u64::from(self.first_data_block));
         let groups = data_blocks.div_ceil(u64::from(self.blocks_per_group));
         self.group_count = u32::try_from(groups)
             .map_err(|_| bad(format!("{groups} block groups are more than ext4 allows")))?;
@@ -263,7 +263,7 @@ impl Superblock {
             }
         }
         if self.has_incompat(INCOMPAT_META_BG) {
-            let per_block = bs / u64::from(self.desc_size);
+            let per_block = bs.checked_div(u64::from(self.desc_size)).unwrap_or(1).max(1);
             let desc_blocks = u64::from(self.group_count).div_ceil(per_block);
             if u64::from(self.first_meta_bg) > desc_blocks {
                 return Err(bad(format!(
@@ -351,6 +351,7 @@ impl Superblock {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

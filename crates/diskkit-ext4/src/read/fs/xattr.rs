@@ -150,12 +150,12 @@ impl Fs {
         let mut end = start;
         let mut remain = storage;
         while remain >= ENTRY_HEADER && !is_last(end) {
-            remain -= ENTRY_HEADER;
+            remain = remain.saturating_sub(ENTRY_HEADER);
             let nl = name_room(usize::from(area[end]));
             if nl > remain {
                 return Err(bad("an attribute name runs past the end".into()));
             }
-            remain -= nl;
+            remain = remain.saturating_sub(nl);
             end = end.saturating_add(ENTRY_HEADER).saturating_add(nl);
         }
         let values_size = area.len().saturating_sub(value_base);
@@ -163,7 +163,7 @@ impl Fs {
         let mut pos = start;
         let mut remain = storage;
         while remain >= ENTRY_HEADER && !is_last(pos) {
-            remain -= ENTRY_HEADER;
+            remain = remain.saturating_sub(ENTRY_HEADER);
             let name_len = usize::from(area[pos]);
             remain = remain.saturating_sub(name_room(name_len));
             let index = area.get(pos.saturating_add(1)).copied().unwrap_or(0);
@@ -190,7 +190,7 @@ impl Fs {
                         shown()
                     )));
                 }
-                remain -= value_size;
+                remain = remain.saturating_sub(value_size);
                 let at = value_base.saturating_add(value_offs);
                 let v = slice(area, at, value_size).unwrap_or_default().to_vec();
                 // The hash covers the value padded to whole 4-byte words.
@@ -317,6 +317,7 @@ fn acl_to_xattr(v: &[u8]) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

@@ -114,8 +114,11 @@ impl Journal<'_> {
         }
         let mut copy = b.to_vec();
         let n = copy.len();
-        copy[n - TAIL..].fill(0);
-        crc32c(self.sb.csum_seed, &copy) == be32(b, n - TAIL)
+        let tail = n.saturating_sub(TAIL);
+        if let Some(t) = copy.get_mut(tail..) {
+            t.fill(0);
+        }
+        crc32c(self.sb.csum_seed, &copy) == be32(b, tail)
     }
 
     fn commit_csum_ok(&self, b: &[u8]) -> bool {
@@ -143,18 +146,18 @@ impl Journal<'_> {
     fn tags(&self, b: &[u8]) -> Vec<(usize, u32)> {
         let tag_bytes = self.sb.tag_bytes();
         let size = if self.sb.csum_v2or3() {
-            self.bs - TAIL
+            self.bs.saturating_sub(TAIL)
         } else {
             self.bs
         };
         let mut out = Vec::new();
         let mut p = HEADER;
-        while p + tag_bytes <= size {
-            let flags = u32::from(be16(b, p + 6));
+        while p.saturating_add(tag_bytes) <= size {
+            let flags = u32::from(be16(b, p.saturating_add(6)));
             out.push((p, flags));
-            p += tag_bytes;
+            p = p.saturating_add(tag_bytes);
             if flags & FLAG_SAME_UUID == 0 {
-                p += 16;
+                p = p.saturating_add(16);
             }
             if flags & FLAG_LAST_TAG != 0 {
                 break;
@@ -166,7 +169,7 @@ impl Journal<'_> {
     fn tag_block(&self, b: &[u8], off: usize) -> u64 {
         let lo = u64::from(be32(b, off));
         if self.sb.has(INCOMPAT_64BIT) {
-            lo | (u64::from(be32(b, off + 8)) << 32)
+            lo | (u64::from(be32(b, off.saturating_add(8))) << 32)
         } else {
             lo
         }
@@ -230,7 +233,7 @@ impl Fs {
             i.links != 0
                 && i.file_type == FileType::Regular
                 && !i.is_encrypted()
-                && i.size / bs as u64 >= u64::from(MIN_JOURNAL_BLOCKS)
+                && i.size.checked_div(bs as u64).unwrap_or(0) >= u64::from(MIN_JOURNAL_BLOCKS)
         };
         let inode = match self.inode(ino) {
             Ok(i) if usable(&i) => i,
@@ -248,7 +251,7 @@ impl Fs {
             }
         };
         let map = BlockMap::new(self, &inode)?;
-        let total = u32::try_from(inode.size / bs as u64).unwrap_or(u32::MAX);
+        let total = u32::try_from(inode.size.checked_div(bs as u64).unwrap_or(0)).unwrap_or(u32::MAX);
         let mut j = Journal {
             fs: self,
             sb: placeholder_sb(),
@@ -290,8 +293,8 @@ impl Fs {
             return None;
         }
         let mut block = [0u8; 60];
-        for (i, v) in sb.jnl_blocks.iter().take(15).enumerate() {
-            block[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        for (chunk, v) in block.chunks_exact_mut(4).zip(sb.jnl_blocks.iter()) {
+            chunk.copy_from_slice(&v.to_le_bytes());
         }
         Some(Inode {
             ino,
@@ -492,20 +495,20 @@ fn run_pass(j: &mut Journal<'_>, info: &mut Info, pass: Pass, rec: &mut Recovery
                 }
                 let csum_size = if j.sb.csum_v2or3() { TAIL } else { 0 };
                 let rcount = be32(&b, 12) as usize;
-                if rcount > j.bs - csum_size {
+                if rcount > j.bs.saturating_sub(csum_size) {
                     return Err(Error::corrupt(format!(
                         "journal revoke block claims {rcount} bytes of records"
                     )));
                 }
                 let rec_len = if j.sb.has(INCOMPAT_64BIT) { 8 } else { 4 };
                 let mut off = 16usize;
-                while off + rec_len <= rcount {
+                while off.saturating_add(rec_len) <= rcount {
                     let blk = if rec_len == 4 {
                         u64::from(be32(&b, off))
                     } else {
                         be64(&b, off)
                     };
-                    off += rec_len;
+                    off = off.saturating_add(rec_len);
                     let e = info.revoked.entry(blk).or_insert(next_commit);
                     if tid_gt(next_commit, *e) {
                         *e = next_commit;

@@ -136,12 +136,12 @@ impl JournalSuperblock {
         }
         let mut sz = 12;
         if self.has(INCOMPAT_CSUM_V2) {
-            sz += 2;
+            sz = 14;
         }
         if self.has(INCOMPAT_64BIT) {
             sz
         } else {
-            sz - 4
+            sz.saturating_sub(4)
         }
     }
 }

@@ -149,7 +149,7 @@ fn write_file(fs: &Filesystem, src: &[u8], inode: &Inode, path: &Path, sync: boo
     let src_display = String::from_utf8_lossy(src);
     if inode.size() > MAX_FILE_SIZE {
         return Err(Error::corrupt(format!(
-            "file claims {} bytes, more than ext4 allows ({MAX_FILE_SIZE})",
+            "corrupt inode: the file claims {} bytes, more than ext4 allows ({MAX_FILE_SIZE})",
             inode.size()
         ))
         .with_path(src_display.as_ref()));

@@ -91,6 +91,15 @@ impl Device {
     /// Read `block` from its home location, ignoring the overlay.
     fn read_home(&self, block: u64, buf: &mut [u8]) -> Result<()> {
         let off = self.byte_offset(block)?;
+        if off.saturating_add(buf.len() as u64) > self.src.size() {
+            return Err(Error::out_of_bounds(format!(
+                "block {block} is past its end: the image holds {} bytes, but the filesystem claims {} blocks of {} bytes (is the image cut short?)",
+                self.src.size(),
+                self.blocks,
+                self.block_size
+            ))
+            .with_offset(off));
+        }
         self.src.read_exact_at(buf, off).map_err(|e| {
             Error::new(e.kind(), format!("cannot read block {block} of the filesystem"))
                 .with_offset(off)

@@ -102,7 +102,7 @@ impl FileReader {
             .saturating_mul(fs.sb().block_size() as u64);
         if inode.size > max {
             return Err(Error::corrupt(format!(
-                "inode {}: size {} is larger than any file the filesystem can hold ({max} bytes)",
+                "inode {} is corrupt: its size {} is larger than any file the filesystem can hold ({max} bytes)",
                 inode.ino, inode.size
             )));
         }

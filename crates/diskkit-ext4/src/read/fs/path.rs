@@ -40,7 +40,7 @@ impl Lookup {
     pub fn found(self) -> Result<Resolved> {
         match self {
             Lookup::Found(r) => Ok(*r),
-            Lookup::NotFound => Err(Error::new(ErrorKind::NotFound, "no such file or directory")),
+            Lookup::NotFound => Err(Error::new(ErrorKind::NotFound, "not found")),
             Lookup::NotADirectory => Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "a component of the path is not a directory",

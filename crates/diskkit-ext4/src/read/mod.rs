@@ -1,5 +1,5 @@
 //! Reading images without mounting them: partition tables, ext2/3/4 filesystems (through
-//! `ext4-view` over diskkit's image reader), copying files out, finding the bootable kernel,
+//! diskkit's own reader, `fs`), copying files out, finding the bootable kernel,
 //! splitting UKIs, and resolving Apple `container` image stores.
 
 pub mod apple_store;

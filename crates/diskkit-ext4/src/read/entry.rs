@@ -172,11 +172,15 @@ impl Filesystem {
     /// The [`Entry`] of an inode found at `path` (named `name`).
     pub fn entry_for(&self, path: &[u8], name: String, inode: &Inode) -> Result<Entry> {
         let target = if inode.file_type() == FileType::Symlink {
-            let t = self.fs().read_link(inode).map_err(|e| e.with_path(lossy(path)))?;
-            if t.len() as u64 > MAX_LINK {
-                return Err(Error::corrupt("symlink target too long").with_path(lossy(path)));
+            match self.fs().read_link(inode) {
+                Ok(t) if t.len() as u64 > MAX_LINK => {
+                    return Err(Error::corrupt("symlink target too long").with_path(lossy(path)))
+                }
+                Ok(t) => Some(lossy(&t)),
+                // An encrypted target cannot be shown; the entry still can.
+                Err(e) if e.kind() == ErrorKind::Unsupported => None,
+                Err(e) => return Err(e.with_path(lossy(path))),
             }
-            Some(lossy(&t))
         } else {
             None
         };

@@ -194,7 +194,7 @@ impl SparseWriter {
     fn new(file: fs::File) -> SparseWriter {
         SparseWriter {
             file,
-            buf: Vec::with_capacity(1 << 20),
+            buf: Vec::new(),
             pos: 0,
         }
     }

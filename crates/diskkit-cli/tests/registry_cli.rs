@@ -60,7 +60,7 @@ fn raw_disks_push_and_pull_sparse_and_a_changed_slice_is_the_only_upload() {
     let data = 3 * MIB + 8192 + 2 * MIB;
     let out = diskkit_ok(&["push", &d.s("disk.raw"), &format!("{host}/vms/raw:1")]);
     assert!(
-        out.contains("raw disk of 1.250 GiB, 3 slices (1 all zero)"),
+        out.contains("raw disk of 1.25 GiB, 3 slices (1 all zero)"),
         "{out}"
     );
     // Stored: the compressed data, and a few KiB for the zero slice.

@@ -76,7 +76,7 @@ fn unpack_into_store() {
     let lay = layout(&d);
     let store = d.s("store");
     let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
-    assert!(out.starts_with("stored: "), "{out}");
+    assert!(out.starts_with("stored '"), "{out}");
     let snapshots = d.path("store/snapshots");
     let entries: Vec<String> = std::fs::read_dir(&snapshots)
         .unwrap()
@@ -101,7 +101,7 @@ fn unpack_into_store() {
     // The ingest directory is left empty.
     assert_eq!(std::fs::read_dir(snapshots.join("ingest")).unwrap().count(), 0);
     let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
-    assert!(out.starts_with("cached: "), "{out}");
+    assert!(out.starts_with("reused '"), "{out}");
 }
 
 #[test]

@@ -123,6 +123,7 @@ fn sample_tree_is_clean_and_readable() {
     let tree = sample(&mut contents);
     build(&tree, &mut contents, &img, ImageFormat::Raw, Options::default());
     e2fsck(&img);
+    support::read_back(&img);
     assert_eq!(dump(&img, "/etc/passwd"), contents.0[0]);
     assert_eq!(dump(&img, "/big"), contents.0[1]);
     let st = debugfs(&img, "stat /big");
@@ -191,6 +192,7 @@ fn fixed_size_is_sparse_and_clean() {
     build(&tree, &mut contents, &img, ImageFormat::Raw, options);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 20 << 30);
     e2fsck(&img);
+    support::read_back(&img);
     let h = debugfs(&img, "stats");
     assert!(h.contains("Block count:              5242880"), "{h}");
 }
@@ -251,6 +253,7 @@ fn file_needing_an_extent_index_block() {
     plan.write(pending.image(), &mut Marked).unwrap();
     pending.persist().unwrap();
     e2fsck(&img);
+    support::read_back(&img);
     let st = debugfs(&img, "stat /huge");
     assert!(st.contains(&format!("Size: {size}")), "{st}");
     let ex = debugfs(&img, "ex /huge");
@@ -280,6 +283,7 @@ fn metadata_csum_passes_e2fsck() {
     };
     build(&tree, &mut contents, &img, ImageFormat::Raw, options);
     e2fsck(&img);
+    support::read_back(&img);
     let h = debugfs(&img, "stats");
     assert!(h.contains("metadata_csum"), "{h}");
     assert!(h.contains("Checksum type:            crc32c"), "{h}");
@@ -428,6 +432,7 @@ fn files_with_holes() {
         plan.write(pending.image(), &mut Islands).unwrap();
         pending.persist().unwrap();
         e2fsck(&img);
+        support::read_back(&img);
         let st = debugfs(&img, "stat /holey");
         assert!(
             // Ten data blocks and one extent leaf (ten extents do not fit in the inode).

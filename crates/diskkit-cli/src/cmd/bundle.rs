@@ -9,18 +9,32 @@ use diskkit_deliver::bundle::{self, BundleInfo, CreateOptions, ExtractOptions, M
 
 use crate::args::{Output, ParentArgs};
 use crate::progress::bytes_bar;
-use crate::size::{human, parse_size};
+use crate::size::{self, human, Bytes};
 
-/// Make, extract, check and describe VM image bundles (taskcluster-worker's `image.tar.zst`:
-/// a zstd-compressed GNU tar of `disk.img`, `layer.qcow2` and `machine.json`).
-#[derive(Debug, Subcommand)]
+/// Examples for `diskkit bundle --help`.
+pub(crate) const EXAMPLES: &str = "\
+Examples:
+  # A bundle of a VM's overlay and its base
+  diskkit bundle create vm.qcow2 image.tar.zst
+  # Check one, then extract it (disk.img sparse)
+  diskkit bundle verify image.tar.zst
+  diskkit bundle extract image.tar.zst vm/";
+
+/// Make, extract, check and describe VM image bundles (taskcluster-worker's image.tar.zst)
+///
+/// A bundle is a zstd-compressed GNU tar of exactly `disk.img` (RAW, sparse), `layer.qcow2` (a
+/// qcow2 overlay backed by disk.img) and `machine.json` (taskcluster's machine definition,
+/// version 1). Every read checks every rule; see docs/bundles.md.
+#[derive(Debug, Clone, Subcommand)]
 pub(crate) enum BundleCommand {
-    /// Make a bundle from an image. From a stack whose top is an overlay, disk.img is the
-    /// base flattened to RAW and layer.qcow2 holds the top; from any other image, disk.img is
-    /// the whole disk and layer.qcow2 an empty overlay. Holes are never read or compressed.
+    /// Make a bundle from an image
     ///
-    /// Example: diskkit bundle create --machine machine.json vm.qcow2 image.tar.zst
-    #[command(verbatim_doc_comment)]
+    /// From a stack whose top is an overlay, disk.img is the base flattened to RAW and
+    /// layer.qcow2 holds the top; from any other image, disk.img is the whole disk and
+    /// layer.qcow2 an empty overlay. Holes are never read or compressed.
+    #[command(
+        after_help = "Examples:\n  # A bundle of an overlay and its base, with a machine definition\n  diskkit bundle create --machine machine.json vm.qcow2 image.tar.zst"
+    )]
     Create {
         /// The machine definition (machine.json, version 1); without it a default with a
         /// random locally administered MAC address.
@@ -49,12 +63,13 @@ pub(crate) enum BundleCommand {
         /// The bundle to write (image.tar.zst).
         out: PathBuf,
     },
-    /// Extract a bundle into a new directory, checking every rule; disk.img stays sparse
-    /// (or becomes disk.asif with --format asif, layer.qcow2 re-pointed at it). Nothing is
-    /// left behind on error.
+    /// Extract a bundle into a new directory, checking every rule
     ///
-    /// Example: diskkit bundle extract image.tar.zst vm/
-    #[command(verbatim_doc_comment)]
+    /// disk.img stays sparse (or becomes disk.asif with --format asif, layer.qcow2 re-pointed
+    /// at it). Nothing is left behind on error.
+    #[command(
+        after_help = "Examples:\n  # Extract into vm/ (disk.img sparse)\n  diskkit bundle extract image.tar.zst vm/\n  # Or as an ASIF disk, layer.qcow2 re-pointed at it\n  diskkit bundle extract --format asif image.tar.zst vm-asif/"
+    )]
     Extract {
         /// The base disk's format.
         #[arg(long, value_enum, default_value = "raw")]
@@ -73,10 +88,12 @@ pub(crate) enum BundleCommand {
         /// The directory to create.
         dir: PathBuf,
     },
-    /// Check a bundle against every rule without extracting it. Exit 0 valid, 2 invalid.
+    /// Check a bundle against every rule without extracting it
     ///
-    /// Example: diskkit bundle verify --sha256 9f86d08... image.tar.zst
-    #[command(verbatim_doc_comment)]
+    /// Exit 0 valid, 2 invalid.
+    #[command(
+        after_help = "Examples:\n  # Check a bundle and its digest without extracting it\n  diskkit bundle verify --sha256 9f86d08... image.tar.zst\n  # From a pipe\n  curl -s https://example.com/image.tar.zst | diskkit bundle verify -"
+    )]
     Verify {
         #[command(flatten)]
         limits: CheckArgs,
@@ -87,9 +104,9 @@ pub(crate) enum BundleCommand {
         bundle: PathBuf,
     },
     /// Describe a bundle (machine, disk and layer), checking it as verify does.
-    ///
-    /// Example: diskkit bundle info --output json image.tar.zst
-    #[command(verbatim_doc_comment)]
+    #[command(
+        after_help = "Examples:\n  # Machine, disk and layer of a bundle, as JSON\n  diskkit bundle info --output json image.tar.zst"
+    )]
     Info {
         #[command(flatten)]
         limits: CheckArgs,
@@ -114,8 +131,8 @@ pub(crate) enum BaseFormat {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct CheckArgs {
     /// The largest disk.img and layer.qcow2 accepted (e.g. 80G).
-    #[arg(long, value_name = "SIZE", default_value = "50G")]
-    pub(crate) max_disk_size: String,
+    #[arg(long, value_name = "SIZE", default_value = "50G", value_parser = size::bytes)]
+    pub(crate) max_disk_size: Bytes,
     /// The SHA-256 the bundle file must have (64 hex digits).
     #[arg(long, value_name = "HEX")]
     pub(crate) sha256: Option<String>,
@@ -125,7 +142,7 @@ impl CheckArgs {
     pub(crate) fn options(&self, format: ImageFormat) -> Result<ExtractOptions> {
         Ok(ExtractOptions {
             format,
-            max_disk_size: parse_size(&self.max_disk_size)?,
+            max_disk_size: self.max_disk_size.value,
             sha256: self.sha256.as_deref().map(bundle::parse_sha256).transpose()?,
             digest: false,
             sync: false,

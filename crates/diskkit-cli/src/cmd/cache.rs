@@ -13,11 +13,20 @@ use serde_json::json;
 
 use crate::args::Output;
 use crate::progress::bytes_bar;
-use crate::size::{human, parse_size};
+use crate::size::{self, human, Bytes};
 
-/// A local cache of VM images: each image is downloaded once, however many processes ask
-/// for it at the same time; instances are writable overlays on the shared base.
-#[derive(Debug, Args)]
+/// A download-once cache of VM images, and writable instances of them
+///
+/// Each image is downloaded once, however many processes ask for it at the same time;
+/// instances are writable qcow2 overlays on the shared base, referenced until released or
+/// until their holder process exits. See docs/bundles.md.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  # Download once, then one writable instance per VM
+  diskkit cache fetch debian-12 https://example.com/debian-12.tar.zst
+  disk=$(diskkit cache instance debian-12 --name vm1)
+  diskkit cache release vm1")]
 pub(crate) struct CacheArgs {
     /// The cache directory (default: $XDG_CACHE_HOME/diskkit/images, or
     /// ~/.cache/diskkit/images).
@@ -27,15 +36,16 @@ pub(crate) struct CacheArgs {
     command: CacheCommand,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum CacheCommand {
-    /// Download (or copy) an image into the cache under ID, unless it is there: a bundle
-    /// (image.tar.zst) is checked and extracted while it downloads; a plain image (RAW,
-    /// qcow2, ASIF) becomes a sparse disk.img. Resumes interrupted downloads; retries with
-    /// backoff.
+    /// Download (or copy) an image into the cache under ID, unless it is there
     ///
-    /// Example: diskkit cache fetch debian-12 https://example.com/debian-12.tar.zst --sha256 9f86d08...
-    #[command(verbatim_doc_comment)]
+    /// A bundle (image.tar.zst) is checked and extracted while it downloads; a plain image
+    /// (RAW, qcow2, ASIF) becomes a sparse disk.img. Resumes interrupted downloads; retries
+    /// with backoff.
+    #[command(
+        after_help = "Examples:\n  # Download a bundle once, checked and extracted while it downloads\n  diskkit cache fetch debian-12 https://example.com/debian-12.tar.zst --sha256 9f86d08...\n  # A local qcow2 image\n  diskkit cache fetch alpine ./alpine.qcow2"
+    )]
     Fetch {
         /// The entry's name in the cache.
         id: String,
@@ -45,8 +55,8 @@ enum CacheCommand {
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
         /// The largest disk accepted (e.g. 80G).
-        #[arg(long, value_name = "SIZE", default_value = "50G")]
-        max_disk_size: String,
+        #[arg(long, value_name = "SIZE", default_value = "50G", value_parser = size::bytes)]
+        max_disk_size: Bytes,
         /// Trust the CA certificates in this PEM file too (repeatable).
         #[arg(long = "ca-file", value_name = "FILE")]
         ca_files: Vec<PathBuf>,
@@ -64,12 +74,14 @@ enum CacheCommand {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Make a new instance of a cached image for one VM: a writable qcow2 overlay on the
-    /// shared base and a copy of the machine definition. Prints the overlay's path. The
-    /// entry stays referenced until `release NAME`, or until the holding process exits.
+    /// Make a writable instance of a cached image for one VM; prints its overlay's path
     ///
-    /// Example: disk=$(diskkit cache instance debian-12 --name vm1)
-    #[command(verbatim_doc_comment)]
+    /// An instance is a qcow2 overlay on the shared base and a copy of the machine
+    /// definition. The entry stays referenced until `release NAME`, or until the holding
+    /// process exits.
+    #[command(
+        after_help = "Examples:\n  # A writable overlay on the cached image, for one VM\n  disk=$(diskkit cache instance debian-12 --name vm1)"
+    )]
     Instance {
         /// The cached image.
         id: String,
@@ -87,10 +99,8 @@ enum CacheCommand {
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
-    /// Release an instance: its overlay and machine copy are removed, and its reference.
-    ///
-    /// Example: diskkit cache release vm1
-    #[command(verbatim_doc_comment)]
+    /// Release an instance: its overlay, machine copy and reference are removed
+    #[command(after_help = "Examples:\n  # Drop the instance vm1\n  diskkit cache release vm1")]
     Release {
         /// The instance's name.
         name: String,
@@ -99,18 +109,14 @@ enum CacheCommand {
         quiet: bool,
     },
     /// List the cached images: size, references (live instances), last use.
-    ///
-    /// Example: diskkit cache ls --output json
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "Examples:\n  # The cached images, as JSON\n  diskkit cache ls --output json")]
     Ls {
         /// Output format.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
     },
     /// Remove a cached image (refused while an instance references it).
-    ///
-    /// Example: diskkit cache rm debian-12
-    #[command(verbatim_doc_comment)]
+    #[command(after_help = "Examples:\n  # Remove an unreferenced image\n  diskkit cache rm debian-12")]
     Rm {
         /// The cached image.
         id: String,
@@ -118,18 +124,19 @@ enum CacheCommand {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Repair the cache and remove unreferenced images, least recently used first, until
-    /// the limits hold. Never removes an image in use or being fetched.
+    /// Repair the cache and remove unreferenced images, least recently used first, until the limits hold
     ///
-    /// Example: diskkit cache gc --max-size 100G --older-than 30d
-    #[command(verbatim_doc_comment)]
+    /// Never removes an image in use or being fetched.
+    #[command(
+        after_help = "Examples:\n  # Keep the cache under 100 GiB and drop what is unused for 30 days\n  diskkit cache gc --max-size 100G --older-than 30d"
+    )]
     Gc {
         /// Keep the cache at most this large (e.g. 100G).
-        #[arg(long, value_name = "SIZE")]
-        max_size: Option<String>,
+        #[arg(long, value_name = "SIZE", value_parser = size::bytes)]
+        max_size: Option<Bytes>,
         /// Keep at least this much free space on its file system.
-        #[arg(long, value_name = "SIZE")]
-        min_free: Option<String>,
+        #[arg(long, value_name = "SIZE", value_parser = size::bytes)]
+        min_free: Option<Bytes>,
         /// Remove images unused for longer than this (e.g. 30d, 12h, 90m, 3600s).
         #[arg(long, value_name = "DURATION")]
         older_than: Option<String>,
@@ -194,7 +201,7 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
         } => {
             let options = FetchOptions {
                 sha256: sha256.as_deref().map(bundle::parse_sha256).transpose()?,
-                max_disk_size: parse_size(&max_disk_size)?,
+                max_disk_size: max_disk_size.value,
                 http: ClientOptions {
                     read_timeout: Duration::from_secs(timeout.max(1)),
                     extra_ca_files: ca_files,
@@ -353,8 +360,8 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
             quiet,
         } => {
             let options = GcOptions {
-                max_size: max_size.as_deref().map(parse_size).transpose()?,
-                min_free: min_free.as_deref().map(parse_size).transpose()?,
+                max_size: max_size.map(|b| b.value),
+                min_free: min_free.map(|b| b.value),
                 older_than: older_than.as_deref().map(parse_duration).transpose()?,
             };
             let report = cache.gc(&options).context("cannot collect the cache's garbage")?;

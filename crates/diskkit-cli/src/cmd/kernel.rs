@@ -1,24 +1,63 @@
 //! `diskkit kernel`: find the bootable kernel in an image and extract it.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
 use diskkit_ext4::read::kernel::{
     discover, discover_disk, extract, select, ExtractOptions, KernelCandidate, SEARCHED,
 };
 use serde::Serialize;
 
-use super::fs::{open_fs, parse_target};
-use crate::args::{FsArgs, Output};
+use super::fs::{open_fs, parse_target, FsArgs};
+use crate::args::{Output, OutputArg, QuietArg};
+use crate::messages::note;
 
-/// What `kernel` was asked to do.
-pub(crate) struct Request<'a> {
-    pub(crate) out: Option<&'a Path>,
-    pub(crate) list: bool,
-    pub(crate) version: Option<&'a str>,
-    pub(crate) split_uki: bool,
-    pub(crate) force: bool,
-    pub(crate) output: Output,
+/// Find the bootable kernel in an image, and extract it.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Find the bootable kernel in an image: a unified kernel image (UKI), else \
+                  /usr/lib/modules/<v>/vmlinuz, Debian's or Fedora's /boot; the highest version \
+                  wins unless --kernel-version. With --out DIR, write vmlinuz and initramfs (or \
+                  uki.efi) and the kernel command line (cmdline) into DIR, for \
+                  `qemu-system-x86_64 -kernel ... -initrd ... -append ...` or Virtualization.framework's \
+                  Linux boot loader.",
+    after_help = "\
+Examples:
+  # What would be extracted
+  diskkit kernel debian.qcow2
+  # vmlinuz, initramfs and cmdline into boot/
+  diskkit kernel debian.qcow2 --out boot/
+  # Every kernel on partition 2
+  diskkit kernel --list disk.raw@2"
+)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    fs: FsArgs,
+    /// Write the kernel, initramfs (or UKI) and cmdline into this directory; without it,
+    /// only show what would be extracted.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// List every kernel found instead of choosing one.
+    #[arg(long)]
+    list: bool,
+    /// Choose this kernel version instead of the highest.
+    #[arg(long, value_name = "V")]
+    kernel_version: Option<String>,
+    /// For a UKI, also write its .linux, .initrd and .cmdline sections as vmlinuz,
+    /// initramfs and cmdline.
+    #[arg(long)]
+    split_uki: bool,
+    /// Replace existing files in the output directory.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    output: OutputArg,
+    #[command(flatten)]
+    quiet: QuietArg,
+    /// IMAGE[@PART] (or an image reference with --apple-store).
+    #[arg(value_name = "IMAGE[@PART]")]
+    image: String,
 }
 
 #[derive(Serialize)]
@@ -52,14 +91,16 @@ fn describe(k: &KernelCandidate) -> String {
     s
 }
 
-pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
-    let t = parse_target(image, true, args.apple_store.is_some())?;
+pub(crate) fn run(req: &Args) -> Result<u8> {
+    let args = &req.fs;
+    let t = parse_target(&req.image, true, args.apple_store.is_some())?;
     let (fs, d) = if args.apple_store.is_none() && t.partition.is_none() && args.partition.is_none() {
         let path = std::path::PathBuf::from(&t.image);
-        let disk = std::sync::Arc::new(super::open_image(&args.open, &path, false)?);
-        let (fs, d, note) = discover_disk(disk).with_context(|| format!("'{}'", path.display()))?;
-        if let Some(n) = note {
-            eprintln!("diskkit: note: {n}");
+        let options = args.open.options(false).detached(args.detached.detached);
+        let disk = std::sync::Arc::new(super::open_image(&path, &options)?);
+        let (fs, d, n) = discover_disk(disk).with_context(|| format!("in '{}'", path.display()))?;
+        if let Some(n) = n {
+            note(format_args!("{n}"));
         }
         (fs, d)
     } else {
@@ -71,7 +112,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
         eprintln!("diskkit: warning: {w}");
     }
     if req.list {
-        match req.output {
+        match req.output.output {
             Output::Json => {
                 let r = Report {
                     partition: fs.location().partition.as_ref().map(|p| p.number),
@@ -102,11 +143,11 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
         }
         return Ok(0);
     }
-    let sel = select(&d, req.version)?;
+    let sel = select(&d, req.kernel_version.as_deref())?;
     if let Some(n) = &sel.note {
-        eprintln!("diskkit: note: {n}");
+        note(format_args!("{n}"));
     }
-    let written = match req.out {
+    let written = match &req.out {
         Some(dir) => extract(
             &fs,
             &d,
@@ -119,7 +160,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
         )?,
         None => Vec::new(),
     };
-    match req.output {
+    match req.output.output {
         Output::Json => {
             let r = Report {
                 partition: fs.location().partition.as_ref().map(|p| p.number),
@@ -133,6 +174,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
             };
             super::fs::print_json(&r)?;
         }
+        Output::Human if req.quiet.quiet && req.out.is_some() => {}
         Output::Human => {
             println!("{}", describe(&sel.chosen));
             if let Some(c) = &d.cmdline {
@@ -142,7 +184,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
                 println!("wrote {} ({} bytes) from {}", w.path.display(), w.size, w.source);
             }
             if req.out.is_none() {
-                eprintln!("diskkit: nothing written; give --out DIR to extract it");
+                note(format_args!("nothing written; give --out DIR to extract it"));
             }
         }
     }

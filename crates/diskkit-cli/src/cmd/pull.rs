@@ -18,7 +18,7 @@ use diskkit_deliver::tart::{self, DiskPullOptions};
 use diskkit_oci::Platform;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::size::{human, parse_size};
+use crate::size::{human, Bytes};
 
 /// How to reach registries: shared by `pull`, `push` and `unpack`.
 #[derive(Debug, Clone, ClapArgs)]
@@ -86,8 +86,7 @@ impl From<DiskFormatArg> for ImageFormat {
     }
 }
 
-/// Pull an image from an OCI registry: a container image into an OCI layout or an Apple
-/// `container` store, or a VM disk (tart's layout) into a disk image.
+/// Pull a container image or a VM disk (tart's layout) from an OCI registry
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Pull from an OCI registry (the distribution API: Docker Hub, GHCR, Quay, \
@@ -336,13 +335,13 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
 }
 
 /// Parse `--chunk-size` (0 or absent: monolithic).
-pub(crate) fn chunk_size(text: Option<&str>) -> Result<Option<u64>> {
-    match text {
+pub(crate) fn chunk_size(size: Option<Bytes>) -> Result<Option<u64>> {
+    match size {
         None => Ok(None),
-        Some(t) => {
-            let n = parse_size(t)?;
+        Some(b) => {
+            let n = b.value;
             if n != 0 && n < 1024 {
-                bail!("--chunk-size {t} is too small (at least 1 KiB, or 0 for one request per blob)");
+                bail!("--chunk-size {n} is too small (at least 1 KiB, or 0 for one request per blob)");
             }
             Ok((n > 0).then_some(n))
         }

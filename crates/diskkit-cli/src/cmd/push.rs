@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
-use diskkit::OpenOptions;
 use diskkit_deliver::registry::{self, Reference, Registry};
 use diskkit_deliver::tart::{self, DiskFormat, DiskPushOptions};
 
 use super::pull::{chunk_size, parse_platform, RegistryArgs, TransferBars};
-use crate::args::{Format, ParentArgs};
+use crate::args::{OpenArgs, QuietArg};
 use crate::size::human;
 
 /// The disk format recorded for tart.
@@ -22,8 +21,7 @@ pub(crate) enum TartFormat {
     Asif,
 }
 
-/// Push a disk image (as a VM disk in tart's layout) or an OCI layout's image to an OCI
-/// registry.
+/// Push a disk image (tart's layout) or an OCI layout's image to an OCI registry
 #[derive(Debug, ClapArgs)]
 #[command(
     long_about = "Push to an OCI registry. SOURCE is either a disk image, or the top layer of \
@@ -52,11 +50,8 @@ Examples:
   diskkit push alpine:3.20 registry.example.com/mirror/alpine:3.20"
 )]
 pub(crate) struct Args {
-    /// The format of SOURCE when it is a disk image (detected when omitted).
-    #[arg(short = 'f', long = "image-format", value_enum)]
-    image_format: Option<Format>,
     #[command(flatten)]
-    parents: ParentArgs,
+    open: OpenArgs,
     /// The disk format to record for tart (default: asif for an ASIF image, else raw).
     #[arg(long, value_enum)]
     disk_format: Option<TartFormat>,
@@ -70,14 +65,13 @@ pub(crate) struct Args {
     #[arg(long)]
     platform: Option<String>,
     /// Upload in chunks of SIZE (e.g. 2M); 0 or absent: one request per blob.
-    #[arg(long, value_name = "SIZE")]
-    chunk_size: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::bytes)]
+    chunk_size: Option<crate::size::Bytes>,
     /// Where compressed slices wait for their upload (default: the temporary directory).
     #[arg(long, value_name = "DIR")]
     temp_dir: Option<PathBuf>,
-    /// Print nothing on success.
-    #[arg(short, long)]
-    quiet: bool,
+    #[command(flatten)]
+    quiet: QuietArg,
     #[command(flatten)]
     registry: RegistryArgs,
     /// A disk image (or the top of a stack), or an OCI layout DIR[:NAME].
@@ -103,15 +97,15 @@ fn layout_source(src: &str) -> Option<(PathBuf, Option<String>)> {
 
 pub(crate) fn run(args: &Args) -> Result<u8> {
     let reference = Reference::parse(&args.reference)?;
-    let options = args.registry.options(chunk_size(args.chunk_size.as_deref())?)?;
+    let options = args.registry.options(chunk_size(args.chunk_size)?)?;
     let registry = Registry::connect(&reference, &options, true)
         .with_context(|| format!("cannot push to {reference}"))?;
-    let bars = TransferBars::new("pushing", 0, args.quiet);
+    let bars = TransferBars::new("pushing", 0, args.quiet.quiet);
     if let Some((dir, name)) = layout_source(&args.source) {
         let report = registry::push_layout(&registry, &dir, name.as_deref(), &|ev| bars.event(&ev))
             .with_context(|| format!("cannot push '{}' to {reference}", args.source))?;
         bars.finish();
-        if !args.quiet {
+        if !args.quiet.quiet {
             println!(
                 "pushed '{}' to {reference} ({}): {} blobs, {} uploaded ({})",
                 args.source,
@@ -124,20 +118,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         return Ok(0);
     }
     let path = Path::new(&args.source);
-    let mut open = OpenOptions::new();
-    if let Some(f) = args.image_format {
-        open = open.format(f.into());
-    }
-    let open = open.parents(if args.parents.allow_any_parent {
-        diskkit::ParentPolicy::any()
-    } else {
-        args.parents
-            .allow_parent_dir
-            .iter()
-            .fold(diskkit::ParentPolicy::same_directory(), |p, d| {
-                p.allow_directory(d)
-            })
-    });
+    let open = args.open.options(false);
     let mut disk_options = DiskPushOptions {
         disk_format: args.disk_format.map(|f| match f {
             TartFormat::Raw => DiskFormat::Raw,
@@ -160,7 +141,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
     let report = tart::push_disk(&registry, path, &open, &disk_options, &|ev| bars.event(&ev))
         .with_context(|| format!("cannot push '{}' to {reference}", path.display()))?;
     bars.finish();
-    if !args.quiet {
+    if !args.quiet.quiet {
         println!(
             "pushed '{}' to {reference} ({}): {} disk of {}, {} slices ({} all zero), {} uploaded, {} sent",
             path.display(),

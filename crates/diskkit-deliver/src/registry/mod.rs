@@ -49,10 +49,16 @@ pub fn default_layout_cache() -> PathBuf {
 
 /// Whether `text` looks like a registry reference rather than a local path: it names a
 /// registry host (`host.tld/…`, `host:port/…`, `localhost/…`) or starts with `docker://`,
-/// and no file of that name exists.
+/// and no file of that name (or of the part before its last `:`) exists.
 pub fn looks_like_reference(text: &str) -> bool {
     if std::path::Path::new(text).exists() {
         return false;
+    }
+    // An OCI layout named with a tag (`images.d/debian:12`).
+    if let Some((path, _)) = text.rsplit_once(':') {
+        if std::path::Path::new(path).exists() {
+            return false;
+        }
     }
     if text.starts_with("docker://") {
         return true;

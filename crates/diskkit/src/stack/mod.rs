@@ -95,16 +95,15 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
     if parent.layer_uuid == Some(expected) {
         return Ok(());
     }
-    let found = parent.layer_uuid.map_or_else(
-        || "none".to_owned(),
-        |u| u.hyphenated().to_string().to_uppercase(),
-    );
+    let found = parent
+        .layer_uuid
+        .map_or_else(|| "none".to_owned(), |u| u.hyphenated().to_string());
     let mut err = Error::new(
         ErrorKind::LayerMismatch,
         format!(
             "the layer expects parent UUID {} but its parent's layer UUID is {found} \
              (the parent was written after this layer was made, or it is the wrong file)",
-            expected.hyphenated().to_string().to_uppercase()
+            expected.hyphenated()
         ),
     );
     if let Some(p) = child_path {

@@ -4,7 +4,7 @@
 #   pull: diskkit pull --layout   vs  skopeo copy docker://… oci:…   (goal: throughput >= 1.0x)
 #   push: diskkit push LAYOUT     vs  skopeo copy oci:… docker://…   (goal: throughput >= 1.0x)
 # of a multi-layer image (LAYERS gzip layers of files from /usr, about 40 MiB compressed each),
-# every run into a fresh repository and a fresh output directory (nothing is skipped as already
+# every run into a new registry and a fresh output directory (nothing is skipped as already
 # there). Then a VM disk in tart's layout: push and pull of a DISK_GIB (default 4) GiB disk,
 # half data (64 MiB runs of files from /usr), half holes: time, bytes sent, bytes the registry
 # stores and bytes the pulled RAW file allocates, against the data size. skopeo has no VM disk
@@ -22,17 +22,31 @@ disk_gib=${3:-4}
 dk="$here/../target/release/diskkit"
 scratch_dir "${4:-}" diskkit-bench-registry
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > registry.yml <<EOF
+# start_registry NAME: a new docker-registry on a free port with empty storage in dataNAME/
+# (sets $host and $reg_pid). Each image run gets its own, so that no tool can skip an upload:
+# skopeo remembers where it saw each blob (its blob-info cache) and mounts it from there.
+reg_pid=
+start_registry() {
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    cat > "registry$1.yml" <<EOF
 version: 0.1
 log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $PWD/data}, delete: {enabled: true}}
+storage: {filesystem: {rootdirectory: $PWD/data$1}, delete: {enabled: true}}
 http: {addr: 127.0.0.1:$port, secret: bench}
 EOF
-docker-registry serve registry.yml >registry.log 2>&1 & reg_pid=$!
-trap 'kill $reg_pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
-host="127.0.0.1:$port"
+    docker-registry serve "registry$1.yml" >"registry$1.log" 2>&1 &
+    reg_pid=$!
+    for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.1; done
+    host="127.0.0.1:$port"
+}
+stop_registry() {
+    [ -n "$reg_pid" ] || return 0
+    kill "$reg_pid" 2>/dev/null
+    wait "$reg_pid" 2>/dev/null || true
+    reg_pid=
+}
+trap 'stop_registry; rm -rf "$work"' EXIT
 
 # The image: LAYERS gzip layers of distinct files from /usr, as an OCI layout.
 echo "building a ${layers}-layer image..." >&2
@@ -90,6 +104,7 @@ declare -A T
 add() { T[$1]+="$2"$'\n'; }
 for ((r = 1; r <= runs; r++)); do
     echo "run $r/$runs" >&2
+    start_registry "$r"
     add push_peer "$(t skopeo copy -q --dest-tls-verify=false oci:lay:v1 "docker://$host/peer/img$r:v1")"
     add push_dk "$(t "$dk" push -q lay:v1 "$host/dk/img$r:v1")"
     rm -rf out-peer out-dk
@@ -98,6 +113,8 @@ for ((r = 1; r <= runs; r++)); do
     # The same blobs on both sides.
     diff <(ls out-peer/blobs/sha256 | sort) <(ls out-dk/blobs/sha256 | sort) >/dev/null \
         || { echo "the pulled layouts hold different blobs" >&2; exit 1; }
+    stop_registry
+    rm -rf "data$r"
 done
 
 mb() { echo "scale=1; $image_bytes / $1 / 1048576" | bc -l; }
@@ -127,7 +144,7 @@ for ((i = 0; i < disk_gib * 8; i++)); do
         iflag=fullblock status=none 2>/dev/null || true
 done
 rm -f data.bin files.txt
-stored_before=$(du -sb data | cut -f1)
+start_registry disk
 declare -a pt pl
 for ((r = 1; r <= runs; r++)); do
     echo "disk run $r/$runs" >&2
@@ -142,7 +159,7 @@ for ((r = 1; r <= runs; r++)); do
 done
 # The blobs of the first push are stored once; later pushes of the same disk to other
 # repositories share them in the registry's storage.
-stored=$(($(du -sb data | cut -f1) - stored_before))
+stored=$(du -sb datadisk | cut -f1)
 allocated=$(du -B1 back.raw | cut -f1)
 push_t=$(printf '%s\n' "${pt[@]}" | median)
 pull_t=$(printf '%s\n' "${pl[@]}" | median)

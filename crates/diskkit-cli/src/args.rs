@@ -426,6 +426,9 @@ pub(crate) enum Command {
         /// IMAGE[@PART] (or an image reference with --apple-store).
         image: String,
     },
+    /// Boot a disk image, an OCI image or an Apple `container` store entry as a QEMU VM with
+    /// the image's own kernel; run COMMAND in it, or attach the serial console.
+    Boot(crate::cmd::boot::BootArgs),
     /// Build a merged ext4 root filesystem from an OCI image (layout directory, OCI archive or
     /// docker-archive), rootless, with diskkit's own ext4 writer.
     Unpack {

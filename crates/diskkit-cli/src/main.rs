@@ -1,6 +1,7 @@
 //! `diskkit`: the command-line tool. Glue only: parse arguments, call the library, print.
 
 mod args;
+mod boot;
 mod cmd;
 mod progress;
 mod size;

@@ -1,18 +1,19 @@
 //! One module per command.
 
 mod access;
+pub(crate) mod boot;
 mod check;
 mod compare;
 mod convert;
 mod create;
-mod fs;
+pub(crate) mod fs;
 mod info;
 mod kernel;
 mod map;
 mod partitions;
 pub(crate) mod serve;
 mod stack;
-mod unpack;
+pub(crate) mod unpack;
 
 use std::path::Path;
 
@@ -135,6 +136,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             length,
         } => access::discard(&open, &path, &offset, &length),
         Command::Serve(args) => serve::run(&args),
+        Command::Boot(args) => boot::run(&args),
         Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
         Command::Ls {
             fs,

@@ -12,7 +12,7 @@ use crate::args::Format;
 use crate::size::{human, parse_size};
 
 /// Split `SRC[:REF]`: the longest prefix that exists as a path is the source.
-fn split_source(src: &str) -> (PathBuf, Option<String>) {
+pub(crate) fn split_source(src: &str) -> (PathBuf, Option<String>) {
     if Path::new(src).exists() {
         return (PathBuf::from(src), None);
     }
@@ -26,9 +26,24 @@ fn split_source(src: &str) -> (PathBuf, Option<String>) {
 }
 
 /// One progress bar per layer on a terminal; nothing otherwise.
-struct Bars {
+pub(crate) struct Bars {
     multi: MultiProgress,
     current: Option<ProgressBar>,
+}
+
+impl Bars {
+    /// Bars on stderr when it is a terminal, hidden otherwise.
+    pub(crate) fn on_stderr() -> Bars {
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Bars {
+            multi: MultiProgress::with_draw_target(target),
+            current: None,
+        }
+    }
 }
 
 impl Progress for Bars {
@@ -83,17 +98,13 @@ pub(crate) fn run(args: Args<'_>, src: &str, dst: Option<&Path>) -> Result<u8> {
         reproducible: args.reproducible,
         overwrite: args.force,
         metadata_csum: args.metadata_csum,
+        ..UnpackOptions::default()
     };
-    let target = if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let mut bars = Bars {
-        multi: MultiProgress::with_draw_target(target),
-        current: None,
-    };
+    let mut bars = Bars::on_stderr();
     if let Some(store) = args.store {
+        // Store entries are what `diskkit boot` boots: sized for use, with a journal.
+        let mut options = options.clone();
+        crate::boot::store::entry_options(&mut options, size);
         let entry = unpack_to_store(&path, store, &options, &mut bars)
             .with_context(|| format!("cannot unpack '{src}' into the store '{}'", store.display()))?;
         if entry.cache_hit {

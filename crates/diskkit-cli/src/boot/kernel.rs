@@ -261,6 +261,30 @@ pub(crate) fn compose_cmdline(image: Option<&str>, root_arg: &str, arch: Arch, e
     parts.join(" ")
 }
 
+/// The command line `diskkit boot` gives the kernel whose first bytes are `head` on `disk`
+/// (without COMMAND's options and `--karg`s): what `diskkit kernel --out` writes as
+/// `cmdline`.
+pub(crate) fn boot_cmdline(
+    disk: std::sync::Arc<diskkit::DiskImage>,
+    selector: &diskkit_ext4::read::PartitionSelector,
+    image: Option<&str>,
+    head: &[u8],
+    has_initramfs: bool,
+) -> Result<String> {
+    let root = RootFs::open(disk, selector)?;
+    let root_arg = root.root_arg(has_initramfs);
+    match Arch::of_kernel(head) {
+        Ok(arch) => Ok(compose_cmdline(image, &root_arg, arch, &[])),
+        Err(e) => {
+            eprintln!("diskkit: warning: {e:#}: the cmdline names no serial console");
+            let mut line = compose_cmdline(image, &root_arg, Arch::X86_64, &[]);
+            let console = format!(" console={}", Arch::X86_64.console());
+            line.truncate(line.len() - console.len());
+            Ok(line)
+        }
+    }
+}
+
 /// Split a command line into arguments the way the kernel does: on spaces, except inside
 /// double quotes.
 pub(crate) fn split_cmdline(text: &str) -> Vec<String> {

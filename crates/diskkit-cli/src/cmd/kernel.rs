@@ -8,7 +8,14 @@ use diskkit_ext4::read::kernel::{
 };
 use serde::Serialize;
 
-use super::fs::{open_fs, parse_target};
+use std::sync::Arc;
+
+use diskkit::{DiskImage, ImageFormat, OpenOptions};
+use diskkit_ext4::read::apple_store::{AppleStore, Platform};
+use diskkit_ext4::read::kernel::Written;
+use diskkit_ext4::read::PartitionSelector;
+
+use super::fs::{open_fs, parse_target, Target};
 use crate::args::{FsArgs, Output};
 
 /// What `kernel` was asked to do.
@@ -50,6 +57,28 @@ fn describe(k: &KernelCandidate) -> String {
         None => {}
     }
     s
+}
+
+/// The whole disk a target names, and which of its filesystems is the root (for the
+/// `cmdline` file's `root=`).
+fn target_disk(args: &FsArgs, t: &Target) -> Result<(Arc<DiskImage>, PartitionSelector)> {
+    if let Some(root) = &args.apple_store {
+        let platform = match args.platform.as_deref() {
+            Some(p) => Platform::parse(p)?,
+            None => Platform::host(),
+        };
+        let snap = AppleStore::open(root)?.resolve(&t.image, &platform)?;
+        let disk = DiskImage::open(&snap.snapshot, &OpenOptions::new().format(ImageFormat::Raw))?;
+        return Ok((Arc::new(disk), PartitionSelector::WholeDisk));
+    }
+    let path = std::path::PathBuf::from(&t.image);
+    let disk = Arc::new(super::open_image(&args.open, &path, false)?);
+    let selector = t
+        .partition
+        .as_deref()
+        .or(args.partition.as_deref())
+        .map_or(PartitionSelector::Auto, PartitionSelector::parse);
+    Ok((disk, selector))
 }
 
 pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
@@ -106,7 +135,7 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
     if let Some(n) = &sel.note {
         eprintln!("diskkit: note: {n}");
     }
-    let written = match req.out {
+    let mut written = match req.out {
         Some(dir) => extract(
             &fs,
             &d,
@@ -119,6 +148,12 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
         )?,
         None => Vec::new(),
     };
+    if let Some(dir) = req.out {
+        // The command line `diskkit boot` gives this kernel (root, rw, console), replacing
+        // the image's own that extract() copied.
+        let (disk, selector) = target_disk(args, &t)?;
+        write_boot_cmdline(disk, &selector, dir, req.force, &mut written)?;
+    }
     match req.output {
         Output::Json => {
             let r = Report {
@@ -147,4 +182,49 @@ pub(crate) fn run(args: &FsArgs, req: &Request<'_>, image: &str) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Write `cmdline` in `dir`: the image's command line (read back from what `extract` wrote:
+/// a split UKI's `.cmdline` or the image's cmdline file) plus the root, `rw` and the console,
+/// as `diskkit boot` builds it. Replaces the entry in `written`.
+fn write_boot_cmdline(
+    disk: Arc<DiskImage>,
+    selector: &PartitionSelector,
+    dir: &Path,
+    force: bool,
+    written: &mut Vec<Written>,
+) -> Result<()> {
+    let image_cmdline = written.iter().find(|w| w.role == "cmdline").map(|w| w.path.clone());
+    let image_text = match &image_cmdline {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading '{}'", p.display()))?),
+        None => None,
+    };
+    let kernel = written
+        .iter()
+        .find(|w| w.role == "vmlinuz")
+        .or_else(|| written.iter().find(|w| w.role == "uki"))
+        .context("no kernel was written")?;
+    let mut head = vec![0u8; 4096];
+    let n = std::fs::File::open(&kernel.path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .with_context(|| format!("reading '{}'", kernel.path.display()))?;
+    head.truncate(n);
+    let has_initramfs = written.iter().any(|w| w.role == "initramfs") || kernel.role == "uki";
+    let text = crate::boot::kernel::boot_cmdline(disk, selector, image_text.as_deref(), &head, has_initramfs)?;
+    let dest = dir.join("cmdline");
+    let pending = diskkit::output::PendingFile::new(&dest, force || image_cmdline.is_some())?;
+    std::fs::write(pending.temp_path(), format!("{text}\n"))
+        .with_context(|| format!("writing '{}'", dest.display()))?;
+    pending.persist()?;
+    let source = match written.iter().position(|w| w.role == "cmdline") {
+        Some(i) => format!("{} + diskkit", written.remove(i).source),
+        None => "diskkit".to_owned(),
+    };
+    written.push(Written {
+        role: "cmdline",
+        path: dest,
+        size: text.len() as u64 + 1,
+        source,
+    });
+    Ok(())
 }

@@ -74,7 +74,9 @@ fn kernel_err(args: &[&str]) -> String {
 
 /// The ext filesystem UUID of an image file (blkid).
 fn fs_uuid(img: &str) -> String {
-    tool_ok("blkid", &["-p", "-o", "value", "-s", "UUID", img]).trim().to_owned()
+    tool_ok("blkid", &["-p", "-o", "value", "-s", "UUID", img])
+        .trim()
+        .to_owned()
 }
 
 /// `cmdline` is what `diskkit boot` would give the kernel: the image's own line without its
@@ -452,7 +454,10 @@ fn real_debian_kernel_extracts_byte_identical_and_boots() {
     let cmdline = fs::read_to_string(out.join("cmdline")).unwrap();
     assert_eq!(
         cmdline.trim(),
-        format!("console=ttyS0 panic=-1 root=UUID={} rw console=ttyS0", fs_uuid(&img))
+        format!(
+            "console=ttyS0 panic=-1 root=UUID={} rw console=ttyS0",
+            fs_uuid(&img)
+        )
     );
     let console = boot(&out.join("vmlinuz"), &out.join("initramfs"), cmdline.trim());
     assert!(

@@ -45,6 +45,9 @@ use self::qemu::{Console, Drive, Engine, Node, Overlay, VmSpec};
 use self::root::{RootFs, System};
 use crate::args::{Output, ParentArgs};
 
+/// Largest COMMAND script: systemd refuses credentials over 1 MiB.
+const MAX_SCRIPT: usize = 512 << 10;
+
 /// The virtual hardware: what a machine definition supplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Machine {
@@ -361,6 +364,9 @@ struct DryRun<'a> {
     runtime_dir: &'a Path,
     overlay: &'a Path,
     persist: bool,
+    /// Credentials QEMU passes over fw_cfg: name, file, and the contents diskkit writes
+    /// there at boot (`None` for the SSH key, made at boot).
+    credentials: Vec<(&'a str, &'a Path, Option<String>)>,
     notes: &'a [String],
 }
 
@@ -628,6 +634,14 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
                     runtime_dir: &run_path,
                     overlay: &overlay_path,
                     persist: req.persist.is_some(),
+                    credentials: spec
+                        .credentials
+                        .iter()
+                        .map(|(n, f)| {
+                            let contents = (n == guest::RUN_CREDENTIAL).then(|| guest::script(&req.command));
+                            (n.as_str(), f.as_path(), contents)
+                        })
+                        .collect(),
                     notes: &notes,
                 };
                 crate::cmd::fs::print_json(&d)?;
@@ -662,10 +676,20 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
                     }
                 )?;
                 writeln!(out, "# runtime directory: {} (made at boot)", run_path.display())?;
+                // One option and its value per line.
                 let mut line = qemu::shell_quote(&qemu_path.to_string_lossy());
-                for a in &args_text {
+                let mut i = 0;
+                while i < args_text.len() {
                     line.push_str(" \\\n    ");
-                    line.push_str(&qemu::shell_quote(a));
+                    line.push_str(&qemu::shell_quote(&args_text[i]));
+                    if args_text[i].starts_with('-')
+                        && args_text.get(i + 1).is_some_and(|v| !v.starts_with('-'))
+                    {
+                        line.push(' ');
+                        line.push_str(&qemu::shell_quote(&args_text[i + 1]));
+                        i += 1;
+                    }
+                    i += 1;
                 }
                 writeln!(out, "{line}")?;
             }
@@ -681,8 +705,15 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
     prepare_overlay(&overlay_path, req.persist.is_some(), &planned[0].root, root_size)?;
     if command_mode {
         let script = run.join("diskkit.run");
-        std::fs::write(&script, guest::script(&req.command))
-            .with_context(|| format!("writing '{}'", script.display()))?;
+        // systemd imports credentials of up to 1 MiB.
+        let text = guest::script(&req.command);
+        if text.len() > MAX_SCRIPT {
+            bail!(
+                "COMMAND is {} bytes long; at most {MAX_SCRIPT} fit in a credential",
+                text.len()
+            );
+        }
+        std::fs::write(&script, text).with_context(|| format!("writing '{}'", script.display()))?;
     }
     // diskkit's NBD server for the disks QEMU cannot open itself.
     let exports: Vec<Export> = planned

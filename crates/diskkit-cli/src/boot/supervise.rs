@@ -31,6 +31,8 @@ const DEFAULT_COME_UP: Duration = Duration::from_secs(600);
 const POWEROFF_GRACE: Duration = Duration::from_secs(120);
 /// How long QEMU may take to exit after SIGTERM before it is killed.
 const QEMU_TERM_GRACE: Duration = Duration::from_secs(5);
+/// Longest status line read from the guest.
+const STATUS_LINE: u64 = 256;
 /// Bytes of console output and of QEMU's stderr kept for error messages.
 const TAIL: usize = 64 << 10;
 
@@ -280,10 +282,27 @@ pub(super) fn run(l: Launch<'_>) -> Result<u8> {
             guest::PORT_STDOUT => accept_then(listener, stop_flag.clone(), |s| pump(s, io::stdout())),
             guest::PORT_STDERR => accept_then(listener, stop_flag.clone(), |s| pump(s, io::stderr())),
             _ => accept_then(listener, stop_flag.clone(), move |s| {
-                for line in BufReader::new(s).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(st) = guest::parse_status(&line) {
-                        let _ = tx.send(Event::Status(st));
+                // The guest writes here: lines are short, and a longer one is ignored
+                // without being kept.
+                let mut r = BufReader::new(s);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match (&mut r).take(STATUS_LINE).read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) if line.last() != Some(&b'\n') && line.len() as u64 == STATUS_LINE => {
+                            // Skip the rest of an over-long line.
+                            let mut sink = Vec::new();
+                            while matches!((&mut r).take(STATUS_LINE).read_until(b'\n', &mut sink), Ok(n) if n > 0 && sink.last() != Some(&b'\n'))
+                            {
+                                sink.clear();
+                            }
+                        }
+                        Ok(_) => {
+                            if let Some(st) = guest::parse_status(&String::from_utf8_lossy(&line)) {
+                                let _ = tx.send(Event::Status(st));
+                            }
+                        }
                     }
                 }
             }),

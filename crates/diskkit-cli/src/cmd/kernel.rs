@@ -194,7 +194,10 @@ fn write_boot_cmdline(
     force: bool,
     written: &mut Vec<Written>,
 ) -> Result<()> {
-    let image_cmdline = written.iter().find(|w| w.role == "cmdline").map(|w| w.path.clone());
+    let image_cmdline = written
+        .iter()
+        .find(|w| w.role == "cmdline")
+        .map(|w| w.path.clone());
     let image_text = match &image_cmdline {
         Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading '{}'", p.display()))?),
         None => None,
@@ -210,7 +213,8 @@ fn write_boot_cmdline(
         .with_context(|| format!("reading '{}'", kernel.path.display()))?;
     head.truncate(n);
     let has_initramfs = written.iter().any(|w| w.role == "initramfs") || kernel.role == "uki";
-    let text = crate::boot::kernel::boot_cmdline(disk, selector, image_text.as_deref(), &head, has_initramfs)?;
+    let text =
+        crate::boot::kernel::boot_cmdline(disk, selector, image_text.as_deref(), &head, has_initramfs)?;
     let dest = dir.join("cmdline");
     let pending = diskkit::output::PendingFile::new(&dest, force || image_cmdline.is_some())?;
     std::fs::write(pending.temp_path(), format!("{text}\n"))

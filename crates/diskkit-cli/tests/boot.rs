@@ -429,7 +429,7 @@ fn wait_for_qemu(b: &Boot, limit: Duration) {
 #[test]
 fn sigint_during_boot_stops_qemu_and_cleans_up() {
     let b = Boot::new();
-    let mut child = b
+    let child = b
         .command(&["--store", &s(shared_store()), &s(layout()), "--", "true"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

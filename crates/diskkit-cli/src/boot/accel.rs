@@ -280,7 +280,9 @@ fn probe(
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     seen.extend_from_slice(&buf[..n]);
-                    if seen.windows(MARKER.len()).any(|w| w == MARKER) {
+                    // The console turns the newline into CR LF: match the text only.
+                    let text = &MARKER[..MARKER.len() - 1];
+                    if seen.windows(text.len()).any(|w| w == text) {
                         let _ = tx.send(());
                         break;
                     }

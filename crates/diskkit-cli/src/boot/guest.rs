@@ -124,7 +124,7 @@ mod tests {
     /// The script's quoting survives a real shell: run its command part with `sh` locally.
     #[test]
     fn quoting_round_trips_through_sh() {
-        let argv = vec![
+        let argv = [
             "printf".to_owned(),
             "%s|".to_owned(),
             "it's".to_owned(),

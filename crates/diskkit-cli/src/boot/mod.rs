@@ -395,9 +395,8 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         .partition
         .as_deref()
         .map_or(PartitionSelector::Auto, PartitionSelector::parse);
-    let rootfs = RootFs::open(root.disk.clone(), &selector).with_context(|| format!("{}", root.name))?;
-    let found =
-        kernel::find(&rootfs, req.kernel_version.as_deref()).with_context(|| format!("{}", root.name))?;
+    let rootfs = RootFs::open(root.disk.clone(), &selector).with_context(|| root.name.clone())?;
+    let found = kernel::find(&rootfs, req.kernel_version.as_deref()).with_context(|| root.name.clone())?;
     let mut notes = found.notes.clone();
     for w in &found.discovery.warnings {
         eprintln!("diskkit: warning: {w}");
@@ -409,7 +408,7 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         .chain(req.kargs.iter().map(String::as_str))
         .flat_map(kernel::split_cmdline)
         .filter_map(|a| a.strip_prefix("init=").map(str::to_owned))
-        .last();
+        .next_back();
     let needs_systemd = req.ssh || !req.command.is_empty();
     if needs_systemd {
         let fs = rootfs.filesystem()?;
@@ -742,7 +741,7 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         }
     }
     clock.step("runtime directory ready");
-    let outcome = supervise::run(supervise::Launch {
+    let outcome = supervise::run(&supervise::Launch {
         qemu: &qemu_path,
         args,
         run: &run,

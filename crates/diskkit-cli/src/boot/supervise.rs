@@ -225,7 +225,7 @@ enum End {
     Timeout(Duration),
 }
 
-pub(super) fn run(l: Launch<'_>) -> Result<u8> {
+pub(super) fn run(l: &Launch<'_>) -> Result<u8> {
     let console_mode = matches!(l.spec.console, Console::Stdio(_));
     let command_mode = !l.command.is_empty() && l.ssh.is_none();
     let stop_flag = Arc::new(AtomicBool::new(false));
@@ -434,7 +434,7 @@ pub(super) fn run(l: Launch<'_>) -> Result<u8> {
         if let Some(c) = &mut ssh_child {
             if let Ok(Some(st)) = c.try_wait() {
                 ssh_child = None;
-                let code = st.code().map_or_else(|| 128 + st.signal().unwrap_or(0), |c| c);
+                let code = st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
                 let code = u8::try_from(code).unwrap_or(255);
                 if !l.persist {
                     break End::Command(code);

@@ -444,6 +444,33 @@ fn sigint_during_boot_stops_qemu_and_cleans_up() {
     b.assert_clean();
 }
 
+/// QEMU crashing mid-boot (killed with SIGKILL here): reported with its status, exit 2,
+/// nothing left.
+#[test]
+fn qemu_crash_is_reported_and_cleaned_up() {
+    let b = Boot::new();
+    let child = b
+        .command(&["--store", &s(shared_store()), &s(layout()), "--", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_qemu(&b, Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    for pid in b.qemus() {
+        run(Command::new("kill").args(["-KILL", &pid.to_string()]));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(
+        err.lines().last().unwrap_or_default(),
+        "diskkit: error: QEMU failed (killed by signal 9)",
+        "{err}"
+    );
+    b.assert_clean();
+}
+
 /// SIGKILL of diskkit mid-boot: QEMU dies with it (parent-death signal); the runtime
 /// directory it leaves is removed by the next run, here one that fails at once because
 /// QEMU is missing (a clear error, exit 2).

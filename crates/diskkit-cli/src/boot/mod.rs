@@ -493,13 +493,14 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
             }
             p
         };
-        let disk = source::open_disk(&d.path, d.format, policy, !d.read_only && !dry)?;
-        planned.push(PlannedDisk::new(
-            &format!("disk{}", i + 1),
-            disk,
-            !d.read_only,
-            transport,
-        ));
+        // Read-only to look at it; writable only when diskkit serves it (QEMU opens RAW and
+        // qcow2 files itself, and must be the only writer).
+        let disk = source::open_disk(&d.path, d.format, policy.clone(), false)?;
+        let mut p = PlannedDisk::new(&format!("disk{}", i + 1), disk, !d.read_only, transport);
+        if p.nbd && p.writable && !dry {
+            p.root = source::open_disk(&d.path, d.format, policy, true)?;
+        }
+        planned.push(p);
     }
     let nbd_socket = run_path.join("nbd.sock");
     // The root's writable layer.
@@ -741,6 +742,11 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         }
     }
     clock.step("runtime directory ready");
+    // QEMU opens the file-backed disks itself: diskkit lets go of them first (the NBD server
+    // keeps what it serves).
+    drop(planned);
+    drop(found);
+    drop(rootfs);
     let outcome = supervise::run(&supervise::Launch {
         qemu: &qemu_path,
         args,
@@ -758,7 +764,6 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         handle.shutdown();
         let _ = thread.join();
     }
-    drop(planned);
     drop(run);
     outcome
 }

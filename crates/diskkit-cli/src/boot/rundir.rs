@@ -61,6 +61,15 @@ impl RunDir {
             .tempdir_in(base)
             .with_context(|| format!("creating a runtime directory in '{}'", base.display()))?;
         let path = dir.keep();
+        // Unix socket paths are limited to 107 bytes; the longest diskkit uses here is
+        // `.../stderr.sock`.
+        if path.as_os_str().len() + "/stderr.sock".len() > 107 {
+            let _ = fs::remove_dir_all(&path);
+            bail!(
+                "the runtime directory '{}' is too long a path for Unix sockets: set XDG_RUNTIME_DIR (or TMPDIR) to a shorter one",
+                path.display()
+            );
+        }
         let lock_path = path.join("lock");
         // Lock first, then write our pid: a cleaner that wins the lock before us sees an
         // empty file and leaves the directory alone (blocking here until it lets go).

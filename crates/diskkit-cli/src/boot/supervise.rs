@@ -405,7 +405,10 @@ pub(super) fn run(l: &Launch<'_>) -> Result<u8> {
             }
             Ok(Event::Status(Status::Exit(code))) if command_mode => {
                 if l.verbose {
-                    eprintln!("diskkit: command exited {code} after {:.2}s", started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "diskkit: command exited {code} after {:.2}s",
+                        started.elapsed().as_secs_f64()
+                    );
                 }
                 if !l.persist {
                     break End::Command(code);
@@ -418,7 +421,10 @@ pub(super) fn run(l: &Launch<'_>) -> Result<u8> {
             Ok(Event::SshReady) => {
                 up = true;
                 if l.verbose {
-                    eprintln!("diskkit: SSH answered after {:.2}s", started.elapsed().as_secs_f64());
+                    eprintln!(
+                        "diskkit: SSH answered after {:.2}s",
+                        started.elapsed().as_secs_f64()
+                    );
                 }
                 let ssh = l.ssh.context("ssh")?;
                 let interactive = l.command.is_empty();

@@ -41,6 +41,9 @@ EOF
 }
 "$D" boot --accel tcg --store "$work/store" --disk d.raw --disk d.qcow2 --disk d.asif "$layout" -- sh -c "$(guest 'vdb vdc vdd')" > files.txt
 "$D" boot --accel tcg --store "$work/store" --via nbd --disk e.raw "$layout" -- sh -c "$(guest 'vdb')" > nbd.txt
+echo "each round (op disk MiB/s):"
+sed 's/^/  files boot: /' files.txt
+sed 's/^/  nbd boot:   /' nbd.txt
 med() { awk -v op="$1" -v d="$2" '$1 == op && $2 == d {print $3}' "$3" | median; }
 echo "guest O_DIRECT 1 MiB, MiB/s, median of $rounds ($size MiB read, $((size / 2)) MiB written):"
 printf '%-28s %8s %8s\n' disk read write

@@ -485,13 +485,24 @@ fn sigkill_mid_boot_then_the_next_run_cleans_up() {
         .unwrap();
     wait_for_qemu(&b, Duration::from_secs(120));
     std::thread::sleep(Duration::from_secs(2));
+    let qemus = b.qemus();
     child.kill().unwrap();
     child.wait().unwrap();
+    // Gone, or a zombie (whose files, the lock among them, are closed): a process whose
+    // command line is already empty may still hold its files for a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !b.qemus().is_empty() {
+    let alive = |pid: &u32| {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    while qemus.iter().any(alive) {
         assert!(Instant::now() < deadline, "QEMU outlived a SIGKILLed diskkit");
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(b.qemus().is_empty());
     let stale = b.leftovers();
     assert_eq!(stale.len(), 1, "the killed run's directory: {stale:?}");
     assert!(b.base().join(&stale[0]).join("overlay.qcow2").exists());

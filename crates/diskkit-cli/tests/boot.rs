@@ -488,15 +488,21 @@ fn sigkill_mid_boot_then_the_next_run_cleans_up() {
     let qemus = b.qemus();
     child.kill().unwrap();
     child.wait().unwrap();
-    // Gone, or a zombie (whose files, the lock among them, are closed): a process whose
-    // command line is already empty may still hold its files for a moment.
+    // Gone, or a zombie with no thread left (the files, the lock among them, are closed
+    // with the last thread: a leader that is already a zombie, or whose command line is
+    // already empty, may still have threads holding them for a moment).
     let deadline = Instant::now() + Duration::from_secs(10);
     let alive = |pid: &u32| {
-        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+        let zombie = fs::read_to_string(format!("/proc/{pid}/stat")).map(|st| {
             st.rsplit(')')
                 .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        });
+        match zombie {
+            Err(_) => false,
+            Ok(false) => true,
+            Ok(true) => fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count()) > 1,
+        }
     };
     while qemus.iter().any(alive) {
         assert!(Instant::now() < deadline, "QEMU outlived a SIGKILLed diskkit");

@@ -135,9 +135,23 @@ pub(crate) fn remove_stale(base: &Path) {
         };
         let stale = match File::open(dir.join("lock")) {
             Ok(mut f) => {
-                let free = rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok();
                 let mut pid = String::new();
-                free && ((f.read_to_string(&mut pid).is_ok() && !pid.is_empty()) || old())
+                let written = f.read_to_string(&mut pid).is_ok() && !pid.is_empty();
+                let try_lock = || rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok();
+                let mut free = try_lock();
+                // The run that wrote its pid is gone but something holds the lock: its
+                // QEMU, killed with it, whose threads are still exiting. Give it a moment.
+                let owner_gone = pid
+                    .trim()
+                    .parse::<u32>()
+                    .is_ok_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+                let mut waited = 0;
+                while !free && owner_gone && waited < 20 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    waited += 1;
+                    free = try_lock();
+                }
+                free && (written || old())
             }
             Err(_) => old(),
         };

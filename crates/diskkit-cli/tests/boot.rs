@@ -608,6 +608,11 @@ fn clear_errors() {
         .arg(d.path("nokernel"))
         .arg("v1")
         .arg(d.path("l.tar")));
+    // A root filesystem tarball is not an image: the error says to make a disk of it.
+    one_line(
+        &b.run(&["--store", &d.s("store"), &d.s("l.tar"), "--", "true"]),
+        "is a root filesystem tarball, not a disk or an OCI image; make a disk of it first",
+    );
     let out = b.run(&["--store", &d.s("store"), &d.s("nokernel"), "--", "true"]);
     one_line(&out, "no kernel found; searched: /boot/EFI/Linux/**/*.efi (UKI)");
     assert!(text(&out.stderr).contains("/boot/vmlinuz-<version>"));

@@ -36,36 +36,45 @@ enum Kind {
     Oci,
 }
 
-/// OCI (a layout directory, or a tar: an OCI archive or docker-archive) or a disk image.
+/// A disk image, or something for `diskkit-oci` (a directory; a tar: an OCI archive, a
+/// docker-archive, or a root filesystem tarball; a gzip or zstd file), which tells images from
+/// plain inputs.
 fn classify(path: &Path, format: Option<ImageFormat>) -> Result<Kind> {
     let md = std::fs::metadata(path).with_context(|| format!("cannot open '{}'", path.display()))?;
     if md.is_dir() {
-        if path.join("index.json").is_file() || path.join("oci-layout").is_file() {
-            return Ok(Kind::Oci);
-        }
-        bail!(
-            "'{}' is a directory but not an OCI image layout (no index.json)",
-            path.display()
-        );
+        return Ok(Kind::Oci);
     }
     if format.is_some() {
         return Ok(Kind::Disk);
     }
     let mut head = [0u8; 512];
-    let mut f = File::open(path).with_context(|| format!("opening '{}'", path.display()))?;
+    let mut f = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
-            Err(e) => return Err(e).with_context(|| format!("reading '{}'", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read '{}'", path.display())),
         }
     }
-    // POSIX and GNU tar headers carry "ustar" at offset 257; disk images do not.
-    if n == 512 && &head[257..262] == b"ustar" {
-        return Ok(Kind::Oci);
+    // POSIX and GNU tar headers carry "ustar" at offset 257; gzip and zstd streams start
+    // with their magic numbers. Disk images (RAW holds a boot sector or a filesystem, ASIF
+    // and qcow2 their own magic) do not.
+    let tar = n == 512 && &head[257..262] == b"ustar";
+    let compressed = head[..n].starts_with(&[0x1f, 0x8b]) || head[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    Ok(if tar || compressed { Kind::Oci } else { Kind::Disk })
+}
+
+/// For an input `diskkit-oci` could not unpack into the store: what it is when it is a root
+/// filesystem tarball or directory (which have no manifest digest to name a store entry).
+fn plain_input(path: &Path) -> Option<&'static str> {
+    let platform = diskkit_oci::Platform::host();
+    match diskkit_oci::select(path, None, &platform, false).ok()?.input {
+        diskkit_oci::Input::Image => None,
+        diskkit_oci::Input::Tarball => Some("a root filesystem tarball"),
+        diskkit_oci::Input::Directory => Some("a directory"),
     }
-    Ok(Kind::Disk)
 }
 
 /// Open a disk image or stack read-only and describe its layers.
@@ -167,8 +176,21 @@ pub(crate) fn resolve(req: &BootRequest, store_dir: &Path) -> Result<Root> {
                 .transpose()?;
             let options = store::unpack_options(reference, platform, req.size);
             let mut bars = Bars::on_stderr();
-            let entry = diskkit_oci::unpack_to_store(&path, store_dir, &options, &mut bars)
-                .with_context(|| format!("cannot unpack '{src}' into the store '{}'", store_dir.display()))?;
+            let entry = match diskkit_oci::unpack_to_store(&path, store_dir, &options, &mut bars) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    if let Some(what) = options.reference.is_none().then(|| plain_input(&path)).flatten() {
+                        bail!(
+                            "'{src}' is {what}, not a disk or an OCI image; make a disk of it \
+                             first (diskkit unpack {} root.raw) and boot that",
+                            crate::cmd::shell_path(&path)
+                        );
+                    }
+                    return Err(e).with_context(|| {
+                        format!("cannot unpack '{src}' into the store '{}'", store_dir.display())
+                    });
+                }
+            };
             let hex = entry
                 .dir
                 .file_name()

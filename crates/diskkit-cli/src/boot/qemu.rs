@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use diskkit::ImageFormat;
 use serde_json::{json, Value};
 
@@ -90,9 +90,16 @@ pub(crate) struct VmSpec {
     pub(crate) credentials: Vec<(String, PathBuf)>,
 }
 
-/// Double the commas of a value in QEMU's `key=value,...` option syntax.
-fn esc(p: &Path) -> String {
-    p.to_string_lossy().replace(',', ",,")
+/// A path as QEMU takes it in JSON and in its option syntax: UTF-8 only (serde_json cannot
+/// represent other paths, and a lossy conversion would name another file).
+fn utf8(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("'{}' cannot be given to QEMU: the path is not UTF-8", p.display()))
+}
+
+/// A path in QEMU's `key=value,...` option syntax: UTF-8, commas doubled.
+fn esc(p: &Path) -> Result<String> {
+    Ok(utf8(p)?.replace(',', ",,"))
 }
 
 fn format_name(f: ImageFormat) -> Result<&'static str> {
@@ -122,7 +129,7 @@ pub(crate) fn blockdevs(drive: &Drive) -> Result<Vec<Value>> {
                 out.push(json!({
                     "driver": "file",
                     "node-name": file,
-                    "filename": path,
+                    "filename": utf8(path)?,
                     "read-only": read_only,
                 }));
                 let mut fmt = json!({
@@ -146,7 +153,7 @@ pub(crate) fn blockdevs(drive: &Drive) -> Result<Vec<Value>> {
                 out.push(json!({
                     "driver": "nbd",
                     "node-name": name,
-                    "server": {"type": "unix", "path": socket},
+                    "server": {"type": "unix", "path": utf8(socket)?},
                     "export": export,
                     "read-only": read_only,
                 }));
@@ -160,7 +167,7 @@ pub(crate) fn blockdevs(drive: &Drive) -> Result<Vec<Value>> {
         out.push(json!({
             "driver": "file",
             "node-name": file,
-            "filename": o.path,
+            "filename": utf8(&o.path)?,
             "discard": "unmap",
             "cache": cache,
         }));
@@ -228,7 +235,7 @@ pub(crate) fn args(spec: &VmSpec) -> Result<Vec<OsString>> {
         Console::Stdio(log) => {
             let mut chardev = "stdio,id=console,mux=on,signal=off".to_owned();
             if let Some(l) = log {
-                chardev.push_str(&format!(",logfile={}", esc(l)));
+                chardev.push_str(&format!(",logfile={}", esc(l)?));
             }
             a.push("-chardev".into());
             a.push(chardev.into());
@@ -244,7 +251,7 @@ pub(crate) fn args(spec: &VmSpec) -> Result<Vec<OsString>> {
         }
         Console::Socket(p) => {
             a.push("-chardev".into());
-            a.push(format!("socket,id=console,path={}", esc(p)).into());
+            a.push(format!("socket,id=console,path={}", esc(p)?).into());
             a.extend(["-serial", "chardev:console"].map(OsString::from));
         }
     }
@@ -252,14 +259,14 @@ pub(crate) fn args(spec: &VmSpec) -> Result<Vec<OsString>> {
         a.extend(["-device", "virtio-serial-pci,id=vser"].map(OsString::from));
         for (i, (name, path)) in spec.ports.iter().enumerate() {
             a.push("-chardev".into());
-            a.push(format!("socket,id=port{i},path={}", esc(path)).into());
+            a.push(format!("socket,id=port{i},path={}", esc(path)?).into());
             a.push("-device".into());
             a.push(format!("virtserialport,bus=vser.0,chardev=port{i},name={name}").into());
         }
     }
     for (name, file) in &spec.credentials {
         a.push("-fw_cfg".into());
-        a.push(format!("name=opt/io.systemd.credentials/{name},file={}", esc(file)).into());
+        a.push(format!("name=opt/io.systemd.credentials/{name},file={}", esc(file)?).into());
     }
     Ok(a)
 }
@@ -366,6 +373,36 @@ mod tests {
             ..n
         };
         assert!(blockdevs(&asif).is_err());
+    }
+
+    /// A path that is not UTF-8 (a --persist or --console-log name, a runtime directory) is an
+    /// error, not a panic in serde_json or a lossily converted name.
+    #[test]
+    fn paths_that_are_not_utf8_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = PathBuf::from(std::ffi::OsStr::from_bytes(b"/run/st\xff.qcow2"));
+        let d = Drive {
+            id: "root".into(),
+            chain: vec![file("/base.raw", ImageFormat::Raw)],
+            overlay: Some(Overlay {
+                path: bad.clone(),
+                throwaway: false,
+            }),
+            writable: false,
+        };
+        let e = blockdevs(&d).unwrap_err().to_string();
+        assert!(e.contains("the path is not UTF-8"), "{e}");
+        let d = Drive {
+            chain: vec![Node::Nbd {
+                socket: bad.clone(),
+                export: "root".into(),
+            }],
+            overlay: None,
+            ..d
+        };
+        assert!(blockdevs(&d).is_err());
+        assert!(esc(&bad).is_err());
+        assert_eq!(esc(Path::new("/a,b")).unwrap(), "/a,,b");
     }
 
     #[test]

@@ -79,7 +79,8 @@ Exit status:
   1  a negative answer: 'compare' found a difference
   2  an error (bad arguments, a missing or damaged file, ...), explained on stderr
   'check' follows 'qemu-img check' instead: 0 consistent, 1 the check could not complete,
-  2 corruptions left (or an error before the check began), 3 leaked clusters left.";
+  2 corruptions left (or an error before the check began), 3 leaked clusters left.
+  'boot' with a COMMAND exits with the command's own status (2 when diskkit or the VM fails).";
 
 /// The subcommands, in the order `--help` lists them.
 #[derive(Debug, Subcommand)]
@@ -109,6 +110,7 @@ pub(crate) enum Command {
     Cp(cmd::fs::CpArgs),
     Kernel(cmd::kernel::Args),
     Unpack(cmd::unpack::Args),
+    Boot(cmd::boot::Args),
     Pull(cmd::pull::Args),
     Push(cmd::push::Args),
     #[command(subcommand, after_help = cmd::bundle::EXAMPLES)]
@@ -151,6 +153,7 @@ pub(crate) fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Cp(a) => cmd::fs::cp(a),
         Command::Kernel(a) => cmd::kernel::run(a),
         Command::Unpack(a) => cmd::unpack::run(a),
+        Command::Boot(a) => cmd::boot::run(a),
         Command::Pull(a) => cmd::pull::run(a),
         Command::Push(a) => cmd::push::run(a),
         Command::Bundle(c) => cmd::bundle::run(c.clone()),

@@ -1,6 +1,7 @@
 //! `diskkit`: the command-line tool. Glue only: parse arguments, call the libraries, print.
 
 mod args;
+mod boot;
 mod cli;
 mod cmd;
 mod format;

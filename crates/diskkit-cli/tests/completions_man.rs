@@ -8,7 +8,7 @@ use std::process::Command;
 use support::{diskkit_ok, Dir};
 
 /// Every command with its own man page.
-const PAGES: [&str; 42] = [
+const PAGES: [&str; 43] = [
     "diskkit",
     "diskkit-create",
     "diskkit-info",
@@ -35,6 +35,7 @@ const PAGES: [&str; 42] = [
     "diskkit-cp",
     "diskkit-kernel",
     "diskkit-unpack",
+    "diskkit-boot",
     "diskkit-pull",
     "diskkit-push",
     "diskkit-bundle",

@@ -618,3 +618,93 @@ fn errors_are_one_line() {
     );
     assert!(!d.path("x.raw").exists());
 }
+
+/// `diskkit boot` takes a registry reference: the image is pulled into the shared layout and
+/// unpacked into the store as the same entry as from the local layout (a dry run: the whole
+/// path up to QEMU's command line, with this machine's kernel in the image).
+#[test]
+fn boot_from_a_registry_is_the_same_as_from_the_local_layout() {
+    let reg = DockerRegistry::start(&Auth::None);
+    let d = Dir::new();
+    let kernel = fs::read_dir("/boot")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .expect("a kernel in /boot (.ci/run installs linux-image-cloud-amd64)");
+    let kernel = fs::read(kernel).unwrap();
+    let b = LayoutBuilder::new(&d.path("lay"));
+    let layer = tar_layer(&[
+        ("boot/vmlinuz-6.1.0-test", &kernel),
+        ("boot/initrd.img-6.1.0-test", b"initrd"),
+        ("sbin/init", b"#!/bin/sh\n"),
+    ]);
+    let m = b.manifest("amd64", &[layer]);
+    b.finish("v1", &[("amd64", m)]);
+    let host = reg.host();
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:v1", d.s("lay")),
+        &format!("docker://{host}/test/boot:v1"),
+    ]);
+    let dry_run = |src: &str, store: &str| -> serde_json::Value {
+        let o = Command::new(support::diskkit_bin())
+            .args([
+                "boot",
+                "--dry-run",
+                "--output",
+                "json",
+                "--accel",
+                "tcg",
+                "--store",
+                store,
+                src,
+            ])
+            .env("XDG_CACHE_HOME", d.path("cache"))
+            .env("XDG_RUNTIME_DIR", d.path("run"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "boot {src}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    fs::create_dir_all(d.path("run")).unwrap();
+    let remote = dry_run(&format!("{host}/test/boot:v1"), &d.s("store-r"));
+    let local = dry_run(&format!("{}:v1", d.s("lay")), &d.s("store-l"));
+    assert!(d.path("cache/diskkit/oci/index.json").is_file());
+    // The same store entry (named by the manifest digest) and the same kernel.
+    let entries = |store: &str| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d.path(store).join("snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "ingest")
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(entries("store-r"), entries("store-l"));
+    assert_eq!(entries("store-r").len(), 1);
+    let kernel_hash = |v: &serde_json::Value| -> String {
+        let args = v["args"].as_array().unwrap();
+        let i = args.iter().position(|a| a == "-kernel").unwrap();
+        let p = Path::new(args[i + 1].as_str().unwrap());
+        p.parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    assert_eq!(kernel_hash(&remote), kernel_hash(&local));
+    // A second boot of the reference fetches no blob.
+    let before = reg.requests().len();
+    dry_run(&format!("docker://{host}/test/boot:v1"), &d.s("store-r"));
+    assert!(!reg.requests()[before..]
+        .iter()
+        .any(|(m, p, _)| m == "GET" && p.contains("/blobs/")));
+}

@@ -50,6 +50,11 @@ pub struct UnpackOptions {
     pub overwrite: bool,
     /// Write ext4 metadata checksums (`metadata_csum`).
     pub metadata_csum: bool,
+    /// Add an internal ext4 journal (for roots that boot read-write; see
+    /// [`diskkit_ext4::writer::Options::journal`]).
+    pub journal: bool,
+    /// Filesystem label (at most 16 bytes); none when empty.
+    pub label: String,
 }
 
 impl Default for UnpackOptions {
@@ -62,6 +67,8 @@ impl Default for UnpackOptions {
             reproducible: false,
             overwrite: false,
             metadata_csum: false,
+            journal: false,
+            label: String::new(),
         }
     }
 }
@@ -205,6 +212,8 @@ pub fn unpack_selected(
     let mut fs_options = Options {
         size: options.size,
         metadata_csum: options.metadata_csum,
+        journal: options.journal,
+        label: options.label.as_bytes().to_vec(),
         ..Options::default()
     };
     if options.reproducible {

@@ -2,6 +2,7 @@
 //! implementation; helpers shared by several commands.
 
 pub(crate) mod access;
+pub(crate) mod boot;
 pub(crate) mod bundle;
 pub(crate) mod cache;
 pub(crate) mod check;

@@ -20,9 +20,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::size::{human, Bytes};
 
-/// How to reach registries: shared by `pull`, `push` and `unpack`.
+/// Who we are to registries and which ones we trust: shared by `pull`, `push`, `unpack` and
+/// `boot`.
 #[derive(Debug, Clone, ClapArgs)]
-pub(crate) struct RegistryArgs {
+pub(crate) struct RegistryAccessArgs {
     /// Credentials for the registry (otherwise looked up in
     /// $XDG_RUNTIME_DIR/containers/auth.json and ~/.docker/config.json).
     #[arg(long, value_name = "USER:PASSWORD")]
@@ -34,6 +35,13 @@ pub(crate) struct RegistryArgs {
     /// Trust the CA certificates in this PEM file too (repeatable).
     #[arg(long = "ca-file", value_name = "FILE")]
     pub(crate) ca_files: Vec<PathBuf>,
+}
+
+/// How to reach registries: shared by `pull`, `push` and `unpack`.
+#[derive(Debug, Clone, ClapArgs)]
+pub(crate) struct RegistryArgs {
+    #[command(flatten)]
+    pub(crate) access: RegistryAccessArgs,
     /// Blobs (or disk slices) transferred at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub(crate) jobs: usize,
@@ -45,26 +53,45 @@ pub(crate) struct RegistryArgs {
     pub(crate) timeout: u64,
 }
 
-impl RegistryArgs {
-    /// The library's options for these arguments (and an upload chunk size).
-    pub(crate) fn options(&self, chunk_size: Option<u64>) -> Result<RegistryOptions> {
+impl RegistryAccessArgs {
+    /// The library's options for these arguments, transfer settings and an upload chunk size.
+    pub(crate) fn options(
+        &self,
+        jobs: usize,
+        retries: u32,
+        timeout: u64,
+        chunk_size: Option<u64>,
+    ) -> Result<RegistryOptions> {
         let credentials = self.creds.as_deref().map(Credentials::parse).transpose()?;
         Ok(RegistryOptions {
             http: ClientOptions {
-                read_timeout: Duration::from_secs(self.timeout.max(1)),
+                read_timeout: Duration::from_secs(timeout.max(1)),
                 extra_ca_files: self.ca_files.clone(),
                 retry: RetryPolicy {
-                    attempts: self.retries.max(1),
+                    attempts: retries.max(1),
                     ..RetryPolicy::default()
                 },
                 ..ClientOptions::default()
             },
             credentials,
             insecure: self.insecure,
-            jobs: self.jobs.max(1),
+            jobs: jobs.max(1),
             chunk_size,
             ..RegistryOptions::default()
         })
+    }
+
+    /// The options with the default transfer settings (`--jobs 4 --retries 7 --timeout 30`).
+    pub(crate) fn default_options(&self) -> Result<RegistryOptions> {
+        self.options(4, 7, 30, None)
+    }
+}
+
+impl RegistryArgs {
+    /// The library's options for these arguments (and an upload chunk size).
+    pub(crate) fn options(&self, chunk_size: Option<u64>) -> Result<RegistryOptions> {
+        self.access
+            .options(self.jobs, self.retries, self.timeout, chunk_size)
     }
 }
 

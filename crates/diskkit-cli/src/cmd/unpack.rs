@@ -17,7 +17,7 @@ use crate::messages::{self, done};
 use crate::size::{self, human, Bytes};
 
 /// Split `SRC[:REF]`: the longest prefix that exists as a path is the source.
-fn split_source(src: &str) -> (PathBuf, Option<String>) {
+pub(crate) fn split_source(src: &str) -> (PathBuf, Option<String>) {
     if Path::new(src).exists() {
         return (PathBuf::from(src), None);
     }
@@ -31,9 +31,24 @@ fn split_source(src: &str) -> (PathBuf, Option<String>) {
 }
 
 /// One progress bar per layer on a terminal; nothing otherwise.
-struct Bars {
+pub(crate) struct Bars {
     multi: MultiProgress,
     current: Option<ProgressBar>,
+}
+
+impl Bars {
+    /// Bars on stderr when it is a terminal, hidden otherwise.
+    pub(crate) fn on_stderr() -> Bars {
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Bars {
+            multi: MultiProgress::with_draw_target(target),
+            current: None,
+        }
+    }
 }
 
 impl Progress for Bars {
@@ -96,7 +111,8 @@ pub(crate) struct Args {
         value_name = "FORMAT"
     )]
     format: Option<Format>,
-    /// Filesystem size (sparse); default: compact (content plus about 10%).
+    /// Filesystem size (sparse); default: compact (content plus about 10%), with --store
+    /// 64G.
     #[arg(long, value_name = "SIZE", value_parser = size::disk_size, allow_hyphen_values = true)]
     size: Option<Bytes>,
     /// OCI images: the platform OS/ARCH[/VARIANT] (default: the host's).
@@ -114,6 +130,8 @@ pub(crate) struct Args {
     force: bool,
     /// OCI images: write an Apple `container` snapshot store entry in DIR
     /// (snapshots/<manifest-hex>/snapshot + snapshot-info) instead of DST; reused if present.
+    /// Entries are what `diskkit boot` boots: RAW, 64 GiB sparse unless --size, with a journal
+    /// and the label `root`.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["dst", "new_format"])]
     store: Option<PathBuf>,
     #[command(flatten)]
@@ -129,6 +147,20 @@ pub(crate) struct Args {
     /// The ext4 image to create.
     #[arg(required_unless_present = "store")]
     dst: Option<PathBuf>,
+}
+
+/// A filesystem size from `--size` (of `unpack` and `boot`), with a warning when it is not a
+/// whole number of ext4 blocks (the filesystem ends at the last whole block).
+pub(crate) fn fs_size(size: u64) -> u64 {
+    let rounded = size / 4096 * 4096;
+    if rounded != size {
+        crate::messages::warn(format_args!(
+            "--size {size} is not a whole number of 4 KiB ext4 blocks; the filesystem is \
+             {rounded} bytes ({})",
+            human(rounded)
+        ));
+    }
+    size
 }
 
 pub(crate) fn run(args: &Args) -> Result<u8> {
@@ -155,22 +187,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         Some(dst) => format::for_output(args.format, dst)?,
         None => ImageFormat::Raw,
     };
-    let size = match args.size {
-        Some(s) => {
-            let rounded = s.value / 4096 * 4096;
-            if rounded != s.value {
-                crate::messages::warn(format_args!(
-                    "--size {} is not a whole number of 4 KiB ext4 blocks; the filesystem is {} \
-                     bytes ({})",
-                    s.value,
-                    rounded,
-                    human(rounded)
-                ));
-            }
-            Some(s.value)
-        }
-        None => None,
-    };
+    let size = args.size.map(|s| fs_size(s.value));
     let options = UnpackOptions {
         reference,
         platform,
@@ -179,17 +196,13 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         reproducible: args.reproducible,
         overwrite: args.force,
         metadata_csum: args.metadata_csum,
+        ..UnpackOptions::default()
     };
-    let target = if std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let mut bars = Bars {
-        multi: MultiProgress::with_draw_target(target),
-        current: None,
-    };
+    let mut bars = Bars::on_stderr();
     if let Some(store) = &args.store {
+        // Store entries are what `diskkit boot` boots: sized for use, with a journal.
+        let mut options = options.clone();
+        crate::boot::store::entry_options(&mut options, size);
         let entry = unpack_to_store(&path, store, &options, &mut bars)
             .with_context(|| format!("cannot unpack '{src}' into the store '{}'", store.display()))?;
         let what = if entry.cache_hit { "reused" } else { "stored" };

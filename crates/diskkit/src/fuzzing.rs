@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use crate::image::DiskImage;
-use crate::options::{ImageFormat, OpenMode, OpenOptions};
+use crate::layer::{ImageFormat, OpenMode};
+use crate::stack::OpenOptions;
 use crate::storage::{MemStorage, Storage};
 
 /// Open `data` as an ASIF image (read-write, in memory) and exercise it: reads over the whole
@@ -18,7 +19,7 @@ pub fn asif_open(data: &[u8]) {
 pub fn qcow2_open(data: &[u8]) {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(data.to_vec()));
     let detached = OpenOptions::new().format(ImageFormat::Qcow2);
-    if let Ok(layer) = crate::image::open_layer(storage, &detached) {
+    if let Ok(layer) = crate::stack::open::open_layer(storage, &detached) {
         if layer.layer_info().parent_path.is_some() {
             let size = layer.size();
             let span = size.min(8 << 20);
@@ -71,7 +72,7 @@ pub fn qcow2_check(data: &[u8]) {
     );
     let reopened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(storage.to_bytes()));
     let options = OpenOptions::new().format(ImageFormat::Qcow2);
-    if let Ok(layer) = crate::image::open_layer(reopened, &options) {
+    if let Ok(layer) = crate::stack::open::open_layer(reopened, &options) {
         let span = layer.size().min(1 << 20);
         let mut pos = 0;
         while pos < span {

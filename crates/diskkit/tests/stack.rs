@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskkit::stack::operations;
+use diskkit::operations::stack as operations;
 use diskkit::storage::{MemStorage, Storage};
 use diskkit::{
     CreateOptions, DiskImage, ErrorKind, ExtentKind, ImageFormat, LayerOptions, LayerType, OpenOptions,

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use diskkit::stack::operations;
+use diskkit::operations::stack as operations;
 use diskkit::{ImageFormat, LayerOptions, LayerType};
 
 use super::{open_image, open_options};

@@ -192,7 +192,7 @@ impl Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::options::{ImageFormat, LayerType};
+    use crate::layer::{ImageFormat, LayerType};
 
     #[test]
     fn round_trip() {

@@ -23,9 +23,10 @@ use self::header::{Header, HEADER_SIZE};
 use self::metadata::Metadata;
 use self::state::{read_padded, Directory, State, MAX_DIRTY_BITMAPS};
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
+use crate::layer::ImageFormat;
 use crate::layer::{Access, Allocation, Layer, LayerInfo, WritePlan};
 use crate::mapping::Mapping;
-use crate::options::ImageFormat;
 use crate::storage::Storage;
 
 /// The magic at offset 0 of an ASIF file.
@@ -33,6 +34,35 @@ pub const MAGIC: &[u8; 4] = b"shdw";
 
 /// Apple's maximum virtual size: 4 PiB.
 const APPLE_MAX_BYTES: u64 = 1 << 52;
+
+/// The ASIF driver.
+pub(crate) static DRIVER: Driver = Driver;
+
+/// See [`DRIVER`].
+pub(crate) struct Driver;
+
+impl FormatDriver for Driver {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Asif
+    }
+
+    fn recognises(&self, head: &[u8]) -> bool {
+        head.starts_with(MAGIC)
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, how: &LayerOpen<'_>) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(AsifImage::open_with(storage, how.access)?))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(AsifImage::create(
+            storage,
+            options.size,
+            options.block_size,
+            options.chunk_size,
+        )?))
+    }
+}
 
 /// An ASIF image.
 #[derive(Debug)]

@@ -36,13 +36,46 @@ use self::refcount::Refcounts;
 pub use self::report::{CheckReport, Problem, ProblemKind, Repair};
 use self::tables::{Reservation, State};
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
+use crate::layer::ImageFormat;
 use crate::layer::{Access, Allocation, Layer, LayerInfo, WritePlan};
 use crate::mapping::Mapping;
-use crate::options::ImageFormat;
 use crate::storage::Storage;
 
 /// The magic at offset 0 of a qcow2 file.
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// The qcow2 driver.
+pub(crate) static DRIVER: Driver = Driver;
+
+/// See [`DRIVER`].
+pub(crate) struct Driver;
+
+impl FormatDriver for Driver {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn recognises(&self, head: &[u8]) -> bool {
+        head.starts_with(MAGIC)
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, how: &LayerOpen<'_>) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(Qcow2Image::open_with(storage, how.access, how.repair)?))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(Qcow2Image::create(
+            storage,
+            &Qcow2CreateOptions {
+                size: options.size,
+                cluster_size: options.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE),
+                backing_file: options.backing.as_ref().map(|b| b.0.clone()),
+                backing_format: options.backing.as_ref().and_then(|b| b.1),
+            },
+        )?))
+    }
+}
 
 /// Format details shown by `info`.
 #[derive(Debug, Clone, PartialEq, Eq)]

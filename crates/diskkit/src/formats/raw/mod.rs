@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
-use crate::layer::{Layer, LayerInfo, WritePlan};
+use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
+use crate::layer::ImageFormat;
+use crate::layer::{Access, Layer, LayerInfo, WritePlan};
 use crate::mapping::Mapping;
-use crate::options::ImageFormat;
 use crate::storage::Storage;
 
 /// Requests at least this long look for a hole where they start (see [`RawImage`]'s `map`).
@@ -17,6 +18,38 @@ const SPARSE_READ_MIN: u64 = 128 << 10;
 const MAX_KNOWN_EXTENTS: usize = 1 << 16;
 /// Extents learned on the way to the one a read asks about, at most.
 const LEARN_WALK: usize = 16;
+
+/// The RAW driver: no signature, the file is the disk.
+pub(crate) static DRIVER: Driver = Driver;
+
+/// See [`DRIVER`].
+pub(crate) struct Driver;
+
+impl FormatDriver for Driver {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn recognises(&self, _head: &[u8]) -> bool {
+        false
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, how: &LayerOpen<'_>) -> Result<Arc<dyn Layer>> {
+        // A RAW file records no layer type, so it is never a cache layer.
+        Ok(Arc::new(match how.access {
+            Access::Parent(_) => RawImage::open_parent(storage, how.raw_block_size)?,
+            access => RawImage::open(storage, how.raw_block_size, matches!(access, Access::ReadWrite))?,
+        }))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(RawImage::create(
+            storage,
+            options.size,
+            options.block_size,
+        )?))
+    }
+}
 
 /// A RAW image.
 #[derive(Debug)]

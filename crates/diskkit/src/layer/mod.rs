@@ -6,6 +6,8 @@
 //!
 //! All methods take `&self`: drivers are shared across threads and synchronise internally.
 
+mod kind;
+
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -13,8 +15,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::mapping::Mapping;
-use crate::options::{ImageFormat, LayerType};
 use crate::storage::Storage;
+
+pub use self::kind::{ImageFormat, LayerType, OpenMode};
 
 /// Where a write can go, as decided by [`Layer::prepare_write`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,9 +7,9 @@
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::layer::LayerType;
 use crate::layer::{Layer, WritePlan};
 use crate::mapping::{Extent, ExtentKind, Mapping};
-use crate::options::LayerType;
 
 /// One level of a stack.
 #[derive(Debug)]
@@ -137,7 +137,7 @@ fn fill_absent(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Resu
     let mut p = a0;
     while p < a1 {
         let piece = &data[(p - offset) as usize..(p - offset + g) as usize];
-        push(p, p + g, crate::copy::is_zero(piece));
+        push(p, p + g, crate::storage::is_zero(piece));
         p += g;
     }
     if end > a1.max(offset) {

@@ -4,7 +4,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use diskkit::layer::{Allocation, Layer, LayerInfo, WritePlan};
+use diskkit::layer::{Layer, LayerInfo, Write, WriteMode, Zeroing};
 use diskkit::storage::{MemStorage, Storage};
 use diskkit::{CreateOptions, DiskImage, ImageFormat, LayerOptions, Mapping, OpenMode, OpenOptions};
 
@@ -63,22 +63,18 @@ impl Layer for PausingLayer {
     fn allocation_granularity(&self) -> u64 {
         self.inner.allocation_granularity()
     }
-    fn prepare_write(&self, offset: u64, len: u64) -> diskkit::Result<WritePlan> {
-        // The fill has checked that the range is absent and is about to write it.
-        self.pause_if_filler();
-        self.inner.prepare_write(offset, len)
-    }
-    fn allocate(&self, offset: u64, len: u64) -> diskkit::Result<Allocation> {
-        self.inner.allocate(offset, len)
-    }
-    fn commit(&self, offset: u64, len: u64) -> diskkit::Result<()> {
-        self.inner.commit(offset, len)
+    fn write(&self, request: &Write<'_>) -> diskkit::Result<()> {
+        // The fill has read beneath and is about to store what it read.
+        if request.mode == WriteMode::FillAbsent {
+            self.pause_if_filler();
+        }
+        self.inner.write(request)
     }
     fn zero_granularity(&self, hide_below: bool) -> u64 {
         self.inner.zero_granularity(hide_below)
     }
-    fn set_zero(&self, offset: u64, len: u64, unmap: bool, hide_below: bool) -> diskkit::Result<()> {
-        self.inner.set_zero(offset, len, unmap, hide_below)
+    fn zero(&self, request: &Zeroing) -> diskkit::Result<()> {
+        self.inner.zero(request)
     }
     fn flush(&self) -> diskkit::Result<()> {
         self.inner.flush()

@@ -304,7 +304,15 @@ fn backing_file_is_recorded_not_opened_and_unallocated_is_absent() {
     .unwrap();
     use diskkit::Layer;
     // Zeroing in a layer with a backing file hides the backing file.
-    layer.set_zero(0, 65536, true, false).unwrap();
+    layer
+        .zero(&diskkit::layer::Zeroing {
+            offset: 0,
+            len: 65536,
+            unmap: true,
+            hide_below: false,
+            mode: diskkit::layer::WriteMode::Replace,
+        })
+        .unwrap();
     layer.flush().unwrap();
     drop(layer);
     check_clean(&ours);

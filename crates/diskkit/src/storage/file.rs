@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
@@ -11,11 +12,33 @@ use super::{write_zero_bytes, Storage, StorageExtent};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 
 /// A regular file (or block device) used positionally.
+///
+/// A sync with nothing written since the last one costs nothing (no `fdatasync`). A sync that
+/// fails makes every later one fail too: Linux may drop the pages it could not write back and
+/// report success next time, so the data's durability can no longer be promised.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    durability: Durability,
+}
+
+/// What [`FileStorage::sync`] knows about writes since the last sync.
+#[derive(Debug, Default)]
+struct Durability {
+    /// Changes made (writes, size changes, holes) so far.
+    changes: AtomicU64,
+    /// The value of `changes` that the last successful sync covered.
+    synced: AtomicU64,
+    /// A sync failed: the page cache may have lost writes.
+    failed: AtomicBool,
+}
+
+impl Durability {
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl FileStorage {
@@ -36,6 +59,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            durability: Durability::default(),
         })
     }
 
@@ -53,6 +77,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            durability: Durability::default(),
         })
     }
 
@@ -62,6 +87,7 @@ impl FileStorage {
             file,
             path: path.as_ref().to_path_buf(),
             writable,
+            durability: Durability::default(),
         }
     }
 
@@ -99,7 +125,9 @@ impl FileStorage {
     }
 
     fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
-        rustix::fs::fallocate(&self.file, flags, offset, len).map_err(io::Error::from)
+        let result = rustix::fs::fallocate(&self.file, flags, offset, len).map_err(io::Error::from);
+        self.durability.changed();
+        result
     }
 }
 
@@ -134,7 +162,9 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.file.write_all_at(buf, offset).map_err(|e| {
+        let result = self.file.write_all_at(buf, offset);
+        self.durability.changed();
+        result.map_err(|e| {
             Error::io(e)
                 .with_path(&self.path)
                 .with_operation("writing")
@@ -144,9 +174,9 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.file
-            .set_len(len)
-            .map_err(|e| Error::io(e).with_path(&self.path).with_operation("resizing"))
+        let result = self.file.set_len(len);
+        self.durability.changed();
+        result.map_err(|e| Error::io(e).with_path(&self.path).with_operation("resizing"))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
@@ -190,9 +220,29 @@ impl Storage for FileStorage {
         if !self.writable {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(e).with_path(&self.path).with_operation("syncing"))
+        let d = &self.durability;
+        if d.failed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier sync of this file failed, so writes since then may be lost",
+            )
+            .with_path(&self.path)
+            .with_operation("syncing"));
+        }
+        let changes = d.changes.load(Ordering::Acquire);
+        if changes == d.synced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                d.synced.fetch_max(changes, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                d.failed.store(true, Ordering::Release);
+                Err(Error::io(e).with_path(&self.path).with_operation("syncing"))
+            }
+        }
     }
 
     fn extent(&self, offset: u64) -> Result<StorageExtent> {

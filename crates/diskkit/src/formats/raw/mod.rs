@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::error::{Error, Result};
 use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
 use crate::layer::ImageFormat;
-use crate::layer::{Access, Layer, LayerInfo, WritePlan};
+use crate::layer::{Access, Health, Layer, LayerInfo, Write, WriteMode, Zeroing};
 use crate::mapping::Mapping;
 use crate::storage::Storage;
 
@@ -61,6 +61,7 @@ pub struct RawImage {
     /// For a parent in a stack (which nothing writes while it is open): the data and hole
     /// extents learned so far, so that reads of any size skip holes without a system call.
     known: Option<KnownExtents>,
+    health: Health,
 }
 
 /// Extents of a file that does not change, learned with `SEEK_DATA`/`SEEK_HOLE` as reads ask.
@@ -131,6 +132,7 @@ impl RawImage {
             size: AtomicU64::new(size),
             block_size,
             known: None,
+            health: Health::new(),
         })
     }
 
@@ -216,6 +218,7 @@ impl Layer for RawImage {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.health.check()?;
         // Copying a hole out of the file costs as much as copying data; zeroing the caller's
         // buffer is cheaper. For a large request one `SEEK_DATA` costs far less than the copy it
         // may save, so holes at the start of large requests are reported as zeroes. Where the
@@ -252,29 +255,44 @@ impl Layer for RawImage {
         }
     }
 
-    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan> {
-        Ok(WritePlan::InPlace {
-            host_offset: offset,
-            len,
-        })
+    fn write(&self, request: &Write<'_>) -> Result<()> {
+        self.health.check()?;
+        if !self.writable {
+            return Err(Error::from_kind(crate::ErrorKind::ReadOnly));
+        }
+        // A RAW image holds every byte: a fill has nothing to store.
+        if request.mode == WriteMode::FillAbsent {
+            return Ok(());
+        }
+        let _changing = self.health.changing()?;
+        self.storage.write_at(request.data, request.offset)
     }
 
     fn zero_granularity(&self, _hide_below: bool) -> u64 {
         1
     }
 
-    fn set_zero(&self, offset: u64, len: u64, unmap: bool, _hide_below: bool) -> Result<()> {
+    fn zero(&self, request: &Zeroing) -> Result<()> {
+        self.health.check()?;
+        if !self.writable {
+            return Err(Error::from_kind(crate::ErrorKind::ReadOnly));
+        }
+        if request.mode == WriteMode::FillAbsent {
+            return Ok(());
+        }
         if let Some(known) = &self.known {
             known.forget();
         }
-        if unmap {
-            self.storage.punch_hole(offset, len)
+        let _changing = self.health.changing()?;
+        if request.unmap {
+            self.storage.punch_hole(request.offset, request.len)
         } else {
-            self.storage.write_zeroes(offset, len)
+            self.storage.write_zeroes(request.offset, request.len)
         }
     }
 
     fn flush(&self) -> Result<()> {
+        self.health.check()?;
         self.storage.sync()
     }
 

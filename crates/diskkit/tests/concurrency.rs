@@ -171,3 +171,234 @@ fn asif_cache_fill_never_overwrites_a_guest_write() {
 fn qcow2_cache_fill_never_overwrites_a_guest_write() {
     fill_never_overwrites_a_guest_write(ImageFormat::Qcow2);
 }
+
+/// A small deterministic generator (each thread has its own).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+const STRESS_SIZE: u64 = 8 << 20;
+const THREADS: usize = 8;
+
+/// The units threads own: 4 KiB in the first half of the disk (so threads share every
+/// allocation unit there), 64 KiB in the second half (a qcow2 cluster, so whole-cluster zeroing
+/// runs next to other threads' allocations).
+fn units() -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < STRESS_SIZE {
+        let len = if pos < STRESS_SIZE / 2 { 4096 } else { 65536 };
+        out.push((pos, len));
+        pos += len;
+    }
+    out
+}
+
+/// The stack under test: a RAW base holding a pattern, a cache layer, and (when `overlay`) an
+/// overlay on top. Returns the stack and the storages of the layers above the base.
+fn stress_stack(format: ImageFormat, overlay: bool, base: &[u8]) -> (DiskImage, Vec<Arc<MemStorage>>) {
+    let base_storage = Arc::new(MemStorage::from_bytes(base.to_vec()));
+    let mut stack =
+        DiskImage::open_storage(base_storage, &OpenOptions::new().format(ImageFormat::Raw)).unwrap();
+    let mut storages = Vec::new();
+    let mut layers = vec![LayerOptions::cache()];
+    if overlay {
+        layers.push(LayerOptions::overlay());
+    }
+    for options in layers {
+        let s = Arc::new(MemStorage::new());
+        storages.push(s.clone());
+        stack
+            .append_new_on(s, &options.format(format).chunk_size(64 << 10))
+            .unwrap();
+    }
+    (stack, storages)
+}
+
+/// Reopen the stack from its storages (the base from `base`).
+fn reopen_stack(format: ImageFormat, base: &[u8], storages: &[Arc<MemStorage>]) -> DiskImage {
+    let base_storage = Arc::new(MemStorage::from_bytes(base.to_vec()));
+    let mut stack =
+        DiskImage::open_storage(base_storage, &OpenOptions::new().format(ImageFormat::Raw)).unwrap();
+    for s in storages {
+        let layer = diskkit::open_layer(
+            Arc::new(MemStorage::from_bytes(s.to_bytes())),
+            &OpenOptions::new().writable(true).format(format),
+        )
+        .unwrap();
+        stack.append_layer(layer, None, OpenMode::ReadWrite).unwrap();
+    }
+    stack
+}
+
+/// One thread's work: random writes (any length and offset inside its own units), zeroing and
+/// discards of its units, reads of its units checked against its model, reads across everyone's
+/// units (which fill the cache), and flushes.
+fn stress_thread(stack: &DiskImage, me: usize, units: &[(u64, u64)], model: &mut [u8], ops: usize) {
+    let mine: Vec<(u64, u64)> = units
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % THREADS == me)
+        .map(|(_, u)| *u)
+        .collect();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (me as u64 + 1) * 0x1234_5678);
+    for step in 0..ops {
+        let (start, len) = mine[rng.below(mine.len() as u64) as usize];
+        let at = start + rng.below(len);
+        let n = 1 + rng.below(start + len - at);
+        match rng.below(10) {
+            0..=3 => {
+                let seed = rng.next() as u8;
+                let data: Vec<u8> = (0..n).map(|i| seed.wrapping_add((i * 7) as u8) | 1).collect();
+                stack.write_at(&data, at).unwrap();
+                model[at as usize..(at + n) as usize].copy_from_slice(&data);
+            }
+            4 => {
+                let unmap = rng.below(2) == 0;
+                stack.write_zeroes(at, n, unmap).unwrap();
+                model[at as usize..(at + n) as usize].fill(0);
+            }
+            5 => {
+                stack.discard(start, len).unwrap();
+                model[start as usize..(start + len) as usize].fill(0);
+            }
+            6 | 7 => {
+                let mut buf = vec![0u8; len as usize];
+                stack.read_at(&mut buf, start).unwrap();
+                assert!(
+                    buf == model[start as usize..(start + len) as usize],
+                    "thread {me} step {step}: unit at {start} does not read what was written"
+                );
+            }
+            8 => {
+                // Across other threads' units: fills the cache; the own units inside must
+                // still read as written.
+                let off = rng.below(STRESS_SIZE - (300 << 10));
+                let mut buf = vec![0u8; (rng.below(256 << 10) + 1) as usize];
+                stack.read_at(&mut buf, off).unwrap();
+                for &(s, l) in &mine {
+                    let (a, b) = (s.max(off), (s + l).min(off + buf.len() as u64));
+                    if a < b {
+                        assert!(
+                            buf[(a - off) as usize..(b - off) as usize] == model[a as usize..b as usize],
+                            "thread {me} step {step}: own range {a}..{b} changed under a wide read"
+                        );
+                    }
+                }
+            }
+            _ => stack.flush().unwrap(),
+        }
+    }
+}
+
+fn stress(format: ImageFormat, overlay: bool) {
+    let base: Vec<u8> = (0..STRESS_SIZE).map(|i| (i / 512 % 251) as u8 + 3).collect();
+    let units = units();
+    let (stack, storages) = stress_stack(format, overlay, &base);
+    let ops = 2000;
+    let mut models: Vec<Vec<u8>> = (0..THREADS).map(|_| base.clone()).collect();
+    std::thread::scope(|scope| {
+        for (me, model) in models.iter_mut().enumerate() {
+            let (stack, units) = (&stack, &units);
+            scope.spawn(move || stress_thread(stack, me, units, model, ops));
+        }
+    });
+    // Every unit as its owner last left it.
+    let mut expect = base.clone();
+    for (i, &(start, len)) in units.iter().enumerate() {
+        let r = start as usize..(start + len) as usize;
+        expect[r.clone()].copy_from_slice(&models[i % THREADS][r]);
+    }
+    let mut all = vec![0u8; STRESS_SIZE as usize];
+    stack.read_at(&mut all, 0).unwrap();
+    let first_diff = all.iter().zip(&expect).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "{format} overlay={overlay}: the stack differs from the model"
+    );
+    stack.flush().unwrap();
+    drop(stack);
+    let again = reopen_stack(format, &base, &storages);
+    again.read_at(&mut all, 0).unwrap();
+    let first_diff = all.iter().zip(&expect).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "{format} overlay={overlay}: reopened, the stack differs from the model"
+    );
+    drop(again);
+    if format == ImageFormat::Qcow2 {
+        for s in &storages {
+            let report = diskkit::formats::qcow2::check(&**s, diskkit::formats::qcow2::Repair::None).unwrap();
+            assert!(report.is_clean(), "{format} overlay={overlay}: {report:?}");
+        }
+    }
+}
+
+#[test]
+fn eight_threads_on_an_asif_cache_layer_match_the_model() {
+    stress(ImageFormat::Asif, false);
+}
+
+#[test]
+fn eight_threads_on_an_asif_stack_with_cache_and_overlay_match_the_model() {
+    stress(ImageFormat::Asif, true);
+}
+
+#[test]
+fn eight_threads_on_a_qcow2_cache_layer_match_the_model() {
+    stress(ImageFormat::Qcow2, false);
+}
+
+#[test]
+fn eight_threads_on_a_qcow2_stack_with_cache_and_overlay_match_the_model() {
+    stress(ImageFormat::Qcow2, true);
+}
+
+/// A panic in the middle of a write (here inside the storage) marks the image failed: every
+/// later call, from any thread, gets a clear error instead of using half-updated state.
+#[test]
+fn a_panic_while_writing_marks_the_image_failed() {
+    for format in [ImageFormat::Asif, ImageFormat::Qcow2] {
+        let storage = Arc::new(MemStorage::new());
+        let image = DiskImage::create_on(storage.clone(), &CreateOptions::new(format, 4 << 20)).unwrap();
+        image.write_at(&[1; 8192], 0).unwrap();
+        image.flush().unwrap();
+        storage.inject(diskkit::storage::Fault::PanicAfterWrites(3));
+        let panicked = std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..64u64 {
+                    let _ = image.write_at(&[2; 70_000], (i * 65_536) % (4 << 20) - (i * 65_536) % 512);
+                }
+            })
+            .join()
+            .is_err()
+        });
+        assert!(panicked, "{format}: the injected panic did not happen");
+        storage.clear_faults();
+        let mut buf = [0u8; 512];
+        let read = image.read_at(&mut buf, 0).unwrap_err();
+        assert_eq!(read.kind(), diskkit::ErrorKind::Failed, "{format}: {read}");
+        assert!(read.to_string().contains("marked failed"), "{read}");
+        let write = image.write_at(&[3; 512], 0).unwrap_err();
+        assert_eq!(write.kind(), diskkit::ErrorKind::Failed);
+        let flush = image.flush().unwrap_err();
+        assert_eq!(flush.kind(), diskkit::ErrorKind::Failed);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let e = image.write_zeroes(0, 4096, true).unwrap_err();
+                assert_eq!(e.kind(), diskkit::ErrorKind::Failed);
+            });
+        });
+    }
+}

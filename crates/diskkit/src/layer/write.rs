@@ -198,7 +198,8 @@ pub(crate) fn align_up(v: u64, g: u64) -> Result<u64> {
 
 /// Run the write protocol (see the module documentation) for `w`.
 pub fn write_through<A: Allocator + ?Sized>(a: &A, w: &Write<'_>) -> Result<()> {
-    a.health().check()?;
+    // A panic anywhere in here marks the layer failed.
+    let _changing = a.health().changing()?;
     let g = a.granularity().max(1);
     let len = w.data.len() as u64;
     let mut pos = 0u64;

@@ -62,6 +62,11 @@ pub(crate) struct OpenArgs {
     /// image for writing. Without it such images are refused.
     #[arg(long)]
     pub(crate) repair: bool,
+    /// Read the image even while another process (QEMU, diskkit serve) has it open for writing,
+    /// like `qemu-img -U`: read-only, and what is read may change meanwhile. Without it, images
+    /// in use are refused (QEMU's locks are taken and honoured).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     #[command(flatten)]
     pub(crate) parents: ParentArgs,
 }
@@ -329,6 +334,12 @@ pub(crate) enum Command {
         /// The new parent image.
         #[arg(short = 'b', long = "backing")]
         new_parent: PathBuf,
+        /// Unsafe: only record the new parent, copying nothing (like `qemu-img rebase -u`); the
+        /// old parents are not opened. What the stack reads changes wherever the new parent
+        /// differs from the old one: use it when the new parent is a copy of the old (moved,
+        /// renamed, converted) or the old one is gone.
+        #[arg(short = 'u', long = "unsafe")]
+        unsafe_rebase: bool,
         /// The top layer of the stack.
         top: PathBuf,
     },

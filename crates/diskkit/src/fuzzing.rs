@@ -154,3 +154,28 @@ pub fn stack_metadata(data: &[u8]) {
         let _ = crate::stack::ParentPolicy::same_directory().resolve(child, hint);
     }
 }
+
+/// Detect the format of `data` (registered formats, the foreign formats diskkit refuses by
+/// name, RAW) and open it read-only through detection. The two ways of asking must agree, a
+/// refusal must name the format, and nothing may panic.
+pub fn probe(data: &[u8]) {
+    use crate::formats::probe::{detect, identify, Detected};
+    let storage = MemStorage::from_bytes(data.to_vec());
+    match (identify(&storage), detect(&storage)) {
+        (Ok(Detected::Format(a)), Ok(b)) => assert_eq!(a, b, "identify and detect disagree"),
+        (Ok(Detected::Foreign(f)), Err(e)) => {
+            assert_eq!(e.kind(), crate::ErrorKind::UnsupportedFormat);
+            assert!(
+                e.to_string().contains(f.name()),
+                "the refusal does not name {f}: {e}"
+            );
+        }
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("identify {a:?} and detect {b:?} disagree"),
+    }
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    if let Ok(image) = DiskImage::open_storage(storage, &OpenOptions::new()) {
+        let mut buf = vec![0u8; image.size().min(4096) as usize];
+        let _ = image.read_at(&mut buf, 0);
+    }
+}

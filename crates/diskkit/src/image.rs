@@ -14,7 +14,7 @@ use crate::layer::{ImageFormat, Layer, LayerType, OpenMode};
 use crate::mapping::Extent;
 use crate::output::PendingFile;
 use crate::stack::open::{self, Alone};
-use crate::stack::{LayerDescription, LayerOptions, OpenOptions, Stack};
+use crate::stack::{LayerDescription, LayerOptions, MergeStats, OpenOptions, RebaseMode, Stack};
 use crate::storage::{FileStorage, Storage};
 
 /// An open disk image: one layer, or a stack of layers read bottom to top.
@@ -49,7 +49,7 @@ impl DiskImage {
         options.validate()?;
         let path = path.as_ref();
         let pending = PendingFile::new(path, options.overwrite)?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_new(pending.temp_path())?);
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_in(&pending)?);
         let layer = crate::formats::create(storage, options).map_err(|e| e.with_path(path))?;
         let mut image = DiskImage::from_layer(layer, OpenMode::ReadWrite)?;
         image.stack.paths[0] = Some(pending.temp_path().to_path_buf());
@@ -73,7 +73,7 @@ impl DiskImage {
         options.validate()?;
         let path = path.as_ref();
         let pending = PendingFile::new(path, options.overwrite)?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_new(pending.temp_path())?);
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_in(&pending)?);
         let layer = crate::formats::create(storage, options).map_err(|e| e.with_path(path))?;
         layer.flush().map_err(|e| e.with_path(path))?;
         drop(layer);
@@ -145,6 +145,12 @@ impl DiskImage {
     /// Number of layers (1 for a standalone image).
     pub fn layer_count(&self) -> usize {
         self.stack.levels.len()
+    }
+
+    /// Things to tell the user about how the image was opened: a file read as RAW (its format
+    /// detected) whose name says it is in another format.
+    pub fn warnings(&self) -> &[String] {
+        &self.stack.warnings
     }
 
     /// The top layer's driver.
@@ -256,9 +262,40 @@ impl DiskImage {
         self.stack.append_layer(layer, path, mode)
     }
 
-    /// The ASIF chunk size of the top layer, if it is ASIF.
-    pub(crate) fn top_layer_chunk_size(&self) -> Option<u32> {
-        self.stack.top_layer_chunk_size()
+    /// Freeze the top layer and put a new, empty overlay of the same format on it at the same
+    /// path; the frozen layer moves to a new name next to it (`<stem>.snapN.<ext>`), which is
+    /// returned. The image goes on with the new overlay on top, so a server can take snapshots
+    /// of what it serves. Needs the image open for writing (its lock is what guarantees that
+    /// nobody else writes the top); refused for a RAW top (see
+    /// [`crate::stack::operations`]).
+    pub fn snapshot(&mut self) -> Result<PathBuf> {
+        self.stack.snapshot()
+    }
+
+    /// Throw away everything written since the last snapshot: the top layer is replaced by an
+    /// empty layer over the same parent.
+    pub fn restore(&mut self) -> Result<()> {
+        self.stack.restore()
+    }
+
+    /// Merge the top layer into the layer beneath it, then empty the top (crash-safely; see
+    /// [`crate::stack::operations`]). Refused when other layers depend on the top or on the
+    /// layer beneath (they would be left unusable), and when another process uses the layer
+    /// beneath.
+    pub fn commit(&mut self) -> Result<MergeStats> {
+        self.stack.commit()
+    }
+
+    /// Move the top layer onto `new_parent` (an image opened read-only, which becomes the stack
+    /// beneath). [`RebaseMode::Safe`] keeps what the stack reads by copying the differences
+    /// into the top first; [`RebaseMode::Unsafe`] only records the new parent.
+    pub fn rebase(&mut self, new_parent: DiskImage, mode: RebaseMode) -> Result<MergeStats> {
+        self.stack.rebase(new_parent.into_stack(), mode)
+    }
+
+    /// The stack, leaving an empty one behind (dropping an empty image does nothing).
+    pub(crate) fn into_stack(mut self) -> Stack {
+        std::mem::replace(&mut self.stack, Stack::empty())
     }
 }
 

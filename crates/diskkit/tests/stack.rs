@@ -166,6 +166,7 @@ fn append_existing_layer_and_one_cache_rule() {
         .with_new(dir.path().join("over.asif"), &LayerOptions::overlay())
         .unwrap();
     assert_eq!(stack.layer_count(), 3);
+    drop(stack);
     let reopened = DiskImage::open(dir.path().join("over.asif"), &same_dir()).unwrap();
     assert_eq!(
         reopened.layer_types(),
@@ -269,7 +270,7 @@ fn snapshot_restore_commit_rebase() {
         o.write_at(&[0x44; 1000], 300 << 10).unwrap();
         o.flush().unwrap();
     }
-    operations::rebase(&vm, &other, &same_dir()).unwrap();
+    operations::rebase(&vm, &other, &same_dir(), operations::RebaseMode::Safe).unwrap();
     let s = DiskImage::open(&vm, &same_dir()).unwrap();
     assert_eq!(s.layer_count(), 2);
     assert_eq!(read_all(&s), v3);

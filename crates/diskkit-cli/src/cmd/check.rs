@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use diskkit::formats::qcow2::{self, CheckReport, Problem, Repair};
-use diskkit::storage::{FileStorage, Storage};
+use diskkit::storage::{FileStorage, Permissions, Storage};
 use diskkit::{DiskImage, ImageFormat, OpenOptions};
 use serde::Serialize;
 
@@ -119,7 +119,9 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
         _ => "none",
     };
     let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(path, writable).with_context(|| format!("cannot open '{}'", path.display()))?,
+        // Locked like `qemu-img check`: refused while another process writes the image.
+        FileStorage::open_locked(path, writable, Some(lock_for(writable)))
+            .with_context(|| format!("cannot open '{}'", path.display()))?,
     );
     let format = match format {
         Some(f) => f.into(),
@@ -263,5 +265,14 @@ fn print_human(j: &Json) {
     }
     if j.corrupt {
         println!("The corrupt bit is set.");
+    }
+}
+
+/// The lock `check` takes: a reader's, or a writer's when repairing.
+fn lock_for(writable: bool) -> Permissions {
+    if writable {
+        Permissions::writer()
+    } else {
+        Permissions::reader()
     }
 }

@@ -23,6 +23,7 @@ pub(crate) fn run(
             format,
             detached: false,
             repair: false,
+            force_share: false,
             parents: parents.clone(),
         };
         open_image(&args, path, false)

@@ -23,6 +23,11 @@ use crate::args::{Cli, Command, LayerCommand, OpenArgs};
 
 /// Run a parsed command line; returns the exit status.
 pub(crate) fn run(cli: Cli) -> Result<u8> {
+    // SIGINT/SIGTERM remove the temporary outputs and exit 130/143 (serve handles them
+    // itself: it stops accepting and shuts down cleanly).
+    if !matches!(cli.command, Command::Serve(_)) {
+        diskkit::output::remove_temporaries_on_signals()?;
+    }
     match cli.command {
         Command::Create {
             format,
@@ -112,8 +117,9 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
         Command::Rebase {
             open,
             new_parent,
+            unsafe_rebase,
             top,
-        } => stack::rebase(&open, &top, &new_parent),
+        } => stack::rebase(&open, &top, &new_parent, unsafe_rebase),
         Command::Resize { open, path, size } => access::resize(&open, &path, &size),
         Command::Write {
             open,
@@ -204,7 +210,8 @@ pub(crate) fn open_options(open: &OpenArgs, writable: bool) -> OpenOptions {
     let mut options = OpenOptions::new()
         .writable(writable)
         .detached(open.detached)
-        .repair(open.repair);
+        .repair(open.repair)
+        .force_share(open.force_share);
     if let Some(f) = open.format {
         options = options.format(f.into());
     }
@@ -222,5 +229,15 @@ pub(crate) fn open_options(open: &OpenArgs, writable: bool) -> OpenOptions {
 /// Open an image (and the stack beneath it) for the CLI.
 pub(crate) fn open_image(open: &OpenArgs, path: &Path, writable: bool) -> Result<DiskImage> {
     let options = open_options(open, writable);
-    DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))
+    let image =
+        DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
+    print_warnings(&image);
+    Ok(image)
+}
+
+/// Tell the user what opening the image noticed (a file read as RAW whose name says otherwise).
+pub(crate) fn print_warnings(image: &DiskImage) {
+    for w in image.warnings() {
+        eprintln!("diskkit: warning: {w}");
+    }
 }

@@ -215,6 +215,7 @@ fn open_export(name: &str, path: &Path, open: &OpenArgs, read_only: bool) -> Res
     let options = super::open_options(open, !read_only);
     let image =
         DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
+    super::print_warnings(&image);
     Ok(Export::new(name, Arc::new(image)))
 }
 

@@ -59,17 +59,26 @@ pub(crate) fn commit(open: &OpenArgs, top: &Path) -> Result<u8> {
     Ok(0)
 }
 
-pub(crate) fn rebase(open: &OpenArgs, top: &Path, new_parent: &Path) -> Result<u8> {
-    let stats = operations::rebase(top, new_parent, &open_options(open, true)).with_context(|| {
+pub(crate) fn rebase(open: &OpenArgs, top: &Path, new_parent: &Path, unsafe_rebase: bool) -> Result<u8> {
+    let mode = if unsafe_rebase {
+        operations::RebaseMode::Unsafe
+    } else {
+        operations::RebaseMode::Safe
+    };
+    let stats = operations::rebase(top, new_parent, &open_options(open, true), mode).with_context(|| {
         format!(
             "cannot rebase '{}' onto '{}'",
             top.display(),
             new_parent.display()
         )
     })?;
-    eprintln!(
-        "copied {} bytes of data and {} bytes of zeroes into the top layer",
-        stats.data_bytes, stats.zero_bytes
-    );
+    if unsafe_rebase {
+        eprintln!("recorded the new parent; nothing was copied (unsafe rebase)");
+    } else {
+        eprintln!(
+            "copied {} bytes of data and {} bytes of zeroes into the top layer",
+            stats.data_bytes, stats.zero_bytes
+        );
+    }
     Ok(0)
 }

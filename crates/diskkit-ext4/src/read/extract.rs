@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use diskkit::output::PendingFile;
+use diskkit::output::{PendingDir, PendingFile};
 use diskkit::{Error, ErrorKind, Result};
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
 
@@ -133,7 +133,7 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
         copy_tree(fs, canonical_bytes, &target, &mut report)?;
     } else if md.file_type().is_regular_file() {
         let pending = PendingFile::new(&target, false)?;
-        report.bytes = write_file(fs, canonical_bytes, pending.temp_path(), true)?;
+        report.bytes = fill_file(fs, canonical_bytes, pending.file()?, pending.temp_path(), true)?;
         report.files = 1;
         pending.persist()?;
     } else {
@@ -149,16 +149,22 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
 /// Write the regular file `src` to the new file `path` (created exclusively), with its mode
 /// and times.
 fn write_file(fs: &Filesystem, src: &[u8], path: &Path, sync: bool) -> Result<u64> {
-    let md = fs
-        .ext4()
-        .metadata(src)
-        .map_err(|e| ext4_error(&e, &String::from_utf8_lossy(src)))?;
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| io_err(e, path, "creating"))?;
+    fill_file(fs, src, file, path, sync)
+}
+
+/// Write the regular file `src` into `file` (new and empty, at `path`), with its mode and
+/// times.
+fn fill_file(fs: &Filesystem, src: &[u8], file: fs::File, path: &Path, sync: bool) -> Result<u64> {
+    let md = fs
+        .ext4()
+        .metadata(src)
+        .map_err(|e| ext4_error(&e, &String::from_utf8_lossy(src)))?;
     if md.len() > MAX_FILE_SIZE {
         return Err(Error::corrupt(format!(
             "file claims {} bytes, more than ext4 allows ({MAX_FILE_SIZE})",
@@ -245,51 +251,15 @@ impl std::io::Write for SparseWriter {
 
 /// Build the tree under a temporary sibling of `target`, then rename it into place.
 fn copy_tree(fs: &Filesystem, src: &[u8], target: &Path, report: &mut CopyReport) -> Result<()> {
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| Error::invalid_argument("destination has no file name").with_path(target))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(".diskkit-{}.tmp", uuid::Uuid::new_v4().simple()));
-    let temp = parent.join(temp_name);
-    fs::create_dir(&temp).map_err(|e| io_err(e, &temp, "creating"))?;
-    let result = (|| {
-        let mut entries = 0u64;
-        copy_dir(fs, src, &temp, 0, &mut entries, report)?;
-        let dir = fs::File::open(&temp).map_err(|e| io_err(e, &temp, "opening"))?;
-        rustix::fs::syncfs(&dir).map_err(|e| io_err(e.into(), &temp, "syncing"))?;
-        rustix::fs::renameat_with(CWD, &temp, CWD, target, rustix::fs::RenameFlags::NOREPLACE).map_err(|e| {
-            match e {
-                rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY => {
-                    Error::new(ErrorKind::AlreadyExists, "destination exists; not replacing it")
-                        .with_path(target)
-                }
-                e => io_err(e.into(), target, "renaming into place"),
-            }
-        })
-    })();
-    if result.is_err() {
-        let _ = make_removable(&temp);
-        let _ = fs::remove_dir_all(&temp);
-    }
-    result
-}
-
-/// Give the owner write access to every directory under `dir` (copied read-only directories
-/// could not be removed otherwise). Does not follow symlinks.
-fn make_removable(dir: &Path) -> std::io::Result<()> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            make_removable(&entry.path())?;
-        }
-    }
-    Ok(())
+    // A temporary tree next to the target (removed if anything fails, or on SIGINT/SIGTERM
+    // when the caller asked for that), renamed into place when complete.
+    let pending = PendingDir::new(target)?;
+    let temp = pending.temp_path().to_path_buf();
+    let mut entries = 0u64;
+    copy_dir(fs, src, &temp, 0, &mut entries, report)?;
+    let dir = fs::File::open(&temp).map_err(|e| io_err(e, &temp, "opening"))?;
+    rustix::fs::syncfs(&dir).map_err(|e| io_err(e.into(), &temp, "syncing"))?;
+    pending.persist()
 }
 
 fn copy_dir(

@@ -55,7 +55,7 @@ pub(crate) fn driver(format: ImageFormat) -> &'static dyn FormatDriver {
         .unwrap_or(&raw::DRIVER)
 }
 
-/// The formats whose signature `head` carries.
+/// The registered format whose signature `head` carries.
 pub(crate) fn recognise(head: &[u8]) -> Option<ImageFormat> {
     DRIVERS.iter().find(|d| d.recognises(head)).map(|d| d.format())
 }

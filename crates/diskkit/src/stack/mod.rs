@@ -9,7 +9,7 @@
 
 pub(crate) mod io;
 pub(crate) mod open;
-pub(crate) mod operations;
+pub mod operations;
 mod options;
 mod policy;
 
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use self::io::Level;
-pub use self::operations::MergeStats;
+pub use self::operations::{MergeStats, RebaseMode};
 pub use self::options::{LayerOptions, OpenOptions};
 pub(crate) use self::policy::parent_hint;
 pub use self::policy::ParentPolicy;
@@ -39,6 +39,10 @@ pub(crate) struct Stack {
     pub(crate) levels: Vec<Level>,
     pub(crate) paths: Vec<Option<PathBuf>>,
     pub(crate) mode: OpenMode,
+    /// How the stack was opened (locking, parent policy): layers opened later follow it.
+    pub(crate) options: OpenOptions,
+    /// Things the caller should be told (a file read as RAW whose name says otherwise).
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Refuse a writable open of a layer that was opened read-only.
@@ -152,7 +156,24 @@ impl Stack {
             levels.push(Level::new(layer, layer_type));
             paths.push(path);
         }
-        Ok(Stack { levels, paths, mode })
+        Ok(Stack {
+            levels,
+            paths,
+            mode,
+            options: OpenOptions::new().mode(mode),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// An empty stack, left behind when a stack is moved out of an image.
+    pub(crate) fn empty() -> Stack {
+        Stack {
+            levels: Vec::new(),
+            paths: Vec::new(),
+            mode: OpenMode::ReadOnly,
+            options: OpenOptions::new(),
+            warnings: Vec::new(),
+        }
     }
 
     pub(crate) fn top(&self) -> &Arc<dyn Layer> {
@@ -218,7 +239,7 @@ impl Stack {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.mode.is_writable() {
             Ok(())
         } else {
@@ -325,18 +346,43 @@ impl Stack {
     pub(crate) fn append_new(&mut self, path: &Path, options: &LayerOptions) -> Result<()> {
         self.check_can_append(options.layer_type)?;
         self.flush()?;
-        let info = self.new_layer_info(options.layer_type, Some(path))?;
+        let top = self.levels.len() - 1;
+        let parent_path = self.path().map(Path::to_path_buf);
+        let layer = self.create_layer_file(path, top, parent_path.as_deref(), options)?;
+        self.push_layer(layer, Some(path.to_path_buf()), OpenMode::ReadWrite)
+    }
+
+    /// Create a new, empty layer file at `path` (under a temporary name, renamed into place,
+    /// replacing what is there only with [`LayerOptions::overwrite`]) over the layer at
+    /// `parent` (found at `parent_path`), and open it for writing. The new file is locked from
+    /// the moment it exists.
+    pub(crate) fn create_layer_file(
+        &self,
+        path: &Path,
+        parent: usize,
+        parent_path: Option<&Path>,
+        options: &LayerOptions,
+    ) -> Result<Arc<dyn Layer>> {
+        let below = &self.levels[parent].layer;
+        let info = LayerInfo {
+            layer_type: Some(options.layer_type),
+            parent_uuid: below.layer_info().layer_uuid,
+            parent_path: parent_path.map(|p| parent_hint(path, p)).transpose()?,
+            parent_format: Some(below.format()),
+            ..LayerInfo::default()
+        };
         let pending = PendingFile::new(path, options.overwrite)?;
+        let temp = Arc::new(FileStorage::create_in(&pending)?);
         {
-            let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_new(pending.temp_path())?);
-            let layer = self
-                .create_child_layer(storage, options, &info)
+            let layer = create_child_layer(temp.clone(), options, &info, below.size(), below.block_size())
                 .map_err(|e| e.with_path(path))?;
             layer.flush()?;
         }
         pending.persist()?;
-        let layer = open::open_file_layer(path, &OpenOptions::new().format(options.format), true)?;
-        self.push_layer(layer, Some(path.to_path_buf()), OpenMode::ReadWrite)
+        let storage: Arc<dyn Storage> = Arc::new(temp.renamed_to(path)?);
+        drop(temp);
+        let open = OpenOptions::new().format(options.format);
+        open::open_layer_with(storage, &open, &crate::layer::Access::ReadWrite).map_err(|e| e.with_path(path))
     }
 
     /// Append a new, empty layer on any storage; it records the parent's UUID but no path.
@@ -344,7 +390,8 @@ impl Stack {
         self.check_can_append(options.layer_type)?;
         self.flush()?;
         let info = self.new_layer_info(options.layer_type, None)?;
-        let layer = self.create_child_layer(storage, options, &info)?;
+        let top = self.top();
+        let layer = create_child_layer(storage, options, &info, top.size(), top.block_size())?;
         layer.flush()?;
         self.push_layer(layer, None, OpenMode::ReadWrite)
     }
@@ -399,26 +446,15 @@ impl Stack {
         })
     }
 
-    pub(crate) fn create_child_layer(
-        &self,
-        storage: Arc<dyn Storage>,
-        options: &LayerOptions,
-        info: &LayerInfo,
-    ) -> Result<Arc<dyn Layer>> {
-        if options.format == ImageFormat::Raw {
-            return Err(Error::invalid_argument(
-                "a RAW image cannot be a layer (it cannot tell absent blocks from zeroes)",
-            ));
-        }
-        let create = CreateOptions::new(options.format, self.size())
-            .block_size(self.block_size())
-            .chunk_size(options.chunk_size);
-        let layer = crate::formats::create(storage, &create)?;
-        layer.set_layer_info(info)?;
-        Ok(layer)
-    }
-
     fn push_layer(&mut self, layer: Arc<dyn Layer>, path: Option<PathBuf>, mode: OpenMode) -> Result<()> {
+        // The old top becomes a parent: nothing writes it any more (a cache still fills).
+        let old_top = &self.levels[self.levels.len() - 1];
+        let old_storage = old_top.layer.storage();
+        if old_top.layer_type != Some(LayerType::Cache)
+            && old_storage.permissions().is_some_and(|p| p.writes())
+        {
+            old_storage.set_permissions(crate::storage::Permissions::reader())?;
+        }
         let mut layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)> = self
             .levels
             .iter()
@@ -426,7 +462,11 @@ impl Stack {
             .map(|(level, p)| (level.layer.clone(), p.clone()))
             .collect();
         layers.push((layer, path));
+        let options = self.options.clone().mode(mode);
+        let warnings = std::mem::take(&mut self.warnings);
         *self = Stack::assemble(layers, mode)?;
+        self.options = options;
+        self.warnings = warnings;
         Ok(())
     }
 
@@ -434,4 +474,25 @@ impl Stack {
     pub(crate) fn layer_types(&self) -> Vec<Option<LayerType>> {
         self.levels.iter().map(|l| l.layer_type).collect()
     }
+}
+
+/// A new layer on `storage` of `size` bytes in blocks of `block_size`, recording `info`.
+fn create_child_layer(
+    storage: Arc<dyn Storage>,
+    options: &LayerOptions,
+    info: &LayerInfo,
+    size: u64,
+    block_size: u32,
+) -> Result<Arc<dyn Layer>> {
+    if options.format == ImageFormat::Raw {
+        return Err(Error::invalid_argument(
+            "a RAW image cannot be a layer (it cannot tell absent blocks from zeroes)",
+        ));
+    }
+    let create = CreateOptions::new(options.format, size)
+        .block_size(block_size)
+        .chunk_size(options.chunk_size);
+    let layer = crate::formats::create(storage, &create)?;
+    layer.set_layer_info(info)?;
+    Ok(layer)
 }

@@ -43,9 +43,19 @@ pub(crate) fn open_layer_with(
     crate::formats::open(storage, options.format, &how)
 }
 
-/// Open one image file as a layer, without following its parent.
+/// Open one image file as a layer, without following its parent, locked as `options` ask.
 pub(crate) fn open_file_layer(path: &Path, options: &OpenOptions, writable: bool) -> Result<Arc<dyn Layer>> {
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable)?);
+    if writable && options.force_share {
+        return Err(Error::invalid_argument(
+            "force-share (-U) can only be used to read an image, not to change it",
+        )
+        .with_path(path));
+    }
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open_locked(
+        path,
+        writable,
+        options.lock_for(writable),
+    )?);
     let options = options.clone().writable(writable);
     open_layer(storage, &options).map_err(|e| e.with_path(path))
 }
@@ -54,15 +64,29 @@ pub(crate) fn open_file_layer(path: &Path, options: &OpenOptions, writable: bool
 /// where its file allows: a cache keeps what is read beneath it, which never changes what the
 /// stack reads, so it fills even in a read-only stack (a read-only cache file simply stops
 /// filling). The layer is parsed once either way.
+///
+/// The parent is locked as a reader (nobody may write it while its children depend on it); a
+/// cache layer that fills is locked as a writer, and stays read-only (without filling) when
+/// another open holds it.
 pub(crate) fn open_parent_layer(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
-    let file = Arc::new(FileStorage::open(path, false)?);
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open_locked(path, false, options.lock_for(false))?);
+    open_parent_on(file, options).map_err(|e| e.with_path(path))
+}
+
+/// Open the parent layer on `storage` (see [`open_parent_layer`]).
+pub(crate) fn open_parent_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
+    let force_share = options.force_share;
     let reopen = || {
-        file.reopen_writable()
-            .ok()
-            .map(|rw| Arc::new(rw) as Arc<dyn Storage>)
+        if force_share {
+            return None;
+        }
+        let rw = storage.reopen(true).ok()?;
+        match rw.set_permissions(crate::storage::Permissions::writer()) {
+            Ok(()) => Some(rw),
+            Err(_) => None,
+        }
     };
-    let storage: Arc<dyn Storage> = file.clone();
-    open_layer_with(storage, options, &Access::Parent(&reopen)).map_err(|e| e.with_path(path))
+    open_layer_with(storage.clone(), options, &Access::Parent(&reopen))
 }
 
 /// One layer as a whole stack. A layer that records a parent is refused as a standalone
@@ -94,6 +118,8 @@ pub(crate) fn alone(layer: Arc<dyn Layer>, mode: OpenMode, how: Alone) -> Result
         levels: vec![super::io::Level::new(layer, layer_type)],
         paths: vec![None],
         mode,
+        options: OpenOptions::new().mode(mode),
+        warnings: Vec::new(),
     })
 }
 
@@ -101,17 +127,38 @@ pub(crate) fn alone(layer: Arc<dyn Layer>, mode: OpenMode, how: Alone) -> Result
 pub(crate) fn open_path(path: &Path, options: &OpenOptions) -> Result<Stack> {
     if options.detached {
         let layer = open_file_layer(path, options, options.mode.is_writable())?;
+        let warning = raw_by_detection(&*layer, path, options.format.is_none());
         let mut stack = alone(layer, options.mode, Alone::Detached).map_err(|e| e.with_path(path))?;
         stack.paths[0] = Some(path.to_path_buf());
+        stack.warnings.extend(warning);
+        stack.options = options.clone();
         return Ok(stack);
     }
-    open_chain(path, options)
+    let mut stack = open_chain(path, options)?;
+    stack.options = options.clone();
+    Ok(stack)
+}
+
+/// A warning when the layer at `path`, whose format was detected, reads as RAW although its
+/// name says it is in another format.
+fn raw_by_detection(layer: &dyn Layer, path: &Path, detected: bool) -> Option<String> {
+    if !detected || layer.format() != crate::layer::ImageFormat::Raw {
+        return None;
+    }
+    let named = crate::formats::probe::extension_format(path)?;
+    Some(format!(
+        "'{}' is named like a {named} image but has no {named} signature: it is read as a RAW          disk (give the format with -f to say which)",
+        path.display()
+    ))
 }
 
 /// Open the layer at `path` and, through the policy, every parent beneath it.
 fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
     let writable = options.mode.is_writable();
     let top = open_file_layer(path, options, writable)?;
+    let mut warnings: Vec<String> = raw_by_detection(&*top, path, options.format.is_none())
+        .into_iter()
+        .collect();
     let mut chain: Vec<(Arc<dyn Layer>, Option<PathBuf>)> = vec![(top, Some(path.to_path_buf()))];
     let mut seen = HashSet::new();
     if let Ok(p) = path.canonicalize() {
@@ -143,20 +190,19 @@ fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
                 Error::new(ErrorKind::StackRule, "the chain of parents loops").with_path(&parent_path)
             );
         }
-        let mut parent_options = OpenOptions::new();
-        if let Some(f) = info.parent_format {
-            parent_options = parent_options.format(f);
-        }
-        if let Some(bs) = options.block_size {
-            parent_options = parent_options.raw_block_size(bs);
-        } else {
-            parent_options = parent_options.raw_block_size(child.block_size());
-        }
+        let parent_options = options.for_parent(info.parent_format, child.block_size());
         let parent = open_parent_layer(&parent_path, &parent_options)?;
+        warnings.extend(raw_by_detection(
+            &*parent,
+            &parent_path,
+            info.parent_format.is_none(),
+        ));
         chain.push((parent, Some(parent_path)));
     }
     chain.reverse();
-    Stack::assemble(chain, options.mode)
+    let mut stack = Stack::assemble(chain, options.mode)?;
+    stack.warnings = warnings;
+    Ok(stack)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use crate::formats::DEFAULT_CHUNK_SIZE;
 use crate::layer::{ImageFormat, LayerType, OpenMode};
 use crate::stack::ParentPolicy;
+use crate::storage::Permissions;
 
 /// How to open an image.
 #[derive(Debug, Clone, Default)]
@@ -13,6 +14,8 @@ pub struct OpenOptions {
     pub(crate) parents: ParentPolicy,
     pub(crate) detached: bool,
     pub(crate) repair: bool,
+    pub(crate) force_share: bool,
+    pub(crate) unlocked: bool,
 }
 
 impl OpenOptions {
@@ -78,6 +81,51 @@ impl OpenOptions {
     /// The parent policy in effect.
     pub fn parent_policy(&self) -> &ParentPolicy {
         &self.parents
+    }
+
+    /// Read the image even while another process (QEMU, `diskkit serve`) has it open for
+    /// writing, like `qemu-img -U`: only read-only opens; the lock taken shares everything, so
+    /// writers are not stopped, and the content may change while it is read.
+    pub fn force_share(mut self, force_share: bool) -> Self {
+        self.force_share = force_share;
+        self
+    }
+
+    /// Whether to take and honour image locks (on by default). Locks are QEMU's: a writer
+    /// excludes other writers and readers, readers exclude writers (see
+    /// [`crate::storage::Permissions`]). Off, nothing is locked or checked (QEMU's
+    /// `locking=off`): only for images nothing else can open at the same time.
+    pub fn locking(mut self, locking: bool) -> Self {
+        self.unlocked = !locking;
+        self
+    }
+
+    /// The lock an open of a file for `writable` access takes, if any.
+    pub(crate) fn lock_for(&self, writable: bool) -> Option<Permissions> {
+        if self.unlocked {
+            None
+        } else if self.force_share {
+            Some(Permissions::force_share())
+        } else if writable {
+            Some(Permissions::writer())
+        } else {
+            Some(Permissions::reader())
+        }
+    }
+
+    /// The options for opening a parent of a layer opened with these: the same locking, no
+    /// repair, read-only, the format recorded by the child (if any).
+    pub(crate) fn for_parent(&self, format: Option<ImageFormat>, raw_block_size: u32) -> OpenOptions {
+        OpenOptions {
+            mode: OpenMode::ReadOnly,
+            format,
+            block_size: Some(self.block_size.unwrap_or(raw_block_size)),
+            parents: self.parents.clone(),
+            detached: false,
+            repair: false,
+            force_share: self.force_share,
+            unlocked: self.unlocked,
+        }
     }
 }
 

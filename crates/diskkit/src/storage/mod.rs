@@ -4,12 +4,15 @@
 //! many threads without a seek position.
 
 mod file;
+mod lock;
 mod mem;
 
 use std::fmt::Debug;
 use std::path::Path;
+use std::sync::Arc;
 
 pub use file::FileStorage;
+pub use lock::{Perm, Permissions};
 pub use mem::{Fault, MemStorage};
 
 use crate::error::Result;
@@ -81,6 +84,29 @@ pub trait Storage: Send + Sync + Debug {
     /// Whether writes are refused.
     fn read_only(&self) -> bool {
         false
+    }
+
+    /// Change what this storage's image lock holds and shares (QEMU's lock bytes on files,
+    /// see [`Permissions`]); fails with [`crate::ErrorKind::Locked`] when another open
+    /// conflicts, keeping the old permissions. Storages without locks accept anything.
+    fn set_permissions(&self, perms: Permissions) -> Result<()> {
+        let _ = perms;
+        Ok(())
+    }
+
+    /// The permissions this storage's image lock holds, if it has one.
+    fn permissions(&self) -> Option<Permissions> {
+        None
+    }
+
+    /// The same storage opened again, writable or read-only, sharing this one's lock. Used to
+    /// make a parent writable (a cache layer, the target of a commit) and a top read-only (a
+    /// frozen snapshot) without ever letting go of the lock.
+    fn reopen(&self, writable: bool) -> Result<Arc<dyn Storage>> {
+        let _ = writable;
+        Err(crate::error::Error::unsupported(
+            "this storage cannot be opened again",
+        ))
     }
 }
 

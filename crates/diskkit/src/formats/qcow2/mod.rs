@@ -170,8 +170,14 @@ pub fn check(storage: &dyn Storage, repair: Repair) -> Result<CheckReport> {
 /// [`check`] on the file at `path` (opened for writing only when repairing).
 pub fn check_file(path: impl AsRef<std::path::Path>, repair: Repair) -> Result<CheckReport> {
     let path = path.as_ref();
-    let storage =
-        crate::storage::FileStorage::open(path, repair != Repair::None).map_err(|e| e.with_path(path))?;
+    let writable = repair != Repair::None;
+    let lock = if writable {
+        crate::storage::Permissions::writer()
+    } else {
+        crate::storage::Permissions::reader()
+    };
+    let storage = crate::storage::FileStorage::open_locked(path, writable, Some(lock))
+        .map_err(|e| e.with_path(path))?;
     check(&storage, repair).map_err(|e| e.with_path(path))
 }
 

@@ -147,7 +147,7 @@ fn raw_by_detection(layer: &dyn Layer, path: &Path, detected: bool) -> Option<St
     }
     let named = crate::formats::probe::extension_format(path)?;
     Some(format!(
-        "'{}' is named like a {named} image but has no {named} signature: it is read as a RAW          disk (give the format with -f to say which)",
+        "'{}' is named like a {named} image but has no {named} signature: it is read as a RAW disk (give the format with -f to say which)",
         path.display()
     ))
 }

@@ -45,4 +45,4 @@ pub use layer::{ImageFormat, Layer, LayerInfo, LayerType, OpenMode};
 pub use mapping::{Extent, ExtentKind, Mapping};
 pub use operations::copy;
 pub use stack::open::open_layer;
-pub use stack::{LayerDescription, LayerOptions, OpenOptions, ParentPolicy};
+pub use stack::{LayerDescription, LayerOptions, OpenOptions, ParentPolicy, RebaseMode};

@@ -22,7 +22,7 @@ use self::io::Level;
 pub use self::operations::{MergeStats, RebaseMode};
 pub use self::options::{LayerOptions, OpenOptions};
 pub(crate) use self::policy::parent_hint;
-pub use self::policy::ParentPolicy;
+pub use self::policy::{LayerLocation, ParentPolicy, ParentResolver, ResolvedParent};
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::CreateOptions;
 use crate::layer::{ImageFormat, Layer, LayerInfo, LayerType, OpenMode};

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{check_layer_writable, OpenOptions, Stack, MAX_CHAIN_DEPTH};
+use super::{check_layer_writable, LayerLocation, OpenOptions, Stack, MAX_CHAIN_DEPTH};
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::LayerOpen;
 use crate::layer::{Access, Layer, OpenMode};
@@ -152,7 +152,8 @@ fn raw_by_detection(layer: &dyn Layer, path: &Path, detected: bool) -> Option<St
     ))
 }
 
-/// Open the layer at `path` and, through the policy, every parent beneath it.
+/// Open the layer at `path` and, through the policy, every parent beneath it: files by the
+/// policy's rules, anything else through its resolver.
 fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
     let writable = options.mode.is_writable();
     let top = open_file_layer(path, options, writable)?;
@@ -160,19 +161,20 @@ fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
         .into_iter()
         .collect();
     let mut chain: Vec<(Arc<dyn Layer>, Option<PathBuf>)> = vec![(top, Some(path.to_path_buf()))];
+    let mut location = LayerLocation::File(path.to_path_buf());
     let mut seen = HashSet::new();
-    if let Ok(p) = path.canonicalize() {
-        seen.insert(p);
-    }
+    seen.insert(match path.canonicalize() {
+        Ok(p) => LayerLocation::File(p),
+        Err(_) => location.clone(),
+    });
     loop {
-        let (child, child_path) = &chain[chain.len() - 1];
-        let child_path = child_path.clone().unwrap_or_default();
+        let child = &chain[chain.len() - 1].0;
         let info = child.layer_info();
         let Some(hint) = info.parent_path.clone() else {
             if info.parent_uuid.is_some() && chain.len() > 1 {
                 return Err(
                     Error::corrupt("the layer records a parent UUID but no parent path")
-                        .with_path(&child_path),
+                        .with_path(location.to_string()),
                 );
             }
             break;
@@ -184,20 +186,44 @@ fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
             )
             .with_path(path));
         }
-        let parent_path = options.parents.resolve(&child_path, &hint)?;
-        if !seen.insert(parent_path.clone()) {
-            return Err(
-                Error::new(ErrorKind::StackRule, "the chain of parents loops").with_path(&parent_path)
-            );
-        }
         let parent_options = options.for_parent(info.parent_format, child.block_size());
-        let parent = open_parent_layer(&parent_path, &parent_options)?;
-        warnings.extend(raw_by_detection(
-            &*parent,
-            &parent_path,
-            info.parent_format.is_none(),
-        ));
-        chain.push((parent, Some(parent_path)));
+        let resolved = match options.parents.resolver() {
+            Some(r) => r.resolve(&location, &hint)?,
+            None => None,
+        };
+        let (parent, parent_location) = match (resolved, &location) {
+            (Some(p), _) => (
+                open_parent_on(p.storage, &parent_options)
+                    .map_err(|e| e.with_path(p.location.to_string()))?,
+                p.location,
+            ),
+            (None, LayerLocation::File(child_path)) => {
+                let parent_path = options.parents.resolve(child_path, &hint)?;
+                let parent = open_parent_layer(&parent_path, &parent_options)?;
+                warnings.extend(raw_by_detection(
+                    &*parent,
+                    &parent_path,
+                    info.parent_format.is_none(),
+                ));
+                (parent, LayerLocation::File(parent_path))
+            }
+            (None, LayerLocation::Other(child)) => {
+                return Err(Error::new(
+                    ErrorKind::PolicyDenied,
+                    format!("parent '{hint}' named by the layer at '{child}' was not opened by the resolver"),
+                ));
+            }
+        };
+        if !seen.insert(parent_location.clone()) {
+            return Err(Error::new(ErrorKind::StackRule, "the chain of parents loops")
+                .with_path(parent_location.to_string()));
+        }
+        let file = match &parent_location {
+            LayerLocation::File(p) => Some(p.clone()),
+            LayerLocation::Other(_) => None,
+        };
+        chain.push((parent, file));
+        location = parent_location;
     }
     chain.reverse();
     let mut stack = Stack::assemble(chain, options.mode)?;

@@ -252,7 +252,7 @@ fn stress_thread(stack: &DiskImage, me: usize, units: &[(u64, u64)], model: &mut
         .filter(|(i, _)| i % THREADS == me)
         .map(|(_, u)| *u)
         .collect();
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (me as u64 + 1) * 0x1234_5678);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((me as u64 + 1) * 0x1234_5678));
     for step in 0..ops {
         let (start, len) = mine[rng.below(mine.len() as u64) as usize];
         let at = start + rng.below(len);

@@ -70,11 +70,11 @@ pub(crate) fn open_file_layer(path: &Path, options: &OpenOptions, writable: bool
 /// another open holds it.
 pub(crate) fn open_parent_layer(path: &Path, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
     let file: Arc<dyn Storage> = Arc::new(FileStorage::open_locked(path, false, options.lock_for(false))?);
-    open_parent_on(file, options).map_err(|e| e.with_path(path))
+    open_parent_on(&file, options).map_err(|e| e.with_path(path))
 }
 
 /// Open the parent layer on `storage` (see [`open_parent_layer`]).
-pub(crate) fn open_parent_on(storage: Arc<dyn Storage>, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
+pub(crate) fn open_parent_on(storage: &Arc<dyn Storage>, options: &OpenOptions) -> Result<Arc<dyn Layer>> {
     let force_share = options.force_share;
     let reopen = || {
         if force_share {
@@ -193,7 +193,7 @@ fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
         };
         let (parent, parent_location) = match (resolved, &location) {
             (Some(p), _) => (
-                open_parent_on(p.storage, &parent_options)
+                open_parent_on(&p.storage, &parent_options)
                     .map_err(|e| e.with_path(p.location.to_string()))?,
                 p.location,
             ),

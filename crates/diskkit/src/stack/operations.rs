@@ -140,7 +140,7 @@ impl Stack {
         *self = Stack::empty();
         if old_type == Some(LayerType::Cache) && !parent.writable() {
             // The old open held it until now; as the only holder it can fill again.
-            let again = open::open_parent_on(parent.storage().reopen(false)?, &parent_options)?;
+            let again = open::open_parent_on(&parent.storage().reopen(false)?, &parent_options)?;
             if again.writable() {
                 parent = again;
             }
@@ -277,7 +277,7 @@ impl Stack {
         let parent_options = self
             .options
             .for_parent(Some(parent.format()), parent.block_size());
-        let parent_ro = open::open_parent_on(parent_storage.reopen(false)?, &parent_options)?;
+        let parent_ro = open::open_parent_on(&parent_storage.reopen(false)?, &parent_options)?;
         drop(target);
         drop(parent_rw);
         let mut layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)> = self.levels[..n - 2]

@@ -633,6 +633,10 @@ impl AsifImage {
     /// Commit the metadata (see [`state`]); the caller holds `flush_lock`.
     fn commit_locked(&self) -> Result<()> {
         let _changing = self.health.changing()?;
+        // Clean metadata: only the data needs a sync, without the state lock taken exclusively.
+        if !self.read_state()?.dirty {
+            return self.storage.sync();
+        }
         let plan = self.write_state()?.prepare_commit()?;
         let Some(plan) = plan else {
             // Nothing to record: only the data needs to be durable.

@@ -118,8 +118,8 @@ pub struct Qcow2Image {
     size: AtomicU64,
     /// Autoclear bits have been cleared for this open.
     modified: AtomicBool,
-    /// The last decompressed cluster: (guest cluster, L2 entry key, bytes).
-    last_compressed: Mutex<Option<(u64, u64, Arc<Vec<u8>>)>>,
+    /// The last decompressed cluster.
+    last_compressed: Mutex<Option<Decompressed>>,
     /// Header data that `set_layer_info` and `begin_modification` change.
     meta: Mutex<Meta>,
     health: Health,
@@ -131,6 +131,9 @@ pub struct Qcow2Image {
     /// A length the file is known to have reached.
     grown: AtomicU64,
 }
+
+/// A decompressed cluster: (guest cluster, L2 entry key, bytes).
+type Decompressed = (u64, u64, Arc<Vec<u8>>);
 
 /// The parts of the header that change while the image is open.
 #[derive(Debug, Clone)]
@@ -556,6 +559,11 @@ impl Qcow2Image {
     /// Flush; the caller holds `flush_lock`.
     fn flush_locked(&self) -> Result<()> {
         let _changing = self.health.changing()?;
+        // Clean metadata (writes in place, a FUA storm): only the data needs a sync, and
+        // readers do not even see the state lock taken exclusively.
+        if !self.read_state()?.is_dirty() {
+            return self.storage.sync();
+        }
         let plan = self.write_state()?.prepare_flush()?;
         let Some(plan) = plan else {
             return self.storage.sync();

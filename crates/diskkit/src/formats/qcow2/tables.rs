@@ -330,6 +330,11 @@ impl State {
         Ok(())
     }
 
+    /// Whether a flush has metadata to write.
+    pub(super) fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// Take what a flush must write, in the order of the module documentation, or `None` when
     /// nothing changed. What is taken counts as written until [`State::finish_flush`] says
     /// otherwise.

@@ -242,8 +242,17 @@ impl PendingFile {
         )?;
         self.done = true;
         registry().remove(self.id);
+        if let Some(f) = self.file.take() {
+            unlock(&f);
+        }
         Ok(())
     }
+}
+
+/// Drop the `flock` that marks a temporary as in use (explicitly: a child process being
+/// started elsewhere may hold a copy of the descriptor for a moment).
+fn unlock(file: &File) {
+    let _ = rustix::fs::flock(file, FlockOperation::Unlock);
 }
 
 /// Rename `temp` to `dest` (without replacing unless `overwrite`) and sync the directory;
@@ -283,6 +292,9 @@ impl Drop for PendingFile {
             let _ = fs::remove_file(&self.temp);
             reg.remove(self.id);
         }
+        if let Some(f) = &self.file {
+            unlock(f);
+        }
     }
 }
 
@@ -294,7 +306,7 @@ pub struct PendingDir {
     temp: PathBuf,
     dest: PathBuf,
     done: bool,
-    _lock: File,
+    lock: File,
     id: u64,
 }
 
@@ -323,7 +335,7 @@ impl PendingDir {
             temp,
             dest,
             done: false,
-            _lock: lock,
+            lock,
             id,
         })
     }
@@ -349,6 +361,7 @@ impl PendingDir {
         )?;
         self.done = true;
         registry().remove(self.id);
+        unlock(&self.lock);
         Ok(())
     }
 }
@@ -360,6 +373,7 @@ impl Drop for PendingDir {
             remove_path(&self.temp, Kind::Dir);
             reg.remove(self.id);
         }
+        unlock(&self.lock);
     }
 }
 

@@ -297,6 +297,15 @@ impl ImageLock {
     }
 }
 
+impl Drop for ImageLock {
+    /// Unlock every byte before the descriptor is closed. Closing alone would leave the locks
+    /// in place for as long as any other descriptor of the same open file exists, such as the
+    /// copy a child process being started by another thread holds until it executes.
+    fn drop(&mut self) {
+        let _ = self.release_except(Perm::NONE, Perm::NONE);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,19 +1,27 @@
-//! `diskkit`: the command-line tool. Glue only: parse arguments, call the library, print.
+//! `diskkit`: the command-line tool. Glue only: parse arguments, call the libraries, print.
 
 mod args;
+mod boot;
+mod cli;
 mod cmd;
+mod format;
+mod messages;
 mod progress;
 mod size;
 
-use std::io::{self, Write};
+use std::io;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-/// Exit status for a negative answer (images differ).
-pub(crate) const EXIT_DIFFERENT: u8 = 1;
-/// Exit status for errors.
-pub(crate) const EXIT_ERROR: u8 = 2;
+/// Exit statuses, the same for every command (`check` documents its qemu-img-compatible
+/// exception in its help).
+pub(crate) mod exit {
+    /// Success (and a positive answer).
+    pub(crate) const SUCCESS: u8 = 0;
+    /// A negative answer: `compare` found a difference.
+    pub(crate) const NEGATIVE: u8 = 1;
+    /// An error, explained on stderr.
+    pub(crate) const ERROR: u8 = 2;
+}
 
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away
@@ -23,28 +31,16 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = match args::Cli::try_parse() {
+    let cli = match cli::parse() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // One line, like every other error.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            let _ = writeln!(io::stderr(), "diskkit: error: {first} (see 'diskkit --help')");
-            return ExitCode::from(EXIT_ERROR);
-        }
+        Err(code) => return code,
     };
-    match cmd::run(cli) {
+    match cli::run(&cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            let _ = writeln!(io::stderr(), "diskkit: error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            messages::error(&e);
+            ExitCode::from(exit::ERROR)
         }
     }
 }

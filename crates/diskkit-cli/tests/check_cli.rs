@@ -215,7 +215,7 @@ fn raw_and_asif_open_and_map_cleanly() {
 }
 
 #[test]
-fn unreadable_image_exits_1() {
+fn unreadable_image_exits_1_and_a_missing_file_2() {
     let d = Dir::new();
     let bad = d.s("bad.qcow2");
     std::fs::write(&bad, b"QFI\xfbnot really a header").unwrap();
@@ -223,8 +223,15 @@ fn unreadable_image_exits_1() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot check") && err.contains("bad.qcow2"), "{err}");
+    // A file that cannot be opened at all is an error like in every command, not a check
+    // that could not complete.
     let out = diskkit(&["check", &d.s("missing.qcow2")]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("diskkit: error: cannot open '") && err.contains("missing.qcow2"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -21,11 +21,16 @@ fn assert_error(args: &[&str], needle: &str) {
         !stderr.contains("panicked"),
         "diskkit {args:?} panicked: {stderr}"
     );
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "one-line message expected: {stderr}"
-    );
+    assert!(stderr.starts_with("diskkit: error: "), "{stderr}");
+    // Usage errors are clap's whole message (usage, tips, the subcommand's help); every other
+    // error is one line.
+    if !stderr.contains("For more information, try 'diskkit") {
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one-line message expected: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -56,7 +61,8 @@ fn sizes_accept_units() {
         ("40GB", 40 << 30),
         ("40GiB", 40 << 30),
         ("512M", 512 << 20),
-        ("1000", 1024),
+        ("1000B", 1024),
+        ("0x100000", 1 << 20),
     ] {
         let p = d.s(&format!("{arg}.raw"));
         diskkit_ok(&["create", "--format", "raw", "--size", arg, &p]);
@@ -127,7 +133,7 @@ fn bad_arguments_exit_2() {
 #[test]
 fn refuses_to_overwrite_without_force() {
     let d = Dir::new();
-    let p = d.s("a.raw");
+    let p = d.s("a.img");
     diskkit_ok(&["create", "--format", "raw", "--size", "1M", &p]);
     assert_error(&["create", "--format", "asif", "--size", "1M", &p], "exists");
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20, "untouched");
@@ -223,6 +229,22 @@ fn read_write_discard_resize() {
     assert_error(&["read", &img, "--offset", "4M", "--length", "1"], "past the end");
     std::fs::write(d.path("big.bin"), vec![1u8; 5 << 20]).unwrap();
     assert_error(&["write", &img, "--from", &d.s("big.bin")], "does not fit");
+    // From a pipe the length is not known beforehand: what fits is written, and said so.
+    let out = std::process::Command::new(support::diskkit_bin())
+        .args(["write", &img])
+        .stdin(
+            std::fs::File::open(d.path("big.bin"))
+                .map(std::process::Stdio::from)
+                .unwrap(),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the input runs past the end") && err.contains("the first 4194304 bytes were written"),
+        "{err}"
+    );
     // stdin
     let mut child = std::process::Command::new(support::diskkit_bin())
         .args(["write", &img, "--offset", "512"])

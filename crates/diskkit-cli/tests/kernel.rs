@@ -72,6 +72,16 @@ fn kernel_err(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The ext filesystem UUID of an image file (blkid).
+fn fs_uuid(img: &str) -> String {
+    tool_ok("blkid", &["-p", "-o", "value", "-s", "UUID", img])
+        .trim()
+        .to_owned()
+}
+
+/// `cmdline` is what `diskkit boot` would give the kernel: the image's own line without its
+/// root and ro/rw, then the root diskkit found and `rw` (the fake kernels here have no
+/// recognisable architecture, so no console).
 fn read(p: &Path) -> Vec<u8> {
     fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -112,7 +122,10 @@ fn uki_in_boot_efi_linux_recursive_and_case_insensitive_split() {
     assert_eq!(read(&out.join("uki.efi")), image);
     assert_eq!(read(&out.join("vmlinuz")), linux);
     assert_eq!(read(&out.join("initramfs")), initrd);
-    assert_eq!(read(&out.join("cmdline")), b"root=LABEL=root ro quiet\n");
+    assert_eq!(
+        String::from_utf8(read(&out.join("cmdline"))).unwrap(),
+        format!("quiet root=UUID={} rw\n", fs_uuid(&img))
+    );
     // Without splitting: the UKI and the image's cmdline file only.
     let out2 = f.dir.path("out2");
     kernel_json(&["--out", &out2.to_string_lossy(), &img]);
@@ -122,7 +135,11 @@ fn uki_in_boot_efi_linux_recursive_and_case_insensitive_split() {
         .collect();
     names.sort();
     assert_eq!(names, ["cmdline", "uki.efi"]);
-    assert_eq!(read(&out2.join("cmdline")), b"ignored-for-split\n");
+    // The UKI's PE header says x86-64: the serial console is ttyS0.
+    assert_eq!(
+        String::from_utf8(read(&out2.join("cmdline"))).unwrap(),
+        format!("ignored-for-split root=UUID={} rw console=ttyS0\n", fs_uuid(&img))
+    );
     // Re-running refuses to overwrite, --force replaces.
     assert!(kernel_err(&["--out", &out2.to_string_lossy(), &img]).contains("exists"));
     kernel_json(&["--force", "--out", &out2.to_string_lossy(), &img]);
@@ -172,7 +189,10 @@ fn modules_dir_pair() {
     assert!(v["note"].is_null());
     assert_eq!(read(&out.join("vmlinuz")), b"modules-kernel");
     assert_eq!(read(&out.join("initramfs")), b"modules-initramfs");
-    assert_eq!(read(&out.join("cmdline")), b"rw console=hvc0\n");
+    assert_eq!(
+        String::from_utf8(read(&out.join("cmdline"))).unwrap(),
+        format!("console=hvc0 root=UUID={} rw\n", fs_uuid(&img))
+    );
 }
 
 #[test]
@@ -188,7 +208,11 @@ fn debian_boot_layout() {
     assert_eq!(v["chosen"]["initramfs"], "/boot/initrd.img-6.1.0-9-amd64");
     assert_eq!(read(&out.join("vmlinuz")), b"debian-kernel");
     assert_eq!(read(&out.join("initramfs")), b"debian-initrd");
-    assert!(!out.join("cmdline").exists());
+    // The image has no command line of its own: diskkit's part only.
+    assert_eq!(
+        String::from_utf8(read(&out.join("cmdline"))).unwrap(),
+        format!("root=UUID={} rw\n", fs_uuid(&img))
+    );
 }
 
 #[test]
@@ -210,7 +234,10 @@ fn fedora_boot_layout_ignores_rescue_kernel() {
     assert_eq!(j["chosen"]["initramfs"], format!("/boot/initramfs-{v}.img"));
     assert_eq!(read(&out.join("vmlinuz")), b"fedora-kernel");
     assert_eq!(read(&out.join("initramfs")), b"fedora-initramfs");
-    assert_eq!(read(&out.join("cmdline")), b"root=UUID=1234 ro\n");
+    assert_eq!(
+        String::from_utf8(read(&out.join("cmdline"))).unwrap(),
+        format!("root=UUID={} rw\n", fs_uuid(&img))
+    );
 }
 
 #[test]
@@ -423,8 +450,15 @@ fn real_debian_kernel_extracts_byte_identical_and_boots() {
     let ours = ours.split_whitespace().next().unwrap_or_default();
     assert_eq!(ours, recorded, "extracted vmlinuz md5 vs the package's md5sums");
     assert!(read(&out.join("initramfs")) == initramfs);
+    // The image's line, then the root, rw and the x86 serial console (a real bzImage).
     let cmdline = fs::read_to_string(out.join("cmdline")).unwrap();
-    assert_eq!(cmdline.trim(), "console=ttyS0 panic=-1");
+    assert_eq!(
+        cmdline.trim(),
+        format!(
+            "console=ttyS0 panic=-1 root=UUID={} rw console=ttyS0",
+            fs_uuid(&img)
+        )
+    );
     let console = boot(&out.join("vmlinuz"), &out.join("initramfs"), cmdline.trim());
     assert!(
         console.contains(marker),
@@ -628,7 +662,18 @@ fn separate_boot_partition_next_to_root() {
     assert_eq!(j["partition"], 2);
     assert_eq!(read(&out.join("vmlinuz")), b"boot-part-kernel");
     assert_eq!(read(&out.join("initramfs")), b"boot-part-initramfs");
-    assert_eq!(read(&out.join("cmdline")), b"root=LABEL=root ro\n");
+    // The root is partition 1, named by its GPT GUID (the image's own root= is replaced).
+    let info = tool_ok("sgdisk", &["-i", "1", &d]);
+    let guid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Partition unique GUID: "))
+        .unwrap()
+        .trim()
+        .to_ascii_lowercase();
+    assert_eq!(
+        String::from_utf8(read(&out.join("cmdline"))).unwrap(),
+        format!("root=PARTUUID={guid} rw\n")
+    );
     // Naming the root partition: no kernel there, and the error says where it looked.
     let err = kernel_err(&[&format!("{d}@root")]);
     assert!(err.contains("no kernel found"), "{err}");

@@ -127,6 +127,9 @@ fn qemu_nbd_holding_an_image_makes_diskkit_refuse() {
     );
     // Readers are refused too, as qemu-img info is: the content is changing under them.
     refused(&["info", &img], "shared \"write\"");
+    refused(&["ls", &format!("{img}:/")], "shared \"write\"");
+    // boot honours the lock before it starts anything (a VM on a disk another one writes).
+    refused(&["boot", "--dry-run", &img], "shared \"write\"");
     let out = run("qemu-img", &["info", &img]);
     assert!(!out.status.success(), "qemu-img info was not refused either");
     // -U reads anyway, as qemu-img -U does.

@@ -4,7 +4,7 @@ mod support;
 
 use std::path::Path;
 
-use support::{diskkit_ok, poke, sparse_file, tool_ok, zero, Dir, Rng};
+use support::{diskkit_ok, dissect_dump, poke, sparse_file, tool_ok, zero, Dir, Rng};
 
 /// Apply the same random writes and discards to a diskkit image (through the CLI) and to a
 /// plain reference file.
@@ -43,12 +43,6 @@ fn scribble(d: &Dir, img: &str, reference: &Path, size: u64, seed: u64, ops: usi
             poke(reference, off, &data);
         }
     }
-}
-
-fn dissect_dump(img: &str, out: &Path) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/asif_dump.py");
-    let json = tool_ok("python3", &[script.to_str().unwrap(), img, out.to_str().unwrap()]);
-    serde_json::from_str(&json).unwrap()
 }
 
 #[test]

@@ -137,8 +137,8 @@ fn stack_lifecycle_matches_a_raw_reference() {
     assert_eq!(depth_at((1 << 20) + 100_000), 2);
 
     // Snapshot, write, restore: back to the snapshot.
-    let frozen = diskkit_ok(&["snapshot", p(&vm)]);
-    assert!(frozen.trim().ends_with("vm.snap1.asif"), "{frozen}");
+    let said = diskkit_ok(&["snapshot", p(&vm)]);
+    assert!(said.contains("vm.snap1.asif' (asif, "), "{said}");
     let before_restore = d.join("before.raw");
     std::fs::copy(&reference, &before_restore).unwrap();
     write_both(&vm, &reference, 0, 8192, 0x33);
@@ -179,12 +179,25 @@ fn parent_policy_on_the_command_line() {
         "{err}"
     );
     diskkit_ok(&["info", "--allow-any-parent", p(&child)]);
-    // The base written after the layer was made: the mismatch names both UUIDs.
+    // The refusal names the option that follows it.
+    let canonical = d.canonicalize().unwrap();
+    assert!(
+        err.trim_end().ends_with(&format!(
+            "; to follow it, add --allow-parent-dir {}",
+            canonical.display()
+        )),
+        "{err}"
+    );
+    // The base written after the layer was made: the mismatch names both UUIDs, as `info`
+    // prints them (lowercase).
+    let recorded = info["parent_uuid"].as_str().unwrap().to_owned();
     diskkit_ok(&["discard", p(&base), "--offset", "0", "--length", "4096"]);
+    let now = info_json(&base, &[])["layer_uuid"].as_str().unwrap().to_owned();
     let out = diskkit(&["info", "--allow-any-parent", p(&child)]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("expects parent UUID"), "{err}");
+    assert!(err.contains(&format!("expects parent UUID {recorded}")), "{err}");
+    assert!(err.contains(&format!("layer UUID is {now}")), "{err}");
 }
 
 #[test]

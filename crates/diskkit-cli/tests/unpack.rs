@@ -76,7 +76,7 @@ fn unpack_into_store() {
     let lay = layout(&d);
     let store = d.s("store");
     let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
-    assert!(out.starts_with("stored: "), "{out}");
+    assert!(out.starts_with("stored '"), "{out}");
     let snapshots = d.path("store/snapshots");
     let entries: Vec<String> = std::fs::read_dir(&snapshots)
         .unwrap()
@@ -87,6 +87,19 @@ fn unpack_into_store() {
     assert_eq!(entries[0].len(), 64);
     let dir = snapshots.join(&entries[0]);
     tool_ok("e2fsck", &["-fn", &dir.join("snapshot").to_string_lossy()]);
+    // Store entries are made to boot: 64 GiB (sparse), journaled, labelled.
+    assert_eq!(std::fs::metadata(dir.join("snapshot")).unwrap().len(), 64 << 30);
+    let sb = tool_ok("dumpe2fs", &["-h", &dir.join("snapshot").to_string_lossy()]);
+    assert!(
+        sb.lines()
+            .any(|l| l.starts_with("Filesystem features:") && l.contains("has_journal")),
+        "{sb}"
+    );
+    assert!(sb.contains("Filesystem volume name:   root"), "{sb}");
+    assert!(
+        sb.contains("Journal size:             64M") || sb.contains("Total journal size:       64M"),
+        "{sb}"
+    );
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("snapshot-info")).unwrap()).unwrap();
     assert_eq!(info["type"]["block"]["format"], "ext4");
@@ -101,7 +114,7 @@ fn unpack_into_store() {
     // The ingest directory is left empty.
     assert_eq!(std::fs::read_dir(snapshots.join("ingest")).unwrap().count(), 0);
     let out = diskkit_ok(&["unpack", "--store", &store, &format!("{lay}:v1")]);
-    assert!(out.starts_with("cached: "), "{out}");
+    assert!(out.starts_with("reused '"), "{out}");
 }
 
 #[test]

@@ -157,6 +157,7 @@ fn placed_files_with_metadata_around_them() {
         plan.write(pending.image(), &mut c.source).unwrap();
         pending.persist().unwrap();
         e2fsck(&img);
+        support::read_back(&img);
         for (name, content) in [("a", 1), ("a-link", 1), ("b", 2), ("c", 3), ("d", 4)] {
             assert!(dump(&img, name) == c.source.bytes[&content], "{name}");
         }

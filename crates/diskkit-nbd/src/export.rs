@@ -96,6 +96,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsSettings>,
     /// Print connection events and errors on stderr.
     pub verbose: bool,
+    /// Also print one line per request on stderr (for debugging clients).
+    pub trace: bool,
 }
 
 impl ServerConfig {
@@ -110,6 +112,7 @@ impl ServerConfig {
             workers: 4,
             tls: None,
             verbose: false,
+            trace: false,
         }
     }
 

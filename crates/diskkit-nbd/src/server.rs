@@ -263,17 +263,24 @@ impl Server {
                 break;
             }
             let accepted = match &self.listener {
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
-                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| (Stream::Unix(s), None)),
+                Listener::Tcp(l) => l.accept().map(|(s, peer)| {
                     let _ = s.set_nodelay(true);
-                    Stream::Tcp(s)
+                    (Stream::Tcp(s), Some(peer))
                 }),
             };
             if self.state.stopping.load(Ordering::SeqCst) {
                 break;
             }
             let stream = match accepted {
-                Ok(s) => s,
+                Ok((s, peer)) => {
+                    let id = next_id.load(Ordering::Relaxed);
+                    match peer {
+                        Some(p) => self.log(format_args!("connection {id}: from {p}")),
+                        None => self.log(format_args!("connection {id}: on the Unix socket")),
+                    }
+                    s
+                }
                 Err(e) => {
                     self.log(format_args!("accept failed: {e}"));
                     // Out of descriptors or similar: do not spin.
@@ -405,12 +412,29 @@ fn handle_connection(mut stream: Stream, config: &ServerConfig, id: u64) -> io::
 fn log_session(config: &ServerConfig, id: u64, session: crate::handshake::Session, tls: bool) {
     if config.verbose {
         let e = &config.exports[session.export];
+        let mut features = Vec::new();
+        if session.structured {
+            features.push("structured replies");
+        }
+        if session.contexts.base_allocation {
+            features.push("base:allocation");
+        }
+        if session.contexts.allocation_depth {
+            features.push("qemu:allocation-depth");
+        }
+        if tls {
+            features.push("TLS");
+        }
+        let features = if features.is_empty() {
+            "simple replies".to_owned()
+        } else {
+            features.join(", ")
+        };
         let _ = writeln!(
             io::stderr(),
-            "diskkit serve: conn {id}: export '{}' structured={} contexts={:?} tls={tls}",
+            "diskkit serve: connection {id}: using export '{}' ({}; {features})",
             e.name,
-            session.structured,
-            session.contexts
+            if e.writable() { "read-write" } else { "read-only" },
         );
     }
 }
@@ -423,7 +447,7 @@ fn end_session(
 ) -> io::Result<()> {
     finish_session(config, export);
     if config.verbose {
-        let _ = writeln!(io::stderr(), "diskkit serve: conn {id}: closed");
+        let _ = writeln!(io::stderr(), "diskkit serve: connection {id}: closed");
     }
     result.map(|_| ())
 }

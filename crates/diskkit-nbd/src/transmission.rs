@@ -258,7 +258,7 @@ impl Exec<'_> {
     fn run<W: Write>(&self, h: &Header, bufs: &mut Buffers, replies: &Replies<'_, W>) {
         let result = validate(h, &self.limits).and_then(|()| self.execute(h, bufs));
         let buf = &bufs.read;
-        if self.config.verbose {
+        if self.config.trace {
             trace(self.conn_id, h, &result);
         }
         let cookie = h.cookie;
@@ -482,7 +482,7 @@ impl Exec<'_> {
     }
 }
 
-/// `--verbose`: one line per request, naming the command and its flags.
+/// `-vv`: one line per request, naming the command and its flags.
 fn trace(conn_id: u64, h: &Header, result: &Result<Outcome, u32>) {
     let cmd = match h.typ {
         CMD_READ => "READ",
@@ -513,7 +513,7 @@ fn trace(conn_id: u64, h: &Header, result: &Result<Outcome, u32>) {
     };
     let _ = writeln!(
         io::stderr(),
-        "diskkit serve: conn {conn_id}: {cmd} offset={} length={} flags=[{flags}] cookie={:#x} error={error}",
+        "diskkit serve: connection {conn_id}: {cmd} offset={} length={} flags=[{flags}] cookie={:#x} error={error}",
         h.offset,
         h.length,
         h.cookie

@@ -7,7 +7,7 @@ use diskkit::{Error, ErrorKind, Result};
 use diskkit_ext4::writer::{Metadata, Timestamp};
 use tar::EntryType;
 
-use crate::decode::Decoded;
+use crate::decode::{Decoded, Digests};
 use crate::merge::{clean_path, Entry, EntryKind, MergedTree};
 use crate::placement::Placer;
 
@@ -70,7 +70,7 @@ pub(crate) fn apply_layer(
     tree: &mut MergedTree,
     placer: &mut Placer<'_>,
     progress: Option<Rc<dyn Fn(u64)>>,
-) -> Result<()> {
+) -> Result<Digests> {
     decoded.set_progress(progress);
     let data = decoded.external();
     let mut archive = tar::Archive::new(decoded);
@@ -111,7 +111,8 @@ pub(crate) fn apply_layer(
         return Err(e);
     }
     // What this layer deleted or replaced gives its blocks back.
-    placer.release_unreachable(&tree.live_contents())
+    placer.release_unreachable(&tree.live_contents())?;
+    Ok(digests)
 }
 
 /// Parse a PAX time (`-12.5`, `1700000000.123456789`).

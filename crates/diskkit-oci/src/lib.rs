@@ -1,7 +1,8 @@
 //! OCI images unpacked, layer by layer, into one merged ext4 root filesystem.
 //!
 //! [`unpack`] reads an OCI layout directory, an OCI archive or a docker-archive, picks the
-//! image by reference and platform, streams each layer (gzip, zstd or plain, sniffed by magic)
+//! image by reference and platform (or takes a root filesystem tarball or a directory as the
+//! one layer), streams each layer (gzip, zstd or plain, sniffed by magic)
 //! while verifying its digest and diff_id, and merges the layers with whiteout semantics into an
 //! in-memory tree ([`MergedTree`]). File contents go straight to their final blocks in the output
 //! image (RAW, ASIF or qcow2, created under a temporary name) while the layer is decoded; what a
@@ -16,8 +17,10 @@ pub mod fuzzing;
 mod layer;
 mod merge;
 mod placement;
+mod plain;
 mod source;
 mod store;
+mod tree;
 
 use std::path::Path;
 use std::rc::Rc;
@@ -27,7 +30,7 @@ use diskkit_ext4::writer::{Options, Plan};
 use sha2::{Digest, Sha256};
 
 pub use merge::MergedTree;
-pub use source::{select, Platform, SelectedImage};
+pub use source::{select, Input, Platform, SelectedImage};
 pub use store::{unpack_to_store, StoreEntry};
 
 /// How to unpack.
@@ -47,6 +50,11 @@ pub struct UnpackOptions {
     pub overwrite: bool,
     /// Write ext4 metadata checksums (`metadata_csum`).
     pub metadata_csum: bool,
+    /// Add an internal ext4 journal (for roots that boot read-write; see
+    /// [`diskkit_ext4::writer::Options::journal`]).
+    pub journal: bool,
+    /// Filesystem label (at most 16 bytes); none when empty.
+    pub label: String,
 }
 
 impl Default for UnpackOptions {
@@ -59,6 +67,8 @@ impl Default for UnpackOptions {
             reproducible: false,
             overwrite: false,
             metadata_csum: false,
+            journal: false,
+            label: String::new(),
         }
     }
 }
@@ -92,7 +102,10 @@ impl Progress for NoProgress {
 /// What [`unpack`] produced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnpackReport {
-    /// Digest of the manifest unpacked.
+    /// What the input was.
+    pub input: Input,
+    /// Digest of the manifest unpacked; for a tarball or a directory, of the (uncompressed)
+    /// tar stream it was read as.
     pub manifest_digest: String,
     /// Layers applied.
     pub layers: usize,
@@ -104,7 +117,9 @@ pub struct UnpackReport {
     pub bytes_used: u64,
 }
 
-/// Unpack the image at `src` into a new ext4 image at `dst`.
+/// Unpack the image at `src` into a new ext4 image at `dst`. `src` is an OCI layout
+/// directory, an OCI archive, a docker-archive or an Apple `container` store; or a root
+/// filesystem tarball (plain, gzip or zstd) or a directory, applied as one layer.
 pub fn unpack(
     src: &Path,
     dst: &Path,
@@ -171,6 +186,7 @@ pub fn unpack_selected(
         Ok((info, decoded))
     };
     let mut next = if count > 0 { Some(start(0)?) } else { None };
+    let mut content_digest = None;
     for (i, l) in image.layers.iter().enumerate() {
         let Some((info, decoded)) = next.take() else {
             break;
@@ -180,18 +196,28 @@ pub fn unpack_selected(
         if i + 1 < count {
             next = Some(start(i + 1)?);
         }
-        layer::apply_layer(decoded, &info, &mut tree, &mut placer, tick).map_err(|e| e.with_path(dst))?;
+        let digests =
+            layer::apply_layer(decoded, &info, &mut tree, &mut placer, tick).map_err(|e| e.with_path(dst))?;
+        content_digest = Some(format!("sha256:{}", digests.diff));
         progress.layer_done();
     }
     placer.finish().map_err(|e| e.with_path(dst))?;
     let fs_tree = tree.to_tree()?;
+    // A tarball or a directory is named by its content (the same tar stream, compressed or
+    // not, gives the same digest).
+    let manifest_digest = match image.input {
+        source::Input::Image => image.manifest_digest.clone(),
+        _ => content_digest.unwrap_or_default(),
+    };
     let mut fs_options = Options {
         size: options.size,
         metadata_csum: options.metadata_csum,
+        journal: options.journal,
+        label: options.label.as_bytes().to_vec(),
         ..Options::default()
     };
     if options.reproducible {
-        let d = Sha256::digest(image.manifest_digest.as_bytes());
+        let d = Sha256::digest(manifest_digest.as_bytes());
         fs_options.uuid.copy_from_slice(&d[..16]);
         fs_options.uuid[6] = (fs_options.uuid[6] & 0x0f) | 0x40;
         fs_options.uuid[8] = (fs_options.uuid[8] & 0x3f) | 0x80;
@@ -222,7 +248,8 @@ pub fn unpack_selected(
     drop(placer);
     pending.persist()?;
     Ok(UnpackReport {
-        manifest_digest: image.manifest_digest.clone(),
+        input: image.input,
+        manifest_digest,
         layers: count,
         fs_size: size,
         inodes: plan.inodes_used(),

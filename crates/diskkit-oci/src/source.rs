@@ -1,5 +1,6 @@
-//! Image sources: OCI layout directories, OCI archives and docker-archives; choosing the
-//! manifest by reference and platform.
+//! Image sources: OCI layout directories, OCI archives and docker-archives, choosing the
+//! manifest by reference and platform; and inputs that are one layer themselves, a root
+//! filesystem tarball or a directory.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,15 +13,31 @@ use serde::Deserialize;
 /// Largest JSON document (index, manifest, config) read into memory.
 const MAX_JSON: u64 = 16 << 20;
 
-/// Where blobs are read from: a directory or an uncompressed tar archive.
+/// Where blobs are read from: a directory or an uncompressed tar archive; or, for inputs
+/// that are one layer themselves, that file or directory.
 #[derive(Debug)]
 enum Store {
     Dir(PathBuf),
     /// Archive path and (member path → data offset, size).
     Tar(PathBuf, HashMap<String, (u64, u64)>),
+    /// A root filesystem tarball (plain, gzip or zstd): the whole file is the layer.
+    Tarball(PathBuf),
+    /// A directory tree on the host, streamed as a tar layer.
+    Tree(PathBuf),
 }
 
-fn normalize(path: &str) -> Option<String> {
+/// What an input was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// An OCI image (layout, archive, docker-archive or Apple `container` store).
+    Image,
+    /// A root filesystem tarball, applied as one layer.
+    Tarball,
+    /// A directory, applied as one layer.
+    Directory,
+}
+
+pub(crate) fn normalize(path: &str) -> Option<String> {
     let mut out: Vec<&str> = Vec::new();
     for c in path.split('/') {
         match c {
@@ -83,7 +100,7 @@ impl Store {
 
     fn describe(&self) -> &Path {
         match self {
-            Store::Dir(p) | Store::Tar(p, _) => p,
+            Store::Dir(p) | Store::Tar(p, _) | Store::Tarball(p) | Store::Tree(p) => p,
         }
     }
 
@@ -91,11 +108,25 @@ impl Store {
         match self {
             Store::Dir(p) => p.join(member).is_file(),
             Store::Tar(_, idx) => idx.contains_key(member),
+            Store::Tarball(_) | Store::Tree(_) => false,
         }
     }
 
-    /// Open `member` (a relative path inside the layout or archive).
+    /// Open `member` (a relative path inside the layout or archive; the whole input for a
+    /// tarball or a directory).
     fn open_member(&self, member: &str) -> Result<(Box<dyn Read + Send>, u64)> {
+        match self {
+            Store::Tarball(p) => {
+                let f = File::open(p).map_err(|e| Error::io(e).with_path(p))?;
+                let len = f.metadata().map_err(|e| Error::io(e).with_path(p))?.len();
+                return Ok((Box::new(f), len));
+            }
+            Store::Tree(p) => {
+                let r = crate::tree::stream(p).map_err(|e| Error::io(e).with_path(p))?;
+                return Ok((r, 0));
+            }
+            Store::Dir(_) | Store::Tar(..) => {}
+        }
         let name = normalize(member)
             .ok_or_else(|| Error::invalid_argument(format!("path escapes the image: {member}")))?;
         let not_found =
@@ -113,6 +144,7 @@ impl Store {
                 let len = f.metadata().map_err(|e| Error::io(e).with_path(&p))?.len();
                 Ok((Box::new(f), len))
             }
+            Store::Tarball(_) | Store::Tree(_) => unreachable!("handled above"),
             Store::Tar(path, idx) => {
                 let (off, len) = *idx.get(&name).ok_or_else(not_found)?;
                 let mut f = File::open(path).map_err(|e| Error::io(e).with_path(path))?;
@@ -284,7 +316,10 @@ pub(crate) struct LayerRef {
 #[derive(Debug)]
 pub struct SelectedImage {
     store: Store,
-    /// Digest of the manifest (`sha256:…`), or of the config for docker-archives.
+    /// What the input was.
+    pub input: Input,
+    /// Digest of the manifest (`sha256:…`), or of the config for docker-archives; empty for a
+    /// tarball or a directory (their content's digest is known once they are read).
     pub manifest_digest: String,
     pub(crate) layers: Vec<LayerRef>,
 }
@@ -330,6 +365,33 @@ pub fn select(
     platform: &Platform,
     platform_given: bool,
 ) -> Result<SelectedImage> {
+    if !src.is_dir() {
+        match crate::plain::sniff(src)? {
+            crate::plain::Sniffed::Compressed(what) => {
+                if crate::plain::compressed_image_archive(src, what)? {
+                    return Err(Error::unsupported(format!(
+                        "a {what}-compressed image archive; decompress it first (an OCI or \
+                         docker archive is read uncompressed)"
+                    ))
+                    .with_path(src));
+                }
+                return single_layer(
+                    Store::Tarball(src.to_path_buf()),
+                    Input::Tarball,
+                    reference,
+                    platform_given,
+                );
+            }
+            crate::plain::Sniffed::Unsupported(what) => {
+                return Err(Error::unsupported(format!(
+                    "{what}-compressed input; recompress it with zstd or gzip (e.g. `xz -dc \
+                     rootfs.tar.xz | zstd -o rootfs.tar.zst`) or give it uncompressed"
+                ))
+                .with_path(src))
+            }
+            crate::plain::Sniffed::Other => {}
+        }
+    }
     let store = Store::open(src)?;
     if matches!(store, Store::Dir(_)) && store.exists("state.json") && src.join("content/blobs").is_dir() {
         return select_apple(src, reference, platform, platform_given);
@@ -338,12 +400,66 @@ pub fn select(
         select_oci(store, reference, platform, platform_given)
     } else if store.exists("manifest.json") {
         select_docker(store, reference)
+    } else if matches!(store, Store::Dir(_)) {
+        // A root filesystem has no `oci-layout` or `blobs/` at its top; a layout whose copy
+        // was interrupted (skopeo leaves `blobs/` behind) must not become a disk of itself.
+        if src.join("oci-layout").exists() || src.join("blobs").is_dir() {
+            return Err(Error::invalid_format(
+                "an OCI layout without index.json (was the copy into it interrupted?)",
+            )
+            .with_path(src));
+        }
+        single_layer(
+            Store::Tree(src.to_path_buf()),
+            Input::Directory,
+            reference,
+            platform_given,
+        )
     } else {
-        Err(
-            Error::invalid_format("neither an OCI layout (index.json) nor a docker-archive (manifest.json)")
-                .with_path(src),
+        single_layer(
+            Store::Tarball(src.to_path_buf()),
+            Input::Tarball,
+            reference,
+            platform_given,
         )
     }
+}
+
+/// A tarball or a directory: one layer, no digests to check, no reference or platform.
+fn single_layer(
+    store: Store,
+    input: Input,
+    reference: Option<&str>,
+    platform_given: bool,
+) -> Result<SelectedImage> {
+    let what = match input {
+        Input::Directory => "a directory",
+        _ => "a root filesystem tarball",
+    };
+    if let Some(r) = reference {
+        return Err(Error::invalid_argument(format!(
+            "':{r}' names an image in an OCI layout or archive, but this is {what}"
+        ))
+        .with_path(store.describe()));
+    }
+    if platform_given {
+        return Err(Error::invalid_argument(format!(
+            "a platform only chooses among an OCI image's variants, but this is {what}"
+        ))
+        .with_path(store.describe()));
+    }
+    Ok(SelectedImage {
+        store,
+        input,
+        manifest_digest: String::new(),
+        layers: vec![LayerRef {
+            member: String::new(),
+            digest: None,
+            size: None,
+            diff_id: None,
+            media_type: None,
+        }],
+    })
 }
 
 fn select_oci(
@@ -554,6 +670,7 @@ fn resolve(
     }
     Ok(SelectedImage {
         store,
+        input: Input::Image,
         manifest_digest: chosen.digest,
         layers,
     })
@@ -626,6 +743,7 @@ fn select_docker(store: Store, reference: Option<&str>) -> Result<SelectedImage>
     });
     Ok(SelectedImage {
         store,
+        input: Input::Image,
         manifest_digest: config_digest,
         layers,
     })

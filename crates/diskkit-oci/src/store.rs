@@ -49,6 +49,13 @@ pub fn unpack_to_store(
     progress: &mut dyn Progress,
 ) -> Result<StoreEntry> {
     let image = select_for(src, options)?;
+    if image.input != crate::Input::Image {
+        return Err(Error::invalid_argument(
+            "a store entry is named by its OCI image's manifest digest: give an OCI image, not \
+             a tarball or a directory",
+        )
+        .with_path(src));
+    }
     let hex = image
         .manifest_digest
         .strip_prefix("sha256:")

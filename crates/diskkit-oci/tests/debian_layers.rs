@@ -1,7 +1,7 @@
 //! A real Debian base (`mmdebstrap --variant=minbase bookworm`, cached under
 //! `target/test-cache/`) with two layers of deletions, replacements, hard links, xattrs,
 //! special bits and device nodes (`fixtures/make_debian_layers.py`), merged by diskkit and by
-//! `umoci unpack` run as root; every path must match through debugfs and ext4-view, and
+//! `umoci unpack` run as root; every path must match through debugfs and diskkit's reader, and
 //! `e2fsck -fn` must be clean. Needs mmdebstrap, network access to the Debian mirror on the
 //! first run, umoci and root (all there in CI): it fails, not skips, without them.
 
@@ -94,7 +94,7 @@ fn debian_base_with_two_layers_matches_umoci() {
     assert_eq!(kind("dev/custom"), Some('f'));
     assert_eq!(kind("run/fifo"), Some('p'));
     check_image("debian", &img, &expected);
-    // With metadata_csum: e2fsck and ext4-view (which verifies the superblock, inode and
+    // With metadata_csum: e2fsck and diskkit's reader (which verifies the superblock, inode and
     // directory checksums) on the same tree.
     let csum = d.join("debian-csum.img");
     let options = UnpackOptions {

@@ -1,6 +1,6 @@
 //! What `unpack` writes: reproducible images, ASIF output, and sparse files (GNU and PAX sparse
 //! tar entries, a 100 GiB file with 5 bytes of data) that stay sparse in the image. Checked
-//! with e2fsck -fn, debugfs and ext4-view.
+//! with e2fsck -fn, debugfs and diskkit's reader.
 
 mod support;
 
@@ -100,7 +100,7 @@ fn gnu_sparse_files() {
         assert_eq!(
             view["sparse.bin"].sha,
             sha(&expected),
-            "ext4-view: {format} {extra:?}"
+            "reader: {format} {extra:?}"
         );
         // Zero ranges are not written: the image file stays small on the host.
         use std::os::unix::fs::MetadataExt;

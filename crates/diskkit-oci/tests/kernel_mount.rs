@@ -120,7 +120,7 @@ fn kernel_writes_to_the_image() {
         res.unwrap();
         e2fsck(&img);
         assert_eq!(dump(&img, "/many/d299/f"), b"x");
-        // ext4-view reads what the kernel wrote into our image.
+        // diskkit's reader reads what the kernel wrote into our image.
         let view = support::view_tree(&img);
         assert_eq!(view["many/d299/f"].sha, sha(b"x"));
         assert_eq!(view["bigxattr"].sha, sha(b"rewritten"));
@@ -151,7 +151,7 @@ fn kernel_reads_extent_blocks_with_checksums() {
     unpack(&d.join("lay"), &img, &options, &mut NoProgress).unwrap();
     e2fsck(&img);
     assert!(debugfs(&img, "stat /holes").contains("Blockcount: 88\n"));
-    // ext4-view follows the extent leaf block (and checks the image's checksums) too.
+    // diskkit's reader follows the extent leaf block (and checks the image's checksums) too.
     for i in 0..10u64 {
         let at = i * 100_000_007;
         assert_eq!(support::view_read_at(&img, "/holes", at, 7), b"isle!\0\0");

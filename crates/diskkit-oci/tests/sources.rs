@@ -1,6 +1,6 @@
 //! Where `unpack` reads an image from: an OCI layout, an OCI archive, a docker-archive, Apple
 //! `container`'s image store, a nested multi-platform index; and corrupt layers fail cleanly,
-//! leaving no output behind. The images are checked with e2fsck -fn, debugfs and ext4-view.
+//! leaving no output behind. The images are checked with e2fsck -fn, debugfs and diskkit's reader.
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! A whiteout and entries of the same layer below the name it removes (entries whose parent
 //! directories have no entry of their own): the spec applies whiteouts to lower layers only,
 //! "regardless of the ordering", so the same-layer entries stay in either order. Checked
-//! against `umoci unpack` (as root) of the same layers, through debugfs and ext4-view. (The
+//! against `umoci unpack` (as root) of the same layers, through debugfs and diskkit's reader. (The
 //! implicit parent directories keep the lower attributes when the whiteout comes last and get
 //! 0755 when it comes first, in umoci and in diskkit alike.)
 

@@ -6,21 +6,73 @@
 //!
 //! Exit status, like `qemu-img check`: 0 consistent, 1 the check could not be completed (an
 //! error, printed on stderr), 2 corruptions are left, 3 leaked clusters are left (and no
-//! corruptions).
+//! corruptions). A file that cannot be opened at all (missing, unreadable) is an error like in
+//! every other command: 2.
 
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use clap::{Args as ClapArgs, ValueEnum};
 use diskkit::formats::qcow2::{self, CheckReport, Problem, Repair};
 use diskkit::storage::{FileStorage, Permissions, Storage};
 use diskkit::{DiskImage, ImageFormat, OpenOptions};
 use serde::Serialize;
 
-use crate::args::{Format, Output, RepairMode};
+use crate::args::{Output, OutputArg};
+use crate::format::Format;
 
-/// Exit status: the check itself failed.
+/// What `check --repair` may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RepairMode {
+    /// Free leaked clusters only.
+    Leaks,
+    /// Also fix refcounts that are too low, copied flags and bad table entries.
+    All,
+}
+
+/// Check an image's consistency, and repair it (like qemu-img check).
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Check the consistency of one image file (its parents are not opened), like \
+                  `qemu-img check`: for qcow2, every table is walked and the refcounts recomputed \
+                  and compared (corruptions, leaks, image end offset, allocated, fragmented and \
+                  compressed clusters); RAW and ASIF files are opened and their whole map walked. \
+                  --repair leaks frees leaked clusters; --repair all also fixes corruptions and \
+                  clears the dirty and corrupt bits.",
+    after_help = "\
+Exit status (as qemu-img check, the one exception to diskkit's 0/1/2):
+  0  consistent (after the repair, with --repair)
+  1  the check could not complete (an unreadable or unsupported image)
+  2  corruptions are left, or the file could not be opened at all (missing, unreadable)
+  3  leaked clusters are left, and no corruptions
+
+Examples:
+  # Report problems, change nothing
+  diskkit check vm.qcow2
+  # Repair after a crash (dirty image)
+  diskkit check -r all vm.qcow2
+  diskkit check --output json disk.qcow2 | jq .leaks"
+)]
+pub(crate) struct Args {
+    /// The image's format; detected from its magic number when omitted.
+    #[arg(short = 'f', long = "image-format", value_enum, value_name = "FORMAT")]
+    format: Option<Format>,
+    /// Repair: `leaks` frees leaked clusters, `all` also fixes corruptions (qcow2).
+    #[arg(short = 'r', long, value_enum, value_name = "WHAT")]
+    repair: Option<RepairMode>,
+    /// Check the image even while another process (QEMU, diskkit serve) has it open for
+    /// writing, like `qemu-img check -U`; what is read may be changing, so problems found may
+    /// not be real. Not with --repair.
+    #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+    force_share: bool,
+    #[command(flatten)]
+    output: OutputArg,
+    /// The image file.
+    path: PathBuf,
+}
+
+/// Exit status: the check itself could not complete.
 const EXIT_CHECK_FAILED: u8 = 1;
 /// Exit status: corruptions left.
 const EXIT_CORRUPT: u8 = 2;
@@ -78,35 +130,35 @@ fn problems(list: &[Problem]) -> Vec<ProblemJson> {
         .collect()
 }
 
-pub(crate) fn run(
-    format: Option<Format>,
-    repair: Option<RepairMode>,
-    output: Output,
-    path: &Path,
-) -> Result<u8> {
-    match check(format, repair, path) {
+pub(crate) fn run(a: &Args) -> Result<u8> {
+    let path = &a.path;
+    // A file that cannot be opened at all is an ordinary error (exit 2), as in every command.
+    std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    match check(a.format, a.repair, a.force_share, path) {
         Ok(json) => {
-            let code = if json.corruptions > 0 || json.check_errors > 0 {
+            let code = if json.check_errors > 0 {
+                EXIT_CHECK_FAILED
+            } else if json.corruptions > 0 {
                 EXIT_CORRUPT
             } else if json.leaks > 0 {
                 EXIT_LEAKS
             } else {
                 0
             };
-            match output {
+            match a.output.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&json)?),
                 Output::Human => print_human(&json),
             }
             Ok(code)
         }
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "diskkit: error: {e:#}");
+            crate::messages::error(&e);
             Ok(EXIT_CHECK_FAILED)
         }
     }
 }
 
-fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Result<Json> {
+fn check(format: Option<Format>, repair: Option<RepairMode>, force_share: bool, path: &Path) -> Result<Json> {
     let repair = match repair {
         None => Repair::None,
         Some(RepairMode::Leaks) => Repair::Leaks,
@@ -120,7 +172,7 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
     };
     let storage: Arc<dyn Storage> = Arc::new(
         // Locked like `qemu-img check`: refused while another process writes the image.
-        FileStorage::open_locked(path, writable, Some(lock_for(writable)))
+        FileStorage::open_locked(path, writable, Some(lock_for(writable, force_share)))
             .with_context(|| format!("cannot open '{}'", path.display()))?,
     );
     let format = match format {
@@ -136,7 +188,10 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
     }
     drop(storage);
     // RAW and ASIF: open the file alone and walk its whole map.
-    let options = OpenOptions::new().format(format).detached(true);
+    let options = OpenOptions::new()
+        .format(format)
+        .detached(true)
+        .force_share(force_share);
     let image =
         DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
     image
@@ -268,10 +323,13 @@ fn print_human(j: &Json) {
     }
 }
 
-/// The lock `check` takes: a reader's, or a writer's when repairing.
-fn lock_for(writable: bool) -> Permissions {
+/// The lock `check` takes: a reader's, a writer's when repairing, or only the read
+/// permission with `-U`.
+fn lock_for(writable: bool, force_share: bool) -> Permissions {
     if writable {
         Permissions::writer()
+    } else if force_share {
+        Permissions::force_share()
     } else {
         Permissions::reader()
     }

@@ -1,39 +1,68 @@
 //! `diskkit compare`.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::Args as ClapArgs;
 use diskkit::copy::compare;
 
 use super::open_image;
-use crate::args::{Format, OpenArgs, ParentArgs};
+use crate::args::{OpenArgs, ParentArgs};
+use crate::exit;
+use crate::format::Format;
 use crate::progress::bytes_bar;
-use crate::EXIT_DIFFERENT;
 
-pub(crate) fn run(
+/// Compare two images' contents: exit 0 identical, 1 different.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Compare what two images (or stacks) read, byte for byte, whatever their \
+                  formats (like `qemu-img compare`). Exit status 0 when identical, 1 when \
+                  different (`Content mismatch at offset N!`), 2 on an error. Images of \
+                  different sizes are equal when the excess reads as zeroes, unless --strict.",
+    after_help = "\
+Examples:
+  # Same content in two formats?
+  diskkit compare disk.asif disk.qcow2
+  # Also require the same size
+  diskkit compare -s vm.qcow2 flat.raw && echo same"
+)]
+pub(crate) struct Args {
+    /// The format of the first image (detected when omitted).
+    #[arg(short = 'f', long = "image-format", value_enum, value_name = "FORMAT")]
     format_a: Option<Format>,
+    /// The format of the second image (detected when omitted).
+    #[arg(short = 'F', long = "second-format", value_enum, value_name = "FORMAT")]
     format_b: Option<Format>,
-    parents: &ParentArgs,
+    /// Differ when the sizes differ (otherwise the excess must read as zeroes).
+    #[arg(short = 's', long)]
     strict: bool,
-    a: &Path,
-    b: &Path,
-) -> Result<u8> {
+    /// Open both images even while another process has them open for writing, like
+    /// `qemu-img compare -U` (what is read may change meanwhile).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[command(flatten)]
+    parents: ParentArgs,
+    /// First image.
+    a: PathBuf,
+    /// Second image.
+    b: PathBuf,
+}
+
+pub(crate) fn run(args: &Args) -> Result<u8> {
     let open = |format, path| {
-        let args = OpenArgs {
+        let open = OpenArgs {
             format,
-            detached: false,
-            repair: false,
-            force_share: false,
-            parents: parents.clone(),
+            force_share: args.force_share,
+            parents: args.parents.clone(),
         };
-        open_image(&args, path, false)
+        open_image(path, &open.options(false))
     };
-    let ia = open(format_a, a)?;
-    let ib = open(format_b, b)?;
+    let ia = open(args.format_a, &args.a)?;
+    let ib = open(args.format_b, &args.b)?;
     if ia.size() != ib.size() {
-        if strict {
+        if args.strict {
             println!("Strict mode: Image size mismatch!");
-            return Ok(EXIT_DIFFERENT);
+            return Ok(exit::NEGATIVE);
         }
         eprintln!("Warning: Image size mismatch!");
     }
@@ -43,11 +72,11 @@ pub(crate) fn run(
     match result {
         None => {
             println!("Images are identical.");
-            Ok(0)
+            Ok(exit::SUCCESS)
         }
         Some(offset) => {
             println!("Content mismatch at offset {offset}!");
-            Ok(EXIT_DIFFERENT)
+            Ok(exit::NEGATIVE)
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
 use diskkit::{DiskImage, ImageFormat, OpenOptions};
 use diskkit_ext4::read::apple_store::{AppleStore, Platform};
 use diskkit_ext4::read::entry::{mode_string, Entry};
@@ -12,7 +13,124 @@ use diskkit_ext4::read::extract::copy_out;
 use diskkit_ext4::read::{Filesystem, PartitionSelector};
 
 use super::open_image;
-use crate::args::{FsArgs, Output};
+use crate::args::{DetachedArg, OpenArgs, Output, OutputArg, QuietArg};
+use crate::messages::{count, done};
+
+/// Where to find a filesystem: an image (with its partition) or an Apple `container` store.
+#[derive(Debug, Clone, ClapArgs)]
+pub(crate) struct FsArgs {
+    #[command(flatten)]
+    pub(crate) open: OpenArgs,
+    #[command(flatten)]
+    pub(crate) detached: DetachedArg,
+    /// Partition to read: a number, a GPT partition name or UUID, an ext label or UUID, or
+    /// `disk` for the whole disk (default: the whole disk if it holds ext, else the only ext
+    /// partition). Same as IMAGE@PART.
+    #[arg(long, value_name = "PART")]
+    pub(crate) partition: Option<String>,
+    /// Read from the Apple `container` image store at ROOT: the image argument is then an
+    /// image reference (e.g. `alpine:latest`), resolved to its unpacked ext4 snapshot.
+    #[arg(long, value_name = "ROOT")]
+    pub(crate) apple_store: Option<PathBuf>,
+    /// Platform for --apple-store as OS/ARCH[/VARIANT] (default: linux and the host's CPU).
+    #[arg(long, requires = "apple_store", value_name = "OS/ARCH")]
+    pub(crate) platform: Option<String>,
+}
+
+/// List a directory of the ext2/3/4 filesystem inside an image.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "List a directory of the ext2/3/4 filesystem inside any image diskkit opens \
+                  (a stack too), without mounting, root or a VM. IMAGE@PART picks a partition; \
+                  the path defaults to the root.",
+    after_help = "\
+Examples:
+  # A long listing of /etc
+  diskkit ls -l debian.qcow2:/etc
+  # /boot on partition 2
+  diskkit ls disk.raw@2:/boot
+  # The root directory as JSON
+  diskkit ls --output json root.asif:/"
+)]
+pub(crate) struct LsArgs {
+    #[command(flatten)]
+    fs: FsArgs,
+    /// Long listing: type, mode, owner, size, modification time, symlink target.
+    #[arg(short = 'l', long)]
+    long: bool,
+    #[command(flatten)]
+    output: OutputArg,
+    /// IMAGE[@PART][:/path] (the root when no path is given).
+    #[arg(value_name = "IMAGE[@PART][:/PATH]")]
+    target: String,
+}
+
+/// Write a file inside an image to stdout.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Write a file from the ext2/3/4 filesystem inside an image to stdout \
+                  (symlinks are followed inside the image, never out of it).",
+    after_help = "\
+Examples:
+  diskkit cat debian.qcow2:/etc/os-release
+  diskkit cat disk.raw@2:/etc/fstab"
+)]
+pub(crate) struct CatArgs {
+    #[command(flatten)]
+    fs: FsArgs,
+    /// IMAGE[@PART]:/path.
+    #[arg(value_name = "IMAGE[@PART]:/PATH")]
+    target: String,
+}
+
+/// Show the metadata of a file inside an image.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Show the type, mode, owner, size, times and symlink target of a file in the \
+                  ext2/3/4 filesystem inside an image (a final symlink is not followed).",
+    after_help = "\
+Examples:
+  diskkit stat debian.qcow2:/usr/bin/perl
+  diskkit stat --output json root.asif:/etc/passwd"
+)]
+pub(crate) struct StatArgs {
+    #[command(flatten)]
+    fs: FsArgs,
+    #[command(flatten)]
+    output: OutputArg,
+    /// IMAGE[@PART]:/path.
+    #[arg(value_name = "IMAGE[@PART]:/PATH")]
+    target: String,
+}
+
+/// Copy a file or a directory tree out of an image.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Copy a file or a whole directory tree out of the ext2/3/4 filesystem inside \
+                  an image: modes (without setuid/setgid), symlinks as symlinks, modification \
+                  times; holes stay holes. Built under a temporary name and renamed; never \
+                  replaces anything and never writes outside DEST. An existing directory DEST \
+                  receives the copy under its own name.",
+    after_help = "\
+Examples:
+  # One file into the current directory
+  diskkit cp debian.qcow2:/etc/os-release .
+  # A whole tree
+  diskkit cp root.asif:/etc etc-copy"
+)]
+pub(crate) struct CpArgs {
+    #[command(flatten)]
+    fs: FsArgs,
+    #[command(flatten)]
+    output: OutputArg,
+    #[command(flatten)]
+    quiet: QuietArg,
+    /// IMAGE[@PART]:/path.
+    #[arg(value_name = "IMAGE[@PART]:/PATH")]
+    src: String,
+    /// Destination on the host.
+    dest: PathBuf,
+}
 
 /// Print `value` as pretty JSON on stdout (a closed pipe is an error, not a panic).
 pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<()> {
@@ -74,7 +192,8 @@ pub(crate) fn open_fs(args: &FsArgs, target: &Target) -> Result<Filesystem> {
         (None, None) => PartitionSelector::Auto,
     };
     let path = PathBuf::from(&target.image);
-    let image = Arc::new(open_image(&args.open, &path, false)?);
+    let options = args.open.options(false).detached(args.detached.detached);
+    let image = Arc::new(open_image(&path, &options)?);
     Filesystem::open(image, &selector).with_context(|| format!("'{}'", path.display()))
 }
 
@@ -102,16 +221,17 @@ pub(crate) fn open_store_snapshot(
         .with_context(|| format!("snapshot '{}'", snap.snapshot.display()))
 }
 
-pub(crate) fn ls(args: &FsArgs, long: bool, output: Output, target: &str) -> Result<u8> {
-    let t = parse_target(target, true, args.apple_store.is_some())?;
+pub(crate) fn ls(a: &LsArgs) -> Result<u8> {
+    let args = &a.fs;
+    let t = parse_target(&a.target, true, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
     let entries = fs.list(&t.path).with_context(|| format!("in '{}'", t.image))?;
-    match output {
+    match a.output.output {
         Output::Json => super::fs::print_json(&entries)?,
         Output::Human => {
             let mut out = io::stdout().lock();
             for e in &entries {
-                if long {
+                if a.long {
                     writeln!(out, "{}", long_line(e))?;
                 } else {
                     writeln!(out, "{}", e.name)?;
@@ -161,8 +281,9 @@ pub(crate) fn format_time(secs: i64) -> String {
     )
 }
 
-pub(crate) fn cat(args: &FsArgs, target: &str) -> Result<u8> {
-    let t = parse_target(target, false, args.apple_store.is_some())?;
+pub(crate) fn cat(a: &CatArgs) -> Result<u8> {
+    let args = &a.fs;
+    let t = parse_target(&a.target, false, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
     let mut out = io::BufWriter::with_capacity(1 << 20, io::stdout().lock());
     fs.copy_file_to(&t.path, &mut out)
@@ -171,11 +292,12 @@ pub(crate) fn cat(args: &FsArgs, target: &str) -> Result<u8> {
     Ok(0)
 }
 
-pub(crate) fn stat(args: &FsArgs, output: Output, target: &str) -> Result<u8> {
-    let t = parse_target(target, false, args.apple_store.is_some())?;
+pub(crate) fn stat(a: &StatArgs) -> Result<u8> {
+    let args = &a.fs;
+    let t = parse_target(&a.target, false, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
     let e = fs.stat(&t.path).with_context(|| format!("in '{}'", t.image))?;
-    match output {
+    match a.output.output {
         Output::Json => super::fs::print_json(&e)?,
         Output::Human => {
             println!("  path: {}", e.path);
@@ -202,7 +324,8 @@ pub(crate) fn stat(args: &FsArgs, output: Output, target: &str) -> Result<u8> {
     Ok(0)
 }
 
-pub(crate) fn cp(args: &FsArgs, output: Output, src: &str, dest: &Path) -> Result<u8> {
+pub(crate) fn cp(a: &CpArgs) -> Result<u8> {
+    let (args, src, dest) = (&a.fs, &a.src, &a.dest);
     let t = parse_target(src, false, args.apple_store.is_some())?;
     let fs = open_fs(args, &t)?;
     let report = copy_out(&fs, &t.path, dest)
@@ -210,20 +333,19 @@ pub(crate) fn cp(args: &FsArgs, output: Output, src: &str, dest: &Path) -> Resul
     for s in &report.skipped {
         eprintln!("diskkit: warning: skipped special file {s}");
     }
-    match output {
+    match a.output.output {
         Output::Json => super::fs::print_json(&report)?,
-        Output::Human => {
-            if report.dirs > 0 {
-                eprintln!(
-                    "copied {} files, {} directories, {} symlinks ({} bytes) to {}",
-                    report.files,
-                    report.dirs,
-                    report.symlinks,
-                    report.bytes,
-                    report.dest.display()
-                );
-            }
-        }
+        Output::Human => done(
+            a.quiet.quiet,
+            format_args!(
+                "copied '{src}' to '{}': {}, {}, {}, {}",
+                report.dest.display(),
+                count(report.files, "file", "files"),
+                count(report.dirs, "directory", "directories"),
+                count(report.symlinks, "symlink", "symlinks"),
+                crate::size::human_exact(report.bytes)
+            ),
+        ),
     }
     Ok(0)
 }

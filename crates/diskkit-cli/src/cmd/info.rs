@@ -1,13 +1,40 @@
 //! `diskkit info`.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::Args as ClapArgs;
 use serde::Serialize;
 
 use super::open_image;
-use crate::args::{OpenArgs, Output};
+use crate::args::{DetachedArg, OpenArgs, Output, OutputArg};
 use crate::size::human;
+
+/// Show an image's format, size, layers and space use.
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "Show an image's format, virtual size, block size, layer type and UUIDs, file \
+                  size and allocated bytes, and every layer of its stack (top first); for qcow2 \
+                  also its version, cluster size, backing file, snapshots and dirty/corrupt bits.",
+    after_help = "\
+Examples:
+  # A summary for people
+  diskkit info disk.qcow2
+  # The stack, for programs
+  diskkit info --output json vm.asif | jq .layers
+  # The top layer alone, without its backing file
+  diskkit info --detached vm.qcow2"
+)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    open: OpenArgs,
+    #[command(flatten)]
+    detached: DetachedArg,
+    #[command(flatten)]
+    output: OutputArg,
+    /// The image.
+    path: PathBuf,
+}
 
 #[derive(Serialize)]
 struct Info {
@@ -44,8 +71,9 @@ struct LayerJson {
     allocated_bytes: Option<u64>,
 }
 
-pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
-    let image = open_image(open, path, false)?;
+pub(crate) fn run(a: &Args) -> Result<u8> {
+    let path = &a.path;
+    let image = open_image(path, &a.open.options(false).detached(a.detached.detached))?;
     let layers = image.describe_layers()?;
     let top = &layers[0];
     let info = Info {
@@ -84,7 +112,7 @@ pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
             })
             .collect(),
     };
-    match output {
+    match a.output.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&info)?),
         Output::Human => print_human(&info),
     }

@@ -1,236 +1,44 @@
-//! One module per command.
+//! One module per command (or per family of commands), each with its clap `Args` next to its
+//! implementation; helpers shared by several commands.
 
-mod access;
-mod check;
-mod compare;
-mod convert;
-mod create;
-mod fs;
-mod info;
-mod kernel;
-mod map;
-mod partitions;
+pub(crate) mod access;
+pub(crate) mod boot;
+pub(crate) mod check;
+pub(crate) mod compare;
+pub(crate) mod completions;
+pub(crate) mod convert;
+pub(crate) mod create;
+pub(crate) mod fs;
+pub(crate) mod info;
+pub(crate) mod kernel;
+pub(crate) mod manpages;
+pub(crate) mod map;
+pub(crate) mod partitions;
 pub(crate) mod serve;
-mod stack;
-mod unpack;
+pub(crate) mod stack;
+pub(crate) mod unpack;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use diskkit::{DiskImage, OpenOptions, ParentPolicy};
+use anyhow::Result;
+use diskkit::{DiskImage, ErrorKind, OpenOptions};
 
-use crate::args::{Cli, Command, LayerCommand, OpenArgs};
+use crate::messages::Hint;
 
-/// Run a parsed command line; returns the exit status.
-pub(crate) fn run(cli: Cli) -> Result<u8> {
-    // SIGINT/SIGTERM remove the temporary outputs and exit 130/143 (serve handles them
-    // itself: it stops accepting and shuts down cleanly).
-    if !matches!(cli.command, Command::Serve(_)) {
-        diskkit::output::remove_temporaries_on_signals()?;
-    }
-    match cli.command {
-        Command::Create {
-            format,
-            size,
-            block_size,
-            chunk_size,
-            cluster_size,
-            backing,
-            backing_format,
-            force,
-            path,
-        } => create::run(
-            &create::Request {
-                format,
-                size: &size,
-                block_size,
-                chunk_size: chunk_size.as_deref(),
-                cluster_size: cluster_size.as_deref(),
-                backing: backing.as_deref(),
-                backing_format,
-                force,
-            },
-            &path,
-        ),
-        Command::Info { open, output, path } => info::run(&open, output, &path),
-        Command::Convert {
-            open,
-            output_format,
-            block_size,
-            chunk_size,
-            cluster_size,
-            force,
-            src,
-            dst,
-        } => convert::run(
-            &open,
-            output_format,
-            block_size,
-            (chunk_size.as_deref(), cluster_size.as_deref()),
-            force,
-            &src,
-            &dst,
-        ),
-        Command::Map { open, output, path } => map::run(&open, output, &path),
-        Command::Check {
-            format,
-            repair,
-            output,
-            path,
-        } => check::run(format, repair, output, &path),
-        Command::Compare {
-            format_a,
-            format_b,
-            parents,
-            strict,
-            a,
-            b,
-        } => compare::run(format_a, format_b, &parents, strict, &a, &b),
-        Command::Layer(LayerCommand::Create {
-            open,
-            kind,
-            format,
-            chunk_size,
-            parent,
-            force,
-            path,
-        }) => stack::layer_create(&open, kind, format, chunk_size.as_deref(), &parent, force, &path),
-        Command::Snapshot { open, top } => stack::snapshot(&open, &top),
-        Command::Restore { open, top } => stack::restore(&open, &top),
-        Command::Commit { open, top } => stack::commit(&open, &top),
-        Command::Flatten {
-            open,
-            output_format,
-            chunk_size,
-            force,
-            top,
-            dst,
-        } => convert::run(
-            &open,
-            output_format,
-            None,
-            (chunk_size.as_deref(), None),
-            force,
-            &top,
-            &dst,
-        ),
-        Command::Rebase {
-            open,
-            new_parent,
-            unsafe_rebase,
-            top,
-        } => stack::rebase(&open, &top, &new_parent, unsafe_rebase),
-        Command::Resize { open, path, size } => access::resize(&open, &path, &size),
-        Command::Write {
-            open,
-            path,
-            offset,
-            from,
-        } => access::write(&open, &path, &offset, from.as_deref()),
-        Command::Read {
-            open,
-            path,
-            offset,
-            length,
-            to,
-        } => access::read(&open, &path, &offset, length.as_deref(), to.as_deref()),
-        Command::Discard {
-            open,
-            path,
-            offset,
-            length,
-        } => access::discard(&open, &path, &offset, &length),
-        Command::Serve(args) => serve::run(&args),
-        Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
-        Command::Ls {
-            fs,
-            long,
-            output,
-            target,
-        } => fs::ls(&fs, long, output, &target),
-        Command::Cat { fs, target } => fs::cat(&fs, &target),
-        Command::Stat { fs, output, target } => fs::stat(&fs, output, &target),
-        Command::Cp {
-            fs,
-            output,
-            src,
-            dest,
-        } => fs::cp(&fs, output, &src, &dest),
-        Command::Kernel {
-            fs,
-            out,
-            list,
-            kernel_version,
-            split_uki,
-            force,
-            output,
-            image,
-        } => kernel::run(
-            &fs,
-            &kernel::Request {
-                out: out.as_deref(),
-                list,
-                version: kernel_version.as_deref(),
-                split_uki,
-                force,
-                output,
-            },
-            &image,
-        ),
-        Command::Unpack {
-            format,
-            platform,
-            size,
-            reproducible,
-            metadata_csum,
-            force,
-            store,
-            src,
-            dst,
-        } => unpack::run(
-            unpack::Args {
-                format,
-                platform: platform.as_deref(),
-                size: size.as_deref(),
-                reproducible,
-                metadata_csum,
-                force,
-                store: store.as_deref(),
-            },
-            &src,
-            dst.as_deref(),
-        ),
-    }
-}
-
-/// The open options the CLI's arguments ask for: the format, and the parent policy (the
-/// same directory by default, plus `--allow-parent-dir`, or anything with
-/// `--allow-any-parent`).
-pub(crate) fn open_options(open: &OpenArgs, writable: bool) -> OpenOptions {
-    let mut options = OpenOptions::new()
-        .writable(writable)
-        .detached(open.detached)
-        .repair(open.repair)
-        .force_share(open.force_share);
-    if let Some(f) = open.format {
-        options = options.format(f.into());
-    }
-    let mut policy = if open.parents.allow_any_parent {
-        ParentPolicy::any()
-    } else {
-        ParentPolicy::same_directory()
-    };
-    for dir in &open.parents.allow_parent_dir {
-        policy = policy.allow_directory(dir);
-    }
-    options.parents(policy)
-}
-
-/// Open an image (and the stack beneath it) for the CLI.
-pub(crate) fn open_image(open: &OpenArgs, path: &Path, writable: bool) -> Result<DiskImage> {
-    let options = open_options(open, writable);
-    let image =
-        DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
+/// Open an image (and the stack beneath it). A parent refused by the policy gets the
+/// `--allow-parent-dir` that would follow it as the error's fix.
+pub(crate) fn open_image(path: &Path, options: &OpenOptions) -> Result<DiskImage> {
+    let image = DiskImage::open(path, options).map_err(|e| {
+        let hint = (e.kind() == ErrorKind::PolicyDenied)
+            .then(|| e.path().and_then(allow_parent_hint))
+            .flatten();
+        let e = anyhow::Error::new(e);
+        let e = match hint {
+            Some(h) => e.context(h),
+            None => e,
+        };
+        e.context(format!("cannot open '{}'", path.display()))
+    })?;
     print_warnings(&image);
     Ok(image)
 }
@@ -238,6 +46,53 @@ pub(crate) fn open_image(open: &OpenArgs, path: &Path, writable: bool) -> Result
 /// Tell the user what opening the image noticed (a file read as RAW whose name says otherwise).
 pub(crate) fn print_warnings(image: &DiskImage) {
     for w in image.warnings() {
-        eprintln!("diskkit: warning: {w}");
+        crate::messages::warn(format_args!("{w}"));
+    }
+}
+
+/// Where the parent named by the layer at `child` lies, when it is a relative path that leads
+/// outside the layer's directory: the directory to allow.
+pub(crate) fn parent_outside(child: &Path) -> Option<(String, PathBuf)> {
+    let options = OpenOptions::new().detached(true);
+    let layer = DiskImage::open(child, &options).ok()?;
+    let hint = layer.describe_layers().ok()?.remove(0).info.parent_path?;
+    if Path::new(&hint).is_absolute() {
+        return None;
+    }
+    let dir = child
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let target = dir.join(&hint).canonicalize().ok()?;
+    let parent_dir = target.parent()?.to_path_buf();
+    let child_dir = dir.canonicalize().ok()?;
+    (parent_dir != child_dir).then_some((hint, parent_dir))
+}
+
+/// The fix for a parent refused by the default policy.
+fn allow_parent_hint(child: &Path) -> Option<Hint> {
+    let (_, dir) = parent_outside(child)?;
+    Some(Hint(format!(
+        "to follow it, add --allow-parent-dir {}",
+        shell_path(&dir)
+    )))
+}
+
+/// `dir` as the user would type it: relative to the working directory when inside it, quoted
+/// for the shell when needed.
+pub(crate) fn shell_path(dir: &Path) -> String {
+    let cwd = std::env::current_dir().ok().and_then(|c| c.canonicalize().ok());
+    let shown = match cwd.as_deref().and_then(|c| dir.strip_prefix(c).ok()) {
+        Some(rel) if rel.as_os_str().is_empty() => ".".to_owned(),
+        Some(rel) => rel.display().to_string(),
+        None => dir.display().to_string(),
+    };
+    if shown
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@".contains(&b))
+    {
+        shown
+    } else {
+        format!("'{}'", shown.replace('\'', r"'\''"))
     }
 }

@@ -1,15 +1,40 @@
 //! `diskkit partitions`: list a disk's GPT or MBR partitions.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
 use diskkit_ext4::read::volume::has_ext_superblock;
 use diskkit_ext4::read::{read_partition_table, PartitionTable};
 use serde::Serialize;
 
 use super::open_image;
-use crate::args::{OpenArgs, Output};
+use crate::args::{DetachedArg, OpenArgs, Output, OutputArg};
 use crate::size::human;
+
+/// List the partitions of a disk image (GPT or MBR).
+#[derive(Debug, ClapArgs)]
+#[command(
+    long_about = "List the partitions of a disk image (GPT, or MBR with its logical \
+                  partitions): number, offset, size, type, name, UUID, and whether it holds an \
+                  ext2/3/4 filesystem. Says so when the whole disk is a filesystem.",
+    after_help = "\
+Examples:
+  # The table, for people
+  diskkit partitions debian.qcow2
+  # The same as JSON
+  diskkit partitions --output json disk.raw"
+)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    open: OpenArgs,
+    #[command(flatten)]
+    detached: DetachedArg,
+    #[command(flatten)]
+    output: OutputArg,
+    /// The image.
+    path: PathBuf,
+}
 
 #[derive(Serialize)]
 struct TableJson {
@@ -36,8 +61,9 @@ struct PartJson {
     ext: bool,
 }
 
-pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
-    let image = open_image(open, path, false)?;
+pub(crate) fn run(a: &Args) -> Result<u8> {
+    let path = &a.path;
+    let image = open_image(path, &a.open.options(false).detached(a.detached.detached))?;
     let table: Option<PartitionTable> = read_partition_table(&image, image.block_size())
         .with_context(|| format!("cannot read the partition table of '{}'", path.display()))?;
     let mut json = TableJson {
@@ -68,7 +94,7 @@ pub(crate) fn run(open: &OpenArgs, output: Output, path: &Path) -> Result<u8> {
         }
         None => json.whole_disk_ext = has_ext_superblock(&image, 0, image.size())?,
     }
-    match output {
+    match a.output.output {
         Output::Json => super::fs::print_json(&json)?,
         Output::Human => {
             if table.is_none() {

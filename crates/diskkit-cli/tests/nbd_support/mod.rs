@@ -52,10 +52,10 @@ impl Served {
         Served::spawn(sock, args, Stdio::inherit())
     }
 
-    /// Like [`Served::start`] with `--verbose`, logging every request to `log`.
+    /// Like [`Served::start`] with `-vv`, logging every request to `log`.
     pub fn start_logged(sock: &Path, args: &[&str], log: &Path) -> Served {
         let f = std::fs::File::create(log).expect("create server log");
-        let mut all = vec!["--verbose"];
+        let mut all = vec!["-vv"];
         all.extend_from_slice(args);
         Served::spawn(sock, &all, Stdio::from(f))
     }

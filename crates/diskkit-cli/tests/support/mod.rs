@@ -110,3 +110,30 @@ pub fn sparse_file(path: &Path, size: u64) {
         .set_len(size)
         .expect("set_len");
 }
+
+/// Read an ASIF image with dissect.hypervisor (an independent reader): its virtual disk goes to
+/// `out`, its metadata is returned.
+pub fn dissect_dump(img: &str, out: &Path) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/asif_dump.py");
+    let json = tool_ok("python3", &[script.to_str().unwrap(), img, out.to_str().unwrap()]);
+    serde_json::from_str(&json).unwrap()
+}
+
+/// The format `qemu-img info` sees in a file (`raw` for anything it does not know, ASIF too).
+pub fn qemu_format(path: &str) -> String {
+    let info: serde_json::Value =
+        serde_json::from_str(&tool_ok("qemu-img", &["info", "--output=json", path])).unwrap();
+    info["format"].as_str().unwrap().to_owned()
+}
+
+/// Whether dissect.hypervisor opens a file as ASIF (its header and directories parse).
+pub fn is_asif(path: &str) -> bool {
+    let program = "import sys\nfrom dissect.hypervisor.disk.asif import ASIF\n\
+                   ASIF(open(sys.argv[1], 'rb'))";
+    Command::new("python3")
+        .args(["-c", program, path])
+        .output()
+        .expect("python3 with dissect.hypervisor (.ci/run installs it)")
+        .status
+        .success()
+}

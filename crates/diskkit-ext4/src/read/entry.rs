@@ -4,10 +4,10 @@
 use std::io::Write;
 
 use diskkit::{Error, ErrorKind, Result};
-use ext4_view::{FileType, Metadata};
 use serde::Serialize;
 
-use super::volume::{ext4_error, Filesystem};
+use super::fs::{DirEntry, FileReader, FileType, Inode, Lookup, Resolved, Xattr};
+use super::volume::Filesystem;
 
 /// Largest symlink target read (Linux's PATH_MAX).
 const MAX_LINK: u64 = 4096;
@@ -22,22 +22,36 @@ pub struct Entry {
     /// `file`, `dir`, `symlink`, `char`, `block`, `fifo` or `socket`.
     #[serde(rename = "type")]
     pub file_type: &'static str,
+    /// Inode number.
+    pub ino: u32,
     /// Permission bits (including setuid, setgid, sticky).
     pub mode: u16,
     /// Owner.
     pub uid: u32,
     /// Group.
     pub gid: u32,
+    /// Hard link count.
+    pub nlink: u32,
     /// Size in bytes.
     pub size: u64,
-    /// Modification time, seconds since the epoch.
+    /// Modification time, seconds since the epoch (negative before 1970).
     pub mtime: i64,
     /// Nanoseconds part of the modification time.
     pub mtime_nsec: u32,
     /// Access time, seconds.
     pub atime: i64,
+    /// Nanoseconds part of the access time.
+    pub atime_nsec: u32,
+    /// Status change time, seconds.
+    pub ctime: i64,
+    /// Nanoseconds part of the status change time.
+    pub ctime_nsec: u32,
     /// Creation time, seconds, when the inode records it.
     pub crtime: Option<i64>,
+    /// Nanoseconds part of the creation time.
+    pub crtime_nsec: Option<u32>,
+    /// A device's (major, minor) numbers.
+    pub device: Option<(u32, u32)>,
     /// A symlink's target.
     pub target: Option<String>,
 }
@@ -48,7 +62,7 @@ pub fn type_name(t: FileType) -> &'static str {
         FileType::Regular => "file",
         FileType::Directory => "dir",
         FileType::Symlink => "symlink",
-        FileType::CharacterDevice => "char",
+        FileType::CharDevice => "char",
         FileType::BlockDevice => "block",
         FileType::Fifo => "fifo",
         FileType::Socket => "socket",
@@ -119,32 +133,76 @@ pub fn normalize(path: &str) -> Result<String> {
     Ok(format!("/{}", parts.join("/")))
 }
 
+fn lossy(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).into_owned()
+}
+
+/// `dir/name` for a directory path and an entry name.
+pub(crate) fn join_bytes(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut child = dir.to_vec();
+    if child.last() != Some(&b'/') {
+        child.push(b'/');
+    }
+    child.extend_from_slice(name);
+    child
+}
+
 impl Filesystem {
-    fn entry_from(&self, raw: &[u8], name: String, md: &Metadata) -> Result<Entry> {
-        let lossy = String::from_utf8_lossy(raw);
-        let path = lossy.as_ref();
-        let target = if md.is_symlink() {
-            let t = self.ext4().read_link(raw).map_err(|e| ext4_error(&e, path))?;
-            let bytes: &[u8] = t.as_ref();
-            if bytes.len() as u64 > MAX_LINK {
-                return Err(Error::corrupt("symlink target too long").with_path(path));
+    /// Look `path` up (following a final symlink when `follow`): found, or why not.
+    pub fn lookup(&self, path: impl AsRef<[u8]>, follow: bool) -> Result<Lookup> {
+        let raw = path.as_ref();
+        self.fs()
+            .lookup_path(raw, follow)
+            .map_err(|e| e.with_path(lossy(raw)))
+    }
+
+    /// Resolve `path` to its inode (following a final symlink when `follow`).
+    pub fn resolve(&self, path: impl AsRef<[u8]>, follow: bool) -> Result<Resolved> {
+        let raw = path.as_ref();
+        self.lookup(raw, follow)?
+            .found()
+            .map_err(|e| e.with_path(lossy(raw)))
+    }
+
+    /// The path with every symlink followed.
+    pub fn canonicalize(&self, path: impl AsRef<[u8]>) -> Result<Vec<u8>> {
+        Ok(self.resolve(path, true)?.canonical)
+    }
+
+    /// The [`Entry`] of an inode found at `path` (named `name`).
+    pub fn entry_for(&self, path: &[u8], name: String, inode: &Inode) -> Result<Entry> {
+        let target = if inode.file_type() == FileType::Symlink {
+            match self.fs().read_link(inode) {
+                Ok(t) if t.len() as u64 > MAX_LINK => {
+                    return Err(Error::corrupt("symlink target too long").with_path(lossy(path)))
+                }
+                Ok(t) => Some(lossy(&t)),
+                // An encrypted target cannot be shown; the entry still can.
+                Err(e) if e.kind() == ErrorKind::Unsupported => None,
+                Err(e) => return Err(e.with_path(lossy(path))),
             }
-            Some(String::from_utf8_lossy(bytes).into_owned())
         } else {
             None
         };
         Ok(Entry {
-            path: path.to_owned(),
+            path: lossy(path),
             name,
-            file_type: type_name(md.file_type()),
-            mode: md.mode(),
-            uid: md.uid(),
-            gid: md.gid(),
-            size: md.len(),
-            mtime: md.modified().seconds(),
-            mtime_nsec: md.modified().nanoseconds(),
-            atime: md.accessed().seconds(),
-            crtime: md.created().map(|t| t.seconds()),
+            file_type: type_name(inode.file_type()),
+            ino: inode.ino(),
+            mode: inode.mode(),
+            uid: inode.uid(),
+            gid: inode.gid(),
+            nlink: u32::from(inode.links()),
+            size: inode.size(),
+            mtime: inode.mtime().secs,
+            mtime_nsec: inode.mtime().nsec,
+            atime: inode.atime().secs,
+            atime_nsec: inode.atime().nsec,
+            ctime: inode.ctime().secs,
+            ctime_nsec: inode.ctime().nsec,
+            crtime: inode.crtime().map(|t| t.secs),
+            crtime_nsec: inode.crtime().map(|t| t.nsec),
+            device: inode.device(),
             target,
         })
     }
@@ -152,78 +210,81 @@ impl Filesystem {
     /// Metadata of `path`, not following a final symlink (like `lstat`).
     pub fn stat(&self, path: &str) -> Result<Entry> {
         let path = normalize(path)?;
-        let md = self
-            .ext4()
-            .symlink_metadata(path.as_str())
-            .map_err(|e| ext4_error(&e, &path))?;
-        self.entry_from(path.as_bytes(), last_component(&path), &md)
+        let r = self.resolve(&path, false)?;
+        self.entry_for(path.as_bytes(), last_component(&path), &r.inode)
     }
 
     /// Metadata of `path`, following symlinks inside the image.
     pub fn stat_follow(&self, path: &str) -> Result<Entry> {
         let path = normalize(path)?;
-        let md = self
-            .ext4()
-            .metadata(path.as_str())
-            .map_err(|e| ext4_error(&e, &path))?;
-        self.entry_from(path.as_bytes(), last_component(&path), &md)
+        let r = self.resolve(&path, true)?;
+        self.entry_for(path.as_bytes(), last_component(&path), &r.inode)
     }
 
     /// Whether `path` exists (following symlinks inside the image).
     pub fn exists(&self, path: &str) -> Result<bool> {
-        match self.ext4().metadata(path) {
-            Ok(_) => Ok(true),
-            Err(ext4_view::Ext4Error::NotFound) => Ok(false),
-            Err(e) => Err(ext4_error(&e, path)),
+        match self.lookup(path, true)? {
+            Lookup::Found(_) => Ok(true),
+            Lookup::NotFound | Lookup::NotADirectory => Ok(false),
+            loop_ @ Lookup::SymlinkLoop => loop_.found().map(|_| true).map_err(|e| e.with_path(path)),
         }
+    }
+
+    /// The entries of directory `path` (following symlinks to it), without `.` and `..`,
+    /// sorted by name.
+    pub fn read_dir(&self, path: impl AsRef<[u8]>) -> Result<Vec<DirEntry>> {
+        let raw = path.as_ref();
+        let r = self.resolve(raw, true)?;
+        let mut v = self
+            .fs()
+            .read_dir(&r.inode)
+            .map_err(|e| e.with_path(lossy(raw)))?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
     }
 
     /// Names in directory `path` (following symlinks to it), without `.` and `..`, sorted.
     /// Names are raw bytes: ext4 does not promise UTF-8.
     pub fn read_dir_names(&self, path: impl AsRef<[u8]>) -> Result<Vec<Vec<u8>>> {
-        let raw = path.as_ref();
-        let lossy = String::from_utf8_lossy(raw);
-        let path = lossy.as_ref();
-        let iter = self.ext4().read_dir(raw).map_err(|e| ext4_error(&e, path))?;
-        let mut names = Vec::new();
-        for entry in iter {
-            let entry = entry.map_err(|e| ext4_error(&e, path))?;
-            let name = entry.file_name();
-            let name: &[u8] = name.as_ref();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            names.push(name.to_vec());
-        }
-        names.sort();
-        Ok(names)
+        Ok(self.read_dir(path)?.into_iter().map(|e| e.name).collect())
     }
 
     /// `ls`: the entries of directory `path`, or the file itself when it is not a directory.
     pub fn list(&self, path: &str) -> Result<Vec<Entry>> {
         let path = normalize(path)?;
-        let md = self
-            .ext4()
-            .metadata(path.as_str())
-            .map_err(|e| ext4_error(&e, &path))?;
-        if !md.is_dir() {
+        let r = self.resolve(&path, true)?;
+        if r.inode.file_type() != FileType::Directory {
             return Ok(vec![self.stat(&path)?]);
         }
         let mut out = Vec::new();
-        for raw_name in self.read_dir_names(&path)? {
-            let name = String::from_utf8_lossy(&raw_name).into_owned();
-            let mut child = path.as_bytes().to_vec();
-            if child != b"/" {
-                child.push(b'/');
-            }
-            child.extend_from_slice(&raw_name);
-            let md = self
-                .ext4()
-                .symlink_metadata(child.as_slice())
-                .map_err(|e| ext4_error(&e, &String::from_utf8_lossy(&child)))?;
-            out.push(self.entry_from(&child, name, &md)?);
+        for e in self.read_dir(&path)? {
+            let child = join_bytes(path.as_bytes(), &e.name);
+            let inode = self
+                .fs()
+                .inode(e.ino)
+                .map_err(|err| err.with_path(lossy(&child)))?;
+            out.push(self.entry_for(&child, lossy(&e.name), &inode)?);
         }
         Ok(out)
+    }
+
+    /// The extended attributes of `path` (not following a final symlink), sorted by name.
+    pub fn xattrs(&self, path: impl AsRef<[u8]>) -> Result<Vec<Xattr>> {
+        let raw = path.as_ref();
+        let r = self.resolve(raw, false)?;
+        let mut v = self.fs().xattrs(&r.inode).map_err(|e| e.with_path(lossy(raw)))?;
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// A reader for the regular file at `path` (following symlinks inside the image).
+    pub fn open_file(&self, path: impl AsRef<[u8]>) -> Result<FileReader> {
+        let raw = path.as_ref();
+        let r = self.resolve(raw, true)?;
+        if r.inode.file_type() != FileType::Regular {
+            return Err(Error::new(ErrorKind::InvalidArgument, "not a regular file").with_path(lossy(raw)));
+        }
+        self.fs().open_file(&r.inode).map_err(|e| e.with_path(lossy(raw)))
     }
 
     /// Stream the contents of the regular file at `path` (following symlinks inside the
@@ -241,57 +302,61 @@ impl Filesystem {
         out: &mut dyn Write,
     ) -> Result<u64> {
         let raw = path.as_ref();
-        let path = String::from_utf8_lossy(raw);
-        let path = path.as_ref();
-        let mut file = self.ext4().open(raw).map_err(|e| ext4_error(&e, path))?;
-        let size = file.metadata().len();
-        if !file.metadata().file_type().is_regular_file() {
-            return Err(Error::new(ErrorKind::InvalidArgument, "not a regular file").with_path(path));
-        }
-        let end = match len {
-            Some(l) => offset.checked_add(l).filter(|&e| e <= size).ok_or_else(|| {
-                Error::out_of_bounds(format!(
-                    "range {offset}+{l} past the end of the file ({size} bytes)"
-                ))
-                .with_path(path)
-            })?,
-            None => size,
-        };
-        if offset > end {
-            return Err(Error::out_of_bounds("offset past the end of the file").with_path(path));
-        }
-        file.seek_to(offset).map_err(|e| ext4_error(&e, path))?;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut pos = offset;
-        while pos < end {
-            let want = ((end - pos) as usize).min(buf.len());
-            let n = file
-                .read_bytes(&mut buf[..want])
-                .map_err(|e| ext4_error(&e, path))?;
-            if n == 0 {
-                return Err(Error::corrupt("file ended before its recorded size").with_path(path));
-            }
-            out.write_all(&buf[..n])
-                .map_err(|e| Error::io(e).with_operation("writing the output"))?;
-            pos += n as u64;
-        }
-        Ok(pos - offset)
+        let mut file = self.open_file(raw)?;
+        copy_reader(&mut file, offset, len, out).map_err(|e| e.with_path(lossy(raw)))
     }
 
     /// Read a small regular file fully, refusing files larger than `limit` bytes.
     pub fn read_small(&self, path: &str, limit: u64) -> Result<Vec<u8>> {
-        let md = self.ext4().metadata(path).map_err(|e| ext4_error(&e, path))?;
-        if md.len() > limit {
+        let mut file = self.open_file(path)?;
+        if file.size() > limit {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
-                format!("file is {} bytes, more than the {limit} accepted here", md.len()),
+                format!(
+                    "file is {} bytes, more than the {limit} accepted here",
+                    file.size()
+                ),
             )
             .with_path(path));
         }
         let mut v = Vec::new();
-        self.copy_file_to(path, &mut v)?;
+        copy_reader(&mut file, 0, None, &mut v).map_err(|e| e.with_path(path))?;
         Ok(v)
     }
+}
+
+/// Stream `len` bytes (to the end when `None`) from `offset` of `file` into `out`.
+pub fn copy_reader(file: &mut FileReader, offset: u64, len: Option<u64>, out: &mut dyn Write) -> Result<u64> {
+    let size = file.size();
+    let end = match len {
+        Some(l) => offset.checked_add(l).filter(|&e| e <= size).ok_or_else(|| {
+            Error::out_of_bounds(format!(
+                "range {offset}+{l} past the end of the file ({size} bytes)"
+            ))
+        })?,
+        None => size,
+    };
+    if offset > end {
+        return Err(Error::out_of_bounds("offset past the end of the file"));
+    }
+    let mut buf = vec![
+        0u8;
+        (1usize << 20)
+            .min(usize::try_from(end - offset).unwrap_or(usize::MAX))
+            .max(1)
+    ];
+    let mut pos = offset;
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        let n = file.read_at(pos, &mut buf[..want])?;
+        if n == 0 {
+            return Err(Error::corrupt("file ended before its recorded size"));
+        }
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io(e).with_operation("writing the output"))?;
+        pos += n as u64;
+    }
+    Ok(pos - offset)
 }
 
 #[cfg(test)]

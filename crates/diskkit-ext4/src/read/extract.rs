@@ -21,8 +21,9 @@ use diskkit::output::{PendingDir, PendingFile};
 use diskkit::{Error, ErrorKind, Result};
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
 
-use super::entry::normalize;
-use super::volume::{ext4_error, Filesystem};
+use super::entry::{copy_reader, join_bytes, normalize, type_name};
+use super::fs::{FileType, Inode};
+use super::volume::Filesystem;
 
 /// Deepest directory nesting copied.
 pub const MAX_DEPTH: usize = 256;
@@ -88,11 +89,8 @@ fn host_mode(mode: u16) -> u32 {
 /// it under the source's name. Refuses to replace anything.
 pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
     let src = normalize(src)?;
-    let canonical = fs
-        .ext4()
-        .canonicalize(src.as_str())
-        .map_err(|e| ext4_error(&e, &src))?;
-    let canonical_bytes: &[u8] = canonical.as_ref();
+    let resolved = fs.resolve(&src, true)?;
+    let canonical_bytes: &[u8] = &resolved.canonical;
     let given_name = src.rsplit('/').next().unwrap_or("");
     let name: Vec<u8> = if given_name.is_empty() || given_name == ".." {
         canonical_bytes
@@ -121,72 +119,81 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
             Error::new(ErrorKind::AlreadyExists, "destination exists; not replacing it").with_path(&target),
         );
     }
-    let md = fs
-        .ext4()
-        .metadata(canonical_bytes)
-        .map_err(|e| ext4_error(&e, &src))?;
+    let inode = resolved.inode;
     let mut report = CopyReport {
         dest: target.clone(),
         ..CopyReport::default()
     };
-    if md.is_dir() {
-        copy_tree(fs, canonical_bytes, &target, &mut report)?;
-    } else if md.file_type().is_regular_file() {
-        let pending = PendingFile::new(&target, false)?;
-        report.bytes = fill_file(fs, canonical_bytes, pending.file()?, pending.temp_path(), true)?;
-        report.files = 1;
-        pending.persist()?;
-    } else {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            format!("cannot copy a {}", super::entry::type_name(md.file_type())),
-        )
-        .with_path(&src));
+    match inode.file_type() {
+        FileType::Directory => copy_tree(fs, canonical_bytes, &inode, &target, &mut report)?,
+        FileType::Regular => {
+            let pending = PendingFile::new(&target, false)?;
+            report.bytes = fill_file(
+                fs,
+                canonical_bytes,
+                &inode,
+                pending.file()?,
+                pending.temp_path(),
+                true,
+            )?;
+            report.files = 1;
+            pending.persist()?;
+        }
+        other => {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("cannot copy a {}", type_name(other)),
+            )
+            .with_path(&src))
+        }
     }
     Ok(report)
 }
 
-/// Write the regular file `src` to the new file `path` (created exclusively), with its mode
-/// and times.
-fn write_file(fs: &Filesystem, src: &[u8], path: &Path, sync: bool) -> Result<u64> {
+/// Write the regular file `inode` (at `src` in the image) to the new file `path` (created
+/// exclusively), with its mode and times.
+fn write_file(fs: &Filesystem, src: &[u8], inode: &Inode, path: &Path, sync: bool) -> Result<u64> {
     let file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(|e| io_err(e, path, "creating"))?;
-    fill_file(fs, src, file, path, sync)
+    fill_file(fs, src, inode, file, path, sync)
 }
 
-/// Write the regular file `src` into `file` (new and empty, at `path`), with its mode and
-/// times.
-fn fill_file(fs: &Filesystem, src: &[u8], file: fs::File, path: &Path, sync: bool) -> Result<u64> {
-    let md = fs
-        .ext4()
-        .metadata(src)
-        .map_err(|e| ext4_error(&e, &String::from_utf8_lossy(src)))?;
-    if md.len() > MAX_FILE_SIZE {
+/// Write the regular file `inode` (at `src` in the image) into `file` (new and empty, at
+/// `path`), with its mode and times.
+fn fill_file(
+    fs: &Filesystem,
+    src: &[u8],
+    inode: &Inode,
+    file: fs::File,
+    path: &Path,
+    sync: bool,
+) -> Result<u64> {
+    let src_display = String::from_utf8_lossy(src);
+    if inode.size() > MAX_FILE_SIZE {
         return Err(Error::corrupt(format!(
-            "file claims {} bytes, more than ext4 allows ({MAX_FILE_SIZE})",
-            md.len()
+            "corrupt inode: the file claims {} bytes, more than ext4 allows ({MAX_FILE_SIZE})",
+            inode.size()
         ))
-        .with_path(String::from_utf8_lossy(src).as_ref()));
+        .with_path(src_display.as_ref()));
     }
+    let mut reader = fs
+        .fs()
+        .open_file(inode)
+        .map_err(|e| e.with_path(src_display.as_ref()))?;
     let mut w = SparseWriter::new(file);
-    let n = fs.copy_file_to(src, &mut w)?;
+    let n = copy_reader(&mut reader, 0, None, &mut w).map_err(|e| e.with_path(src_display.as_ref()))?;
     let file = w.finish().map_err(|e| io_err(e, path, "writing"))?;
-    file.set_permissions(fs::Permissions::from_mode(host_mode(md.mode())))
+    file.set_permissions(fs::Permissions::from_mode(host_mode(inode.mode())))
         .map_err(|e| io_err(e, path, "setting the mode"))?;
     if sync {
         file.sync_all().map_err(|e| io_err(e, path, "syncing"))?;
     }
     drop(file);
-    set_times(
-        path,
-        md.accessed().seconds(),
-        md.modified().seconds(),
-        md.modified().nanoseconds(),
-    )?;
+    set_times(path, inode.atime().secs, inode.mtime().secs, inode.mtime().nsec)?;
     Ok(n)
 }
 
@@ -207,7 +214,7 @@ impl SparseWriter {
     fn new(file: fs::File) -> SparseWriter {
         SparseWriter {
             file,
-            buf: Vec::with_capacity(1 << 20),
+            buf: Vec::new(),
             pos: 0,
         }
     }
@@ -250,13 +257,19 @@ impl std::io::Write for SparseWriter {
 }
 
 /// Build the tree under a temporary sibling of `target`, then rename it into place.
-fn copy_tree(fs: &Filesystem, src: &[u8], target: &Path, report: &mut CopyReport) -> Result<()> {
-    // A temporary tree next to the target (removed if anything fails, or on SIGINT/SIGTERM
-    // when the caller asked for that), renamed into place when complete.
+fn copy_tree(
+    fs: &Filesystem,
+    src: &[u8],
+    inode: &Inode,
+    target: &Path,
+    report: &mut CopyReport,
+) -> Result<()> {
+    // A temporary tree next to the target (removed if anything fails, or on SIGINT/SIGTERM),
+    // renamed into place when complete.
     let pending = PendingDir::new(target)?;
     let temp = pending.temp_path().to_path_buf();
     let mut entries = 0u64;
-    copy_dir(fs, src, &temp, 0, &mut entries, report)?;
+    copy_dir(fs, src, inode, &temp, 0, &mut entries, report)?;
     let dir = fs::File::open(&temp).map_err(|e| io_err(e, &temp, "opening"))?;
     rustix::fs::syncfs(&dir).map_err(|e| io_err(e.into(), &temp, "syncing"))?;
     pending.persist()
@@ -265,6 +278,7 @@ fn copy_tree(fs: &Filesystem, src: &[u8], target: &Path, report: &mut CopyReport
 fn copy_dir(
     fs: &Filesystem,
     src: &[u8],
+    inode: &Inode,
     dir: &Path,
     depth: usize,
     entries: &mut u64,
@@ -277,7 +291,10 @@ fn copy_dir(
         );
     }
     report.dirs += 1;
-    for name in fs.read_dir_names(src)? {
+    let mut list = fs.fs().read_dir(inode).map_err(|e| e.with_path(&src_display))?;
+    list.sort_by(|a, b| a.name.cmp(&b.name));
+    for e in list {
+        let name = e.name;
         safe_name(&name, &src_display)?;
         *entries += 1;
         if *entries > MAX_ENTRIES {
@@ -287,56 +304,39 @@ fn copy_dir(
             )
             .with_path(&src_display));
         }
-        let mut child = src.to_vec();
-        if child != b"/" {
-            child.push(b'/');
-        }
-        child.extend_from_slice(&name);
+        let child = join_bytes(src, &name);
         let child_display = String::from_utf8_lossy(&child).into_owned();
         let out = dir.join(OsStr::from_bytes(&name));
         let md = fs
-            .ext4()
-            .symlink_metadata(child.as_slice())
-            .map_err(|e| ext4_error(&e, &child_display))?;
-        let ft = md.file_type();
-        if ft.is_dir() {
-            fs::create_dir(&out).map_err(|e| io_err(e, &out, "creating"))?;
-            copy_dir(fs, &child, &out, depth + 1, entries, report)?;
-        } else if ft.is_regular_file() {
-            report.bytes += write_file(fs, &child, &out, false)?;
-            report.files += 1;
-        } else if ft.is_symlink() {
-            let target = fs
-                .ext4()
-                .read_link(child.as_slice())
-                .map_err(|e| ext4_error(&e, &child_display))?;
-            let target: &[u8] = target.as_ref();
-            std::os::unix::fs::symlink(OsStr::from_bytes(target), &out)
-                .map_err(|e| io_err(e, &out, "creating a symlink"))?;
-            set_times(
-                &out,
-                md.accessed().seconds(),
-                md.modified().seconds(),
-                md.modified().nanoseconds(),
-            )?;
-            report.symlinks += 1;
-        } else {
-            report.skipped.push(child_display);
+            .fs()
+            .inode(e.ino)
+            .map_err(|err| err.with_path(&child_display))?;
+        match md.file_type() {
+            FileType::Directory => {
+                fs::create_dir(&out).map_err(|e| io_err(e, &out, "creating"))?;
+                copy_dir(fs, &child, &md, &out, depth + 1, entries, report)?;
+            }
+            FileType::Regular => {
+                report.bytes += write_file(fs, &child, &md, &out, false)?;
+                report.files += 1;
+            }
+            FileType::Symlink => {
+                let target = fs
+                    .fs()
+                    .read_link(&md)
+                    .map_err(|err| err.with_path(&child_display))?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(&target), &out)
+                    .map_err(|e| io_err(e, &out, "creating a symlink"))?;
+                set_times(&out, md.atime().secs, md.mtime().secs, md.mtime().nsec)?;
+                report.symlinks += 1;
+            }
+            _ => report.skipped.push(child_display),
         }
     }
     // Mode and times last: a read-only directory must still receive its children.
-    let md = fs
-        .ext4()
-        .metadata(src)
-        .map_err(|e| ext4_error(&e, &src_display))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(host_mode(md.mode())))
+    fs::set_permissions(dir, fs::Permissions::from_mode(host_mode(inode.mode())))
         .map_err(|e| io_err(e, dir, "setting the mode"))?;
-    set_times(
-        dir,
-        md.accessed().seconds(),
-        md.modified().seconds(),
-        md.modified().nanoseconds(),
-    )?;
+    set_times(dir, inode.atime().secs, inode.mtime().secs, inode.mtime().nsec)?;
     Ok(())
 }
 

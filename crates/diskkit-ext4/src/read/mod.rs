@@ -1,10 +1,11 @@
 //! Reading images without mounting them: partition tables, ext2/3/4 filesystems (through
-//! `ext4-view` over diskkit's image reader), copying files out, finding the bootable kernel,
+//! diskkit's own reader, `fs`), copying files out, finding the bootable kernel,
 //! splitting UKIs, and resolving Apple `container` image stores.
 
 pub mod apple_store;
 pub mod entry;
 pub mod extract;
+pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernel;

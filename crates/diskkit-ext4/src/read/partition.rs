@@ -23,6 +23,15 @@ impl SectorSource for diskkit::DiskImage {
     }
 }
 
+impl SectorSource for Vec<u8> {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+}
+
 impl SectorSource for [u8] {
     fn size(&self) -> u64 {
         self.len() as u64

@@ -1,12 +1,12 @@
 //! Opening an ext2/3/4 filesystem inside a [`DiskImage`]: choosing the partition (or the whole
-//! disk) and adapting diskkit's reader to `ext4_view::Ext4Read`.
+//! disk) and reading it through [`super::fs::Fs`].
 
 use std::sync::Arc;
 
 use diskkit::{DiskImage, Error, ErrorKind, Result};
-use ext4_view::{Ext4, Ext4Error, Ext4Read};
 
-use super::partition::{read_partition_table, Partition, PartitionTable, PartitionType};
+use super::fs::Fs;
+use super::partition::{read_partition_table, Partition, PartitionTable, PartitionType, SectorSource};
 
 /// Which filesystem of a disk to open.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -47,100 +47,28 @@ pub struct FsLocation {
     pub size: u64,
 }
 
-/// Reads a byte range of a [`DiskImage`] for `ext4-view`, with a small read-ahead window so
-/// that sequential file reads turn into large image reads.
-struct ImageReader {
+/// The bytes of one filesystem: a range of a [`DiskImage`].
+struct ImageSlice {
     image: Arc<DiskImage>,
     offset: u64,
     size: u64,
-    window: Vec<u8>,
-    window_start: u64,
-    window_len: usize,
 }
 
-const WINDOW: usize = 1 << 20;
+impl SectorSource for ImageSlice {
+    fn size(&self) -> u64 {
+        self.size
+    }
 
-impl ImageReader {
-    fn new(image: Arc<DiskImage>, offset: u64, size: u64) -> ImageReader {
-        ImageReader {
-            image,
-            offset,
-            size,
-            window: Vec::new(),
-            window_start: 0,
-            window_len: 0,
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => self.image.read_at(buf, self.offset + offset),
+            _ => Err(Error::out_of_bounds(format!(
+                "read of {len} bytes at {offset} is past the end of the filesystem's {} bytes",
+                self.size
+            ))),
         }
     }
-}
-
-/// An I/O error crossing `ext4-view`; the diskkit error is its source.
-#[derive(Debug)]
-struct ReadError(Error);
-
-impl std::fmt::Display for ReadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-impl std::error::Error for ReadError {}
-
-impl Ext4Read for ImageReader {
-    fn read(
-        &mut self,
-        start_byte: u64,
-        dst: &mut [u8],
-    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        let len = dst.len() as u64;
-        let end = start_byte
-            .checked_add(len)
-            .filter(|&e| e <= self.size)
-            .ok_or_else(|| {
-                ReadError(Error::out_of_bounds(format!(
-                    "filesystem read {start_byte}+{len} past its end ({} bytes)",
-                    self.size
-                )))
-            })?;
-        // Served from the window?
-        let wend = self.window_start + self.window_len as u64;
-        if start_byte >= self.window_start && end <= wend && self.window_len > 0 {
-            let at = (start_byte - self.window_start) as usize;
-            dst.copy_from_slice(&self.window[at..at + dst.len()]);
-            return Ok(());
-        }
-        if dst.len() >= WINDOW / 4 {
-            self.image
-                .read_at(dst, self.offset + start_byte)
-                .map_err(ReadError)?;
-            return Ok(());
-        }
-        // Refill the window from start_byte (clamped to the filesystem's end).
-        let n = (self.size - start_byte).min(WINDOW as u64) as usize;
-        self.window.resize(WINDOW, 0);
-        self.image
-            .read_at(&mut self.window[..n], self.offset + start_byte)
-            .map_err(ReadError)?;
-        self.window_start = start_byte;
-        self.window_len = n;
-        dst.copy_from_slice(&self.window[..dst.len()]);
-        Ok(())
-    }
-}
-
-/// Turn an `ext4-view` error into a diskkit error about `path`.
-pub fn ext4_error(err: &Ext4Error, path: &str) -> Error {
-    let kind = match err {
-        Ext4Error::NotFound => ErrorKind::NotFound,
-        Ext4Error::Corrupt(_) => ErrorKind::Corrupt,
-        Ext4Error::Incompatible(_) | Ext4Error::Encrypted => ErrorKind::Unsupported,
-        Ext4Error::Io(_) => ErrorKind::Io,
-        _ => ErrorKind::InvalidArgument,
-    };
-    let message = match err {
-        Ext4Error::Io(e) => format!("reading the filesystem: {e}"),
-        other => other.to_string(),
-    };
-    Error::new(kind, message).with_path(path)
 }
 
 const EXT_MAGIC_OFFSET: u64 = 1024 + 0x38;
@@ -337,18 +265,10 @@ fn list(table: &PartitionTable) -> String {
 }
 
 /// An open ext2/3/4 filesystem and where it lives.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Filesystem {
-    fs: Ext4,
+    fs: Fs,
     location: FsLocation,
-}
-
-impl std::fmt::Debug for Filesystem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Filesystem")
-            .field("location", &self.location)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Filesystem {
@@ -358,7 +278,8 @@ impl Filesystem {
         Filesystem::open_at(image, location)
     }
 
-    /// Open the filesystem at a known location.
+    /// Open the filesystem at a known location. A journal that needs recovery is replayed in
+    /// memory; the image is not written.
     pub fn open_at(image: Arc<DiskImage>, location: FsLocation) -> Result<Filesystem> {
         let end = location.offset.checked_add(location.size);
         if end.is_none_or(|e| e > image.size()) {
@@ -366,22 +287,25 @@ impl Filesystem {
                 "filesystem extends past the end of the disk",
             ));
         }
-        let reader = ImageReader::new(image, location.offset, location.size);
-        let fs = Ext4::load(Box::new(reader)).map_err(|e| {
+        let src = ImageSlice {
+            image,
+            offset: location.offset,
+            size: location.size,
+        };
+        let fs = Fs::open(Arc::new(src)).map_err(|e| {
             let where_ = match &location.partition {
                 Some(p) => format!("partition {}", p.number),
                 None => "the whole disk".to_owned(),
             };
-            let err = ext4_error(&e, "/");
-            Error::new(err.kind(), format!("cannot open the ext filesystem on {where_}"))
+            Error::new(e.kind(), format!("cannot open the ext filesystem on {where_}"))
                 .with_offset(location.offset)
-                .with_source(err)
+                .with_source(e)
         })?;
         Ok(Filesystem { fs, location })
     }
 
-    /// The `ext4-view` handle.
-    pub fn ext4(&self) -> &Ext4 {
+    /// The filesystem reader.
+    pub fn fs(&self) -> &Fs {
         &self.fs
     }
 

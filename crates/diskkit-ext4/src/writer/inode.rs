@@ -3,6 +3,7 @@
 use diskkit::{DiskImage, Error, Result};
 
 use super::checksum::{self, Seeds};
+use super::journal::{self, JOURNAL_INO};
 use super::plan::{Layout, PlannedInode, Source, FAST_SYMLINK_MAX};
 use super::tree::{ContentSource, Metadata, NodeKind, Timestamp, Tree};
 use super::{dir, extent, Options, BLOCK_SIZE, INODE_SIZE};
@@ -131,6 +132,45 @@ pub(crate) fn write_inodes(
         }
         Ok(())
     };
+    if let Some((first, blocks)) = layout.journal {
+        // Inode 8 lives in group 0, whose table is the first one written below.
+        image.write_at(
+            &journal::superblock(blocks, &options.uuid),
+            first * BLOCK_SIZE as u64,
+        )?;
+        let planned = PlannedInode {
+            ino: JOURNAL_INO,
+            source: Source::LostFound,
+            links: 1,
+            entries: Vec::new(),
+            data_blocks: blocks,
+            tree_blocks: 0,
+            xattrs: Default::default(),
+            first_block: first,
+            runs: Vec::new(),
+            placed: None,
+        };
+        let (i_block, tree) = extent::build(blocks, first, first + blocks);
+        debug_assert!(tree.is_empty(), "a journal is one extent");
+        let meta = Metadata {
+            mode: 0o600,
+            ..lost_found_meta.clone()
+        };
+        let fields = InodeFields {
+            mode: S_IFREG | 0o600,
+            meta: &meta,
+            size: blocks * BLOCK_SIZE as u64,
+            links: 1,
+            flags: EXTENTS_FL,
+            i_block,
+        };
+        let at = (JOURNAL_INO - 1) as usize * INODE_SIZE;
+        encode(&planned, &fields, &mut table[at..at + INODE_SIZE]);
+        if let Some(s) = &seeds {
+            checksum::inode_csum(s, JOURNAL_INO, &mut table[at..at + INODE_SIZE]);
+        }
+        dirty = true;
+    }
     for p in &layout.inodes {
         let (kind, meta) = match p.source {
             Source::Node(id) => {

@@ -6,8 +6,8 @@
 //! blocks and its xattr block. File data the caller already wrote into the image
 //! ([`ContentSource::placed`], from [`reserved_blocks`] on) stays where it is, and the rest is
 //! allocated first-fit around it. The block bitmaps record exactly the blocks used.
-//! No backup superblocks (`sparse_super2` with no backup groups), no journal; checksums
-//! (`metadata_csum`) on request.
+//! No backup superblocks (`sparse_super2` with no backup groups); an internal journal
+//! ([`Options::journal`]) and checksums (`metadata_csum`) on request.
 //!
 //! Features: `ext_attr`, `dir_index` (directories stay linear), `sparse_super2`; `filetype`,
 //! `extents`, `flex_bg`; `sparse_super`, `large_file`, `huge_file`, `dir_nlink`, `extra_isize`.
@@ -18,6 +18,7 @@ mod dir;
 mod extent;
 mod geometry;
 mod inode;
+mod journal;
 mod plan;
 mod superblock;
 mod tree;
@@ -53,6 +54,10 @@ pub struct Options {
     /// Enable `metadata_csum`: crc32c over the superblock, descriptors, bitmaps, inodes,
     /// extent, directory and xattr blocks.
     pub metadata_csum: bool,
+    /// Add an internal journal (inode 8, `has_journal`): 4 MiB below 128 MiB, 16 MiB below
+    /// 1 GiB, 64 MiB above, in one contiguous run that stays a hole until the kernel writes
+    /// to it. For root filesystems that are mounted read-write and may be stopped hard.
+    pub journal: bool,
 }
 
 /// A tree laid out as an ext4 filesystem, ready to be written.

@@ -6,6 +6,7 @@ use super::alloc::Allocator;
 use super::dir::{self, DirEntry};
 use super::extent;
 use super::geometry::{self, Geometry};
+use super::journal;
 use super::tree::{NodeId, NodeKind, PlacedRun, Tree};
 use super::xattr::{self, Placed};
 use super::{Options, BLOCK_SIZE, FIRST_INO, ROOT_INO};
@@ -126,6 +127,8 @@ fn check_name(name: &[u8]) -> Result<()> {
 pub(crate) struct Layout {
     pub(crate) inodes: Vec<PlannedInode>,
     pub(crate) geometry: Geometry,
+    /// The journal's blocks (first, count), when there is one.
+    pub(crate) journal: Option<(u64, u64)>,
 }
 
 /// Index in [`Layout::inodes`] of inode `ino`.
@@ -350,6 +353,18 @@ pub(crate) fn plan(
         .collect();
     occupied.sort_unstable();
     let placed_end = occupied.last().map_or(0, |&(s, n)| s + n);
+    let journal_blocks = if options.journal {
+        let estimate = match options.size {
+            Some(size) => size / BLOCK_SIZE as u64,
+            None => data_blocks.max(placed_end),
+        };
+        journal::blocks_for(estimate)
+    } else {
+        0
+    };
+    let data_blocks = data_blocks
+        .checked_add(journal_blocks)
+        .ok_or_else(|| Error::unsupported("filesystem too large"))?;
     let mut geometry = geometry::compute(next_ino - 1, data_blocks, placed_end, options.size)?;
     if let Some(&(first, _)) = occupied.first() {
         if first < geometry.first_free() {
@@ -368,6 +383,10 @@ pub(crate) fn plan(
     let mut alloc = Allocator::new(geometry.first_free(), &occupied)?;
     geometry.bitmap_start = alloc.take(2 * geometry.groups)?;
     geometry.itable_start = alloc.take(geometry.groups * geometry.itable_blocks)?;
+    let journal = match journal_blocks {
+        0 => None,
+        n => Some((alloc.take(n)?, n)),
+    };
     for p in &mut inodes {
         let n = p.own_blocks();
         if n > 0 {
@@ -380,7 +399,11 @@ pub(crate) fn plan(
             "the content does not fit in the filesystem's blocks",
         ));
     }
-    Ok(Layout { inodes, geometry })
+    Ok(Layout {
+        inodes,
+        geometry,
+        journal,
+    })
 }
 
 #[cfg(test)]

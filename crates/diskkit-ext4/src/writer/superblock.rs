@@ -3,9 +3,12 @@
 use diskkit::{DiskImage, Result};
 
 use super::checksum::{crc32c, Seeds};
+use super::extent;
+use super::journal::JOURNAL_INO;
 use super::plan::{Layout, Source};
 use super::{Options, BLOCKS_PER_GROUP, BLOCK_SIZE, FIRST_INO, INODE_SIZE};
 
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
 const COMPAT_EXT_ATTR: u32 = 0x8;
 const COMPAT_DIR_INDEX: u32 = 0x20;
 const COMPAT_SPARSE_SUPER2: u32 = 0x200;
@@ -37,6 +40,7 @@ fn used_runs(layout: &Layout) -> Vec<(u64, u64)> {
         (g.bitmap_start, 2 * g.groups),
         (g.itable_start, g.groups * g.itable_blocks),
     ];
+    runs.extend(layout.journal);
     for p in &layout.inodes {
         if p.own_blocks() > 0 {
             runs.push((p.first_block, p.own_blocks()));
@@ -156,10 +160,15 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
     put32(&mut sb, 76, 1); // dynamic revision
     put32(&mut sb, 84, FIRST_INO);
     put16(&mut sb, 88, INODE_SIZE as u16);
+    let journal = if layout.journal.is_some() {
+        COMPAT_HAS_JOURNAL
+    } else {
+        0
+    };
     put32(
         &mut sb,
         92,
-        COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2,
+        COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2 | journal,
     );
     put32(
         &mut sb,
@@ -183,6 +192,18 @@ pub(crate) fn write_metadata(options: &Options, layout: &Layout, image: &DiskIma
     sb[104..120].copy_from_slice(&options.uuid);
     let label = &options.label[..options.label.len().min(16)];
     sb[120..120 + label.len()].copy_from_slice(label);
+    if let Some((first, blocks)) = layout.journal {
+        put32(&mut sb, 0xE0, JOURNAL_INO); // s_journal_inum
+        sb[0xFD] = 1; // s_jnl_backup_type: s_jnl_blocks holds a copy of the inode's block map
+        let (i_block, _) = extent::build(blocks, first, first + blocks);
+        sb[0x10C..0x10C + 60].copy_from_slice(&i_block);
+        put32(
+            &mut sb,
+            0x10C + 15 * 4,
+            ((blocks * BLOCK_SIZE as u64) >> 32) as u32,
+        );
+        put32(&mut sb, 0x10C + 16 * 4, (blocks * BLOCK_SIZE as u64) as u32);
+    }
     sb[236..252].copy_from_slice(&options.hash_seed);
     sb[252] = 1; // half_md4
     put32(&mut sb, 264, time); // mkfs time

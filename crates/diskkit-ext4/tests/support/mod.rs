@@ -1,6 +1,8 @@
 //! Shared helpers for the writer tests: in-memory content, image creation, e2fsck and debugfs.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod oracle;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -77,4 +79,17 @@ pub fn dump(path: &Path, file: &str) -> Vec<u8> {
     let out = dir.path().join("out");
     debugfs(path, &format!("dump {file} {}", out.display()));
     std::fs::read(&out).unwrap_or_default()
+}
+
+/// The reader reads back everything debugfs reads from `path` (a raw image), field for field.
+pub fn read_back(path: &Path) {
+    let theirs = oracle::debugfs_tree(path);
+    let ours = oracle::reader_tree(path).unwrap_or_else(|e| panic!("reader: {e}"));
+    let c = oracle::compare(&ours, &theirs);
+    assert!(
+        c.is_exact() && c.matched > 0,
+        "{}: {}",
+        path.display(),
+        c.summary()
+    );
 }

@@ -1,6 +1,7 @@
 //! Whole-tree comparison for the unpack tests: one record per path, read three independent
 //! ways — from a real directory (the reference merge, e.g. `umoci unpack` run as root), from
-//! our image through `debugfs` (batched with `-f`), and from our image through `ext4-view`.
+//! our image through `debugfs` (batched with `-f`), and from our image through diskkit's own
+//! ext4 reader (`diskkit_ext4::read::fs`).
 //! At the end: the semantic fixture layers, unpacking, and the simpler listings (mode, size,
 //! content hash per path) the unpack tests compare.
 #![allow(dead_code)] // each test binary uses its own part
@@ -12,8 +13,7 @@ use std::process::Command;
 
 use diskkit_oci::{unpack, NoProgress, UnpackOptions};
 
-/// What one path is. Directory sizes are 0 (they depend on the writer); fields a reader cannot
-/// see are left at their defaults by it and cleared with [`view_fields`] before comparing.
+/// What one path is. Directory sizes are 0 (they depend on the writer).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Rec {
     /// `d`, `f`, `l`, `c`, `b`, `p`.
@@ -61,21 +61,6 @@ fn kind_of(mode: u32) -> char {
         0o140000 => 's',
         _ => '?',
     }
-}
-
-/// Keep only what ext4-view exposes: kind, permissions, owner, size, content, symlink target.
-pub(crate) fn view_fields(t: &Tree) -> Tree {
-    t.iter()
-        .map(|(k, r)| {
-            let r = Rec {
-                nlink: 0,
-                rdev: (0, 0),
-                xattrs: BTreeMap::new(),
-                ..r.clone()
-            };
-            (k.clone(), r)
-        })
-        .collect()
 }
 
 /// The listing format the older tests use: path -> (octal mode, size, sha256).
@@ -185,119 +170,114 @@ fn host_xattrs(p: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// The image read through ext4-view (only the fields it exposes; see [`view_fields`]).
+/// The image read through diskkit's ext4 reader: every field debugfs shows.
 pub(crate) fn view_tree(img: &Path) -> Tree {
-    view_tree_with(img, true)
+    view_walk(img, true)
 }
 
 /// [`view_tree`] without reading file contents (for files too big to hash in a test).
 pub(crate) fn view_tree_shallow(img: &Path) -> Tree {
-    view_tree_with(img, false)
+    view_walk(img, false)
 }
 
-/// `len` bytes of `path` at `offset`, read through ext4-view's `File`.
-pub(crate) fn view_read_at(img: &Path, path: &str, offset: u64, len: usize) -> Vec<u8> {
-    let fs = ext4_view::Ext4::load_from_path(img).unwrap();
-    let mut f = fs.open(path).unwrap();
-    f.seek_to(offset).unwrap();
-    let mut out = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = f.read_bytes(&mut out[got..]).unwrap();
-        assert!(n > 0, "{path}: short read at {}", offset + got as u64);
-        got += n;
+fn open_view(img: &Path) -> diskkit_ext4::read::fs::Fs {
+    let data = std::fs::File::open(img).unwrap();
+    let len = data.metadata().unwrap().len();
+    diskkit_ext4::read::fs::Fs::open(std::sync::Arc::new(FileBytes(data, len)))
+        .unwrap_or_else(|e| panic!("the ext4 reader cannot open {}: {e}", img.display()))
+}
+
+/// A file as the reader's byte source.
+struct FileBytes(std::fs::File, u64);
+
+impl diskkit_ext4::read::partition::SectorSource for FileBytes {
+    fn size(&self) -> u64 {
+        self.1
     }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> diskkit::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.0.read_exact_at(buf, offset).map_err(diskkit::Error::io)
+    }
+}
+
+/// `len` bytes of `path` at `offset`, read through the reader.
+pub(crate) fn view_read_at(img: &Path, path: &str, offset: u64, len: usize) -> Vec<u8> {
+    let fs = open_view(img);
+    let r = fs.lookup_path(path.as_bytes(), true).unwrap().found().unwrap();
+    let mut f = fs.open_file(&r.inode).unwrap();
+    let mut out = vec![0u8; len];
+    let n = f.read_at(offset, &mut out).unwrap();
+    assert_eq!(n, len, "{path}: short read at {offset}");
     out
 }
 
-/// Paths ext4-view 1.0.0 refuses to stat although the kernel and e2fsck accept them: it
-/// decodes the 32-bit base of a timestamp as unsigned and reports `Corrupt(InodeTimestamp)`
-/// for any time before 1970 (or after 2038). Each one is checked with debugfs to carry such
-/// a time; they are left out of ext4-view's tree.
-pub(crate) fn view_refused(img: &Path) -> Vec<String> {
-    view_walk(img, false).1
-}
-
-fn view_tree_with(img: &Path, contents: bool) -> Tree {
-    let (tree, refused) = view_walk(img, contents);
-    if !refused.is_empty() {
-        let cmds: Vec<String> = refused.iter().map(|p| format!("stat {}", quoted(p))).collect();
-        for (p, st) in refused.iter().zip(debugfs_batch(img, &cmds)) {
-            let top_bit_set = ["atime: 0x", "ctime: 0x", "mtime: 0x", "crtime: 0x"]
-                .iter()
-                .filter_map(|k| st.find(k).map(|i| &st[i + k.len()..i + k.len() + 1]))
-                .any(|d| u8::from_str_radix(d, 16).is_ok_and(|d| d >= 8));
-            assert!(
-                top_bit_set,
-                "ext4-view refused {p}, whose times are ordinary: {st}"
-            );
-        }
-    }
-    tree
-}
-
-fn view_walk(img: &Path, contents: bool) -> (Tree, Vec<String>) {
-    let fs = ext4_view::Ext4::load_from_path(img)
-        .unwrap_or_else(|e| panic!("ext4-view cannot load {}: {e}", img.display()));
+fn view_walk(img: &Path, contents: bool) -> Tree {
+    use diskkit_ext4::read::fs::FileType;
+    let fs = open_view(img);
     let mut out = Tree::new();
-    let mut refused = Vec::new();
-    let mut stack = vec![ext4_view::PathBuf::new("/")];
-    while let Some(d) = stack.pop() {
-        for e in fs.read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name();
-            let name = name.as_ref();
-            if name == b"." || name == b".." || (d.as_ref() == b"/" && name == b"lost+found") {
+    let root = fs.inode(2).unwrap();
+    let mut stack = vec![(String::new(), root)];
+    while let Some((d, dir)) = stack.pop() {
+        for e in fs.read_dir(&dir).unwrap() {
+            let name = String::from_utf8_lossy(&e.name).into_owned();
+            if d.is_empty() && name == "lost+found" {
                 continue;
             }
-            let path = e.path();
-            let rel = String::from_utf8_lossy(&path.as_ref()[1..]).into_owned();
-            let md = match e.metadata() {
-                Ok(md) => md,
-                Err(ext4_view::Ext4Error::Corrupt(c)) if format!("{c:?}").contains("InodeTimestamp") => {
-                    refused.push(rel);
-                    continue;
-                }
-                Err(err) => panic!("ext4-view: {rel}: {err}"),
-            };
+            let rel = if d.is_empty() { name } else { format!("{d}/{name}") };
+            let md = fs
+                .inode(e.ino)
+                .unwrap_or_else(|err| panic!("reader: {rel}: {err}"));
             let ft = md.file_type();
             let mut r = Rec {
-                kind: if ft.is_dir() {
-                    'd'
-                } else if ft.is_regular_file() {
-                    'f'
-                } else if ft.is_symlink() {
-                    'l'
-                } else if ft.is_char_dev() {
-                    'c'
-                } else if ft.is_block_dev() {
-                    'b'
-                } else if ft.is_fifo() {
-                    'p'
-                } else {
-                    's'
+                kind: match ft {
+                    FileType::Directory => 'd',
+                    FileType::Regular => 'f',
+                    FileType::Symlink => 'l',
+                    FileType::CharDevice => 'c',
+                    FileType::BlockDevice => 'b',
+                    FileType::Fifo => 'p',
+                    FileType::Socket => 's',
                 },
                 perm: u32::from(md.mode()),
                 uid: md.uid(),
                 gid: md.gid(),
-                size: md.len(),
+                size: md.size(),
+                nlink: u64::from(md.links()),
+                rdev: md.device().unwrap_or((0, 0)),
                 ..Rec::default()
             };
-            assert_eq!(ft, e.file_type().unwrap(), "{rel}: dirent type vs inode");
-            if ft.is_dir() {
-                stack.push(path);
-                r.size = 0;
-            } else if ft.is_regular_file() && contents {
-                let data = fs.read(&path).unwrap();
-                assert_eq!(data.len() as u64, md.len(), "{rel}");
-                r.sha = sha(&data);
-            } else if ft.is_symlink() {
-                r.target = String::from_utf8_lossy(fs.read_link(&path).unwrap().as_ref()).into_owned();
+            if let Some(t) = e.file_type {
+                assert_eq!(ft, t, "{rel}: dirent type vs inode");
+            }
+            for x in fs
+                .xattrs(&md)
+                .unwrap_or_else(|err| panic!("reader: {rel}: {err}"))
+            {
+                let n = String::from_utf8_lossy(&x.name).into_owned();
+                if !n.starts_with("system.") {
+                    r.xattrs.insert(n, hex(&x.value));
+                }
+            }
+            match ft {
+                FileType::Directory => {
+                    r.size = 0;
+                    stack.push((rel.clone(), md));
+                }
+                FileType::Regular if contents => {
+                    let mut data = vec![0u8; md.size() as usize];
+                    let n = fs.open_file(&md).unwrap().read_at(0, &mut data).unwrap();
+                    assert_eq!(n as u64, md.size(), "{rel}");
+                    r.sha = sha(&data);
+                }
+                FileType::Symlink => {
+                    r.target = String::from_utf8_lossy(&fs.read_link(&md).unwrap()).into_owned();
+                }
+                _ => {}
             }
             out.insert(rel, r);
         }
     }
-    (out, refused)
+    out
 }
 
 /// Run `debugfs -f` with `cmds` on `img`; the output of each command, in order.
@@ -547,22 +527,18 @@ fn unescape(s: &str) -> Vec<u8> {
     out
 }
 
-/// Everything our image holds, read through both debugfs and ext4-view, must equal the
-/// reference tree (ext4-view: the fields it exposes).
+/// Everything our image holds, read through both debugfs and diskkit's reader, must equal
+/// the reference tree.
 pub(crate) fn check_image(what: &str, img: &Path, expected: &Tree) {
     let by_debugfs = debugfs_tree(img);
     assert_same(&format!("{what} (debugfs)"), &by_debugfs, expected);
     check_view(what, img, expected);
 }
 
-/// The ext4-view half of [`check_image`].
+/// The reader half of [`check_image`].
 pub(crate) fn check_view(what: &str, img: &Path, expected: &Tree) {
     let by_view = view_tree(img);
-    let mut expected = view_fields(expected);
-    for p in view_refused(img) {
-        expected.remove(&p);
-    }
-    assert_same(&format!("{what} (ext4-view)"), &by_view, &expected);
+    assert_same(&format!("{what} (diskkit reader)"), &by_view, expected);
 }
 
 /// Run `cmd`, which must succeed; its stdout.
@@ -794,7 +770,7 @@ pub(crate) fn walk(root: &Path) -> BTreeMap<String, (String, u64, String)> {
     out
 }
 
-/// The image through ext4-view, in `listing`'s format (directory sizes 0).
+/// The image through diskkit's reader, in `listing`'s format (directory sizes 0).
 pub(crate) fn view_listing(img: &Path) -> BTreeMap<String, (String, u64, String)> {
     brief(&view_tree(img))
 }

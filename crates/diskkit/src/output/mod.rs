@@ -181,10 +181,26 @@ impl PendingFile {
     /// meanwhile). Leftover temporaries of killed runs in the same directory are removed.
     pub fn new(dest: impl AsRef<Path>, overwrite: bool) -> Result<PendingFile> {
         let dest = dest.as_ref().to_path_buf();
-        if !overwrite && fs::symlink_metadata(&dest).is_ok() {
+        match fs::symlink_metadata(&dest) {
+            Ok(m) if m.is_dir() => {
+                return Err(
+                    Error::invalid_argument("the output is a directory; name a file in it").with_path(&dest),
+                )
+            }
+            Ok(_) if !overwrite => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    "output exists (use --force to replace it)",
+                )
+                .with_path(&dest))
+            }
+            _ => {}
+        }
+        let dir = containing_dir(&dest);
+        if !dir.is_dir() {
             return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                "output exists (use --force to replace it)",
+                ErrorKind::NotFound,
+                format!("the directory '{}' does not exist", dir.display()),
             )
             .with_path(&dest));
         }

@@ -113,7 +113,7 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
 }
 
 fn uuid_text(u: Uuid) -> String {
-    u.hyphenated().to_string().to_uppercase()
+    u.hyphenated().to_string()
 }
 
 impl Stack {

@@ -8,9 +8,10 @@ use super::{
     order, Cmdline, Discovery, KernelCandidate, KernelKind, CMDLINE_FILES, MAX_CMDLINE, MAX_DIR_ENTRIES,
     MAX_UKI_DEPTH, MAX_UNAME, SEARCHED,
 };
+use crate::read::fs::{FileReader, FileType, Lookup};
 use crate::read::partition::SectorSource;
 use crate::read::pe::{parse_pe, PeFile};
-use crate::read::volume::{ext4_error, Filesystem};
+use crate::read::volume::Filesystem;
 
 fn join(dir: &str, name: &str) -> String {
     if dir.ends_with('/') {
@@ -24,15 +25,15 @@ fn join(dir: &str, name: &str) -> String {
 struct FileSource<'a> {
     path: &'a str,
     size: u64,
-    file: RefCell<ext4_view::File>,
+    file: RefCell<FileReader>,
 }
 
 impl<'a> FileSource<'a> {
     fn open(fs: &'a Filesystem, path: &'a str) -> Result<FileSource<'a>> {
-        let file = fs.ext4().open(path).map_err(|e| ext4_error(&e, path))?;
+        let file = fs.open_file(path)?;
         Ok(FileSource {
             path,
-            size: file.metadata().len(),
+            size: file.size(),
             file: RefCell::new(file),
         })
     }
@@ -43,17 +44,13 @@ impl SectorSource for FileSource<'_> {
         self.size
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut f = self.file.borrow_mut();
-        f.seek_to(offset).map_err(|e| ext4_error(&e, self.path))?;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = f
-                .read_bytes(&mut buf[done..])
-                .map_err(|e| ext4_error(&e, self.path))?;
-            if n == 0 {
-                return Err(Error::corrupt("unexpected end of file").with_path(self.path));
-            }
-            done += n;
+        let n = self
+            .file
+            .borrow_mut()
+            .read_at(offset, buf)
+            .map_err(|e| e.with_path(self.path))?;
+        if n < buf.len() {
+            return Err(Error::corrupt("unexpected end of file").with_path(self.path));
         }
         Ok(())
     }
@@ -68,27 +65,25 @@ pub fn read_pe(fs: &Filesystem, path: &str) -> Result<PeFile> {
 /// Is `path` a regular file (following symlinks inside the image)? Dangling links and loops
 /// are reported as warnings.
 fn is_file(fs: &Filesystem, path: &str, warnings: &mut Vec<String>) -> Result<bool> {
-    match fs.ext4().metadata(path) {
-        Ok(m) => Ok(m.file_type().is_regular_file()),
-        Err(ext4_view::Ext4Error::NotFound) => {
-            if fs.ext4().symlink_metadata(path).is_ok() {
+    match fs.lookup(path, true)? {
+        Lookup::Found(r) => Ok(r.inode.file_type() == FileType::Regular),
+        Lookup::NotFound | Lookup::NotADirectory => {
+            if matches!(fs.lookup(path, false)?, Lookup::Found(_)) {
                 warnings.push(format!("{path}: dangling symlink"));
             }
             Ok(false)
         }
-        Err(ext4_view::Ext4Error::TooManySymlinks) => {
+        Lookup::SymlinkLoop => {
             warnings.push(format!("{path}: symlink loop"));
             Ok(false)
         }
-        Err(e) => Err(ext4_error(&e, path)),
     }
 }
 
 fn is_dir(fs: &Filesystem, path: &str) -> Result<bool> {
-    match fs.ext4().metadata(path) {
-        Ok(m) => Ok(m.is_dir()),
-        Err(ext4_view::Ext4Error::NotFound | ext4_view::Ext4Error::TooManySymlinks) => Ok(false),
-        Err(e) => Err(ext4_error(&e, path)),
+    match fs.lookup(path, true)? {
+        Lookup::Found(r) => Ok(r.inode.file_type() == FileType::Directory),
+        _ => Ok(false),
     }
 }
 
@@ -296,15 +291,11 @@ pub fn discover(fs: &Filesystem) -> Result<Discovery> {
         scan_versioned(fs, "/boot", &boot_names, "boot", 3, &mut c, &mut warnings)?;
         if boot_names.iter().any(|n| n == "vmlinuz") && is_file(fs, "/boot/vmlinuz", &mut warnings)? {
             // Unversioned name, usually a link to a versioned kernel listed above.
-            let target = fs
-                .ext4()
-                .canonicalize("/boot/vmlinuz")
-                .map_err(|e| ext4_error(&e, "/boot/vmlinuz"))?;
-            let target = String::from_utf8_lossy(target.as_ref()).into_owned();
+            let target = fs.canonicalize("/boot/vmlinuz")?;
+            let target = String::from_utf8_lossy(&target).into_owned();
             let already = c.iter().any(|k| {
-                fs.ext4()
-                    .canonicalize(k.kernel.as_str())
-                    .is_ok_and(|p| String::from_utf8_lossy(p.as_ref()) == target)
+                fs.canonicalize(k.kernel.as_str())
+                    .is_ok_and(|p| String::from_utf8_lossy(&p) == target)
             });
             if !already {
                 let version = target

@@ -12,7 +12,7 @@
 //!
 //! Kernels and initramfs images are paired by version; among several versions the highest
 //! (by [`compare_versions`]) is chosen and the choice is reported. Symlinks are followed inside
-//! the image only (`ext4-view` resolves absolute links against the image's root).
+//! the image only (the reader resolves absolute links against the image's root).
 
 use std::cmp::Ordering;
 

@@ -20,6 +20,18 @@ pub(super) enum ChunkState {
     Partial,
 }
 
+impl ChunkState {
+    /// The state as messages name it.
+    fn describe(self) -> &'static str {
+        match self {
+            ChunkState::Unwritten => "never written (00)",
+            ChunkState::Full => "fully written (01)",
+            ChunkState::Zero => "discarded (10)",
+            ChunkState::Partial => "partially written (11)",
+        }
+    }
+}
+
 /// A data entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Entry(pub(super) u64);
@@ -54,9 +66,9 @@ impl Entry {
         let chunk = self.chunk();
         match self.state() {
             ChunkState::Unwritten | ChunkState::Zero if chunk != 0 => Err(Error::corrupt(format!(
-                "entry {:#018x} has state {:?} but names chunk {chunk}",
+                "entry {:#018x} has state {} but names chunk {chunk}",
                 self.0,
-                self.state()
+                self.state().describe()
             ))),
             ChunkState::Unwritten | ChunkState::Zero => Ok(()),
             ChunkState::Full | ChunkState::Partial if chunk < first || chunk >= limit => {

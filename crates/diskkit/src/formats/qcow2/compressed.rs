@@ -47,7 +47,7 @@ pub(super) fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) ->
                 false,
                 true,
             )
-            .map_err(|s| Error::corrupt(format!("qcow2 compressed cluster does not inflate ({s:?})")))?;
+            .map_err(|_| Error::corrupt("qcow2 compressed cluster is not a valid deflate stream"))?;
             if n != out.len() {
                 return Err(Error::corrupt(format!(
                     "qcow2 compressed cluster inflates to {n} bytes, not {}",

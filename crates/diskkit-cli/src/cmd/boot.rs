@@ -1,0 +1,287 @@
+//! `diskkit boot`: the command-line arguments; the work is in [`crate::boot`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args as ClapArgs, ValueEnum};
+
+use crate::args::{OpenArgs, Output};
+use crate::boot::{self, Accel, BootRequest, DiskSpec, Machine, Net, SourceSpec, Transport};
+use crate::size::{self, Bytes};
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum AccelArg {
+    /// KVM when /dev/kvm opens and a probe guest starts on it, else TCG (with a note).
+    Auto,
+    /// KVM, or fail.
+    Kvm,
+    /// QEMU's emulator (slow, works everywhere).
+    Tcg,
+}
+
+/// Guest networking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum NetArg {
+    /// QEMU user-mode networking (outbound connections; --ssh forwards a port to it).
+    User,
+    /// No network card.
+    None,
+}
+
+/// How disks reach QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ViaArg {
+    /// Files where QEMU can open every layer (RAW, qcow2), diskkit's NBD server otherwise.
+    Auto,
+    /// Always diskkit's NBD server on a private Unix socket.
+    Nbd,
+}
+
+/// Boot an image as a QEMU VM with its own kernel, and run a command in it.
+#[derive(Debug, Clone, ClapArgs)]
+#[command(
+    long_about = "Boot a disk image or stack (RAW, ASIF, qcow2; whole-disk ext4 or a partitioned \
+                  disk), an OCI image as `unpack` takes it (layout directory, OCI archive, \
+                  docker-archive, with an optional :REF) or an Apple `container` store entry as a \
+                  QEMU virtual machine, with the image's own kernel and initramfs (no firmware, no \
+                  root, no boot loader). The image is never written: the guest's writes go to a \
+                  throwaway qcow2 overlay, or to --persist. OCI images are unpacked once into the \
+                  store (a 64 GiB sparse, journaled ext4 root, the `unpack --store` layout) and \
+                  only read afterwards. With COMMAND, it runs as root once the system (systemd) \
+                  is up, and its stdout, stderr and exit status become diskkit's; without it, the \
+                  serial console is the terminal. KVM is used when a probe guest runs on it, \
+                  else TCG.",
+    after_help = "\
+Examples:
+  # A command in an OCI layout (unpacked into the store on first use)
+  diskkit boot debian:bookworm -- cat /etc/os-release
+  # The serial console of a disk image, with 4 GiB and 4 CPUs
+  diskkit boot --memory 4G --cpus 4 disk.qcow2
+  # Keep the guest's writes; run the command over SSH
+  diskkit boot --ssh --persist state.qcow2 root.raw -- uname -a
+
+Console:
+  Without COMMAND or --ssh the serial console is the terminal.
+  Ctrl-A x quits (QEMU stops), Ctrl-A c switches to the QEMU monitor and back,
+  Ctrl-A h lists the keys; Ctrl-C goes to the guest.
+
+Exit status:
+  N    with COMMAND: the command's own status (128+N when signal N ended it)
+  0    without COMMAND: the guest powered off or rebooted, or Ctrl-A x was typed
+  130  SIGINT (143 SIGTERM, 129 SIGHUP) stopped the VM
+  2    diskkit failed, and says why in one line on stderr: bad arguments or image,
+       no kernel, QEMU missing, failing or crashing, the guest not up within
+       --timeout, the guest powering off before COMMAND's status came back
+       (a COMMAND that exits 2 itself is told apart by that line)"
+)]
+pub(crate) struct Args {
+    /// What to boot: a disk image or stack (RAW, ASIF, qcow2), an OCI image as PATH or
+    /// PATH:REF (layout directory, OCI archive, docker-archive), or with --apple-store an image
+    /// reference.
+    #[arg(value_name = "SOURCE")]
+    source: String,
+    /// The command to run in the guest as root once the system is up; its stdout, stderr and
+    /// exit status become diskkit's. Without it: the serial console.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+    #[command(flatten)]
+    open: OpenArgs,
+    /// Root partition: a number, a GPT partition name or UUID, an ext label or UUID, or `disk`
+    /// (default: the whole disk if it holds ext, else the only ext partition, as `kernel` and
+    /// `ls` choose it).
+    #[arg(long, value_name = "PART")]
+    partition: Option<String>,
+    /// SOURCE is an image reference (e.g. `alpine:latest`) in the Apple `container` image store
+    /// at ROOT; its snapshot is only read.
+    #[arg(long, value_name = "ROOT")]
+    apple_store: Option<PathBuf>,
+    /// Platform of an OCI or Apple store image, OS/ARCH[/VARIANT] (default: linux and the
+    /// host's CPU).
+    #[arg(long, value_name = "OS/ARCH")]
+    platform: Option<String>,
+    /// Guest memory (whole MiB, at least 64M).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "2G",
+        value_parser = memory,
+        help_heading = "Virtual machine"
+    )]
+    memory: Bytes,
+    /// Virtual CPUs.
+    #[arg(
+        long,
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u32).range(1..=1024),
+        help_heading = "Virtual machine"
+    )]
+    cpus: u32,
+    /// MAC address of the network card (default: QEMU's, 52:54:00:12:34:56).
+    #[arg(long, value_name = "MAC", value_parser = mac, help_heading = "Virtual machine")]
+    mac: Option<[u8; 6]>,
+    /// Accelerator.
+    #[arg(long, value_enum, default_value = "auto", help_heading = "Virtual machine")]
+    accel: AccelArg,
+    /// Guest networking.
+    #[arg(long, value_enum, default_value = "user", help_heading = "Virtual machine")]
+    net: NetArg,
+    /// Another virtio disk, /dev/vdb, /dev/vdc... in order: any image or stack diskkit opens,
+    /// written to unless `ro`; a comma in PATH is written twice (repeatable).
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro][,format=F]",
+        value_parser = disk,
+        help_heading = "Virtual machine"
+    )]
+    disks: Vec<DiskSpec>,
+    /// Append ARG to the kernel command line (repeatable).
+    #[arg(
+        long = "karg",
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        help_heading = "Virtual machine"
+    )]
+    kargs: Vec<String>,
+    /// The QEMU system emulator (default: qemu-system-<arch> from PATH).
+    #[arg(long, value_name = "PATH", help_heading = "Virtual machine")]
+    qemu: Option<PathBuf>,
+    /// Keep the guest's writes in the qcow2 overlay PATH (created on first use, reused after)
+    /// instead of a throwaway one.
+    #[arg(long, value_name = "PATH")]
+    persist: Option<PathBuf>,
+    /// Give the guest a fresh SSH key (the ssh.authorized_keys.root credential), forward a
+    /// localhost port to its port 22, wait for an SSH handshake, then run COMMAND (or a shell)
+    /// over SSH. The image must configure its network (DHCP) and run sshd.
+    #[arg(long)]
+    ssh: bool,
+    /// Give up when the guest has not come up within DURATION (COMMAND started, or SSH
+    /// answering; default 10m); without COMMAND or --ssh, stop the VM after DURATION. A
+    /// number with s, m or h: 90s, 5m, 1h30m.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    timeout: Option<Duration>,
+    /// Choose this kernel version instead of the highest.
+    #[arg(long, value_name = "V")]
+    kernel_version: Option<String>,
+    /// Also write the serial console to FILE (the last lines are shown on stderr when the
+    /// guest fails to come up).
+    #[arg(long, value_name = "FILE")]
+    console_log: Option<PathBuf>,
+    /// Where unpacked OCI roots and their kernels are kept (default: $XDG_CACHE_HOME/diskkit,
+    /// else ~/.cache/diskkit).
+    #[arg(long, value_name = "DIR", help_heading = "Store")]
+    store: Option<PathBuf>,
+    /// Root filesystem size when an OCI image is unpacked into the store (sparse; default
+    /// 64G). An image already in the store is used as it is.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = size::disk_size,
+        allow_hyphen_values = true,
+        help_heading = "Store"
+    )]
+    size: Option<Bytes>,
+    /// Print the QEMU command line and the files it would use, and start nothing (OCI images
+    /// are still unpacked into the store, and kernels cached).
+    #[arg(long)]
+    dry_run: bool,
+    /// Report style of --dry-run: `human` lines or one `json` document.
+    #[arg(long, value_enum, default_value_t, value_name = "STYLE", requires = "dry_run")]
+    output: Output,
+    /// Print what diskkit does and how long each step takes on stderr.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Do not print notes on stderr (the fallback to TCG, an image without initramfs...), so
+    /// that stderr is COMMAND's; errors and warnings are still printed.
+    #[arg(short, long, conflicts_with = "verbose")]
+    quiet: bool,
+    /// How disks reach QEMU (for measurements).
+    #[arg(long, value_enum, default_value = "auto", hide = true)]
+    via: ViaArg,
+}
+
+/// `--memory`: a size in whole MiB (QEMU's unit), at least 64 MiB.
+fn memory(text: &str) -> Result<Bytes, String> {
+    let b = size::disk_size(text)?;
+    if b.value < 64 << 20 {
+        return Err(format!("'{text}' is too small: a guest needs at least 64M"));
+    }
+    if b.value % (1 << 20) != 0 {
+        return Err(format!(
+            "'{text}' is not a whole number of MiB (write e.g. 1536M)"
+        ));
+    }
+    Ok(b)
+}
+
+/// `--mac`.
+fn mac(text: &str) -> Result<[u8; 6], String> {
+    boot::parse_mac(text).map_err(|e| format!("{e:#}"))
+}
+
+/// `--disk`.
+fn disk(text: &str) -> Result<DiskSpec, String> {
+    DiskSpec::parse(text).map_err(|e| format!("{e:#}"))
+}
+
+/// `--timeout`.
+fn duration(text: &str) -> Result<Duration, String> {
+    boot::parse_duration(text).map_err(|e| format!("{e:#}"))
+}
+
+pub(crate) fn run(args: &Args) -> Result<u8> {
+    if args.ssh && args.net == NetArg::None {
+        bail!("--ssh needs the network: drop --net none");
+    }
+    if args.apple_store.is_some() && args.open.format.is_some() {
+        bail!("--image-format does not apply to --apple-store references");
+    }
+    let source = match &args.apple_store {
+        Some(root) => SourceSpec::AppleStore {
+            root: root.clone(),
+            reference: args.source.clone(),
+        },
+        None => SourceSpec::Path(args.source.clone()),
+    };
+    let request = BootRequest {
+        source,
+        format: args.open.format.map(Into::into),
+        parents: args.open.parents.clone(),
+        partition: args.partition.clone(),
+        platform: args.platform.clone(),
+        machine: Machine {
+            memory: args.memory.value,
+            cpus: args.cpus,
+            mac: args.mac,
+        },
+        accel: match args.accel {
+            AccelArg::Auto => Accel::Auto,
+            AccelArg::Kvm => Accel::Kvm,
+            AccelArg::Tcg => Accel::Tcg,
+        },
+        kargs: args.kargs.clone(),
+        disks: args.disks.clone(),
+        persist: args.persist.clone(),
+        ssh: args.ssh,
+        net: match args.net {
+            NetArg::User => Net::User,
+            NetArg::None => Net::None,
+        },
+        size: args.size.map(|s| crate::cmd::unpack::fs_size(s.value)),
+        store: args.store.clone(),
+        timeout: args.timeout,
+        qemu: args.qemu.clone(),
+        kernel_version: args.kernel_version.clone(),
+        console_log: args.console_log.clone(),
+        command: args.command.clone(),
+        dry_run: args.dry_run.then_some(args.output),
+        verbose: args.verbose,
+        quiet: args.quiet,
+        transport: match args.via {
+            ViaArg::Auto => Transport::Auto,
+            ViaArg::Nbd => Transport::Nbd,
+        },
+    };
+    boot::run(&request)
+}

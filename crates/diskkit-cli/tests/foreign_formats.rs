@@ -87,21 +87,34 @@ fn images_made_by_qemu_img_are_refused_by_name() {
 #[test]
 fn luks_and_dmg_are_refused_by_name() {
     let d = Dir::new();
-    tool_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=sec0,data=diskkit",
-            "-o",
-            "key-secret=sec0,iter-time=10",
-            &d.s("disk.luks"),
-            "16M",
-        ],
-    );
+    let args = [
+        "create",
+        "-q",
+        "-f",
+        "luks",
+        "--object",
+        "secret,id=sec0,data=diskkit",
+        "-o",
+        "key-secret=sec0,iter-time=10",
+        &d.s("disk.luks"),
+        "16M",
+    ];
+    // qemu-img times PBKDF2 on the CPU to choose the iteration count, and on a busy machine
+    // that measurement can fail ("Unable to get accurate CPU usage"): try again then.
+    for attempt in 1.. {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("cannot run qemu-img");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            attempt < 10 && err.contains("accurate CPU usage"),
+            "qemu-img {args:?} failed: {err}"
+        );
+    }
     refused_as(&d, "disk.luks", "LUKS");
     // A UDIF image ends with its `koly` trailer (no tool here writes DMGs).
     let mut dmg = vec![0u8; 1 << 20];

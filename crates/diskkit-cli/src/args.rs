@@ -22,15 +22,22 @@ pub(crate) struct OpenArgs {
     /// that detection would believe.
     #[arg(short = 'f', long = "image-format", value_enum, value_name = "FORMAT")]
     pub(crate) format: Option<Format>,
+    /// Read the image even while another process (QEMU, diskkit serve) has it open for
+    /// writing, like `qemu-img -U`; what is read may change meanwhile. Without it, images in
+    /// use are refused (diskkit takes and honours QEMU's image locks). Only for reading: a
+    /// command that writes the image refuses it.
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     #[command(flatten)]
     pub(crate) parents: ParentArgs,
 }
 
 impl OpenArgs {
-    /// Open options for this command line: the format and the parent policy.
+    /// Open options for this command line: the format, locking (`-U`) and the parent policy.
     pub(crate) fn options(&self, writable: bool) -> OpenOptions {
         let mut options = OpenOptions::new()
             .writable(writable)
+            .force_share(self.force_share)
             .parents(self.parents.policy());
         if let Some(f) = self.format {
             options = options.format(f.into());

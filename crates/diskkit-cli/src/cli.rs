@@ -128,6 +128,11 @@ pub(crate) enum LayerCommand {
 
 /// Run a parsed command line; returns the exit status.
 pub(crate) fn run(cli: &Cli) -> anyhow::Result<u8> {
+    // SIGINT/SIGTERM remove the temporary outputs and exit 130/143. serve and boot handle
+    // them themselves: serve shuts down cleanly, boot stops QEMU in order.
+    if !matches!(cli.command, Command::Serve(_) | Command::Boot(_)) {
+        diskkit::output::remove_temporaries_on_signals()?;
+    }
     match &cli.command {
         Command::Create(a) => cmd::create::run(a),
         Command::Info(a) => cmd::info::run(a),

@@ -138,7 +138,10 @@ fn qemu_made_qcow2_with_zero_and_compressed_clusters() {
     let s = Served::start(&d.path("dk.sock"), &["-f", "qcow2", "--export", "disk", &img]);
     let u = s.uri("disk");
     {
-        let q = QemuNbd::start(&d.path("q.sock"), Path::new(&img));
+        // qemu-nbd serves a byte-for-byte copy: diskkit holds the image's write lock.
+        let copy = d.path("copy.qcow2");
+        std::fs::copy(&img, &copy).unwrap();
+        let q = QemuNbd::start(&d.path("q.sock"), &copy);
         let qu = format!("nbd+unix:///disk?socket={}", d.s("q.sock"));
         let theirs = client_ok("nbdinfo", &["--map", &qu]);
         let ours = client_ok("nbdinfo", &["--map", &u]);

@@ -196,6 +196,8 @@ fn tls_allowed_takes_both() {
 
 fn diskkit_ok_or_err(d: &Dir) -> String {
     std::fs::write(d.path("junk.pem"), "not a certificate\n").unwrap();
+    // Another image: the running server holds small.raw's write lock.
+    small_raw(&d.path("other.raw"), 3);
     let out = support::diskkit(&[
         "serve",
         "--foreground",
@@ -205,7 +207,7 @@ fn diskkit_ok_or_err(d: &Dir) -> String {
         &d.s("junk.pem"),
         "--tls-key",
         &d.s("junk.pem"),
-        &d.s("small.raw"),
+        &d.s("other.raw"),
     ]);
     assert_eq!(out.status.code(), Some(2));
     let _ = diskkit_ok;

@@ -78,35 +78,28 @@ pub fn unpack_to_store(
             report: None,
         });
     }
-    let temp = tempfile::Builder::new()
-        .prefix("diskkit-")
-        .tempdir_in(snapshots.join("ingest"))
-        .map_err(|e| io(e, &ingest, "creating the ingest directory"))?;
-    let report = unpack_selected(&image, &temp.path().join("snapshot"), options, progress)?;
-    let info = temp.path().join("snapshot-info");
+    // Built in `ingest/` under a diskkit temporary name (removed on failure, on SIGINT/SIGTERM
+    // when the caller asked for that, and by a later run if this one is killed), then renamed
+    // into place.
+    let temp = diskkit::output::PendingDir::new_in(&dir, &ingest)?;
+    let report = unpack_selected(&image, &temp.temp_path().join("snapshot"), options, progress)?;
+    let info = temp.temp_path().join("snapshot-info");
     std::fs::write(&info, snapshot_info(&snapshot)?).map_err(|e| io(e, &info, "writing"))?;
-    let temp_path = temp.keep();
-    match std::fs::rename(&temp_path, &dir) {
+    match temp.persist() {
         Ok(()) => Ok(StoreEntry {
             dir,
             snapshot,
             cache_hit: false,
             report: Some(report),
         }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&temp_path);
-            // Another writer won the race: its entry is as good as ours.
-            if dir.join("snapshot-info").is_file() {
-                Ok(StoreEntry {
-                    dir,
-                    snapshot,
-                    cache_hit: true,
-                    report: None,
-                })
-            } else {
-                Err(io(e, &dir, "renaming the snapshot into place"))
-            }
-        }
+        // Another writer won the race: its entry is as good as ours.
+        Err(_) if dir.join("snapshot-info").is_file() => Ok(StoreEntry {
+            dir,
+            snapshot,
+            cache_hit: true,
+            report: None,
+        }),
+        Err(e) => Err(e.with_operation("renaming the snapshot into place")),
     }
 }
 

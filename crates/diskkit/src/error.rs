@@ -37,6 +37,14 @@ pub enum ErrorKind {
     NotFound,
     /// A stack rule was broken (a second cache layer, writing a base image, ...).
     StackRule,
+    /// The image is in use: another process (QEMU, another diskkit) holds a lock that
+    /// conflicts with the access asked for.
+    Locked,
+    /// The file is an image of a format diskkit does not read (VMDK, VHDX, ...).
+    UnsupportedFormat,
+    /// The open image was marked failed (a thread panicked while using it); it must be
+    /// closed and opened again.
+    Failed,
 }
 
 impl ErrorKind {
@@ -54,6 +62,9 @@ impl ErrorKind {
             ErrorKind::AlreadyExists => "already exists",
             ErrorKind::NotFound => "not found",
             ErrorKind::StackRule => "stack rule violated",
+            ErrorKind::Locked => "the image is in use",
+            ErrorKind::UnsupportedFormat => "unsupported format",
+            ErrorKind::Failed => "the image is marked failed",
         }
     }
 }
@@ -285,6 +296,9 @@ impl From<Error> for io::Error {
             ErrorKind::AlreadyExists => io::ErrorKind::AlreadyExists,
             ErrorKind::NotFound => io::ErrorKind::NotFound,
             ErrorKind::LayerMismatch | ErrorKind::StackRule => io::ErrorKind::InvalidData,
+            ErrorKind::Locked => io::ErrorKind::ResourceBusy,
+            ErrorKind::UnsupportedFormat => io::ErrorKind::Unsupported,
+            ErrorKind::Failed => io::ErrorKind::Other,
         };
         io::Error::new(kind, err)
     }

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use crate::image::DiskImage;
-use crate::options::{ImageFormat, OpenMode, OpenOptions};
+use crate::layer::{ImageFormat, OpenMode};
+use crate::stack::OpenOptions;
 use crate::storage::{MemStorage, Storage};
 
 /// Open `data` as an ASIF image (read-write, in memory) and exercise it: reads over the whole
@@ -18,7 +19,7 @@ pub fn asif_open(data: &[u8]) {
 pub fn qcow2_open(data: &[u8]) {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(data.to_vec()));
     let detached = OpenOptions::new().format(ImageFormat::Qcow2);
-    if let Ok(layer) = crate::image::open_layer(storage, &detached) {
+    if let Ok(layer) = crate::stack::open::open_layer(storage, &detached) {
         if layer.layer_info().parent_path.is_some() {
             let size = layer.size();
             let span = size.min(8 << 20);
@@ -71,7 +72,7 @@ pub fn qcow2_check(data: &[u8]) {
     );
     let reopened: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(storage.to_bytes()));
     let options = OpenOptions::new().format(ImageFormat::Qcow2);
-    if let Ok(layer) = crate::image::open_layer(reopened, &options) {
+    if let Ok(layer) = crate::stack::open::open_layer(reopened, &options) {
         let span = layer.size().min(1 << 20);
         let mut pos = 0;
         while pos < span {
@@ -151,5 +152,30 @@ pub fn stack_metadata(data: &[u8]) {
     if let Some(hint) = &info.parent_path {
         let child = std::path::Path::new("/nonexistent-diskkit-fuzz/child.asif");
         let _ = crate::stack::ParentPolicy::same_directory().resolve(child, hint);
+    }
+}
+
+/// Detect the format of `data` (registered formats, the foreign formats diskkit refuses by
+/// name, RAW) and open it read-only through detection. The two ways of asking must agree, a
+/// refusal must name the format, and nothing may panic.
+pub fn probe(data: &[u8]) {
+    use crate::formats::probe::{detect, identify, Detected};
+    let storage = MemStorage::from_bytes(data.to_vec());
+    match (identify(&storage), detect(&storage)) {
+        (Ok(Detected::Format(a)), Ok(b)) => assert_eq!(a, b, "identify and detect disagree"),
+        (Ok(Detected::Foreign(f)), Err(e)) => {
+            assert_eq!(e.kind(), crate::ErrorKind::UnsupportedFormat);
+            assert!(
+                e.to_string().contains(f.name()),
+                "the refusal does not name {f}: {e}"
+            );
+        }
+        (Err(_), Err(_)) => {}
+        (a, b) => panic!("identify {a:?} and detect {b:?} disagree"),
+    }
+    let storage: Arc<dyn Storage> = Arc::new(storage);
+    if let Ok(image) = DiskImage::open_storage(storage, &OpenOptions::new()) {
+        let mut buf = vec![0u8; image.size().min(4096) as usize];
+        let _ = image.read_at(&mut buf, 0);
     }
 }

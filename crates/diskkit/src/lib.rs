@@ -5,6 +5,10 @@
 //! ([`DiskImage`]) does the I/O and walks a stack of layers. The same answers feed allocation
 //! maps ([`DiskImage::extents`]), sparse conversion and NBD block status.
 //!
+//! The modules form layers, each using only those before it: [`storage`] (and [`output`]) →
+//! [`mapping`] → [`layer`] (the driver trait) → [`formats`] (one folder per format, one
+//! registration) → [`stack`] → [`DiskImage`] → [`operations`] (whole-image operations).
+//!
 //! ```no_run
 //! use diskkit::{CreateOptions, DiskImage, OpenOptions};
 //!
@@ -20,26 +24,25 @@
 //! # }
 //! ```
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
-pub mod copy;
 pub mod error;
 pub mod formats;
 #[doc(hidden)]
 pub mod fuzzing;
 mod image;
-mod io;
 pub mod layer;
 pub mod mapping;
-pub mod options;
+pub mod operations;
 pub mod output;
-pub mod probe;
 pub mod stack;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};
-pub use image::{open_layer, DiskImage, LayerDescription, PendingImage};
-pub use layer::{Layer, LayerInfo};
+pub use formats::{probe, CreateOptions};
+pub use image::{DiskImage, PendingImage};
+pub use layer::{ImageFormat, Layer, LayerInfo, LayerType, OpenMode};
 pub use mapping::{Extent, ExtentKind, Mapping};
-pub use options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions};
-pub use stack::{LayerOptions, ParentPolicy};
+pub use operations::copy;
+pub use stack::open::open_layer;
+pub use stack::{LayerDescription, LayerOptions, OpenOptions, ParentPolicy, RebaseMode};

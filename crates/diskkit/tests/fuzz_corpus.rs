@@ -32,6 +32,11 @@ fn qcow2_open_corpus() {
 }
 
 #[test]
+fn probe_corpus() {
+    replay("probe", diskkit::fuzzing::probe);
+}
+
+#[test]
 fn qcow2_check_corpus() {
     replay("qcow2_check", diskkit::fuzzing::qcow2_check);
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use diskkit::stack::operations;
+use diskkit::operations::stack as operations;
 use diskkit::storage::{MemStorage, Storage};
 use diskkit::{
     CreateOptions, DiskImage, ErrorKind, ExtentKind, ImageFormat, LayerOptions, LayerType, OpenOptions,
@@ -167,6 +167,7 @@ fn append_existing_layer_and_one_cache_rule() {
         .with_new(dir.path().join("over.asif"), &LayerOptions::overlay())
         .unwrap();
     assert_eq!(stack.layer_count(), 3);
+    drop(stack);
     let reopened = DiskImage::open(dir.path().join("over.asif"), &same_dir()).unwrap();
     assert_eq!(
         reopened.layer_types(),
@@ -270,7 +271,7 @@ fn snapshot_restore_commit_rebase() {
         o.write_at(&[0x44; 1000], 300 << 10).unwrap();
         o.flush().unwrap();
     }
-    operations::rebase(&vm, &other, &same_dir()).unwrap();
+    operations::rebase(&vm, &other, &same_dir(), operations::RebaseMode::Safe).unwrap();
     let s = DiskImage::open(&vm, &same_dir()).unwrap();
     assert_eq!(s.layer_count(), 2);
     assert_eq!(read_all(&s), v3);
@@ -623,4 +624,108 @@ fn cache_reads_each_base_block_once_and_survives_reopen() {
     assert_eq!(all, data);
     let (_, bytes2, _, _) = base_store.counters();
     assert_eq!(bytes2, bytes1, "the reopened cache went back to the base");
+}
+
+/// A resolver that opens parents named `mem:NAME` from memory (standing in for remote bases,
+/// which other crates resolve: this crate has no network code).
+#[derive(Debug)]
+struct MemResolver {
+    images: Vec<(String, Arc<MemStorage>)>,
+    asked: std::sync::Mutex<Vec<(String, String)>>,
+}
+
+impl diskkit::stack::ParentResolver for MemResolver {
+    fn resolve(
+        &self,
+        child: &diskkit::stack::LayerLocation,
+        hint: &str,
+    ) -> diskkit::Result<Option<diskkit::stack::ResolvedParent>> {
+        self.asked
+            .lock()
+            .unwrap()
+            .push((child.to_string(), hint.to_string()));
+        let Some(name) = hint.strip_prefix("mem:") else {
+            return Ok(None);
+        };
+        let (_, storage) = self
+            .images
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| diskkit::Error::new(ErrorKind::NotFound, format!("no image {name}")))?;
+        Ok(Some(diskkit::stack::ResolvedParent {
+            storage: Arc::new(MemStorage::from_bytes(storage.to_bytes())),
+            location: diskkit::stack::LayerLocation::Other(hint.to_string()),
+        }))
+    }
+}
+
+#[test]
+fn parents_open_from_storage_a_resolver_supplies() {
+    // A remote-like chain: mem:base (ASIF) <- mem:mid (qcow2 naming mem:base), and a local
+    // overlay file naming mem:mid.
+    let base = Arc::new(MemStorage::new());
+    let b = DiskImage::create_on(base.clone(), &CreateOptions::asif(4 * MIB / 512, 512)).unwrap();
+    b.write_at(&fill(256 << 10, 5), 0).unwrap();
+    b.flush().unwrap();
+    let base_uuid = b.layer_uuid();
+    drop(b);
+    let mid = Arc::new(MemStorage::new());
+    let m = diskkit::open_layer(
+        {
+            let s: Arc<dyn Storage> = mid.clone();
+            DiskImage::create_on(s.clone(), &CreateOptions::new(ImageFormat::Qcow2, 4 * MIB)).unwrap();
+            s
+        },
+        &OpenOptions::new().writable(true).format(ImageFormat::Qcow2),
+    )
+    .unwrap();
+    m.set_layer_info(&diskkit::LayerInfo {
+        layer_type: Some(LayerType::Overlay),
+        parent_uuid: base_uuid,
+        parent_path: Some("mem:base".into()),
+        parent_format: Some(ImageFormat::Asif),
+        ..diskkit::LayerInfo::default()
+    })
+    .unwrap();
+    m.flush().unwrap();
+    let mid_uuid = m.layer_info().layer_uuid;
+    drop(m);
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("top.asif");
+    {
+        let t = DiskImage::create(&top, &CreateOptions::asif(4 * MIB / 512, 512)).unwrap();
+        t.top_layer()
+            .set_layer_info(&diskkit::LayerInfo {
+                layer_type: Some(LayerType::Overlay),
+                parent_uuid: mid_uuid,
+                parent_path: Some("mem:mid".into()),
+                parent_format: Some(ImageFormat::Qcow2),
+                ..diskkit::LayerInfo::default()
+            })
+            .unwrap();
+    }
+    // Without a resolver the default policy refuses, and the file rules cannot find them.
+    assert_eq!(
+        DiskImage::open(&top, &OpenOptions::new()).unwrap_err().kind(),
+        ErrorKind::PolicyDenied
+    );
+    assert!(DiskImage::open(&top, &same_dir()).is_err());
+    let resolver = Arc::new(MemResolver {
+        images: vec![("base".into(), base), ("mid".into(), mid)],
+        asked: std::sync::Mutex::new(Vec::new()),
+    });
+    let policy = ParentPolicy::deny().with_resolver(resolver.clone());
+    let stack = DiskImage::open(&top, &OpenOptions::new().parents(policy)).unwrap();
+    assert_eq!(stack.layer_count(), 3);
+    assert_eq!(stack.layer_paths(), vec![None, None, Some(top.clone())]);
+    let mut expect = fill(256 << 10, 5);
+    expect.resize(4 * MIB as usize, 0);
+    assert_eq!(read_all(&stack), expect);
+    assert_eq!(
+        *resolver.asked.lock().unwrap(),
+        vec![
+            (top.display().to_string(), "mem:mid".to_string()),
+            ("mem:mid".to_string(), "mem:base".to_string()),
+        ]
+    );
 }

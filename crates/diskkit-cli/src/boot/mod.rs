@@ -267,10 +267,15 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         let policy = req.parents.policy();
         // Read-only to look at it; writable only when diskkit serves it (QEMU opens RAW and
         // qcow2 files itself, and must be the only writer).
+        let id = format!("disk{}", i + 1);
         let disk = source::open_disk(&d.path, d.format, policy.clone(), false)?;
-        let mut p = PlannedDisk::new(&format!("disk{}", i + 1), disk, !d.read_only, transport);
+        let mut p = PlannedDisk::new(&id, disk, !d.read_only, transport);
         if p.nbd && p.writable && !dry {
-            p.root = source::open_disk(&d.path, d.format, policy, true)?;
+            // Let go of the read-only look first: its reader's lock refuses writers, this
+            // process's own writable open included.
+            drop(p);
+            let disk = source::open_disk(&d.path, d.format, policy, true)?;
+            p = PlannedDisk::new(&id, disk, true, transport);
         }
         planned.push(p);
     }
@@ -571,8 +576,13 @@ fn prepare_overlay(path: &Path, persist: bool, root: &source::Root, size: u64) -
         }
         let layer = diskkit::open_layer(
             Arc::new(
-                diskkit::storage::FileStorage::open(path, false)
-                    .with_context(|| format!("opening '{}'", path.display()))?,
+                // A reader's lock: an overlay a running VM writes is refused here, by name.
+                diskkit::storage::FileStorage::open_locked(
+                    path,
+                    false,
+                    Some(diskkit::storage::Permissions::reader()),
+                )
+                .with_context(|| format!("opening '{}'", path.display()))?,
             ),
             &diskkit::OpenOptions::new().format(ImageFormat::Qcow2),
         )

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use diskkit::formats::qcow2::{self, CheckReport, Problem, Repair};
-use diskkit::storage::{FileStorage, Storage};
+use diskkit::storage::{FileStorage, Permissions, Storage};
 use diskkit::{DiskImage, ImageFormat, OpenOptions};
 use serde::Serialize;
 
@@ -61,6 +61,11 @@ pub(crate) struct Args {
     /// Repair: `leaks` frees leaked clusters, `all` also fixes corruptions (qcow2).
     #[arg(short = 'r', long, value_enum, value_name = "WHAT")]
     repair: Option<RepairMode>,
+    /// Check the image even while another process (QEMU, diskkit serve) has it open for
+    /// writing, like `qemu-img check -U`; what is read may be changing, so problems found may
+    /// not be real. Not with --repair.
+    #[arg(short = 'U', long = "force-share", conflicts_with = "repair")]
+    force_share: bool,
     #[command(flatten)]
     output: OutputArg,
     /// The image file.
@@ -129,7 +134,7 @@ pub(crate) fn run(a: &Args) -> Result<u8> {
     let path = &a.path;
     // A file that cannot be opened at all is an ordinary error (exit 2), as in every command.
     std::fs::File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-    match check(a.format, a.repair, path) {
+    match check(a.format, a.repair, a.force_share, path) {
         Ok(json) => {
             let code = if json.check_errors > 0 {
                 EXIT_CHECK_FAILED
@@ -153,7 +158,7 @@ pub(crate) fn run(a: &Args) -> Result<u8> {
     }
 }
 
-fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Result<Json> {
+fn check(format: Option<Format>, repair: Option<RepairMode>, force_share: bool, path: &Path) -> Result<Json> {
     let repair = match repair {
         None => Repair::None,
         Some(RepairMode::Leaks) => Repair::Leaks,
@@ -166,7 +171,9 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
         _ => "none",
     };
     let storage: Arc<dyn Storage> = Arc::new(
-        FileStorage::open(path, writable).with_context(|| format!("cannot open '{}'", path.display()))?,
+        // Locked like `qemu-img check`: refused while another process writes the image.
+        FileStorage::open_locked(path, writable, Some(lock_for(writable, force_share)))
+            .with_context(|| format!("cannot open '{}'", path.display()))?,
     );
     let format = match format {
         Some(f) => f.into(),
@@ -181,7 +188,10 @@ fn check(format: Option<Format>, repair: Option<RepairMode>, path: &Path) -> Res
     }
     drop(storage);
     // RAW and ASIF: open the file alone and walk its whole map.
-    let options = OpenOptions::new().format(format).detached(true);
+    let options = OpenOptions::new()
+        .format(format)
+        .detached(true)
+        .force_share(force_share);
     let image =
         DiskImage::open(path, &options).with_context(|| format!("cannot open '{}'", path.display()))?;
     image
@@ -310,5 +320,17 @@ fn print_human(j: &Json) {
     }
     if j.corrupt {
         println!("The corrupt bit is set.");
+    }
+}
+
+/// The lock `check` takes: a reader's, a writer's when repairing, or only the read
+/// permission with `-U`.
+fn lock_for(writable: bool, force_share: bool) -> Permissions {
+    if writable {
+        Permissions::writer()
+    } else if force_share {
+        Permissions::force_share()
+    } else {
+        Permissions::reader()
     }
 }

@@ -36,6 +36,10 @@ pub(crate) struct Args {
     /// Differ when the sizes differ (otherwise the excess must read as zeroes).
     #[arg(short = 's', long)]
     strict: bool,
+    /// Open both images even while another process has them open for writing, like
+    /// `qemu-img compare -U` (what is read may change meanwhile).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     #[command(flatten)]
     parents: ParentArgs,
     /// First image.
@@ -48,6 +52,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
     let open = |format, path| {
         let open = OpenArgs {
             format,
+            force_share: args.force_share,
             parents: args.parents.clone(),
         };
         open_image(path, &open.options(false))

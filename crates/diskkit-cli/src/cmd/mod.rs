@@ -32,7 +32,7 @@ use crate::messages::Hint;
 /// Open an image (and the stack beneath it). A parent refused by the policy gets the
 /// `--allow-parent-dir` that would follow it as the error's fix.
 pub(crate) fn open_image(path: &Path, options: &OpenOptions) -> Result<DiskImage> {
-    DiskImage::open(path, options).map_err(|e| {
+    let image = DiskImage::open(path, options).map_err(|e| {
         let hint = (e.kind() == ErrorKind::PolicyDenied)
             .then(|| e.path().and_then(allow_parent_hint))
             .flatten();
@@ -42,7 +42,16 @@ pub(crate) fn open_image(path: &Path, options: &OpenOptions) -> Result<DiskImage
             None => e,
         };
         e.context(format!("cannot open '{}'", path.display()))
-    })
+    })?;
+    print_warnings(&image);
+    Ok(image)
+}
+
+/// Tell the user what opening the image noticed (a file read as RAW whose name says otherwise).
+pub(crate) fn print_warnings(image: &DiskImage) {
+    for w in image.warnings() {
+        crate::messages::warn(format_args!("{w}"));
+    }
 }
 
 /// Where the parent named by the layer at `child` lies, when it is a relative path that leads

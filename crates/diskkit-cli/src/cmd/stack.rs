@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
-use diskkit::stack::operations;
+use diskkit::operations::stack as operations;
 use diskkit::{DiskImage, ImageFormat, LayerOptions, LayerType, OpenOptions};
 
 use super::{open_image, parent_outside, shell_path};
@@ -153,16 +153,25 @@ pub(crate) struct CommitArgs {
 #[command(
     long_about = "Move the top layer onto another parent. Ranges where the old and the new \
                   parent differ are first copied into the top, so the stack reads the same \
-                  afterwards.",
+                  afterwards. With -u (unsafe, like `qemu-img rebase -u`) only the new parent is \
+                  recorded: nothing is copied and the old parents are not opened.",
     after_help = "\
 Examples:
   # vm.qcow2 now over new-base.qcow2
-  diskkit rebase -b new-base.qcow2 vm.qcow2"
+  diskkit rebase -b new-base.qcow2 vm.qcow2
+  # base.qcow2 was moved to /images: point the layer at it, copying nothing
+  diskkit rebase -u -b /images/base.qcow2 --allow-parent-dir /images vm.qcow2"
 )]
 pub(crate) struct RebaseArgs {
     /// The new parent image.
     #[arg(short = 'b', long = "backing", value_name = "NEW_PARENT")]
     new_parent: PathBuf,
+    /// Unsafe: only record the new parent, copying nothing (like `qemu-img rebase -u`); the
+    /// old parents are not opened. What the stack reads changes wherever the new parent
+    /// differs from the old one: use it when the new parent is a copy of the old (moved,
+    /// renamed, converted) or the old one is gone.
+    #[arg(short = 'u', long = "unsafe")]
+    unsafe_rebase: bool,
     #[command(flatten)]
     open: OpenArgs,
     #[command(flatten)]
@@ -216,6 +225,9 @@ pub(crate) fn layer_create(a: &LayerCreateArgs) -> Result<u8> {
             a.parent.display()
         ),
     );
+    // Let go of the stack first: the check opens the new layer again, which the stack's
+    // own lock on it would refuse.
+    drop(stack);
     warn_if_parent_refused(path);
     Ok(crate::exit::SUCCESS)
 }
@@ -289,13 +301,30 @@ pub(crate) fn commit(a: &CommitArgs) -> Result<u8> {
 
 pub(crate) fn rebase(a: &RebaseArgs) -> Result<u8> {
     let options = a.open.options(true).repair(a.repair.repair);
-    let stats = operations::rebase(&a.top, &a.new_parent, &options).with_context(|| {
+    let mode = if a.unsafe_rebase {
+        operations::RebaseMode::Unsafe
+    } else {
+        operations::RebaseMode::Safe
+    };
+    let stats = operations::rebase(&a.top, &a.new_parent, &options, mode).with_context(|| {
         format!(
             "cannot rebase '{}' onto '{}'",
             a.top.display(),
             a.new_parent.display()
         )
     })?;
+    if a.unsafe_rebase {
+        done(
+            a.quiet.quiet,
+            format_args!(
+                "rebased {} onto '{}' without copying anything (unsafe: it reads what the new \
+                 parent holds)",
+                describe_top(&a.top, &a.open),
+                a.new_parent.display()
+            ),
+        );
+        return Ok(crate::exit::SUCCESS);
+    }
     done(
         a.quiet.quiet,
         format_args!(

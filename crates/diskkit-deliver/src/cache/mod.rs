@@ -414,12 +414,17 @@ impl Cache {
 
     /// Repair what interrupted commands can leave, for every entry nobody holds: references
     /// whose holder died (and their instance files), instance files no reference names,
-    /// stale staging directories, lock files of removed entries; and empty `trash/`.
+    /// partial downloads of entries that are complete, stale staging directories, lock files
+    /// of removed entries; and empty `trash/`.
     pub fn repair(&self) -> Result<()> {
         self.sweep();
         for id in self.entry_ids()? {
             if let Some(_lock) = self.lock(&id, Mode::Exclusive, false)? {
                 self.release_dead_references(&id)?;
+                // A fetch killed between adding its entry and removing its download leaves
+                // the partial file behind; with the entry there (and its lock held) it is
+                // only a leftover.
+                self.remove_partial(&id);
             }
         }
         // References to entries that no longer exist (their removal was interrupted after

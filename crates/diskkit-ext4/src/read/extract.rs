@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use diskkit::output::PendingFile;
+use diskkit::output::{PendingDir, PendingFile};
 use diskkit::{Error, ErrorKind, Result};
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD};
 
@@ -128,7 +128,14 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
         FileType::Directory => copy_tree(fs, canonical_bytes, &inode, &target, &mut report)?,
         FileType::Regular => {
             let pending = PendingFile::new(&target, false)?;
-            report.bytes = write_file(fs, canonical_bytes, &inode, pending.temp_path(), true)?;
+            report.bytes = fill_file(
+                fs,
+                canonical_bytes,
+                &inode,
+                pending.file()?,
+                pending.temp_path(),
+                true,
+            )?;
             report.files = 1;
             pending.persist()?;
         }
@@ -146,6 +153,25 @@ pub fn copy_out(fs: &Filesystem, src: &str, dest: &Path) -> Result<CopyReport> {
 /// Write the regular file `inode` (at `src` in the image) to the new file `path` (created
 /// exclusively), with its mode and times.
 fn write_file(fs: &Filesystem, src: &[u8], inode: &Inode, path: &Path, sync: bool) -> Result<u64> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_err(e, path, "creating"))?;
+    fill_file(fs, src, inode, file, path, sync)
+}
+
+/// Write the regular file `inode` (at `src` in the image) into `file` (new and empty, at
+/// `path`), with its mode and times.
+fn fill_file(
+    fs: &Filesystem,
+    src: &[u8],
+    inode: &Inode,
+    file: fs::File,
+    path: &Path,
+    sync: bool,
+) -> Result<u64> {
     let src_display = String::from_utf8_lossy(src);
     if inode.size() > MAX_FILE_SIZE {
         return Err(Error::corrupt(format!(
@@ -158,12 +184,6 @@ fn write_file(fs: &Filesystem, src: &[u8], inode: &Inode, path: &Path, sync: boo
         .fs()
         .open_file(inode)
         .map_err(|e| e.with_path(src_display.as_ref()))?;
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| io_err(e, path, "creating"))?;
     let mut w = SparseWriter::new(file);
     let n = copy_reader(&mut reader, 0, None, &mut w).map_err(|e| e.with_path(src_display.as_ref()))?;
     let file = w.finish().map_err(|e| io_err(e, path, "writing"))?;
@@ -244,51 +264,15 @@ fn copy_tree(
     target: &Path,
     report: &mut CopyReport,
 ) -> Result<()> {
-    let parent = target
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| Error::invalid_argument("destination has no file name").with_path(target))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(".diskkit-{}.tmp", uuid::Uuid::new_v4().simple()));
-    let temp = parent.join(temp_name);
-    fs::create_dir(&temp).map_err(|e| io_err(e, &temp, "creating"))?;
-    let result = (|| {
-        let mut entries = 0u64;
-        copy_dir(fs, src, inode, &temp, 0, &mut entries, report)?;
-        let dir = fs::File::open(&temp).map_err(|e| io_err(e, &temp, "opening"))?;
-        rustix::fs::syncfs(&dir).map_err(|e| io_err(e.into(), &temp, "syncing"))?;
-        rustix::fs::renameat_with(CWD, &temp, CWD, target, rustix::fs::RenameFlags::NOREPLACE).map_err(|e| {
-            match e {
-                rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY => {
-                    Error::new(ErrorKind::AlreadyExists, "destination exists; not replacing it")
-                        .with_path(target)
-                }
-                e => io_err(e.into(), target, "renaming into place"),
-            }
-        })
-    })();
-    if result.is_err() {
-        let _ = make_removable(&temp);
-        let _ = fs::remove_dir_all(&temp);
-    }
-    result
-}
-
-/// Give the owner write access to every directory under `dir` (copied read-only directories
-/// could not be removed otherwise). Does not follow symlinks.
-fn make_removable(dir: &Path) -> std::io::Result<()> {
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            make_removable(&entry.path())?;
-        }
-    }
-    Ok(())
+    // A temporary tree next to the target (removed if anything fails, or on SIGINT/SIGTERM),
+    // renamed into place when complete.
+    let pending = PendingDir::new(target)?;
+    let temp = pending.temp_path().to_path_buf();
+    let mut entries = 0u64;
+    copy_dir(fs, src, inode, &temp, 0, &mut entries, report)?;
+    let dir = fs::File::open(&temp).map_err(|e| io_err(e, &temp, "opening"))?;
+    rustix::fs::syncfs(&dir).map_err(|e| io_err(e.into(), &temp, "syncing"))?;
+    pending.persist()
 }
 
 fn copy_dir(

@@ -1,79 +1,81 @@
 //! Stacked images: a read-only base, at most one cache layer, and copy-on-write overlays.
 //!
-//! A stack is a list of layers read bottom to top ([`crate::io`] does the walking). This module
-//! builds stacks: it follows a layer's recorded parent through a [`ParentPolicy`], checks each
-//! layer's recorded parent UUID against its parent's layer UUID, enforces DiskImageKit's rules
-//! (one cache layer at most, the top receives all writes), and appends new or existing layers.
-//! Whole-stack operations (snapshot, restore, commit, rebase) live in [`operations`].
+//! A [`Stack`] is a list of layers read bottom to top ([`io`] does the walking). This module
+//! builds stacks: it follows a layer's recorded parent through a [`ParentPolicy`] ([`open`]),
+//! checks each layer's recorded parent UUID against its parent's layer UUID, enforces
+//! DiskImageKit's rules (one cache layer at most, the top receives all writes), and appends
+//! new or existing layers. Whole-stack operations on an open stack (snapshot, restore, commit,
+//! rebase) are in [`operations`].
 
+pub(crate) mod io;
+pub(crate) mod open;
 pub mod operations;
+mod options;
 mod policy;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use uuid::Uuid;
+
+use self::io::Level;
+pub use self::operations::{MergeStats, RebaseMode};
+pub use self::options::{LayerOptions, OpenOptions};
+pub(crate) use self::policy::parent_hint;
+pub use self::policy::{LayerLocation, ParentPolicy, ParentResolver, ResolvedParent};
 use crate::error::{Error, ErrorKind, Result};
-use crate::image::{check_layer_writable, create_layer, DiskImage};
-use crate::io::Level;
-use crate::layer::{Layer, LayerInfo};
-use crate::options::{CreateOptions, ImageFormat, LayerType, OpenMode, OpenOptions, DEFAULT_CHUNK_SIZE};
+use crate::formats::CreateOptions;
+use crate::layer::{ImageFormat, Layer, LayerInfo, LayerType, OpenMode};
+use crate::mapping::Extent;
 use crate::output::PendingFile;
 use crate::storage::{FileStorage, Storage};
-
-pub(crate) use policy::parent_hint;
-pub use policy::ParentPolicy;
 
 /// The longest chain of parents followed (a guard against loops and hostile images).
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
-/// How to make a new layer on top of a stack.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerOptions {
-    pub(crate) layer_type: LayerType,
-    pub(crate) format: ImageFormat,
-    pub(crate) chunk_size: u32,
-    pub(crate) overwrite: bool,
+/// An open stack of layers, bottom (the base, index 0) to top.
+#[derive(Debug)]
+pub(crate) struct Stack {
+    pub(crate) levels: Vec<Level>,
+    pub(crate) paths: Vec<Option<PathBuf>>,
+    pub(crate) mode: OpenMode,
+    /// How the stack was opened (locking, parent policy): layers opened later follow it.
+    pub(crate) options: OpenOptions,
+    /// Things the caller should be told (a file read as RAW whose name says otherwise).
+    pub(crate) warnings: Vec<String>,
 }
 
-impl LayerOptions {
-    /// A copy-on-write overlay (ASIF unless [`LayerOptions::format`] says otherwise).
-    pub fn overlay() -> Self {
-        LayerOptions::new(LayerType::Overlay)
+/// Refuse a writable open of a layer that was opened read-only.
+pub(crate) fn check_layer_writable(layer: &dyn Layer, mode: OpenMode) -> Result<()> {
+    if mode.is_writable() && !layer.writable() {
+        return Err(Error::from_kind(ErrorKind::ReadOnly));
     }
+    Ok(())
+}
 
-    /// A cache layer: keeps the blocks read from beneath it.
-    pub fn cache() -> Self {
-        LayerOptions::new(LayerType::Cache)
-    }
-
-    /// A layer of the given type.
-    pub fn new(layer_type: LayerType) -> Self {
-        LayerOptions {
-            layer_type,
-            format: ImageFormat::Asif,
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            overwrite: false,
-        }
-    }
-
-    /// The new layer's format (ASIF or qcow2).
-    pub fn format(mut self, format: ImageFormat) -> Self {
-        self.format = format;
-        self
-    }
-
-    /// The ASIF chunk size of the new layer.
-    pub fn chunk_size(mut self, chunk_size: u32) -> Self {
-        self.chunk_size = chunk_size;
-        self
-    }
-
-    /// Replace an existing file at the new layer's path.
-    pub fn overwrite(mut self, overwrite: bool) -> Self {
-        self.overwrite = overwrite;
-        self
-    }
+/// A description of one layer of an open image, for `info`.
+#[derive(Debug, Clone)]
+pub struct LayerDescription {
+    /// Path of the layer's file, if it has one.
+    pub path: Option<PathBuf>,
+    /// Format.
+    pub format: ImageFormat,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// Allocation unit (chunk or cluster) in bytes.
+    pub cluster_size: u64,
+    /// Layer information stored in the image.
+    pub info: LayerInfo,
+    /// Whether the layer is open for writing.
+    pub writable: bool,
+    /// Host file length in bytes.
+    pub file_size: u64,
+    /// Host bytes allocated, if known.
+    pub allocated_bytes: Option<u64>,
+    /// Format-specific details (name, value), see [`Layer::details`].
+    pub details: Vec<(&'static str, String)>,
 }
 
 /// The role a layer plays in a stack: what it records, or `Overlay` for any layer with a
@@ -95,15 +97,13 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
     if parent.layer_uuid == Some(expected) {
         return Ok(());
     }
-    let found = parent
-        .layer_uuid
-        .map_or_else(|| "none".to_owned(), |u| u.hyphenated().to_string());
+    let found = parent.layer_uuid.map_or_else(|| "none".to_owned(), uuid_text);
     let mut err = Error::new(
         ErrorKind::LayerMismatch,
         format!(
             "the layer expects parent UUID {} but its parent's layer UUID is {found} \
              (the parent was written after this layer was made, or it is the wrong file)",
-            expected.hyphenated()
+            uuid_text(expected)
         ),
     );
     if let Some(p) = child_path {
@@ -112,143 +112,292 @@ pub(crate) fn check_parent(child: &LayerInfo, parent: &LayerInfo, child_path: Op
     Err(err)
 }
 
-/// Build a stack from layers given bottom first, checking the stack rules.
-pub(crate) fn assemble(layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)>, mode: OpenMode) -> Result<DiskImage> {
-    let n = layers.len();
-    if n == 0 {
-        return Err(Error::invalid_argument("a stack needs at least one layer"));
-    }
-    let mut levels = Vec::with_capacity(n);
-    let mut paths = Vec::with_capacity(n);
-    let mut caches = 0;
-    let mut below: Option<LayerInfo> = None;
-    for (i, (layer, path)) in layers.into_iter().enumerate() {
-        let info = layer.layer_info();
-        if i == 0 && info.has_parent() {
-            return Err(Error::new(
-                ErrorKind::PolicyDenied,
-                "this layer has a parent; open it as part of a stack",
-            )
-            .with_path(path.as_deref().unwrap_or(Path::new("?"))));
-        }
-        if let Some(parent) = &below {
-            check_parent(&info, parent, path.as_deref())?;
-        }
-        let layer_type = role(&info, i > 0);
-        if layer_type == Some(LayerType::Cache) {
-            caches += 1;
-            if caches > 1 {
-                return Err(
-                    Error::new(ErrorKind::StackRule, "a stack can hold only one cache layer")
-                        .with_path(path.as_deref().unwrap_or(Path::new("?"))),
-                );
-            }
-        }
-        if i + 1 == n {
-            check_layer_writable(&*layer, mode)?;
-        }
-        below = Some(info);
-        levels.push(Level::new(layer, layer_type));
-        paths.push(path);
-    }
-    Ok(DiskImage { levels, paths, mode })
+fn uuid_text(u: Uuid) -> String {
+    u.hyphenated().to_string()
 }
 
-/// Open the layer at `path` and, through the policy, every parent beneath it.
-pub(crate) fn open_chain(path: &Path, options: &OpenOptions) -> Result<DiskImage> {
-    let writable = options.mode.is_writable();
-    let top = DiskImage::open_file_layer(path, options, writable)?;
-    let mut chain: Vec<(Arc<dyn Layer>, Option<PathBuf>)> = vec![(top, Some(path.to_path_buf()))];
-    let mut seen = HashSet::new();
-    if let Ok(p) = path.canonicalize() {
-        seen.insert(p);
-    }
-    loop {
-        let (child, child_path) = &chain[chain.len() - 1];
-        let child_path = child_path.clone().unwrap_or_default();
-        let info = child.layer_info();
-        let Some(hint) = info.parent_path.clone() else {
-            if info.parent_uuid.is_some() && chain.len() > 1 {
-                return Err(
-                    Error::corrupt("the layer records a parent UUID but no parent path")
-                        .with_path(&child_path),
-                );
+impl Stack {
+    /// Build a stack from layers given bottom first, checking the stack rules.
+    pub(crate) fn assemble(layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)>, mode: OpenMode) -> Result<Stack> {
+        let n = layers.len();
+        if n == 0 {
+            return Err(Error::invalid_argument("a stack needs at least one layer"));
+        }
+        let mut levels = Vec::with_capacity(n);
+        let mut paths = Vec::with_capacity(n);
+        let mut caches = 0;
+        let mut below: Option<LayerInfo> = None;
+        for (i, (layer, path)) in layers.into_iter().enumerate() {
+            let info = layer.layer_info();
+            if i == 0 && info.has_parent() {
+                return Err(Error::new(
+                    ErrorKind::PolicyDenied,
+                    "this layer has a parent; open it as part of a stack",
+                )
+                .with_path(path.as_deref().unwrap_or(Path::new("?"))));
             }
-            break;
-        };
-        if chain.len() >= MAX_CHAIN_DEPTH {
-            return Err(Error::new(
-                ErrorKind::StackRule,
-                format!("the chain of parents is longer than {MAX_CHAIN_DEPTH} layers"),
-            )
-            .with_path(path));
+            if let Some(parent) = &below {
+                check_parent(&info, parent, path.as_deref())?;
+            }
+            let layer_type = role(&info, i > 0);
+            if layer_type == Some(LayerType::Cache) {
+                caches += 1;
+                if caches > 1 {
+                    return Err(
+                        Error::new(ErrorKind::StackRule, "a stack can hold only one cache layer")
+                            .with_path(path.as_deref().unwrap_or(Path::new("?"))),
+                    );
+                }
+            }
+            if i + 1 == n {
+                check_layer_writable(&*layer, mode)?;
+            }
+            below = Some(info);
+            levels.push(Level::new(layer, layer_type));
+            paths.push(path);
         }
-        let parent_path = options.parents.resolve(&child_path, &hint)?;
-        if !seen.insert(parent_path.clone()) {
-            return Err(
-                Error::new(ErrorKind::StackRule, "the chain of parents loops").with_path(&parent_path)
-            );
+        Ok(Stack {
+            levels,
+            paths,
+            mode,
+            options: OpenOptions::new().mode(mode),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// An empty stack, left behind when a stack is moved out of an image.
+    pub(crate) fn empty() -> Stack {
+        Stack {
+            levels: Vec::new(),
+            paths: Vec::new(),
+            mode: OpenMode::ReadOnly,
+            options: OpenOptions::new(),
+            warnings: Vec::new(),
         }
-        let mut parent_options = OpenOptions::new();
-        if let Some(f) = info.parent_format {
-            parent_options = parent_options.format(f);
+    }
+
+    pub(crate) fn top(&self) -> &Arc<dyn Layer> {
+        &self.levels[self.levels.len() - 1].layer
+    }
+
+    /// The top layer's type; `None` for a standalone image.
+    pub(crate) fn layer_type(&self) -> Option<LayerType> {
+        self.levels[self.levels.len() - 1].layer_type
+    }
+
+    /// The path of the top layer's file, if any.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.paths.last().and_then(|p| p.as_deref())
+    }
+
+    /// The size of the virtual disk (the top layer's).
+    pub(crate) fn size(&self) -> u64 {
+        self.top().size()
+    }
+
+    /// The block size (the top layer's).
+    pub(crate) fn block_size(&self) -> u32 {
+        self.top().block_size()
+    }
+
+    /// The ASIF chunk size of the top layer, if it is ASIF.
+    pub(crate) fn top_layer_chunk_size(&self) -> Option<u32> {
+        match self.top().format() {
+            ImageFormat::Asif => u32::try_from(self.top().cluster_size()).ok(),
+            _ => None,
         }
-        if let Some(bs) = options.block_size {
-            parent_options = parent_options.raw_block_size(bs);
+    }
+
+    /// Describe every layer, top first.
+    pub(crate) fn describe_layers(&self) -> Result<Vec<LayerDescription>> {
+        let mut out = Vec::new();
+        for (level, path) in self.levels.iter().zip(&self.paths).rev() {
+            let layer = &level.layer;
+            out.push(LayerDescription {
+                path: path.clone(),
+                format: layer.format(),
+                size: layer.size(),
+                block_size: layer.block_size(),
+                cluster_size: layer.cluster_size(),
+                info: layer.layer_info(),
+                writable: layer.writable(),
+                file_size: layer.storage().len()?,
+                allocated_bytes: layer.allocated_bytes()?,
+                details: layer.details(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(Error::out_of_bounds(format!(
+                "range {offset}+{len} is past the end of the disk ({} bytes)",
+                self.size()
+            ))),
+        }
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.mode.is_writable() {
+            Ok(())
         } else {
-            parent_options = parent_options.raw_block_size(child.block_size());
+            Err(Error::from_kind(ErrorKind::ReadOnly))
         }
-        let parent = DiskImage::open_parent_layer(&parent_path, &parent_options)?;
-        chain.push((parent, Some(parent_path)));
     }
-    chain.reverse();
-    assemble(chain, options.mode)
-}
 
-impl DiskImage {
-    /// Append a new, empty layer stored at `path` on top of this stack (DiskImageKit's
-    /// `appending(.asifLayer(url:, type:))` for a layer that does not exist yet). The layer
-    /// records the current top's layer UUID and a path to it relative to the new file.
-    /// The stack is open read-write afterwards; on error it is unchanged.
-    pub fn append_new(&mut self, path: impl AsRef<Path>, options: &LayerOptions) -> Result<()> {
-        let path = path.as_ref();
+    /// Read `buf.len()` bytes at `offset`.
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        io::read_level(&self.levels, self.levels.len() - 1, buf, offset, true)
+            .map_err(|e| e.with_operation("reading").with_offset(offset))
+    }
+
+    /// Write `buf` at `offset`.
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.top().begin_modification()?;
+        io::write_level(&self.levels, self.levels.len() - 1, buf, offset)
+            .map_err(|e| e.with_operation("writing").with_offset(offset))
+    }
+
+    /// Make `[offset, offset + len)` read as zeroes.
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.top().begin_modification()?;
+        io::zero_top(&self.levels, offset, len, unmap)
+            .map_err(|e| e.with_operation("writing zeroes").with_offset(offset))
+    }
+
+    /// Make every completed write durable.
+    pub(crate) fn flush(&self) -> Result<()> {
+        for level in self.levels.iter().filter(|l| l.layer.writable()) {
+            level.layer.flush().map_err(|e| e.with_operation("flushing"))?;
+        }
+        Ok(())
+    }
+
+    /// Change the virtual size (see `DiskImage::resize`).
+    pub(crate) fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let bs = u64::from(self.block_size());
+        if new_size == 0 || new_size % bs != 0 {
+            return Err(Error::invalid_argument(format!(
+                "size must be a non-zero multiple of the block size {bs}"
+            )));
+        }
+        let old = self.size();
+        if new_size == old {
+            return Ok(());
+        }
+        self.top().begin_modification()?;
+        self.top().resize(new_size)?;
+        if new_size > old && self.levels.len() > 1 {
+            let below = self.levels[..self.levels.len() - 1]
+                .iter()
+                .map(|l| l.layer.size())
+                .max()
+                .unwrap_or(0);
+            let end = new_size.min(below);
+            if end > old {
+                io::zero_top(&self.levels, old, end - old, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The status of the run that starts at `offset`, at most `len` bytes long.
+    pub(crate) fn status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Err(Error::invalid_argument("status of an empty range"));
+        }
+        io::status(&self.levels, offset, len)
+    }
+
+    /// Call `f` for each run of `[offset, offset + len)` in order (not merged).
+    pub(crate) fn for_each_extent(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Extent) -> Result<()>,
+    ) -> Result<()> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let e = io::status(&self.levels, pos, end - pos)?;
+            pos += e.length;
+            f(e)?;
+        }
+        Ok(())
+    }
+
+    /// Append a new, empty layer stored at `path` on top of this stack.
+    pub(crate) fn append_new(&mut self, path: &Path, options: &LayerOptions) -> Result<()> {
         self.check_can_append(options.layer_type)?;
         self.flush()?;
-        let info = self.new_layer_info(options.layer_type, Some(path))?;
+        let top = self.levels.len() - 1;
+        let parent_path = self.path().map(Path::to_path_buf);
+        let layer = self.create_layer_file(path, top, parent_path.as_deref(), options)?;
+        self.push_layer(layer, Some(path.to_path_buf()), OpenMode::ReadWrite)
+    }
+
+    /// Create a new, empty layer file at `path` (under a temporary name, renamed into place,
+    /// replacing what is there only with [`LayerOptions::overwrite`]) over the layer at
+    /// `parent` (found at `parent_path`), and open it for writing. The new file is locked from
+    /// the moment it exists.
+    pub(crate) fn create_layer_file(
+        &self,
+        path: &Path,
+        parent: usize,
+        parent_path: Option<&Path>,
+        options: &LayerOptions,
+    ) -> Result<Arc<dyn Layer>> {
+        let below = &self.levels[parent].layer;
+        let info = LayerInfo {
+            layer_type: Some(options.layer_type),
+            parent_uuid: below.layer_info().layer_uuid,
+            parent_path: parent_path.map(|p| parent_hint(path, p)).transpose()?,
+            parent_format: Some(below.format()),
+            ..LayerInfo::default()
+        };
         let pending = PendingFile::new(path, options.overwrite)?;
+        let temp = Arc::new(FileStorage::create_in(&pending)?);
         {
-            let storage: Arc<dyn Storage> = Arc::new(FileStorage::create_new(pending.temp_path())?);
-            let layer = self
-                .create_child_layer(storage, options, &info)
+            let layer = create_child_layer(temp.clone(), options, &info, below.size(), below.block_size())
                 .map_err(|e| e.with_path(path))?;
             layer.flush()?;
         }
         pending.persist()?;
-        let layer = DiskImage::open_file_layer(path, &OpenOptions::new().format(options.format), true)?;
-        self.push_layer(layer, Some(path.to_path_buf()), OpenMode::ReadWrite)
+        let storage: Arc<dyn Storage> = Arc::new(temp.renamed_to(path)?);
+        drop(temp);
+        let open = OpenOptions::new().format(options.format);
+        open::open_layer_with(storage, &open, &crate::layer::Access::ReadWrite).map_err(|e| e.with_path(path))
     }
 
-    /// Append a new, empty layer on any storage (memory, a custom backend). The layer records
-    /// the parent's UUID but no parent path.
-    pub fn append_new_on(&mut self, storage: Arc<dyn Storage>, options: &LayerOptions) -> Result<()> {
+    /// Append a new, empty layer on any storage; it records the parent's UUID but no path.
+    pub(crate) fn append_new_on(&mut self, storage: Arc<dyn Storage>, options: &LayerOptions) -> Result<()> {
         self.check_can_append(options.layer_type)?;
         self.flush()?;
         let info = self.new_layer_info(options.layer_type, None)?;
-        let layer = self.create_child_layer(storage, options, &info)?;
+        let top = self.top();
+        let layer = create_child_layer(storage, options, &info, top.size(), top.block_size())?;
         layer.flush()?;
         self.push_layer(layer, None, OpenMode::ReadWrite)
     }
 
-    /// Append an existing layer file on top of this stack (DiskImageKit's `appending` for a
-    /// layer that exists). Its recorded parent UUID must match the current top's layer UUID.
-    pub fn append_existing(&mut self, path: impl AsRef<Path>, options: &OpenOptions) -> Result<()> {
-        let path = path.as_ref();
-        let layer = DiskImage::open_file_layer(path, options, options.mode.is_writable())?;
-        self.append_layer(layer, Some(path.to_path_buf()), options.mode)
-    }
-
     /// Append an opened layer on top of this stack, checking the stack rules.
-    pub fn append_layer(
+    pub(crate) fn append_layer(
         &mut self,
         layer: Arc<dyn Layer>,
         path: Option<PathBuf>,
@@ -257,7 +406,7 @@ impl DiskImage {
         let info = layer.layer_info();
         let kind = info.layer_type.unwrap_or(LayerType::Overlay);
         self.check_can_append(kind)?;
-        check_parent(&info, &self.top_layer().layer_info(), path.as_deref())?;
+        check_parent(&info, &self.top().layer_info(), path.as_deref())?;
         self.push_layer(layer, path, mode)
     }
 
@@ -278,8 +427,12 @@ impl DiskImage {
     }
 
     /// The layer information a new child of the current top records.
-    fn new_layer_info(&self, layer_type: LayerType, child_path: Option<&Path>) -> Result<LayerInfo> {
-        let top = self.top_layer();
+    pub(crate) fn new_layer_info(
+        &self,
+        layer_type: LayerType,
+        child_path: Option<&Path>,
+    ) -> Result<LayerInfo> {
+        let top = self.top();
         let parent_path = match (child_path, self.path()) {
             (Some(child), Some(parent)) => Some(parent_hint(child, parent)?),
             _ => None,
@@ -293,27 +446,15 @@ impl DiskImage {
         })
     }
 
-    fn create_child_layer(
-        &self,
-        storage: Arc<dyn Storage>,
-        options: &LayerOptions,
-        info: &LayerInfo,
-    ) -> Result<Arc<dyn Layer>> {
-        if options.format == ImageFormat::Raw {
-            return Err(Error::invalid_argument(
-                "a RAW image cannot be a layer (it cannot tell absent blocks from zeroes)",
-            ));
-        }
-        let create = CreateOptions::new(options.format, self.size())
-            .block_size(self.block_size())
-            .chunk_size(options.chunk_size);
-        create.validate()?;
-        let layer = create_layer(storage, &create)?;
-        layer.set_layer_info(info)?;
-        Ok(layer)
-    }
-
     fn push_layer(&mut self, layer: Arc<dyn Layer>, path: Option<PathBuf>, mode: OpenMode) -> Result<()> {
+        // The old top becomes a parent: nothing writes it any more (a cache still fills).
+        let old_top = &self.levels[self.levels.len() - 1];
+        let old_storage = old_top.layer.storage();
+        if old_top.layer_type != Some(LayerType::Cache)
+            && old_storage.permissions().is_some_and(|p| p.writes())
+        {
+            old_storage.set_permissions(crate::storage::Permissions::reader())?;
+        }
         let mut layers: Vec<(Arc<dyn Layer>, Option<PathBuf>)> = self
             .levels
             .iter()
@@ -321,17 +462,37 @@ impl DiskImage {
             .map(|(level, p)| (level.layer.clone(), p.clone()))
             .collect();
         layers.push((layer, path));
-        *self = assemble(layers, mode)?;
+        let options = self.options.clone().mode(mode);
+        let warnings = std::mem::take(&mut self.warnings);
+        *self = Stack::assemble(layers, mode)?;
+        self.options = options;
+        self.warnings = warnings;
         Ok(())
     }
 
-    /// The path of each layer, bottom first.
-    pub fn layer_paths(&self) -> Vec<Option<PathBuf>> {
-        self.paths.clone()
-    }
-
     /// The type of each layer, bottom first (`None` for the base).
-    pub fn layer_types(&self) -> Vec<Option<LayerType>> {
+    pub(crate) fn layer_types(&self) -> Vec<Option<LayerType>> {
         self.levels.iter().map(|l| l.layer_type).collect()
     }
+}
+
+/// A new layer on `storage` of `size` bytes in blocks of `block_size`, recording `info`.
+fn create_child_layer(
+    storage: Arc<dyn Storage>,
+    options: &LayerOptions,
+    info: &LayerInfo,
+    size: u64,
+    block_size: u32,
+) -> Result<Arc<dyn Layer>> {
+    if options.format == ImageFormat::Raw {
+        return Err(Error::invalid_argument(
+            "a RAW image cannot be a layer (it cannot tell absent blocks from zeroes)",
+        ));
+    }
+    let create = CreateOptions::new(options.format, size)
+        .block_size(block_size)
+        .chunk_size(options.chunk_size);
+    let layer = crate::formats::create(storage, &create)?;
+    layer.set_layer_info(info)?;
+    Ok(layer)
 }

@@ -4,19 +4,79 @@
 //! (`/etc/shadow`, a device, another user's disk). diskkit therefore follows a parent only
 //! through an explicit [`ParentPolicy`]. The library default denies every parent; the CLI allows
 //! parents in the child's own directory and in directories the user names.
+//!
+//! Parents that are not local files (a URL a remote base is found at, say) are opened through
+//! the same policy by a [`ParentResolver`] the caller supplies: it turns the name a layer
+//! records into a [`Storage`] of its choosing, and the stack opens the parent from that
+//! storage like any other (locked as the storage allows, checked against the recorded UUID).
+//! This crate has no network code; resolvers live in the crates that do.
 
+use std::fmt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::output::containing_dir;
+use crate::storage::Storage;
+
+/// Where a layer of a stack comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LayerLocation {
+    /// A local file.
+    File(PathBuf),
+    /// Anything a [`ParentResolver`] opened (a URL, an object name).
+    Other(String),
+}
+
+impl fmt::Display for LayerLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LayerLocation::File(p) => write!(f, "{}", p.display()),
+            LayerLocation::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A parent a [`ParentResolver`] opened.
+#[derive(Debug)]
+pub struct ResolvedParent {
+    /// The parent image's bytes.
+    pub storage: Arc<dyn Storage>,
+    /// Where it is: the names its own parent hints give are resolved against this.
+    pub location: LayerLocation,
+}
+
+/// Opens parents that are not local files, for a [`ParentPolicy`].
+pub trait ParentResolver: Send + Sync + fmt::Debug {
+    /// The parent named `hint` by the layer at `child`: `Ok(None)` when this resolver does not
+    /// handle such names (the file rules of the policy decide then), the parent's storage and
+    /// location when it does, an error when it refuses or fails.
+    fn resolve(&self, child: &LayerLocation, hint: &str) -> Result<Option<ResolvedParent>>;
+}
 
 /// Which parent files may be opened while following a stack's chain.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ParentPolicy {
     same_directory: bool,
     directories: Vec<PathBuf>,
     any: bool,
+    resolver: Option<Arc<dyn ParentResolver>>,
 }
+
+impl PartialEq for ParentPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.same_directory == other.same_directory
+            && self.directories == other.directories
+            && self.any == other.any
+            && match (&self.resolver, &other.resolver) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+}
+
+impl Eq for ParentPolicy {}
 
 impl ParentPolicy {
     /// Follow no parent: opening a layer that names one fails (the library default).
@@ -47,8 +107,24 @@ impl ParentPolicy {
         self
     }
 
+    /// Also open parents through `resolver` (asked first, for every parent name).
+    pub fn with_resolver(mut self, resolver: Arc<dyn ParentResolver>) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    /// The resolver, if any.
+    pub fn resolver(&self) -> Option<&Arc<dyn ParentResolver>> {
+        self.resolver.as_ref()
+    }
+
     /// Whether this policy can follow any parent at all.
     pub fn allows_parents(&self) -> bool {
+        self.allows_files() || self.resolver.is_some()
+    }
+
+    /// Whether this policy can follow parent files.
+    fn allows_files(&self) -> bool {
         self.any || self.same_directory || !self.directories.is_empty()
     }
 
@@ -62,7 +138,7 @@ impl ParentPolicy {
             )
             .with_path(child)
         };
-        if !self.allows_parents() {
+        if !self.allows_files() {
             return Err(denied(
                 "parents are only opened through an explicit policy (CLI: the same directory, \
                  --allow-parent-dir DIR or --allow-any-parent)"

@@ -4,18 +4,45 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 
-use super::{write_zero_bytes, Storage, StorageExtent};
+use super::lock::ImageLock;
+use super::{write_zero_bytes, Permissions, Storage, StorageExtent};
 use crate::error::{Error, ErrorKind, Result, ResultExt};
 
 /// A regular file (or block device) used positionally.
+///
+/// A sync with nothing written since the last one costs nothing (no `fdatasync`). A sync that
+/// fails makes every later one fail too: Linux may drop the pages it could not write back and
+/// report success next time, so the data's durability can no longer be promised.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     writable: bool,
+    durability: Durability,
+    /// The image lock, shared with the storages [`Storage::reopen`] makes.
+    lock: Option<Arc<ImageLock>>,
+}
+
+/// What [`FileStorage::sync`] knows about writes since the last sync.
+#[derive(Debug, Default)]
+struct Durability {
+    /// Changes made (writes, size changes, holes) so far.
+    changes: AtomicU64,
+    /// The value of `changes` that the last successful sync covered.
+    synced: AtomicU64,
+    /// A sync failed: the page cache may have lost writes.
+    failed: AtomicBool,
+}
+
+impl Durability {
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::Release);
+    }
 }
 
 impl FileStorage {
@@ -36,7 +63,19 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writable,
+            durability: Durability::default(),
+            lock: None,
         })
+    }
+
+    /// Open an existing file and lock it with `perms` (QEMU's lock bytes), or without a lock
+    /// when `perms` is `None`. Fails with [`ErrorKind::Locked`] when the image is in use.
+    pub fn open_locked(path: impl AsRef<Path>, writable: bool, perms: Option<Permissions>) -> Result<Self> {
+        let mut storage = FileStorage::open(path, writable)?;
+        if let Some(perms) = perms {
+            storage.lock = ImageLock::acquire(&storage.file, &storage.path, perms)?.map(Arc::new);
+        }
+        Ok(storage)
     }
 
     /// Create a new file; fails if it exists.
@@ -49,10 +88,28 @@ impl FileStorage {
             .open(path)
             .map_err(Error::io)
             .path_context(path)?;
+        // Nobody else can have the new file open yet; the lock shows it is being written.
+        let lock = ImageLock::acquire(&file, path, Permissions::writer())?.map(Arc::new);
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
             writable: true,
+            durability: Durability::default(),
+            lock,
+        })
+    }
+
+    /// The temporary file of `pending`, for writing a new image into (locked as a writer).
+    pub fn create_in(pending: &crate::output::PendingFile) -> Result<Self> {
+        let path = pending.temp_path();
+        let file = pending.file()?;
+        let lock = ImageLock::acquire(&file, path, Permissions::writer())?.map(Arc::new);
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+            writable: true,
+            durability: Durability::default(),
+            lock,
         })
     }
 
@@ -62,13 +119,15 @@ impl FileStorage {
             file,
             path: path.as_ref().to_path_buf(),
             writable,
+            durability: Durability::default(),
+            lock: None,
         }
     }
 
-    /// The same file opened again for writing. Fails if the file cannot be opened for writing
-    /// or if `path` now names another file.
+    /// The same file opened again for writing, sharing this storage's lock. Fails if the
+    /// file cannot be opened for writing or if `path` now names another file.
     pub fn reopen_writable(&self) -> Result<FileStorage> {
-        let rw = FileStorage::open(&self.path, true)?;
+        let mut rw = FileStorage::open(&self.path, true)?;
         let id = |f: &File| {
             f.metadata()
                 .map(|m| (m.dev(), m.ino()))
@@ -82,7 +141,40 @@ impl FileStorage {
             )
             .with_path(&self.path));
         }
+        rw.lock = self.lock.clone();
         Ok(rw)
+    }
+
+    /// The same open file (and lock), known by `path` from now on: after the file was renamed.
+    pub fn renamed_to(&self, path: impl AsRef<Path>) -> Result<FileStorage> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(Error::io)
+            .path_context(&self.path)?;
+        Ok(FileStorage {
+            file,
+            path: path.as_ref().to_path_buf(),
+            writable: self.writable,
+            durability: Durability::default(),
+            lock: self.lock.clone(),
+        })
+    }
+
+    /// The same open file, read-only, sharing this storage's lock.
+    pub fn reopen_read_only(&self) -> Result<FileStorage> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(Error::io)
+            .path_context(&self.path)?;
+        Ok(FileStorage {
+            file,
+            path: self.path.clone(),
+            writable: false,
+            durability: Durability::default(),
+            lock: self.lock.clone(),
+        })
     }
 
     /// The underlying file.
@@ -99,7 +191,9 @@ impl FileStorage {
     }
 
     fn fallocate(&self, flags: FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
-        rustix::fs::fallocate(&self.file, flags, offset, len).map_err(io::Error::from)
+        let result = rustix::fs::fallocate(&self.file, flags, offset, len).map_err(io::Error::from);
+        self.durability.changed();
+        result
     }
 }
 
@@ -134,7 +228,9 @@ impl Storage for FileStorage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_writable()?;
-        self.file.write_all_at(buf, offset).map_err(|e| {
+        let result = self.file.write_all_at(buf, offset);
+        self.durability.changed();
+        result.map_err(|e| {
             Error::io(e)
                 .with_path(&self.path)
                 .with_operation("writing")
@@ -144,9 +240,9 @@ impl Storage for FileStorage {
 
     fn set_len(&self, len: u64) -> Result<()> {
         self.check_writable()?;
-        self.file
-            .set_len(len)
-            .map_err(|e| Error::io(e).with_path(&self.path).with_operation("resizing"))
+        let result = self.file.set_len(len);
+        self.durability.changed();
+        result.map_err(|e| Error::io(e).with_path(&self.path).with_operation("resizing"))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
@@ -190,9 +286,29 @@ impl Storage for FileStorage {
         if !self.writable {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(e).with_path(&self.path).with_operation("syncing"))
+        let d = &self.durability;
+        if d.failed.load(Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier sync of this file failed, so writes since then may be lost",
+            )
+            .with_path(&self.path)
+            .with_operation("syncing"));
+        }
+        let changes = d.changes.load(Ordering::Acquire);
+        if changes == d.synced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                d.synced.fetch_max(changes, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                d.failed.store(true, Ordering::Release);
+                Err(Error::io(e).with_path(&self.path).with_operation("syncing"))
+            }
+        }
     }
 
     fn extent(&self, offset: u64) -> Result<StorageExtent> {
@@ -264,5 +380,24 @@ impl Storage for FileStorage {
 
     fn read_only(&self) -> bool {
         !self.writable
+    }
+
+    fn set_permissions(&self, perms: Permissions) -> Result<()> {
+        match &self.lock {
+            Some(lock) => lock.change(perms),
+            None => Ok(()),
+        }
+    }
+
+    fn permissions(&self) -> Option<Permissions> {
+        self.lock.as_ref().map(|l| l.permissions())
+    }
+
+    fn reopen(&self, writable: bool) -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(if writable {
+            self.reopen_writable()?
+        } else {
+            self.reopen_read_only()?
+        }))
     }
 }

@@ -20,6 +20,8 @@ pub enum Fault {
     /// Fail every sync after this many more succeed (a power cut in the middle of a flush,
     /// when combined with [`MemStorage::crash`]).
     SyncsAfter(u64),
+    /// Panic in the write after this many more succeed (a bug in the middle of a change).
+    PanicAfterWrites(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -178,15 +180,31 @@ fn sectors(p: &Pending) -> Vec<(u64, &[u8])> {
 
 fn check_fault_write(st: &mut State) -> Result<()> {
     st.writes += 1;
+    let mut panic_now = false;
     for f in &mut st.faults {
-        if let Fault::WritesAfter(n) = f {
-            if *n == 0 {
-                return Err(Error::new(ErrorKind::Io, "injected write fault"));
+        match f {
+            Fault::WritesAfter(0) => return Err(Error::new(ErrorKind::Io, "injected write fault")),
+            Fault::WritesAfter(n) => *n -= 1,
+            Fault::PanicAfterWrites(0) => {
+                *f = Fault::PanicAfterWrites(u64::MAX);
+                panic_now = true;
             }
-            *n -= 1;
+            Fault::PanicAfterWrites(n) => *n -= 1,
+            _ => {}
         }
     }
+    if panic_now {
+        return Err(Error::new(ErrorKind::Failed, "panic"));
+    }
     Ok(())
+}
+
+/// Panic (outside the storage's own lock) if `r` asks for it.
+fn panic_if_asked(r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.kind() == ErrorKind::Failed => panic!("injected panic in a storage write"),
+        r => r,
+    }
 }
 
 impl Storage for MemStorage {
@@ -217,8 +235,11 @@ impl Storage for MemStorage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut st = self.lock();
-        MemStorage::write_locked(&mut st, offset, buf)
+        let r = {
+            let mut st = self.lock();
+            MemStorage::write_locked(&mut st, offset, buf)
+        };
+        panic_if_asked(r)
     }
 
     fn set_len(&self, len: u64) -> Result<()> {

@@ -4,12 +4,15 @@
 //! many threads without a seek position.
 
 mod file;
+mod lock;
 mod mem;
 
 use std::fmt::Debug;
 use std::path::Path;
+use std::sync::Arc;
 
 pub use file::FileStorage;
+pub use lock::{Perm, Permissions};
 pub use mem::{Fault, MemStorage};
 
 use crate::error::Result;
@@ -82,6 +85,29 @@ pub trait Storage: Send + Sync + Debug {
     fn read_only(&self) -> bool {
         false
     }
+
+    /// Change what this storage's image lock holds and shares (QEMU's lock bytes on files,
+    /// see [`Permissions`]); fails with [`crate::ErrorKind::Locked`] when another open
+    /// conflicts, keeping the old permissions. Storages without locks accept anything.
+    fn set_permissions(&self, perms: Permissions) -> Result<()> {
+        let _ = perms;
+        Ok(())
+    }
+
+    /// The permissions this storage's image lock holds, if it has one.
+    fn permissions(&self) -> Option<Permissions> {
+        None
+    }
+
+    /// The same storage opened again, writable or read-only, sharing this one's lock. Used to
+    /// make a parent writable (a cache layer, the target of a commit) and a top read-only (a
+    /// frozen snapshot) without ever letting go of the lock.
+    fn reopen(&self, writable: bool) -> Result<Arc<dyn Storage>> {
+        let _ = writable;
+        Err(crate::error::Error::unsupported(
+            "this storage cannot be opened again",
+        ))
+    }
 }
 
 /// Writes `len` zero bytes at `offset` with plain writes, in bounded pieces.
@@ -95,4 +121,32 @@ pub(crate) fn write_zero_bytes(storage: &dyn Storage, mut offset: u64, len: u64)
         offset += n as u64;
     }
     Ok(())
+}
+
+/// Whether every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut blocks = buf.chunks_exact(64);
+    let all_blocks = blocks.by_ref().all(|block| {
+        // OR eight words at a time; the compiler vectorises this.
+        block.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+        }) == 0
+    });
+    all_blocks && blocks.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 1000]));
+        for i in 0..200 {
+            let mut v = vec![0u8; 200];
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+        }
+    }
 }

@@ -58,11 +58,7 @@ fn write_output(
 ) -> Result<(PathBuf, u64)> {
     let dest = dir.join(name);
     let pending = PendingFile::new(&dest, overwrite)?;
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(pending.temp_path())
-        .map_err(|e| Error::io(e).with_path(pending.temp_path()))?;
+    let file = pending.file()?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let n = f(&mut w)?;
     let file = w

@@ -200,7 +200,7 @@ impl Metadata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::options::{ImageFormat, LayerType};
+    use crate::layer::{ImageFormat, LayerType};
 
     #[test]
     fn round_trip() {

@@ -4,6 +4,14 @@
 //! diskkit keeps it crash-consistent. Layer information is kept in the metadata block's
 //! `internal metadata` dictionary; the header UUID is the layer UUID and changes the first time
 //! an opened image is modified.
+//!
+//! # Concurrency
+//!
+//! The in-memory metadata ([`state::State`]) is behind one lock that is only ever held for
+//! in-memory work: tables and bitmaps are read from disk without it (and kept only if nothing
+//! changed meanwhile), commits write a snapshot taken under it, and data goes to the file under
+//! [`RangeLocks`] guards (see [`crate::layer::write`]). Commits, layer-information changes and
+//! resizes are serialised among themselves; header writes and growing the file likewise.
 
 mod entry;
 mod geometry;
@@ -13,7 +21,7 @@ mod state;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use uuid::Uuid;
 
@@ -21,11 +29,13 @@ use self::entry::{ChunkState, Entry};
 use self::geometry::Geometry;
 use self::header::{Header, HEADER_SIZE};
 use self::metadata::Metadata;
-use self::state::{read_padded, Directory, State, MAX_DIRTY_BITMAPS};
+use self::state::{read_padded, Directory, Need, Reserved, State, Step};
 use crate::error::{Error, ErrorKind, Result};
-use crate::layer::{Access, Allocation, Layer, LayerInfo, WritePlan};
+use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
+use crate::layer::health::Held;
+use crate::layer::write::{write_through, Allocator, RangeLocks, Reservation, WritePlan};
+use crate::layer::{Access, Health, ImageFormat, Layer, LayerInfo, Write, WriteMode, Zeroing};
 use crate::mapping::Mapping;
-use crate::options::ImageFormat;
 use crate::storage::Storage;
 
 /// The magic at offset 0 of an ASIF file.
@@ -33,6 +43,35 @@ pub const MAGIC: &[u8; 4] = b"shdw";
 
 /// Apple's maximum virtual size: 4 PiB.
 const APPLE_MAX_BYTES: u64 = 1 << 52;
+
+/// The ASIF driver.
+pub(crate) static DRIVER: Driver = Driver;
+
+/// See [`DRIVER`].
+pub(crate) struct Driver;
+
+impl FormatDriver for Driver {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Asif
+    }
+
+    fn recognises(&self, head: &[u8]) -> bool {
+        head.starts_with(MAGIC)
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, how: &LayerOpen<'_>) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(AsifImage::open_with(storage, how.access)?))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(AsifImage::create(
+            storage,
+            options.size,
+            options.block_size,
+            options.chunk_size,
+        )?))
+    }
+}
 
 /// An ASIF image.
 #[derive(Debug)]
@@ -44,13 +83,35 @@ pub struct AsifImage {
     /// Set once the layer UUID has been renewed for this open.
     modified: AtomicBool,
     size: AtomicU64,
+    health: Health,
+    locks: RangeLocks,
+    /// Serialises commits, layer-information changes and resizes.
+    flush_lock: Mutex<()>,
+    /// Serialises header writes.
+    header_lock: Mutex<()>,
+    /// Serialises growing the file.
+    grow_lock: Mutex<()>,
+    /// A length the file is known to have reached.
+    grown: AtomicU64,
 }
 
-/// What a lookup could not answer without loading more metadata.
-#[derive(Clone, Copy)]
-enum Need {
-    Table(u64),
-    Bitmap(u64),
+/// What a zeroing step does after changing the state.
+enum ZeroStep {
+    /// Nothing more.
+    Done,
+    /// Punch out (or write zeroes over) the bytes, in place.
+    Storage { host: u64, len: u64, unmap: bool },
+    /// Punch out the bytes, then mark blocks `[b0, b1)` of global chunk `gc` present.
+    StorageThenMark {
+        host: u64,
+        len: u64,
+        unmap: bool,
+        gc: u64,
+        blocks: (u64, u64),
+    },
+    /// Grow the file over `chunk`, then mark blocks `[b0, b1)` of global chunk `gc` present
+    /// (a fresh chunk that hides the parent for part of a chunk).
+    GrowThenMark { chunk: u64, gc: u64, blocks: (u64, u64) },
 }
 
 impl AsifImage {
@@ -124,6 +185,7 @@ impl AsifImage {
             fresh: HashSet::new(),
             metadata: None,
             dirty: false,
+            generation: 0,
         };
         for (t, &host) in st.dir.iter().enumerate() {
             if host != 0 && (host < first_chunk || host >= st.chunk_limit()) {
@@ -141,6 +203,12 @@ impl AsifImage {
             state: RwLock::new(st),
             modified: AtomicBool::new(false),
             size: AtomicU64::new(size),
+            health: Health::new(),
+            locks: RangeLocks::new(),
+            flush_lock: Mutex::new(()),
+            header_lock: Mutex::new(()),
+            grow_lock: Mutex::new(()),
+            grown: AtomicU64::new(file_len),
         };
         image.load_metadata()?;
         let layer_type = image.layer_info().layer_type;
@@ -150,6 +218,11 @@ impl AsifImage {
             match st.scan_used(&*storage) {
                 Ok(used) => {
                     st.set_free_from_used(&used);
+                    // A free chunk is handed out as reading zeroes: punch them all out now
+                    // (leaving out any that cannot be).
+                    let k = geo.chunk_size;
+                    st.free
+                        .retain(|&(a, b)| storage.punch_hole(a * k, (b - a) * k).is_ok());
                     image.storage = storage;
                     image.writable = true;
                 }
@@ -219,15 +292,21 @@ impl AsifImage {
         AsifImage::open(storage, true)
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+    fn read_state(&self) -> Result<Held<'_, RwLockReadGuard<'_, State>>> {
+        self.health.read(&self.state)
+    }
+
+    fn write_state(&self) -> Result<Held<'_, RwLockWriteGuard<'_, State>>> {
+        self.health.write(&self.state)
+    }
+
+    /// The state for accessors that cannot fail (a failed image still answers them).
+    fn peek_state(&self) -> RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn check_writable(&self) -> Result<()> {
+        self.health.check()?;
         if self.writable {
             Ok(())
         } else {
@@ -235,20 +314,41 @@ impl AsifImage {
         }
     }
 
-    /// Load whatever `need` names.
+    /// Load what `need` names, reading without the state lock. The bytes are kept only if
+    /// nothing was dropped from memory meanwhile (the caller asks again either way).
     fn load(&self, need: Need) -> Result<()> {
-        let mut st = self.write_state();
+        let (at, len, generation) = {
+            let st = self.read_state()?;
+            let (at, len) = match need {
+                Need::Table(t) if st.tables.contains_key(&t) => return Ok(()),
+                Need::Bitmap(gc) if st.bitmaps.contains_key(&gc) => return Ok(()),
+                Need::Table(t) => st.table_location(t)?,
+                Need::Bitmap(gc) => st.bitmap_location(gc)?,
+            };
+            (at, len, st.generation)
+        };
+        let mut bytes = vec![0u8; len];
+        read_padded(&*self.storage, &mut bytes, at, self.storage.len()?)?;
+        let mut st = self.write_state()?;
+        if st.generation != generation {
+            return Ok(());
+        }
         match need {
-            Need::Table(t) => st.load_table(&*self.storage, t),
-            Need::Bitmap(gc) => st.load_bitmap(&*self.storage, gc),
+            Need::Table(t) => st
+                .insert_table(t, at, &bytes)
+                .map_err(|e| e.with_operation("loading a table")),
+            Need::Bitmap(gc) => {
+                st.insert_bitmap(gc, bytes);
+                Ok(())
+            }
         }
     }
 
     /// Run `f` on the state, loading tables and bitmaps it asks for.
-    fn with_loaded<T>(&self, mut f: impl FnMut(&State) -> Result<std::result::Result<T, Need>>) -> Result<T> {
+    fn with_loaded<T>(&self, mut f: impl FnMut(&State) -> Result<Step<T>>) -> Result<T> {
         loop {
             let need = {
-                let st = self.read_state();
+                let st = self.read_state()?;
                 match f(&st)? {
                     Ok(v) => return Ok(v),
                     Err(need) => need,
@@ -258,8 +358,39 @@ impl AsifImage {
         }
     }
 
+    /// Change the state with `f`, loading tables and bitmaps it asks for first. `f` must ask
+    /// for everything it needs before it changes anything (it runs again after a load).
+    fn mutate<T>(&self, mut f: impl FnMut(&mut State) -> Result<Step<T>>) -> Result<T> {
+        loop {
+            let need = {
+                let mut st = self.write_state()?;
+                match f(&mut st)? {
+                    Ok(v) => return Ok(v),
+                    Err(need) => need,
+                }
+            };
+            self.load(need)?;
+        }
+    }
+
+    /// Make sure the file is at least `end` bytes long before anything is written up to there.
+    /// Every write past the current end goes through here first, so growing never cuts off
+    /// data another thread wrote.
+    fn ensure_len(&self, end: u64) -> Result<()> {
+        if self.grown.load(Ordering::Acquire) >= end {
+            return Ok(());
+        }
+        let _grow = self.health.lock(&self.grow_lock)?;
+        let len = self.storage.len()?;
+        if len < end {
+            self.storage.set_len(end)?;
+        }
+        self.grown.fetch_max(len.max(end), Ordering::AcqRel);
+        Ok(())
+    }
+
     /// The logical (uncapped by the disk size) mapping at `offset`.
-    fn lookup(st: &State, offset: u64, len: u64) -> Result<std::result::Result<(Mapping, u64), Need>> {
+    fn lookup(st: &State, offset: u64, len: u64) -> Result<Step<(Mapping, u64)>> {
         let geo = &st.geo;
         let k = geo.chunk_size;
         let (t, c) = geo.locate(offset);
@@ -352,7 +483,7 @@ impl AsifImage {
     }
 
     fn load_metadata(&self) -> Result<()> {
-        let meta_chunk = self.read_state().header.metadata_chunk();
+        let meta_chunk = self.read_state()?.header.metadata_chunk();
         if meta_chunk == 0 {
             return Ok(());
         }
@@ -367,13 +498,13 @@ impl AsifImage {
         self.read_logical(meta_chunk * k, &mut block)?;
         let meta = Metadata::parse(&block)?;
         meta.layer_info()?;
-        self.write_state().metadata = Some(meta);
+        self.write_state()?.metadata = Some(meta);
         Ok(())
     }
 
     /// The stable UUID from the metadata.
     pub fn stable_uuid(&self) -> Option<Uuid> {
-        self.read_state()
+        self.peek_state()
             .metadata
             .as_ref()
             .and_then(|m| m.layer_info().ok())
@@ -382,7 +513,7 @@ impl AsifImage {
 
     /// The maximum sector count from the header.
     pub fn max_sector_count(&self) -> u64 {
-        self.read_state().header.max_sector_count()
+        self.peek_state().header.max_sector_count()
     }
 
     /// The chunk size in bytes.
@@ -390,25 +521,12 @@ impl AsifImage {
         self.geo.chunk_size
     }
 
-    fn commit_if_large(&self, st: &mut State) -> Result<()> {
-        if st.bitmaps.values().filter(|b| b.dirty).count() >= MAX_DIRTY_BITMAPS {
-            st.commit(&*self.storage)?;
-        }
-        Ok(())
-    }
-
-    /// Zero whole or partial chunks of `[offset, offset + len)` (block-aligned).
-    fn zero_locked(
-        &self,
-        st: &mut State,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        hide_below: bool,
-    ) -> Result<()> {
+    /// Make `[offset, offset + len)` (block-aligned) read as zeroes. The caller holds an
+    /// exclusive range guard over it. Returns whether enough metadata is waiting that a commit
+    /// should run.
+    fn zero_range(&self, offset: u64, len: u64, unmap: bool, hide_below: bool) -> Result<bool> {
         let k = self.geo.chunk_size;
         let b = self.geo.block_size;
-        let storage = &*self.storage;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
@@ -416,55 +534,274 @@ impl AsifImage {
             let within = pos % k;
             let n = (k - within).min(end - pos);
             let whole = within == 0 && n == k;
-            let (t, c) = st.locate_chunk(gc);
-            if st.dir[t as usize] == 0 && !hide_below {
-                // No table: the whole table range is already absent, which reads as zeroes.
-                pos += n;
-                continue;
+            let step = self.mutate(|st| {
+                let (t, c) = st.locate_chunk(gc);
+                if st.dir[t as usize] == 0 && !hide_below {
+                    // No table: the whole table range is absent, which reads as zeroes.
+                    return Ok(Ok(ZeroStep::Done));
+                }
+                if let Some(need) = st.need_table(gc) {
+                    return Ok(Err(need));
+                }
+                st.ensure_table(t)?;
+                let e = st.entry(t, c).unwrap_or(Entry(0));
+                let host = e.chunk() * k + within;
+                let blocks = (within / b, (within + n) / b);
+                Ok(Ok(match (e.state(), whole) {
+                    (ChunkState::Zero, _) => ZeroStep::Done,
+                    (ChunkState::Unwritten, _) if !hide_below => ZeroStep::Done,
+                    (ChunkState::Unwritten, true) => {
+                        st.set_entry(t, c, e.with(ChunkState::Zero, 0));
+                        ZeroStep::Done
+                    }
+                    (ChunkState::Unwritten, false) => {
+                        // Hide the parent for part of a chunk: a fresh (zero) chunk, those
+                        // blocks present once the file covers it. A chunk reserved for writes
+                        // in flight elsewhere in this chunk is that chunk.
+                        let chunk = match st.reserved.get(&gc) {
+                            Some(r) => r.chunk,
+                            None => st.alloc_chunk()?,
+                        };
+                        st.reset_bitmap(gc)?;
+                        st.set_entry(t, c, e.with(ChunkState::Partial, chunk));
+                        ZeroStep::GrowThenMark { chunk, gc, blocks }
+                    }
+                    (ChunkState::Full | ChunkState::Partial, true) if unmap => {
+                        st.set_entry(t, c, e.with(ChunkState::Zero, 0));
+                        st.drop_bitmap(gc);
+                        st.free_chunk(e.chunk());
+                        ZeroStep::Done
+                    }
+                    (ChunkState::Full, _) => ZeroStep::Storage { host, len: n, unmap },
+                    (ChunkState::Partial, _) if hide_below || !unmap => ZeroStep::StorageThenMark {
+                        host,
+                        len: n,
+                        unmap,
+                        gc,
+                        blocks,
+                    },
+                    (ChunkState::Partial, _) => ZeroStep::Storage { host, len: n, unmap },
+                }))
+            })?;
+            let mark = match step {
+                ZeroStep::Done => None,
+                ZeroStep::Storage { host, len, unmap } => {
+                    self.zero_storage(host, len, unmap)?;
+                    None
+                }
+                ZeroStep::StorageThenMark {
+                    host,
+                    len,
+                    unmap,
+                    gc,
+                    blocks,
+                } => {
+                    self.zero_storage(host, len, unmap)?;
+                    Some((gc, blocks))
+                }
+                ZeroStep::GrowThenMark { chunk, gc, blocks } => {
+                    self.ensure_len((chunk + 1) * k)?;
+                    Some((gc, blocks))
+                }
+            };
+            if let Some((gc, (b0, b1))) = mark {
+                self.mutate(|st| {
+                    if let Some(need) = st.need_for(gc) {
+                        return Ok(Err(need));
+                    }
+                    let (t, c) = st.locate_chunk(gc);
+                    let e = st.entry(t, c).unwrap_or(Entry(0));
+                    if e.state() == ChunkState::Partial && st.mark_present(gc, b0, b1) {
+                        st.set_entry(t, c, e.with(ChunkState::Full, e.chunk()));
+                    }
+                    Ok(Ok(()))
+                })?;
             }
-            st.ensure_table(storage, t)?;
+            pos += n;
+        }
+        Ok(self.read_state()?.wants_commit())
+    }
+
+    fn zero_storage(&self, host: u64, len: u64, unmap: bool) -> Result<()> {
+        if unmap {
+            self.storage.punch_hole(host, len)
+        } else {
+            self.storage.write_zeroes(host, len)
+        }
+    }
+
+    /// Commit the metadata (see [`state`]); the caller holds `flush_lock`.
+    fn commit_locked(&self) -> Result<()> {
+        let _changing = self.health.changing()?;
+        // Clean metadata: only the data needs a sync, without the state lock taken exclusively.
+        if !self.read_state()?.dirty {
+            return self.storage.sync();
+        }
+        let plan = self.write_state()?.prepare_commit()?;
+        let Some(plan) = plan else {
+            // Nothing to record: only the data needs to be durable.
+            return self.storage.sync();
+        };
+        let written = self
+            .ensure_len(plan.file_len)
+            .and_then(|()| plan.write(&*self.storage));
+        self.write_state()?.finish_commit(plan, &written);
+        written
+            .map(|_| ())
+            .map_err(|e| e.with_operation("committing ASIF metadata"))
+    }
+
+    /// Write the header after changing it with `f` (header writes are serialised).
+    fn update_header(&self, f: impl FnOnce(&mut Header)) -> Result<()> {
+        let _header = self.health.lock(&self.header_lock)?;
+        let bytes = {
+            let mut st = self.write_state()?;
+            f(&mut st.header);
+            st.header.bytes.clone()
+        };
+        let _changing = self.health.changing()?;
+        self.storage.write_at(&bytes, 0)?;
+        self.storage.sync()
+    }
+}
+
+impl Allocator for AsifImage {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
+    fn granularity(&self) -> u64 {
+        self.geo.block_size
+    }
+
+    fn data_storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    fn range_locks(&self) -> &RangeLocks {
+        &self.locks
+    }
+
+    fn plan(&self, offset: u64, len: u64) -> Result<WritePlan> {
+        let (m, n) = self.map(offset, len)?;
+        Ok(match m {
+            Mapping::Data { host_offset } => WritePlan::InPlace { host_offset, len: n },
+            Mapping::Absent => WritePlan::Allocate { len: n, absent: true },
+            Mapping::Zero | Mapping::Special => WritePlan::Allocate {
+                len: n,
+                absent: false,
+            },
+        })
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> Result<Reservation> {
+        let k = self.geo.chunk_size;
+        let gc = offset / k;
+        let within = offset % k;
+        let len = len.min(k - within);
+        let (chunk, holder) = self.mutate(|st| {
+            if let Some(need) = st.need_table(gc) {
+                return Ok(Err(need));
+            }
+            let (t, c) = st.locate_chunk(gc);
+            st.ensure_table(t)?;
             let e = st.entry(t, c).unwrap_or(Entry(0));
-            let host = e.chunk() * k + within;
-            match (e.state(), whole) {
-                (ChunkState::Zero, _) => {}
-                (ChunkState::Unwritten, _) if !hide_below => {}
-                (ChunkState::Unwritten, true) => st.set_entry(t, c, e.with(ChunkState::Zero, 0)),
-                (ChunkState::Unwritten, false) => {
-                    // Hide the parent for part of a chunk: a fresh (zero) chunk, those blocks present.
-                    let chunk = st.alloc_chunk(storage)?;
-                    st.reset_bitmap(storage, gc)?;
+            Ok(Ok(match e.state() {
+                ChunkState::Full | ChunkState::Partial => (e.chunk(), false),
+                ChunkState::Unwritten | ChunkState::Zero => match st.reserved.get_mut(&gc) {
+                    Some(r) => {
+                        r.holders += 1;
+                        (r.chunk, true)
+                    }
+                    None => {
+                        let chunk = st.alloc_chunk()?;
+                        st.reserved.insert(gc, Reserved { chunk, holders: 1 });
+                        (chunk, true)
+                    }
+                },
+            }))
+        })?;
+        let reservation = Reservation::new(offset, len, chunk * k + within);
+        if holder {
+            if let Err(e) = self.ensure_len((chunk + 1) * k) {
+                self.release(Reservation::new(offset, len, chunk * k + within));
+                return Err(e);
+            }
+        }
+        Ok(reservation)
+    }
+
+    fn commit(&self, reservation: Reservation) -> Result<()> {
+        let k = self.geo.chunk_size;
+        let b = self.geo.block_size;
+        let gc = reservation.offset() / k;
+        let within = reservation.offset() % k;
+        let chunk = reservation.host_offset() / k;
+        let (b0, b1) = (within / b, (within + reservation.len()) / b);
+        let wants_commit = self.mutate(|st| {
+            if let Some(need) = st.need_for(gc) {
+                return Ok(Err(need));
+            }
+            let (t, c) = st.locate_chunk(gc);
+            st.ensure_table(t)?;
+            let e = st.entry(t, c).unwrap_or(Entry(0));
+            match e.state() {
+                ChunkState::Full => {}
+                // The fresh chunk reads as zeroes where it was not written: all of it is valid.
+                ChunkState::Zero => st.set_entry(t, c, e.with(ChunkState::Full, chunk)),
+                ChunkState::Unwritten if b0 == 0 && b1 == k / b => {
+                    st.set_entry(t, c, e.with(ChunkState::Full, chunk))
+                }
+                ChunkState::Unwritten => {
+                    st.reset_bitmap(gc)?;
+                    st.mark_present(gc, b0, b1);
                     st.set_entry(t, c, e.with(ChunkState::Partial, chunk));
-                    st.mark_present(gc, within / b, (within + n) / b);
                 }
-                (ChunkState::Full | ChunkState::Partial, true) if unmap => {
-                    st.set_entry(t, c, e.with(ChunkState::Zero, 0));
-                    st.bitmaps.remove(&gc);
-                    st.free_chunk(storage, e.chunk())?;
-                }
-                (ChunkState::Full, _) => {
-                    if unmap {
-                        storage.punch_hole(host, n)?;
-                    } else {
-                        storage.write_zeroes(host, n)?;
+                ChunkState::Partial => {
+                    if st.mark_present(gc, b0, b1) {
+                        st.set_entry(t, c, e.with(ChunkState::Full, e.chunk()));
                     }
                 }
-                (ChunkState::Partial, _) => {
-                    if unmap {
-                        storage.punch_hole(host, n)?;
-                    } else {
-                        storage.write_zeroes(host, n)?;
+            }
+            if let Some(r) = st.reserved.get_mut(&gc) {
+                if r.chunk == chunk {
+                    r.holders = r.holders.saturating_sub(1);
+                    if r.holders == 0 {
+                        st.reserved.remove(&gc);
                     }
-                    if hide_below || !unmap {
-                        st.load_bitmap(storage, gc)?;
-                        if st.mark_present(gc, within / b, (within + n) / b) {
-                            st.set_entry(t, c, e.with(ChunkState::Full, e.chunk()));
+                }
+            }
+            Ok(Ok(st.wants_commit()))
+        })?;
+        if wants_commit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn release(&self, reservation: Reservation) {
+        let k = self.geo.chunk_size;
+        let gc = reservation.offset() / k;
+        let chunk = reservation.host_offset() / k;
+        if let Ok(mut st) = self.write_state() {
+            let (t, c) = st.locate_chunk(gc);
+            let mapped = st.entry(t, c).is_some_and(|e| {
+                matches!(e.state(), ChunkState::Full | ChunkState::Partial) && e.chunk() == chunk
+            });
+            if let Some(r) = st.reserved.get_mut(&gc) {
+                if r.chunk == chunk {
+                    r.holders = r.holders.saturating_sub(1);
+                    if r.holders == 0 {
+                        st.reserved.remove(&gc);
+                        if !mapped {
+                            // Never mapped: punched out and reused after the next commit.
+                            st.free_chunk(chunk);
+                            st.dirty = true;
                         }
                     }
                 }
             }
-            pos += n;
         }
-        self.commit_if_large(st)
     }
 }
 
@@ -502,112 +839,63 @@ impl Layer for AsifImage {
         if self.modified.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut st = self.write_state();
+        let _header = self.health.lock(&self.header_lock)?;
         if self.modified.load(Ordering::Acquire) {
             return Ok(());
         }
-        st.header.set_uuid(Uuid::new_v4());
-        st.write_header(&*self.storage)?;
+        let bytes = {
+            let mut st = self.write_state()?;
+            st.header.set_uuid(Uuid::new_v4());
+            st.header.bytes.clone()
+        };
+        let _changing = self.health.changing()?;
+        self.storage.write_at(&bytes, 0)?;
+        self.storage.sync()?;
         self.modified.store(true, Ordering::Release);
         Ok(())
     }
 
-    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan> {
+    fn write(&self, request: &Write<'_>) -> Result<()> {
         self.check_writable()?;
-        let (m, n) = self.map(offset, len)?;
-        Ok(match m {
-            Mapping::Data { host_offset } => WritePlan::InPlace { host_offset, len: n },
-            _ => WritePlan::Allocate { len: n },
-        })
-    }
-
-    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
-        self.check_writable()?;
-        let k = self.geo.chunk_size;
-        let mut st = self.write_state();
-        let storage = &*self.storage;
-        let gc = offset / k;
-        let within = offset % k;
-        let len = len.min(k - within);
-        let (t, c) = st.locate_chunk(gc);
-        st.ensure_table(storage, t)?;
-        let e = st.entry(t, c).unwrap_or(Entry(0));
-        let chunk = match e.state() {
-            ChunkState::Full | ChunkState::Partial => e.chunk(),
-            ChunkState::Unwritten | ChunkState::Zero => match st.reserved.get(&gc) {
-                Some(&chunk) => chunk,
-                None => {
-                    let chunk = st.alloc_chunk(storage)?;
-                    st.reserved.insert(gc, chunk);
-                    chunk
-                }
-            },
-        };
-        Ok(Allocation {
-            host_offset: chunk * k + within,
-            len,
-        })
-    }
-
-    fn commit(&self, offset: u64, len: u64) -> Result<()> {
-        let k = self.geo.chunk_size;
-        let b = self.geo.block_size;
-        let mut st = self.write_state();
-        let storage = &*self.storage;
-        let gc = offset / k;
-        let within = offset % k;
-        let (t, c) = st.locate_chunk(gc);
-        st.ensure_table(storage, t)?;
-        let e = st.entry(t, c).unwrap_or(Entry(0));
-        let (b0, b1) = (within / b, (within + len) / b);
-        match e.state() {
-            ChunkState::Full => {}
-            ChunkState::Zero => {
-                // The fresh chunk reads as zeroes where it was not written: all of it is valid.
-                let chunk = st
-                    .reserved
-                    .remove(&gc)
-                    .ok_or_else(|| Error::corrupt("commit without allocation"))?;
-                st.set_entry(t, c, e.with(ChunkState::Full, chunk));
-            }
-            ChunkState::Unwritten => {
-                let chunk = st
-                    .reserved
-                    .remove(&gc)
-                    .ok_or_else(|| Error::corrupt("commit without allocation"))?;
-                if b0 == 0 && b1 == k / b {
-                    st.set_entry(t, c, e.with(ChunkState::Full, chunk));
-                } else {
-                    st.reset_bitmap(storage, gc)?;
-                    st.mark_present(gc, b0, b1);
-                    st.set_entry(t, c, e.with(ChunkState::Partial, chunk));
-                }
-            }
-            ChunkState::Partial => {
-                st.load_bitmap(storage, gc)?;
-                if st.mark_present(gc, b0, b1) {
-                    st.set_entry(t, c, e.with(ChunkState::Full, e.chunk()));
-                }
-            }
-        }
-        self.commit_if_large(&mut st)
+        write_through(self, request)
     }
 
     fn zero_granularity(&self, _hide_below: bool) -> u64 {
         self.geo.block_size
     }
 
-    fn set_zero(&self, offset: u64, len: u64, unmap: bool, hide_below: bool) -> Result<()> {
+    fn zero(&self, z: &Zeroing) -> Result<()> {
         self.check_writable()?;
-        let mut st = self.write_state();
-        self.zero_locked(&mut st, offset, len, unmap, hide_below)
+        let end = z.offset + z.len;
+        let _guard = self.locks.exclusive(z.offset, end);
+        let _changing = self.health.changing()?;
+        let mut wants_commit = false;
+        if z.mode == WriteMode::FillAbsent {
+            // Only the runs this layer holds nothing for (checked under the guard).
+            let mut pos = z.offset;
+            while pos < end {
+                let (m, n) = self.map(pos, end - pos)?;
+                let n = n.clamp(1, end - pos);
+                if m == Mapping::Absent {
+                    wants_commit |= self.zero_range(pos, n, true, true)?;
+                }
+                pos += n;
+            }
+        } else {
+            wants_commit = self.zero_range(z.offset, z.len, z.unmap, z.hide_below)?;
+        }
+        if wants_commit {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        self.write_state().commit(&*self.storage)
+        let _flush = self.health.lock(&self.flush_lock)?;
+        self.commit_locked()
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
@@ -624,45 +912,49 @@ impl Layer for AsifImage {
                 self.max_size()
             )));
         }
-        let mut st = self.write_state();
-        let old = st.size();
+        let _flush = self.health.lock(&self.flush_lock)?;
+        let old = self.size();
         if new_size < old {
             // Drop everything past the new end: partial chunk zeroed, whole chunks unwritten.
             let k = self.geo.chunk_size;
             let boundary = new_size.next_multiple_of(k).min(old);
+            let _guard = self.locks.exclusive(new_size, old.max(boundary));
+            let _changing = self.health.changing()?;
             if boundary > new_size {
-                self.zero_locked(&mut st, new_size, boundary - new_size, true, false)?;
+                self.zero_range(new_size, boundary - new_size, true, false)?;
             }
             let mut pos = boundary;
             while pos < old {
                 let gc = pos / k;
-                let (t, c) = st.locate_chunk(gc);
-                if st.dir[t as usize] == 0 {
-                    pos = (t + 1) * self.geo.bytes_per_table;
-                    continue;
-                }
-                st.load_table(&*self.storage, t)?;
-                let e = st.entry(t, c).unwrap_or(Entry(0));
-                if e.state() != ChunkState::Unwritten {
-                    if matches!(e.state(), ChunkState::Full | ChunkState::Partial) {
-                        st.free_chunk(&*self.storage, e.chunk())?;
+                pos = self.mutate(|st| {
+                    let (t, c) = st.locate_chunk(gc);
+                    if st.dir[t as usize] == 0 {
+                        return Ok(Ok((t + 1) * self.geo.bytes_per_table));
                     }
-                    st.bitmaps.remove(&gc);
-                    st.set_entry(t, c, e.with(ChunkState::Unwritten, 0));
-                }
-                pos += k;
+                    if let Some(need) = st.need_table(gc) {
+                        return Ok(Err(need));
+                    }
+                    let e = st.entry(t, c).unwrap_or(Entry(0));
+                    if e.state() != ChunkState::Unwritten {
+                        if matches!(e.state(), ChunkState::Full | ChunkState::Partial) {
+                            st.free_chunk(e.chunk());
+                        }
+                        st.drop_bitmap(gc);
+                        st.set_entry(t, c, e.with(ChunkState::Unwritten, 0));
+                    }
+                    Ok(Ok(pos + k))
+                })?;
             }
-            st.reserved.retain(|&gc, _| gc * k < new_size);
-            st.commit(&*self.storage)?;
+            self.write_state()?.reserved.retain(|&gc, _| gc * k < new_size);
+            self.commit_locked()?;
         }
-        st.header.set_sector_count(new_size / b);
-        st.write_header(&*self.storage)?;
+        self.update_header(|h| h.set_sector_count(new_size / b))?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
 
     fn max_size(&self) -> u64 {
-        let st = self.read_state();
+        let st = self.peek_state();
         let meta = st.header.metadata_chunk();
         let max = st.geo.max_bytes;
         if meta == 0 {
@@ -673,7 +965,7 @@ impl Layer for AsifImage {
     }
 
     fn layer_info(&self) -> LayerInfo {
-        let st = self.read_state();
+        let st = self.peek_state();
         let mut info = st
             .metadata
             .as_ref()
@@ -686,30 +978,41 @@ impl Layer for AsifImage {
     fn set_layer_info(&self, info: &LayerInfo) -> Result<()> {
         self.check_writable()?;
         let k = self.geo.chunk_size;
-        let mut st = self.write_state();
-        let storage = &*self.storage;
-        let meta_chunk = st.header.metadata_chunk();
-        if meta_chunk == 0 {
-            return Err(Error::unsupported("this ASIF image has no metadata block"));
-        }
-        let mut meta = st
-            .metadata
-            .clone()
-            .unwrap_or_else(|| Metadata::new(Uuid::new_v4()));
+        let _flush = self.health.lock(&self.flush_lock)?;
+        let (meta_chunk, mut meta) = {
+            let st = self.read_state()?;
+            let meta_chunk = st.header.metadata_chunk();
+            if meta_chunk == 0 {
+                return Err(Error::unsupported("this ASIF image has no metadata block"));
+            }
+            let meta = st
+                .metadata
+                .clone()
+                .unwrap_or_else(|| Metadata::new(Uuid::new_v4()));
+            (meta_chunk, meta)
+        };
         meta.set_layer_info(info);
         let block = meta.to_block(k as usize)?;
+        let _changing = self.health.changing()?;
         // Copy-on-write: the new block goes to a fresh chunk, then the table points at it.
-        let chunk = st.alloc_chunk(storage)?;
-        storage.write_at(&block, chunk * k)?;
-        let (t, c) = st.geo.locate(meta_chunk * k);
-        st.ensure_table(storage, t)?;
-        let e = st.entry(t, c).unwrap_or(Entry(0));
-        if matches!(e.state(), ChunkState::Full | ChunkState::Partial) {
-            st.free_chunk(storage, e.chunk())?;
-        }
-        st.bitmaps.remove(&(meta_chunk));
-        st.set_entry(t, c, e.with(ChunkState::Full, chunk));
-        st.metadata = Some(meta);
-        st.commit(storage)
+        let chunk = self.write_state()?.alloc_chunk()?;
+        self.ensure_len((chunk + 1) * k)?;
+        self.storage.write_at(&block, chunk * k)?;
+        let (t, c) = self.geo.locate(meta_chunk * k);
+        self.mutate(|st| {
+            if let Some(need) = st.need_table(meta_chunk) {
+                return Ok(Err(need));
+            }
+            st.ensure_table(t)?;
+            let e = st.entry(t, c).unwrap_or(Entry(0));
+            if matches!(e.state(), ChunkState::Full | ChunkState::Partial) {
+                st.free_chunk(e.chunk());
+            }
+            st.drop_bitmap(meta_chunk);
+            st.set_entry(t, c, e.with(ChunkState::Full, chunk));
+            st.metadata = Some(meta.clone());
+            Ok(Ok(()))
+        })?;
+        self.commit_locked()
     }
 }

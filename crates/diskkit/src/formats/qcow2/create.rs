@@ -4,7 +4,7 @@ use super::header::{self, NewHeader, MAX_L1_BYTES};
 use super::layer_ext::LayerExt;
 use super::refcount::Refcounts;
 use crate::error::{Error, Result};
-use crate::options::ImageFormat;
+use crate::layer::ImageFormat;
 use crate::storage::Storage;
 
 /// QEMU's default cluster size.

@@ -18,7 +18,7 @@
 
 use uuid::Uuid;
 
-use crate::options::LayerType;
+use crate::layer::LayerType;
 
 /// Bytes of the extension's data.
 pub(super) const LEN: usize = 56;

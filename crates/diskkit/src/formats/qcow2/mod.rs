@@ -7,8 +7,10 @@
 //! by [`Layer::read_special`]. The backing file named in the header is reported in
 //! [`LayerInfo::parent_path`] but never opened here: stacks open parents through a policy.
 //!
-//! Writes allocate whole clusters ([`Layer::allocate`] reserves, [`Layer::commit`] maps);
-//! the crash-consistency rules are in [`tables`].
+//! Writes allocate whole clusters through the typed write path ([`crate::layer::write`]:
+//! reserve, write the whole cluster, commit the mapping, under a range guard); the
+//! crash-consistency rules are in [`tables`]. No lock that readers need is held across I/O:
+//! L2 tables are read without the state lock, and flushes write a snapshot of the metadata.
 
 mod bitmaps;
 mod check;
@@ -24,7 +26,7 @@ mod snapshots;
 mod tables;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use self::check::MAX_CHECK_CLUSTERS;
 pub use self::create::{Qcow2CreateOptions, DEFAULT_CLUSTER_SIZE};
@@ -34,15 +36,50 @@ use self::header::{Header, COMPAT_LAZY_REFCOUNTS, EXT_DISKKIT_LAYER, OFF_AUTOCLE
 use self::layer_ext::LayerExt;
 use self::refcount::Refcounts;
 pub use self::report::{CheckReport, Problem, ProblemKind, Repair};
-use self::tables::{Reservation, State};
+use self::tables::{Reservation as Reserved, State};
 use crate::error::{Error, ErrorKind, Result};
-use crate::layer::{Access, Allocation, Layer, LayerInfo, WritePlan};
+use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
+use crate::layer::health::Held;
+use crate::layer::write::{write_through, Allocator, RangeLocks, Reservation, WritePlan};
+use crate::layer::ImageFormat;
+use crate::layer::{Access, Health, Layer, LayerInfo, Write, WriteMode, Zeroing};
 use crate::mapping::Mapping;
-use crate::options::ImageFormat;
 use crate::storage::Storage;
 
 /// The magic at offset 0 of a qcow2 file.
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// The qcow2 driver.
+pub(crate) static DRIVER: Driver = Driver;
+
+/// See [`DRIVER`].
+pub(crate) struct Driver;
+
+impl FormatDriver for Driver {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Qcow2
+    }
+
+    fn recognises(&self, head: &[u8]) -> bool {
+        head.starts_with(MAGIC)
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, how: &LayerOpen<'_>) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(Qcow2Image::open_with(storage, how.access, how.repair)?))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(Qcow2Image::create(
+            storage,
+            &Qcow2CreateOptions {
+                size: options.size,
+                cluster_size: options.cluster_size.unwrap_or(DEFAULT_CLUSTER_SIZE),
+                backing_file: options.backing.as_ref().map(|b| b.0.clone()),
+                backing_format: options.backing.as_ref().and_then(|b| b.1),
+            },
+        )?))
+    }
+}
 
 /// Format details shown by `info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,11 +118,22 @@ pub struct Qcow2Image {
     size: AtomicU64,
     /// Autoclear bits have been cleared for this open.
     modified: AtomicBool,
-    /// The last decompressed cluster: (L2 entry, bytes).
-    last_compressed: Mutex<Option<(u64, u64, Vec<u8>)>>,
+    /// The last decompressed cluster.
+    last_compressed: Mutex<Option<Decompressed>>,
     /// Header data that `set_layer_info` and `begin_modification` change.
     meta: Mutex<Meta>,
+    health: Health,
+    locks: RangeLocks,
+    /// Serialises flushes, layer-information changes and resizes.
+    flush_lock: Mutex<()>,
+    /// Serialises growing the file.
+    grow_lock: Mutex<()>,
+    /// A length the file is known to have reached.
+    grown: AtomicU64,
 }
+
+/// A decompressed cluster: (guest cluster, L2 entry key, bytes).
+type Decompressed = (u64, u64, Arc<Vec<u8>>);
 
 /// The parts of the header that change while the image is open.
 #[derive(Debug, Clone)]
@@ -125,8 +173,14 @@ pub fn check(storage: &dyn Storage, repair: Repair) -> Result<CheckReport> {
 /// [`check`] on the file at `path` (opened for writing only when repairing).
 pub fn check_file(path: impl AsRef<std::path::Path>, repair: Repair) -> Result<CheckReport> {
     let path = path.as_ref();
-    let storage =
-        crate::storage::FileStorage::open(path, repair != Repair::None).map_err(|e| e.with_path(path))?;
+    let writable = repair != Repair::None;
+    let lock = if writable {
+        crate::storage::Permissions::writer()
+    } else {
+        crate::storage::Permissions::reader()
+    };
+    let storage = crate::storage::FileStorage::open_locked(path, writable, Some(lock))
+        .map_err(|e| e.with_path(path))?;
     check(&storage, repair).map_err(|e| e.with_path(path))
 }
 
@@ -244,6 +298,11 @@ impl Qcow2Image {
             state: RwLock::new(state),
             modified: AtomicBool::new(false),
             last_compressed: Mutex::new(None),
+            health: Health::new(),
+            locks: RangeLocks::new(),
+            flush_lock: Mutex::new(()),
+            grow_lock: Mutex::new(()),
+            grown: AtomicU64::new(file_len),
         })
     }
 
@@ -256,7 +315,7 @@ impl Qcow2Image {
     /// Format details for `info`.
     pub fn qcow2_details(&self) -> Qcow2Details {
         let h = &self.header;
-        let meta = self.meta().clone();
+        let meta = self.peek_meta().clone();
         Qcow2Details {
             version: h.version,
             cluster_size: self.geo.cluster_size(),
@@ -271,15 +330,16 @@ impl Qcow2Image {
         }
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+    fn read_state(&self) -> Result<Held<'_, RwLockReadGuard<'_, State>>> {
+        self.health.read(&self.state)
     }
 
-    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
+    fn write_state(&self) -> Result<Held<'_, RwLockWriteGuard<'_, State>>> {
+        self.health.write(&self.state)
     }
 
     fn check_writable(&self) -> Result<()> {
+        self.health.check()?;
         if self.writable {
             Ok(())
         } else {
@@ -287,9 +347,73 @@ impl Qcow2Image {
         }
     }
 
+    /// Read the L2 table holding guest cluster `gc` without the state lock, and keep it unless
+    /// a table was dropped from memory meanwhile (the caller asks again either way).
+    fn load(&self, gc: u64) -> Result<()> {
+        let (loc, generation) = {
+            let st = self.read_state()?;
+            (st.l2_location(gc)?, st.generation())
+        };
+        let Some((i, off)) = loc else {
+            return Ok(());
+        };
+        let mut bytes = vec![0u8; self.geo.cluster_size() as usize];
+        self.storage
+            .read_at(&mut bytes, off)
+            .map_err(|e| e.with_operation("reading a qcow2 L2 table").with_offset(off))?;
+        let mut st = self.write_state()?;
+        if st.generation() == generation {
+            st.insert_l2(i, off, &bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Change the state with `f` once the L2 tables of guest clusters `[first, end)` are in
+    /// memory (loaded without the lock). `f` runs again if one was dropped meanwhile.
+    fn mutate<T>(&self, first: u64, end: u64, mut f: impl FnMut(&mut State) -> Result<T>) -> Result<T> {
+        loop {
+            let need = {
+                let mut st = self.write_state()?;
+                match st.need_range(first, end) {
+                    None => return f(&mut st),
+                    Some(gc) => gc,
+                }
+            };
+            self.load(need)?;
+        }
+    }
+
+    /// The L2 entry of guest cluster `gc`, its table loaded without the state lock.
+    fn entry_of(&self, gc: u64) -> Result<L2Entry> {
+        loop {
+            {
+                let st = self.read_state()?;
+                if st.need(gc).is_none() {
+                    return st.entry(gc);
+                }
+            }
+            self.load(gc)?;
+        }
+    }
+
+    /// Make sure the file is at least `end` bytes long before anything is written up to there
+    /// (growing only under `grow_lock`, so it never cuts off what another thread wrote).
+    fn ensure_len(&self, end: u64) -> Result<()> {
+        if self.grown.load(Ordering::Acquire) >= end {
+            return Ok(());
+        }
+        let _grow = self.health.lock(&self.grow_lock)?;
+        let len = self.storage.len()?;
+        if len < end {
+            self.storage.set_len(end)?;
+        }
+        self.grown.fetch_max(len.max(end), Ordering::AcqRel);
+        Ok(())
+    }
+
     /// The entry at `offset` and how many bytes from `offset` (at most `len`) continue it,
     /// as judged by `same(first, next, k)` for the cluster `k` clusters after the first. Loads
-    /// missing L2 tables under the write lock.
+    /// missing L2 tables without the state lock.
     fn scan(
         &self,
         offset: u64,
@@ -298,14 +422,13 @@ impl Qcow2Image {
     ) -> Result<(L2Entry, u64)> {
         let cs = self.geo.cluster_size();
         loop {
-            let st = self.read_state();
-            match self.scan_cached(&st, offset, len, &same) {
-                Some(r) => return r,
-                None => {
-                    drop(st);
-                    self.write_state().load(&*self.storage, offset / cs)?;
+            {
+                let st = self.read_state()?;
+                if let Some(r) = self.scan_cached(&st, offset, len, &same) {
+                    return r;
                 }
             }
+            self.load(offset / cs)?;
         }
     }
 
@@ -340,9 +463,10 @@ impl Qcow2Image {
         Some(Ok((first, (gc * cs).min(end) - offset)))
     }
 
-    fn decompress_cluster(&self, gc: u64, host: u64, len: u64, raw_key: u64) -> Result<Vec<u8>> {
-        let mut cache = self.last_compressed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((g, k, bytes)) = cache.as_ref() {
+    /// The decompressed bytes of guest cluster `gc` (compressed at `host`, `len` bytes). The
+    /// last one is kept; the cache is locked only to look and to store, never while reading.
+    fn decompress_cluster(&self, gc: u64, host: u64, len: u64, raw_key: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some((g, k, bytes)) = self.health.lock(&self.last_compressed)?.as_ref() {
             if *g == gc && *k == raw_key {
                 return Ok(bytes.clone());
             }
@@ -360,11 +484,17 @@ impl Qcow2Image {
         let mut out = vec![0u8; self.geo.cluster_size() as usize];
         compressed::decompress(self.header.compression, &input, &mut out)
             .map_err(|e| e.with_offset(gc * self.geo.cluster_size()))?;
-        *cache = Some((gc, raw_key, out.clone()));
+        let out = Arc::new(out);
+        *self.health.lock(&self.last_compressed)? = Some((gc, raw_key, out.clone()));
         Ok(out)
     }
 
-    fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
+    fn meta(&self) -> Result<Held<'_, MutexGuard<'_, Meta>>> {
+        self.health.lock(&self.meta)
+    }
+
+    /// The header data for accessors that cannot fail.
+    fn peek_meta(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -375,10 +505,11 @@ impl Qcow2Image {
         if self.modified.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut meta = self.meta();
+        let mut meta = self.meta()?;
         if self.modified.load(Ordering::SeqCst) {
             return Ok(());
         }
+        let _changing = self.health.changing()?;
         let mut wrote = false;
         if self.header.version == 3 && self.header.autoclear != 0 {
             self.storage.write_at(&0u64.to_be_bytes(), OFF_AUTOCLEAR)?;
@@ -398,32 +529,261 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Zero the bytes of guest cluster `gc` from `from` (shrinking to a size inside it).
-    fn zero_cluster_tail(&self, st: &mut State, gc: u64, from: u64) -> Result<()> {
+    /// Zero the bytes of guest cluster `gc` from `from` (shrinking to a size inside it). The
+    /// caller holds an exclusive range guard over the cluster.
+    fn zero_cluster_tail(&self, gc: u64, from: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
-        match st.entry(&*self.storage, gc)? {
-            L2Entry::Data { host, copied: true } => self.storage.write_zeroes(host + from, cs - from),
+        let entry = self.mutate(gc, gc + 1, |st| st.entry(gc))?;
+        let bytes = match entry {
+            L2Entry::Data { host, copied: true } => return self.storage.write_zeroes(host + from, cs - from),
             L2Entry::Data { host, .. } => {
                 let mut bytes = vec![0u8; cs as usize];
                 self.storage.read_at(&mut bytes[..from as usize], host)?;
-                self.rewrite_cluster(st, gc, &bytes)
+                bytes
             }
             L2Entry::Compressed { host, len } => {
                 let raw_key = host ^ len;
-                let mut bytes = self.decompress_cluster(gc, host, len, raw_key)?;
+                let mut bytes = self.decompress_cluster(gc, host, len, raw_key)?.to_vec();
                 bytes[from as usize..].fill(0);
-                self.rewrite_cluster(st, gc, &bytes)
+                bytes
             }
-            L2Entry::Unallocated | L2Entry::Zero { .. } => Ok(()),
-        }
+            L2Entry::Unallocated | L2Entry::Zero { .. } => return Ok(()),
+        };
+        // Stored in a new cluster: counted, written, then mapped.
+        let c = self.write_state()?.refs()?.alloc_counted(1)?;
+        self.ensure_len((c + 1) * cs)?;
+        self.storage.write_at(&bytes, c * cs)?;
+        self.mutate(gc, gc + 1, |st| st.replace_entry(gc, (c * cs) | COPIED, None))
     }
 
-    /// Store `bytes` as guest cluster `gc` in a new cluster.
-    fn rewrite_cluster(&self, st: &mut State, gc: u64, bytes: &[u8]) -> Result<()> {
+    /// Flush; the caller holds `flush_lock`.
+    fn flush_locked(&self) -> Result<()> {
+        let _changing = self.health.changing()?;
+        // Clean metadata (writes in place, a FUA storm): only the data needs a sync, and
+        // readers do not even see the state lock taken exclusively.
+        if !self.read_state()?.is_dirty() {
+            return self.storage.sync();
+        }
+        let plan = self.write_state()?.prepare_flush()?;
+        let Some(plan) = plan else {
+            return self.storage.sync();
+        };
+        let written = self
+            .ensure_len(plan.end)
+            .and_then(|()| plan.write(&*self.storage));
+        let next = self.write_state()?.finish_flush(plan, written.is_ok());
+        written.map_err(|e| e.with_operation("flushing qcow2 metadata"))?;
+        // 5. Release clusters nothing durable refers to any more.
+        let Some((freed, blocks)) = next? else {
+            return Ok(());
+        };
         let cs = self.geo.cluster_size();
-        let c = st.refs()?.alloc_counted(1)?;
-        self.storage.write_at(bytes, c * cs)?;
-        st.replace_entry(&*self.storage, gc, (c * cs) | COPIED, None)
+        let blocks_written = (|| {
+            for (_, off, bytes) in &blocks {
+                self.storage.write_at(bytes, *off)?;
+            }
+            self.storage.sync()
+        })();
+        if let Err(e) = blocks_written {
+            self.write_state()?.blocks_not_written(&blocks);
+            return Err(e.with_operation("flushing qcow2 refcounts"));
+        }
+        let punched: Vec<u64> = freed
+            .into_iter()
+            .filter(|&c| self.storage.punch_hole(c * cs, cs).is_ok())
+            .collect();
+        self.write_state()?.release_freed(&punched);
+        Ok(())
+    }
+
+    /// How a write at `offset` (at most `len` bytes) can go: in place over copied data, or
+    /// allocating over a run of unallocated clusters (absent) or of anything else.
+    fn plan_write(&self, offset: u64, len: u64) -> Result<WritePlan> {
+        let cs = self.geo.cluster_size();
+        let (first, n) = self.scan(offset, len, |first, next, k| match (first, next) {
+            (
+                L2Entry::Data {
+                    host: h0,
+                    copied: true,
+                },
+                L2Entry::Data { host, copied: true },
+            ) => Some(host) == h0.checked_add(k * cs),
+            (L2Entry::Unallocated, L2Entry::Unallocated) => true,
+            (L2Entry::Data { copied: true, .. } | L2Entry::Unallocated, _)
+            | (_, L2Entry::Data { copied: true, .. } | L2Entry::Unallocated) => false,
+            _ => true,
+        })?;
+        Ok(match first {
+            L2Entry::Data { host, copied: true } => WritePlan::InPlace {
+                host_offset: host + offset % cs,
+                len: n,
+            },
+            L2Entry::Unallocated => WritePlan::Allocate { len: n, absent: true },
+            _ => WritePlan::Allocate {
+                len: n,
+                absent: false,
+            },
+        })
+    }
+
+    /// Make guest clusters `[offset, offset + len)` read as zeroes (see [`Layer::zero`]); the
+    /// caller holds an exclusive range guard.
+    fn zero_clusters(&self, offset: u64, len: u64, unmap: bool, hide: bool, only_absent: bool) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let end = (offset + len).min(self.size().next_multiple_of(cs));
+        for gc in offset / cs..end / cs {
+            if !self.geo.v3 {
+                // Version 2 has no zero flag: deallocate, or store zeroes.
+                let old = self.mutate(gc, gc + 1, |st| {
+                    let old = st.entry(gc)?;
+                    if only_absent && old != L2Entry::Unallocated {
+                        return Ok(None);
+                    }
+                    if !hide && unmap {
+                        st.replace_entry(gc, 0, None)?;
+                        return Ok(None);
+                    }
+                    Ok(Some(old))
+                })?;
+                match old {
+                    None => {}
+                    Some(L2Entry::Data { host, copied: true }) => self.storage.write_zeroes(host, cs)?,
+                    Some(_) => {
+                        let c = self.write_state()?.refs()?.alloc_counted(1)?;
+                        self.ensure_len((c + 1) * cs)?;
+                        self.storage.write_zeroes(c * cs, cs)?;
+                        self.mutate(gc, gc + 1, |st| st.replace_entry(gc, (c * cs) | COPIED, None))?;
+                    }
+                }
+                continue;
+            }
+            self.mutate(gc, gc + 1, |st| {
+                let old = st.entry(gc)?;
+                if only_absent && old != L2Entry::Unallocated {
+                    return Ok(());
+                }
+                let new: u64 = match old {
+                    L2Entry::Data { host, copied: true } | L2Entry::Zero { host, copied: true }
+                        if !unmap && host != 0 =>
+                    {
+                        host | COPIED | ZERO
+                    }
+                    _ if hide => ZERO,
+                    _ if unmap => 0,
+                    _ => ZERO,
+                };
+                let host = new & entry::OFFSET_MASK;
+                let keep = (host != 0).then_some(host / cs);
+                st.replace_entry(gc, new, keep)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Allocator for Qcow2Image {
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
+    fn granularity(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    fn data_storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    fn range_locks(&self) -> &RangeLocks {
+        &self.locks
+    }
+
+    fn plan(&self, offset: u64, len: u64) -> Result<WritePlan> {
+        self.plan_write(offset, len)
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> Result<Reservation> {
+        let cs = self.geo.cluster_size();
+        if offset % cs != 0 || len % cs != 0 || len == 0 {
+            return Err(
+                Error::invalid_argument("qcow2 allocation must be cluster aligned").with_offset(offset),
+            );
+        }
+        let gc0 = offset / cs;
+        let (host, count, reuse) = self.mutate(gc0, gc0 + len / cs, |st| {
+            // A preallocated zero cluster is reused in place.
+            if let L2Entry::Zero { host, copied: true } = st.entry(gc0)? {
+                if host != 0 {
+                    st.reserved.insert(
+                        gc0,
+                        Reserved {
+                            host_cluster: host / cs,
+                            reuse: true,
+                        },
+                    );
+                    return Ok((host, 1, true));
+                }
+            }
+            let mut count = 1;
+            while count < len / cs {
+                match st.entry(gc0 + count)? {
+                    L2Entry::Zero { host, copied: true } if host != 0 => break,
+                    L2Entry::Data { copied: true, .. } => break,
+                    _ => count += 1,
+                }
+            }
+            let start = st.refs()?.reserve(count, count == 1)?;
+            for i in 0..count {
+                st.reserved.insert(
+                    gc0 + i,
+                    Reserved {
+                        host_cluster: start + i,
+                        reuse: false,
+                    },
+                );
+            }
+            Ok((start * cs, count, false))
+        })?;
+        let reservation = Reservation::new(offset, count * cs, host);
+        if !reuse {
+            if let Err(e) = self.ensure_len(host + count * cs) {
+                self.release(reservation);
+                return Err(e);
+            }
+        }
+        Ok(reservation)
+    }
+
+    fn commit(&self, reservation: Reservation) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let first = reservation.offset() / cs;
+        let end = first + reservation.len() / cs;
+        self.mutate(first, end, |st| {
+            for gc in first..end {
+                let r = st.reserved.remove(&gc).ok_or_else(|| {
+                    Error::invalid_argument("qcow2 commit of a range that was not allocated")
+                        .with_offset(gc * cs)
+                })?;
+                if !r.reuse {
+                    st.refs()?.incref(r.host_cluster)?;
+                }
+                let host = r.host_cluster * cs;
+                st.replace_entry(gc, host | COPIED, Some(r.host_cluster))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn release(&self, reservation: Reservation) {
+        let cs = self.geo.cluster_size();
+        let first = reservation.offset() / cs;
+        if let Ok(mut st) = self.write_state() {
+            for gc in first..first + reservation.len() / cs {
+                // The clusters were never counted: at worst they are space at the end of the
+                // file that nothing refers to.
+                st.reserved.remove(&gc);
+            }
+        }
     }
 }
 
@@ -480,7 +840,7 @@ impl Layer for Qcow2Image {
         while pos < buf.len() {
             let at = offset + pos as u64;
             let gc = at / cs;
-            let entry = self.write_state().entry(&*self.storage, gc)?;
+            let entry = self.entry_of(gc)?;
             let L2Entry::Compressed { host, len } = entry else {
                 return Err(Error::corrupt("qcow2 cluster is no longer compressed").with_offset(at));
             };
@@ -502,150 +862,39 @@ impl Layer for Qcow2Image {
         self.geo.cluster_size()
     }
 
-    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan> {
+    fn write(&self, request: &Write<'_>) -> Result<()> {
         self.check_writable()?;
-        let cs = self.geo.cluster_size();
-        let (first, n) = self.scan(offset, len, |first, next, k| match (first, next) {
-            (
-                L2Entry::Data {
-                    host: h0,
-                    copied: true,
-                },
-                L2Entry::Data { host, copied: true },
-            ) => Some(host) == h0.checked_add(k * cs),
-            (L2Entry::Data { copied: true, .. }, _) | (_, L2Entry::Data { copied: true, .. }) => false,
-            _ => true,
-        })?;
-        Ok(match first {
-            L2Entry::Data { host, copied: true } => WritePlan::InPlace {
-                host_offset: host + offset % cs,
-                len: n,
-            },
-            _ => WritePlan::Allocate { len: n },
-        })
-    }
-
-    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
-        self.check_writable()?;
-        let cs = self.geo.cluster_size();
-        if offset % cs != 0 || len % cs != 0 || len == 0 {
-            return Err(
-                Error::invalid_argument("qcow2 allocation must be cluster aligned").with_offset(offset),
-            );
-        }
-        let mut st = self.write_state();
-        let gc0 = offset / cs;
-        // A preallocated zero cluster is reused in place.
-        if let L2Entry::Zero { host, copied: true } = st.entry(&*self.storage, gc0)? {
-            if host != 0 {
-                st.reserved.insert(
-                    gc0,
-                    Reservation {
-                        host_cluster: host / cs,
-                        reuse: true,
-                    },
-                );
-                return Ok(Allocation {
-                    host_offset: host,
-                    len: cs,
-                });
-            }
-        }
-        let mut count = 1;
-        while count < len / cs {
-            match st.entry(&*self.storage, gc0 + count)? {
-                L2Entry::Zero { host, copied: true } if host != 0 => break,
-                L2Entry::Data { copied: true, .. } => break,
-                _ => count += 1,
-            }
-        }
-        let start = st.refs()?.reserve(count, count == 1)?;
-        for i in 0..count {
-            st.reserved.insert(
-                gc0 + i,
-                Reservation {
-                    host_cluster: start + i,
-                    reuse: false,
-                },
-            );
-        }
-        Ok(Allocation {
-            host_offset: start * cs,
-            len: count * cs,
-        })
-    }
-
-    fn commit(&self, offset: u64, len: u64) -> Result<()> {
-        let cs = self.geo.cluster_size();
-        let mut st = self.write_state();
-        for gc in offset / cs..(offset + len).div_ceil(cs) {
-            let r = st.reserved.remove(&gc).ok_or_else(|| {
-                Error::invalid_argument("qcow2 commit of a range that was not allocated").with_offset(gc * cs)
-            })?;
-            if !r.reuse {
-                st.refs()?.incref(r.host_cluster)?;
-            }
-            let host = r.host_cluster * cs;
-            st.replace_entry(&*self.storage, gc, host | COPIED, Some(r.host_cluster))?;
-        }
-        Ok(())
+        write_through(self, request)
     }
 
     fn zero_granularity(&self, _hide_below: bool) -> u64 {
         self.geo.cluster_size()
     }
 
-    fn set_zero(&self, offset: u64, len: u64, unmap: bool, hide_below: bool) -> Result<()> {
+    fn zero(&self, z: &Zeroing) -> Result<()> {
         self.check_writable()?;
         let cs = self.geo.cluster_size();
-        if offset % cs != 0 || len % cs != 0 {
-            return Err(Error::invalid_argument("qcow2 zeroing must be cluster aligned").with_offset(offset));
+        if z.offset % cs != 0 || z.len % cs != 0 {
+            return Err(
+                Error::invalid_argument("qcow2 zeroing must be cluster aligned").with_offset(z.offset)
+            );
         }
-        let hide = hide_below || self.header.backing_file.is_some();
-        let mut st = self.write_state();
-        let end = (offset + len).min(st.size.next_multiple_of(cs));
-        for gc in offset / cs..end / cs {
-            let old = st.entry(&*self.storage, gc)?;
-            if !self.geo.v3 {
-                // Version 2 has no zero flag: deallocate, or store zeroes.
-                if !hide && unmap {
-                    st.replace_entry(&*self.storage, gc, 0, None)?;
-                } else if let L2Entry::Data { host, copied: true } = old {
-                    self.storage.write_zeroes(host, cs)?;
-                } else {
-                    let c = st.refs()?.alloc_counted(1)?;
-                    self.storage.write_zeroes(c * cs, cs)?;
-                    st.replace_entry(&*self.storage, gc, (c * cs) | COPIED, None)?;
-                }
-                continue;
-            }
-            let new: u64 = match old {
-                L2Entry::Data { host, copied: true } | L2Entry::Zero { host, copied: true }
-                    if !unmap && host != 0 =>
-                {
-                    host | COPIED | ZERO
-                }
-                _ if hide => ZERO,
-                _ if unmap => 0,
-                _ => ZERO,
-            };
-            let host = new & entry::OFFSET_MASK;
-            let keep = (host != 0).then_some(host / cs);
-            st.replace_entry(&*self.storage, gc, new, keep)?;
+        let hide = z.hide_below || self.header.backing_file.is_some();
+        let _guard = self.locks.exclusive(z.offset, z.offset + z.len);
+        let _changing = self.health.changing()?;
+        if z.mode == WriteMode::FillAbsent {
+            self.zero_clusters(z.offset, z.len, true, true, true)
+        } else {
+            self.zero_clusters(z.offset, z.len, z.unmap, hide, false)
         }
-        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
-        let mut st = self.write_state();
-        if !st.is_dirty() {
-            return self.storage.sync();
-        }
-        st.flush(&*self.storage)
-            .map_err(|e| e.with_operation("flushing qcow2 metadata"))
+        let _flush = self.health.lock(&self.flush_lock)?;
+        self.flush_locked()
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
@@ -657,15 +906,25 @@ impl Layer for Qcow2Image {
             )));
         }
         let cs = self.geo.cluster_size();
-        let mut st = self.write_state();
-        let old = st.size;
+        let _flush = self.health.lock(&self.flush_lock)?;
+        let old = self.size();
         if new_size < old {
+            let _guard = self
+                .locks
+                .exclusive(new_size - new_size % cs, old.next_multiple_of(cs));
+            let _changing = self.health.changing()?;
             if new_size % cs != 0 {
-                self.zero_cluster_tail(&mut st, new_size / cs, new_size % cs)?;
+                self.zero_cluster_tail(new_size / cs, new_size % cs)?;
             }
-            st.truncate(&*self.storage, new_size.div_ceil(cs))?;
+            let from = new_size.div_ceil(cs);
+            let per_table = self.geo.l2_entries();
+            let tables = self.read_state()?.l1_len();
+            for i in from / per_table..tables {
+                let first = (i * per_table).max(from);
+                self.mutate(first, first + 1, |st| st.truncate_table(i, from))?;
+            }
         }
-        st.set_size(new_size)?;
+        self.write_state()?.set_size(new_size)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
@@ -697,7 +956,7 @@ impl Layer for Qcow2Image {
     }
 
     fn layer_info(&self) -> LayerInfo {
-        let meta = self.meta();
+        let meta = self.peek_meta();
         let ext = meta.layer.map(|(e, _)| e);
         LayerInfo {
             layer_type: ext.and_then(|e| e.layer_type),
@@ -715,12 +974,12 @@ impl Layer for Qcow2Image {
     fn set_layer_info(&self, info: &LayerInfo) -> Result<()> {
         self.check_writable()?;
         let cs = self.geo.cluster_size();
-        // Flush first, then read the fixed header fields as they are on disk now.
-        let mut st = self.write_state();
-        if st.is_dirty() {
-            st.flush(&*self.storage)?;
-        }
-        let mut meta = self.meta();
+        // Flush first, then read the fixed header fields as they are on disk now (no flush
+        // can change them until this is done).
+        let _flush = self.health.lock(&self.flush_lock)?;
+        self.flush_locked()?;
+        let mut meta = self.meta()?;
+        let _changing = self.health.changing()?;
         let file_len = self.storage.len()?;
         let mut head = vec![0u8; file_len.min(cs) as usize];
         self.storage.read_at(&mut head, 0)?;
@@ -756,7 +1015,6 @@ impl Layer for Qcow2Image {
         self.storage.sync()?;
         let written = Header::parse(&bytes, file_len.max(bytes.len() as u64))?;
         *meta = Meta::from_header(&written);
-        drop(st);
         Ok(())
     }
 }

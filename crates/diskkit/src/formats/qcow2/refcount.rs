@@ -322,27 +322,61 @@ impl Refcounts {
         self.next_free
     }
 
-    /// Write dirty blocks. Returns whether anything was written.
-    pub(super) fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
-        let mut wrote = false;
+    /// The dirty blocks as (block index, file offset, bytes), now counted as written.
+    pub(super) fn take_dirty_blocks(&mut self) -> Vec<(u64, u64, Vec<u8>)> {
+        let mut out = Vec::new();
         for (bi, b) in self.blocks.iter_mut().filter(|(_, b)| b.dirty) {
-            let off = self.table[*bi as usize];
-            storage.write_at(&b.bytes, off)?;
+            out.push((*bi, self.table[*bi as usize], b.bytes.clone()));
             b.dirty = false;
-            wrote = true;
         }
-        Ok(wrote)
+        out
     }
 
-    /// Write the table if it changed. Returns whether it was written.
-    pub(super) fn write_table(&mut self, storage: &dyn Storage) -> Result<bool> {
+    /// The table as (file offset, bytes) if it changed, now counted as written.
+    pub(super) fn take_table(&mut self) -> Option<(u64, Vec<u8>)> {
         if !self.table_dirty {
-            return Ok(false);
+            return None;
         }
-        let bytes: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
-        storage.write_at(&bytes, self.table_offset)?;
         self.table_dirty = false;
-        Ok(true)
+        Some((
+            self.table_offset,
+            self.table.iter().flat_map(|e| e.to_be_bytes()).collect(),
+        ))
+    }
+
+    /// Mark blocks dirty again (writing them failed).
+    pub(super) fn mark_dirty(&mut self, blocks: impl Iterator<Item = u64>) {
+        for bi in blocks {
+            if let Some(b) = self.blocks.get_mut(&bi) {
+                b.dirty = true;
+            }
+        }
+    }
+
+    /// Mark the table dirty again (writing it failed).
+    pub(super) fn mark_table_dirty(&mut self) {
+        self.table_dirty = true;
+    }
+
+    /// Write dirty blocks (repairs and new images, where nothing else runs). Returns whether
+    /// anything was written.
+    pub(super) fn write_blocks(&mut self, storage: &dyn Storage) -> Result<bool> {
+        let blocks = self.take_dirty_blocks();
+        for (_, off, bytes) in &blocks {
+            storage.write_at(bytes, *off)?;
+        }
+        Ok(!blocks.is_empty())
+    }
+
+    /// Write the table if it changed (repairs and new images). Returns whether it was written.
+    pub(super) fn write_table(&mut self, storage: &dyn Storage) -> Result<bool> {
+        match self.take_table() {
+            Some((off, bytes)) => {
+                storage.write_at(&bytes, off)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 

@@ -1,47 +1,30 @@
 //! The driver trait each format implements.
 //!
 //! A [`Layer`] is one image file (RAW, ASIF, qcow2) as one level of a stack. It answers mapping
-//! questions and performs the metadata changes that writes need (allocation, zeroing); the data
-//! itself is read and written by [`crate::DiskImage`] through [`Layer::storage`].
+//! questions (reads are done by the stack from those answers, through [`Layer::storage`]) and
+//! owns its write path: [`Layer::write`] and [`Layer::zero`] are single calls, in which the
+//! driver allocates, writes and records the new mapping ([`write`] has the protocol and the
+//! helper drivers use).
 //!
-//! All methods take `&self`: drivers are shared across threads and synchronise internally.
+//! All methods take `&self`: drivers are shared across threads and synchronise internally,
+//! without holding a lock that readers need across disk I/O.
+
+pub mod health;
+mod kind;
+pub mod write;
 
 use std::fmt::Debug;
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::mapping::Mapping;
-use crate::options::{ImageFormat, LayerType};
 use crate::storage::Storage;
 
-/// Where a write can go, as decided by [`Layer::prepare_write`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WritePlan {
-    /// The guest range is already backed by `[host_offset, host_offset + len)`: write in place.
-    InPlace {
-        /// Host offset of the write's first byte.
-        host_offset: u64,
-        /// How many bytes of the write this covers.
-        len: u64,
-    },
-    /// Space must be allocated first: call [`Layer::allocate`] under the layer's allocation
-    /// lock, with the range widened to [`Layer::allocation_granularity`].
-    Allocate {
-        /// How many bytes of the write this answer covers.
-        len: u64,
-    },
-}
-
-/// Space allocated by [`Layer::allocate`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Allocation {
-    /// Host offset of the first allocated guest byte.
-    pub host_offset: u64,
-    /// Allocated guest bytes from the requested offset (a multiple of the granularity).
-    pub len: u64,
-}
+pub use self::health::Health;
+pub use self::kind::{ImageFormat, LayerType, OpenMode};
+pub use self::write::{Write, WriteMode, Zeroing};
 
 /// Whether a layer being opened is to be writable. Drivers decide once they have read the layer
 /// information, so a layer is parsed (and, for writing, scanned) once.
@@ -154,35 +137,31 @@ pub trait Layer: Send + Sync + Debug {
         Ok(())
     }
 
-    /// The unit in which the layer allocates and marks data present (a block or a cluster).
+    /// The unit in which the layer allocates and marks data present (a block or a cluster);
+    /// cache fills are widened to it.
     fn allocation_granularity(&self) -> u64 {
         u64::from(self.block_size())
     }
 
-    /// Where a write of `len` bytes at `offset` can go.
-    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan>;
-
-    /// Allocate space for `[offset, offset + len)`, both aligned to
-    /// [`Layer::allocation_granularity`]. Called with the layer's allocation lock held, for a range the
-    /// layer does not hold yet. The caller writes the data, then calls [`Layer::commit`].
-    fn allocate(&self, offset: u64, len: u64) -> Result<Allocation> {
-        let _ = len;
-        Err(Error::unsupported("this layer cannot allocate").with_offset(offset))
+    /// Store `request.data` at `request.offset` (see [`write`] for the protocol and for
+    /// [`WriteMode::FillAbsent`]). The range lies inside the disk.
+    fn write(&self, request: &Write<'_>) -> Result<()> {
+        let _ = request;
+        Err(Error::from_kind(ErrorKind::ReadOnly))
     }
 
-    /// Mark `[offset, offset + len)`, returned by [`Layer::allocate`] and now written, present.
-    fn commit(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        Ok(())
-    }
-
-    /// The unit [`Layer::set_zero`] works in. With `hide_below`, zeroed ranges must hide
+    /// The unit [`Layer::zero`] works in. With `hide_below`, zeroed ranges must hide
     /// the layers below (the layer is part of a stack).
-    fn zero_granularity(&self, hide_below: bool) -> u64;
+    fn zero_granularity(&self, hide_below: bool) -> u64 {
+        let _ = hide_below;
+        u64::from(self.block_size())
+    }
 
-    /// Make `[offset, offset + len)` (aligned to [`Layer::zero_granularity`]) read as
-    /// zeroes. `unmap` allows releasing storage.
-    fn set_zero(&self, offset: u64, len: u64, unmap: bool, hide_below: bool) -> Result<()>;
+    /// Make `[offset, offset + len)` (aligned to [`Layer::zero_granularity`]) read as zeroes.
+    fn zero(&self, request: &Zeroing) -> Result<()> {
+        let _ = request;
+        Err(Error::from_kind(ErrorKind::ReadOnly))
+    }
 
     /// Make every completed change durable.
     fn flush(&self) -> Result<()>;

@@ -1,36 +1,31 @@
 //! Generic I/O over a stack of layers, driven only by the layers' mapping answers.
 //!
 //! Layers are ordered bottom (base, index 0) to top. Reads walk down on [`Mapping::Absent`];
-//! a cache layer is filled with what was read beneath it; writes go to the top layer, widened
-//! to the layer's allocation granularity with the current content where needed.
+//! a cache layer is filled with what was read beneath it ([`WriteMode::FillAbsent`], which its
+//! driver stores only where it still holds nothing); writes go to the top layer's write path,
+//! which completes partly written allocation units from [`Below`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::error::{Error, Result};
-use crate::layer::{Layer, WritePlan};
+use crate::error::Result;
+use crate::layer::write::CurrentContent;
+use crate::layer::{Layer, LayerType, Write, WriteMode, Zeroing};
 use crate::mapping::{Extent, ExtentKind, Mapping};
-use crate::options::LayerType;
 
 /// One level of a stack.
 #[derive(Debug)]
 pub(crate) struct Level {
     pub(crate) layer: Arc<dyn Layer>,
     pub(crate) layer_type: Option<LayerType>,
-    /// Serialises allocations (and their read-modify-write fills) in this layer.
-    pub(crate) alloc_lock: Mutex<()>,
 }
 
 impl Level {
     pub(crate) fn new(layer: Arc<dyn Layer>, layer_type: Option<LayerType>) -> Level {
-        Level {
-            layer,
-            layer_type,
-            alloc_lock: Mutex::new(()),
-        }
+        Level { layer, layer_type }
     }
 }
 
-/// Largest buffer used for gap fills and zero writes.
+/// Largest buffer used for zero writes.
 const ZERO_PIECE: usize = 1 << 20;
 
 pub(crate) fn align_down(v: u64, g: u64) -> u64 {
@@ -39,6 +34,19 @@ pub(crate) fn align_down(v: u64, g: u64) -> u64 {
 
 pub(crate) fn align_up(v: u64, g: u64) -> Option<u64> {
     v.checked_next_multiple_of(g)
+}
+
+/// The stack as seen from one level down (that level included), without filling caches: what
+/// a layer completes partly written allocation units with.
+pub(crate) struct Below<'a> {
+    pub(crate) levels: &'a [Level],
+    pub(crate) level: usize,
+}
+
+impl CurrentContent for Below<'_> {
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_level(self.levels, self.level, buf, offset, false)
+    }
 }
 
 /// Read `buf` at `offset` as seen from `level` downwards.
@@ -101,25 +109,10 @@ fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u6
     fill_cache(levels, level, &wide, a0)
 }
 
-/// Store `data`, read from beneath, into the cache layer at `level` where it is still absent.
-/// Runs of zeroes are recorded as zeroes, not stored as data.
+/// Store `data`, read from beneath, into the cache layer at `level` where it holds nothing
+/// yet (the driver checks that under its own locks, so a fill never overwrites a write that
+/// landed meanwhile). Runs of zeroes are recorded as zeroes, not stored as data.
 fn fill_cache(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Result<()> {
-    let mut pos = 0usize;
-    let layer = &levels[level].layer;
-    while pos < data.len() {
-        let at = offset + pos as u64;
-        let (m, n) = layer.map(at, (data.len() - pos) as u64)?;
-        let n = n as usize;
-        if m == Mapping::Absent {
-            fill_absent(levels, level, &data[pos..pos + n], at)?;
-        }
-        pos += n;
-    }
-    Ok(())
-}
-
-/// Fill one run the cache layer at `level` does not hold yet.
-fn fill_absent(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Result<()> {
     let layer = &levels[level].layer;
     let g = layer.zero_granularity(true);
     let end = offset + data.len() as u64;
@@ -137,33 +130,29 @@ fn fill_absent(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Resu
     let mut p = a0;
     while p < a1 {
         let piece = &data[(p - offset) as usize..(p - offset + g) as usize];
-        push(p, p + g, crate::copy::is_zero(piece));
+        push(p, p + g, crate::storage::is_zero(piece));
         p += g;
     }
     if end > a1.max(offset) {
         push(a1.max(offset), end, false);
     }
+    let below = Below { levels, level };
     for (start, stop, zero) in runs {
-        let len = stop - start;
         if zero {
-            let _guard = levels[level].alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
-            if layer.map(start, len)? == (Mapping::Absent, len) {
-                layer.set_zero(start, len, true, true)?;
-                continue;
-            }
-        }
-        let piece = &data[(start - offset) as usize..(stop - offset) as usize];
-        // Another reader may have filled part of this range meanwhile: write only what is
-        // still absent.
-        let mut q = 0usize;
-        while q < piece.len() {
-            let at = start + q as u64;
-            let (m, k) = layer.map(at, (piece.len() - q) as u64)?;
-            let k = k as usize;
-            if m == Mapping::Absent {
-                write_level(levels, level, &piece[q..q + k], at)?;
-            }
-            q += k;
+            layer.zero(&Zeroing {
+                offset: start,
+                len: stop - start,
+                unmap: true,
+                hide_below: true,
+                mode: WriteMode::FillAbsent,
+            })?;
+        } else {
+            layer.write(&Write {
+                offset: start,
+                data: &data[(start - offset) as usize..(stop - offset) as usize],
+                mode: WriteMode::FillAbsent,
+                current: &below,
+            })?;
         }
     }
     Ok(())
@@ -171,65 +160,12 @@ fn fill_absent(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Resu
 
 /// Write `buf` at `offset` into the layer at `level`.
 pub(crate) fn write_level(levels: &[Level], level: usize, buf: &[u8], offset: u64) -> Result<()> {
-    let layer = &levels[level].layer;
-    let mut pos = 0usize;
-    while pos < buf.len() {
-        let at = offset + pos as u64;
-        let rem = (buf.len() - pos) as u64;
-        match layer.prepare_write(at, rem)? {
-            WritePlan::InPlace { host_offset, len } => {
-                let n = len.clamp(1, rem) as usize;
-                layer.storage().write_at(&buf[pos..pos + n], host_offset)?;
-                pos += n;
-            }
-            WritePlan::Allocate { len } => {
-                let n = len.clamp(1, rem) as usize;
-                pos += write_allocating(levels, level, &buf[pos..pos + n], at)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Allocate space for (a prefix of) `data` at `offset` and write it, filling the rest of the
-/// granularity units with the current content. Returns how many bytes of `data` were written.
-fn write_allocating(levels: &[Level], level: usize, data: &[u8], offset: u64) -> Result<usize> {
-    let l = &levels[level];
-    let layer = &l.layer;
-    let g = layer.allocation_granularity();
-    let _guard = l.alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
-    // Another writer may have allocated this range while we waited.
-    if let WritePlan::InPlace { host_offset, len } = layer.prepare_write(offset, data.len() as u64)? {
-        let n = (len as usize).clamp(1, data.len());
-        layer.storage().write_at(&data[..n], host_offset)?;
-        return Ok(n);
-    }
-    let end = offset + data.len() as u64;
-    let a0 = align_down(offset, g);
-    let a1 = align_up(end, g).ok_or_else(|| Error::out_of_bounds("write past the largest offset"))?;
-    let alloc = layer.allocate(a0, a1 - a0)?;
-    if alloc.len == 0 || alloc.len % g != 0 {
-        return Err(Error::corrupt(format!(
-            "layer allocated {} bytes, not a multiple of {g}",
-            alloc.len
-        )));
-    }
-    let covered = a0 + alloc.len;
-    let storage = layer.storage();
-    if offset > a0 {
-        let mut head = vec![0u8; (offset - a0) as usize];
-        read_level(levels, level, &mut head, a0, false)?;
-        storage.write_at(&head, alloc.host_offset)?;
-    }
-    let n = (covered.min(end) - offset) as usize;
-    storage.write_at(&data[..n], alloc.host_offset + (offset - a0))?;
-    if covered > end {
-        let mut tail = vec![0u8; (covered - end) as usize];
-        read_level(levels, level, &mut tail, end, false)?;
-        storage.write_at(&tail, alloc.host_offset + (end - a0))?;
-    }
-    layer.commit(a0, alloc.len)?;
-    Ok(n)
+    levels[level].layer.write(&Write {
+        offset,
+        data: buf,
+        mode: WriteMode::Replace,
+        current: &Below { levels, level },
+    })
 }
 
 /// Make `[offset, offset + len)` of the top layer read as zeroes.
@@ -242,8 +178,13 @@ pub(crate) fn zero_top(levels: &[Level], offset: u64, len: u64, unmap: bool) -> 
     let a0 = align_up(offset, g).unwrap_or(end).min(end);
     let a1 = align_down(end, g).max(a0);
     if a1 > a0 {
-        let _guard = levels[top].alloc_lock.lock().unwrap_or_else(|e| e.into_inner());
-        layer.set_zero(a0, a1 - a0, unmap, hide)?;
+        layer.zero(&Zeroing {
+            offset: a0,
+            len: a1 - a0,
+            unmap,
+            hide_below: hide,
+            mode: WriteMode::Replace,
+        })?;
     }
     for (s, e) in [(offset, a0), (a1.max(offset), end)] {
         if e > s && !reads_as_zero(levels, s, e - s)? {

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 use crate::image::DiskImage;
 use crate::mapping::Extent;
+pub use crate::storage::is_zero;
 
 /// Bytes read per request while copying or comparing.
 const BUFFER: usize = 4 << 20;
@@ -19,18 +20,6 @@ pub struct CopyStats {
     pub bytes_read: u64,
     /// Bytes written to the destination.
     pub bytes_written: u64,
-}
-
-/// Whether every byte of `buf` is zero.
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut blocks = buf.chunks_exact(64);
-    let all_blocks = blocks.by_ref().all(|block| {
-        // OR eight words at a time; the compiler vectorises this.
-        block.chunks_exact(8).fold(0u64, |acc, w| {
-            acc | u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
-        }) == 0
-    });
-    all_blocks && blocks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Bytes of the disk one worker of [`copy`] handles at a time.
@@ -211,20 +200,4 @@ pub fn compare(a: &DiskImage, b: &DiskImage, progress: &mut dyn FnMut(u64)) -> R
         progress(pos);
     }
     Ok(None)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&[0; 1000]));
-        for i in 0..200 {
-            let mut v = vec![0u8; 200];
-            v[i] = 1;
-            assert!(!is_zero(&v), "byte {i}");
-        }
-    }
 }

@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
-use crate::layer::{Layer, LayerInfo, WritePlan};
+use crate::formats::{CreateOptions, FormatDriver, LayerOpen};
+use crate::layer::ImageFormat;
+use crate::layer::{Access, Health, Layer, LayerInfo, Write, WriteMode, Zeroing};
 use crate::mapping::Mapping;
-use crate::options::ImageFormat;
 use crate::storage::Storage;
 
 /// Requests at least this long look for a hole where they start (see [`RawImage`]'s `map`).
@@ -17,6 +18,38 @@ const SPARSE_READ_MIN: u64 = 128 << 10;
 const MAX_KNOWN_EXTENTS: usize = 1 << 16;
 /// Extents learned on the way to the one a read asks about, at most.
 const LEARN_WALK: usize = 16;
+
+/// The RAW driver: no signature, the file is the disk.
+pub(crate) static DRIVER: Driver = Driver;
+
+/// See [`DRIVER`].
+pub(crate) struct Driver;
+
+impl FormatDriver for Driver {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::Raw
+    }
+
+    fn recognises(&self, _head: &[u8]) -> bool {
+        false
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, how: &LayerOpen<'_>) -> Result<Arc<dyn Layer>> {
+        // A RAW file records no layer type, so it is never a cache layer.
+        Ok(Arc::new(match how.access {
+            Access::Parent(_) => RawImage::open_parent(storage, how.raw_block_size)?,
+            access => RawImage::open(storage, how.raw_block_size, matches!(access, Access::ReadWrite))?,
+        }))
+    }
+
+    fn create(&self, storage: Arc<dyn Storage>, options: &CreateOptions) -> Result<Arc<dyn Layer>> {
+        Ok(Arc::new(RawImage::create(
+            storage,
+            options.size,
+            options.block_size,
+        )?))
+    }
+}
 
 /// A RAW image.
 #[derive(Debug)]
@@ -28,6 +61,7 @@ pub struct RawImage {
     /// For a parent in a stack (which nothing writes while it is open): the data and hole
     /// extents learned so far, so that reads of any size skip holes without a system call.
     known: Option<KnownExtents>,
+    health: Health,
 }
 
 /// Extents of a file that does not change, learned with `SEEK_DATA`/`SEEK_HOLE` as reads ask.
@@ -98,6 +132,7 @@ impl RawImage {
             size: AtomicU64::new(size),
             block_size,
             known: None,
+            health: Health::new(),
         })
     }
 
@@ -183,6 +218,7 @@ impl Layer for RawImage {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.health.check()?;
         // Copying a hole out of the file costs as much as copying data; zeroing the caller's
         // buffer is cheaper. For a large request one `SEEK_DATA` costs far less than the copy it
         // may save, so holes at the start of large requests are reported as zeroes. Where the
@@ -219,29 +255,44 @@ impl Layer for RawImage {
         }
     }
 
-    fn prepare_write(&self, offset: u64, len: u64) -> Result<WritePlan> {
-        Ok(WritePlan::InPlace {
-            host_offset: offset,
-            len,
-        })
+    fn write(&self, request: &Write<'_>) -> Result<()> {
+        self.health.check()?;
+        if !self.writable {
+            return Err(Error::from_kind(crate::ErrorKind::ReadOnly));
+        }
+        // A RAW image holds every byte: a fill has nothing to store.
+        if request.mode == WriteMode::FillAbsent {
+            return Ok(());
+        }
+        let _changing = self.health.changing()?;
+        self.storage.write_at(request.data, request.offset)
     }
 
     fn zero_granularity(&self, _hide_below: bool) -> u64 {
         1
     }
 
-    fn set_zero(&self, offset: u64, len: u64, unmap: bool, _hide_below: bool) -> Result<()> {
+    fn zero(&self, request: &Zeroing) -> Result<()> {
+        self.health.check()?;
+        if !self.writable {
+            return Err(Error::from_kind(crate::ErrorKind::ReadOnly));
+        }
+        if request.mode == WriteMode::FillAbsent {
+            return Ok(());
+        }
         if let Some(known) = &self.known {
             known.forget();
         }
-        if unmap {
-            self.storage.punch_hole(offset, len)
+        let _changing = self.health.changing()?;
+        if request.unmap {
+            self.storage.punch_hole(request.offset, request.len)
         } else {
-            self.storage.write_zeroes(offset, len)
+            self.storage.write_zeroes(request.offset, request.len)
         }
     }
 
     fn flush(&self) -> Result<()> {
+        self.health.check()?;
         self.storage.sync()
     }
 

@@ -358,6 +358,15 @@ pub(crate) enum Command {
     },
     /// Serve images over NBD (to QEMU, libnbd tools, the Linux kernel, macOS VZ).
     Serve(crate::cmd::serve::ServeArgs),
+    /// VM image bundles (taskcluster-worker's image.tar.zst): create, extract, verify, info.
+    #[command(subcommand)]
+    Bundle(crate::cmd::bundle::BundleCommand),
+    /// The download-once image cache: fetch, instance, release, ls, rm, gc.
+    Cache(crate::cmd::cache::CacheArgs),
+    /// Pull a container image or a VM disk (tart's layout) from an OCI registry.
+    Pull(crate::cmd::pull::Args),
+    /// Push a disk image (tart's layout) or an OCI layout's image to an OCI registry.
+    Push(crate::cmd::push::Args),
     /// List the partitions of a disk image (GPT or MBR).
     Partitions {
         #[command(flatten)]
@@ -462,7 +471,11 @@ pub(crate) enum Command {
         /// (snapshots/<manifest-hex>/snapshot + snapshot-info) instead of DST; reused if present.
         #[arg(long, value_name = "DIR", conflicts_with = "dst")]
         store: Option<PathBuf>,
-        /// The image: PATH or PATH:REF (REF: tag, ref.name annotation or sha256:digest).
+        #[command(flatten)]
+        registry: crate::cmd::pull::RegistryArgs,
+        /// The image: PATH or PATH:REF (REF: tag, ref.name annotation or sha256:digest), or
+        /// a registry reference (HOST/REPO[:TAG], docker://NAME), pulled into the shared
+        /// layout in $XDG_CACHE_HOME/diskkit/oci first.
         src: String,
         /// The ext4 image to create.
         #[arg(required_unless_present = "store")]

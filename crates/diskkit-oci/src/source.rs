@@ -230,7 +230,10 @@ impl Platform {
         }
     }
 
-    fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
+    /// Whether an image for `os`/`arch`/`variant` suits this platform: same OS and
+    /// architecture, and the same variant when this platform names one (how `unpack` and
+    /// `pull` choose from an index).
+    pub fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
         self.os == os
             && self.architecture == arch
             && (self.variant.is_none() || self.variant.as_deref() == variant)

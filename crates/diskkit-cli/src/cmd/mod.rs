@@ -1,6 +1,8 @@
 //! One module per command.
 
 mod access;
+pub(crate) mod bundle;
+pub(crate) mod cache;
 mod check;
 mod compare;
 mod convert;
@@ -10,6 +12,8 @@ mod info;
 mod kernel;
 mod map;
 mod partitions;
+pub(crate) mod pull;
+pub(crate) mod push;
 pub(crate) mod serve;
 mod stack;
 mod unpack;
@@ -141,6 +145,10 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             length,
         } => access::discard(&open, &path, &offset, &length),
         Command::Serve(args) => serve::run(&args),
+        Command::Bundle(command) => bundle::run(command),
+        Command::Cache(args) => cache::run(args),
+        Command::Pull(args) => pull::run(&args),
+        Command::Push(args) => push::run(&args),
         Command::Partitions { open, output, path } => partitions::run(&open, output, &path),
         Command::Ls {
             fs,
@@ -185,6 +193,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
             metadata_csum,
             force,
             store,
+            registry,
             src,
             dst,
         } => unpack::run(
@@ -196,6 +205,7 @@ pub(crate) fn run(cli: Cli) -> Result<u8> {
                 metadata_csum,
                 force,
                 store: store.as_deref(),
+                registry: &registry,
             },
             &src,
             dst.as_deref(),

@@ -68,13 +68,30 @@ pub(crate) struct Args<'a> {
     pub(crate) metadata_csum: bool,
     pub(crate) force: bool,
     pub(crate) store: Option<&'a Path>,
+    pub(crate) registry: &'a super::pull::RegistryArgs,
 }
 
 pub(crate) fn run(args: Args<'_>, src: &str, dst: Option<&Path>) -> Result<u8> {
-    let (path, reference) = split_source(src);
     let format = args.format.into();
     let size = args.size.map(parse_size).transpose()?;
     let platform = args.platform.map(str::parse::<Platform>).transpose()?;
+    let (path, reference) = if diskkit_deliver::registry::looks_like_reference(src) {
+        // A registry reference: pull what the shared layout lacks, then unpack from it.
+        let r = diskkit_deliver::registry::Reference::parse(src)?;
+        let bars = super::pull::TransferBars::new("pulling", 0, false);
+        let (layout, digest) = diskkit_deliver::registry::pull_to_layout(
+            &r,
+            None,
+            &args.registry.options(None)?,
+            platform.clone(),
+            &|ev| bars.event(ev),
+        )
+        .with_context(|| format!("cannot pull {r}"))?;
+        bars.finish();
+        (layout, Some(digest))
+    } else {
+        split_source(src)
+    };
     let options = UnpackOptions {
         reference,
         platform,

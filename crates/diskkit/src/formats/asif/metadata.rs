@@ -38,7 +38,8 @@ impl Metadata {
         let mut internal = Dictionary::new();
         internal.insert(
             STABLE_UUID.into(),
-            Value::String(stable_uuid.hyphenated().to_string().to_uppercase()),
+            // Lower case, as macOS writes it.
+            Value::String(stable_uuid.hyphenated().to_string()),
         );
         let mut root = Dictionary::new();
         root.insert(INTERNAL.into(), Value::Dictionary(internal));
@@ -87,6 +88,9 @@ impl Metadata {
     }
 
     /// Serialise into a block of exactly `block_len` bytes.
+    ///
+    /// As macOS writes it: the XML ends with a newline, and the recorded data length is the
+    /// XML's length rounded up to 512 (the padding is NUL bytes).
     pub(crate) fn to_block(&self, block_len: usize) -> Result<Vec<u8>> {
         let mut xml = Vec::new();
         Value::Dictionary(self.root.clone())
@@ -94,8 +98,12 @@ impl Metadata {
             .map_err(|e| {
                 Error::new(crate::ErrorKind::Io, "cannot write the metadata property list").with_source(e)
             })?;
+        if xml.last() != Some(&b'\n') {
+            xml.push(b'\n');
+        }
+        let recorded = xml.len().div_ceil(512) * 512;
         let header = HEADER_SIZE as usize;
-        if header + xml.len() > block_len {
+        if header + recorded > block_len {
             return Err(Error::invalid_argument(format!(
                 "metadata of {} bytes does not fit in a {block_len}-byte chunk",
                 xml.len()
@@ -105,7 +113,7 @@ impl Metadata {
         block[0..4].copy_from_slice(&MAGIC.to_be_bytes());
         block[4..8].copy_from_slice(&VERSION.to_be_bytes());
         block[8..12].copy_from_slice(&HEADER_SIZE.to_be_bytes());
-        block[12..20].copy_from_slice(&(xml.len() as u64).to_be_bytes());
+        block[12..20].copy_from_slice(&(recorded as u64).to_be_bytes());
         block[header..header + xml.len()].copy_from_slice(&xml);
         Ok(block)
     }
@@ -240,5 +248,31 @@ mod tests {
         m.internal_mut()
             .insert(PARENT_UUID.into(), Value::String("nope".into()));
         assert!(m.layer_info().is_err());
+    }
+}
+
+#[cfg(test)]
+mod macos_tests {
+    use super::*;
+
+    /// The metadata block macOS wrote for an image (dissect.hypervisor's `basic.asif`): the
+    /// XML text, its newline, the lower-case UUID and the length rounded up to 512.
+    #[test]
+    fn block_matches_what_macos_writes() {
+        let id = Uuid::parse_str("13db9632-b79f-4e95-aada-835d5ef97bba").unwrap();
+        let block = Metadata::new(id).to_block(1 << 20).unwrap();
+        let macos = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
+<!DOCTYPE plist PUBLIC \"-//Apple//DTD PLIST 1.0//EN\" \"http://www.apple.com/DTDs/PropertyList-1.0.dtd\">\n\
+<plist version=\"1.0\">\n<dict>\n\t<key>internal metadata</key>\n\t<dict>\n\t\t<key>stable uuid</key>\n\
+\t\t<string>13db9632-b79f-4e95-aada-835d5ef97bba</string>\n\t</dict>\n\t<key>user metadata</key>\n\
+\t<dict/>\n</dict>\n</plist>\n";
+        assert_eq!(macos.len(), 351);
+        assert_eq!(&block[..20], b"meta\0\0\0\x01\0\0\x02\0\0\0\0\0\0\0\x02\0");
+        assert_eq!(String::from_utf8_lossy(&block[0x200..0x200 + macos.len()]), macos);
+        assert!(block[0x200 + macos.len()..].iter().all(|&b| b == 0));
+        assert_eq!(
+            Metadata::parse(&block).unwrap().layer_info().unwrap().stable_uuid,
+            Some(id)
+        );
     }
 }

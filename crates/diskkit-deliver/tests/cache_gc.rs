@@ -1,0 +1,168 @@
+//! gc's limits and order: least recently used first, never a referenced entry; --older-than,
+//! --max-size and --min-free; partial downloads; repair of leftovers.
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use diskkit_deliver::cache::{Cache, FetchOptions, GcOptions, Holder, Source};
+
+fn fetch_local(cache: &Cache, id: &str, src: &Path) {
+    cache
+        .fetch(
+            id,
+            &Source::Path(src.to_path_buf()),
+            &FetchOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+}
+
+/// Make `id` look last used `age` ago.
+fn age(cache: &Cache, id: &str, age: Duration) {
+    let f = fs::File::options()
+        .write(true)
+        .open(cache.root().join("entries").join(id).join("last-use"))
+        .unwrap();
+    f.set_modified(SystemTime::now() - age).unwrap();
+}
+
+#[test]
+fn gc_removes_least_recently_used_unreferenced_entries() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.raw");
+    support::sparse_disk(&src, 8 << 20, &[(0, 2 << 20)], 1);
+    let cache = Cache::open(t.path().join("c")).unwrap();
+    for id in ["a", "b", "c", "d"] {
+        fetch_local(&cache, id, &src);
+    }
+    age(&cache, "a", Duration::from_secs(40 * 86400));
+    age(&cache, "b", Duration::from_secs(20 * 86400));
+    age(&cache, "c", Duration::from_secs(10 * 86400));
+    // "a" (the oldest) is in use.
+    let inst = cache.instance("a", Some("vm"), Holder::current()).unwrap();
+    age(&cache, "a", Duration::from_secs(40 * 86400));
+    let sizes: Vec<(String, u64)> = cache
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.record.id, e.size))
+        .collect();
+    let total: u64 = sizes.iter().map(|s| s.1).sum();
+
+    // Without limits: repair only.
+    let r = cache.gc(&GcOptions::default()).unwrap();
+    assert!(r.removed.is_empty() && r.satisfied);
+
+    // Older than 15 days: b goes; a is referenced, so it stays.
+    let r = cache
+        .gc(&GcOptions {
+            older_than: Some(Duration::from_secs(15 * 86400)),
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert_eq!(r.removed, vec!["b"]);
+    assert_eq!(r.referenced, vec!["a"]);
+    assert!(inst.disk.exists());
+
+    // A size limit just under what is left: the least recently used unreferenced one (c)
+    // goes, not d.
+    let left = total - sizes.iter().find(|s| s.0 == "b").unwrap().1;
+    let r = cache
+        .gc(&GcOptions {
+            max_size: Some(left - 1),
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert_eq!(r.removed, vec!["c"], "{r:?}");
+    assert!(r.satisfied && r.size < left);
+
+    // An impossible free-space goal: everything unreferenced goes, and it says so.
+    let r = cache
+        .gc(&GcOptions {
+            min_free: Some(u64::MAX),
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert_eq!(r.removed, vec!["d"]);
+    assert!(!r.satisfied);
+    let ids: Vec<String> = cache.list().unwrap().into_iter().map(|e| e.record.id).collect();
+    assert_eq!(ids, vec!["a"]);
+
+    // Released: now it can go.
+    cache.release("vm").unwrap();
+    let r = cache
+        .gc(&GcOptions {
+            max_size: Some(0),
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert_eq!(r.removed, vec!["a"]);
+    assert!(cache.list().unwrap().is_empty());
+    assert!(support::tree(&cache.root().join("entries")).is_empty());
+    // Lock files of removed entries are gone too.
+    assert!(
+        support::tree(&cache.root().join("locks")).is_empty(),
+        "{:?}",
+        support::tree(&cache.root().join("locks"))
+    );
+}
+
+#[test]
+fn repair_removes_leftovers_of_killed_commands() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.raw");
+    support::sparse_disk(&src, 4 << 20, &[(0, 4096)], 2);
+    let root = t.path().join("c");
+    let cache = Cache::open(&root).unwrap();
+    fetch_local(&cache, "e", &src);
+    // What a killed process can leave behind.
+    fs::create_dir_all(root.join("tmp/e.123-abc/sub")).unwrap();
+    fs::create_dir_all(root.join("trash/xyz")).unwrap();
+    fs::write(root.join("trash/xyz/disk.img"), b"x").unwrap();
+    fs::write(root.join("refs/.vm.json.tmp-999999999-abcdef"), b"{").unwrap();
+    fs::write(root.join("entries/e/instance-ghost.qcow2"), b"x").unwrap();
+    fs::write(root.join("entries/e/.instance-ghost.json.tmp-1-x"), b"x").unwrap();
+    let incomplete = serde_json::json!({
+        "name": "half", "id": "e", "holder": {"pid": std::process::id(), "start_time": 0},
+        "created": 0, "nonce": "n", "complete": false
+    });
+    fs::write(
+        root.join("refs/half.json"),
+        serde_json::to_vec(&incomplete).unwrap(),
+    )
+    .unwrap();
+    fs::write(root.join("entries/e/instance-half.qcow2"), b"x").unwrap();
+    let dead = serde_json::json!({
+        "name": "dead", "id": "e", "holder": {"pid": 999_999_999u32, "start_time": 1},
+        "created": 0, "nonce": "m", "complete": true
+    });
+    fs::write(root.join("refs/dead.json"), serde_json::to_vec(&dead).unwrap()).unwrap();
+    fs::write(root.join("entries/e/instance-dead.qcow2"), b"x").unwrap();
+
+    let cache = Cache::open(&root).unwrap();
+    cache.repair().unwrap();
+    assert!(support::tree(&root.join("tmp")).is_empty());
+    assert!(support::tree(&root.join("trash")).is_empty());
+    assert!(
+        support::tree(&root.join("refs")).is_empty(),
+        "{:?}",
+        support::tree(&root.join("refs"))
+    );
+    let files = support::tree(&root.join("entries/e"));
+    assert_eq!(
+        files,
+        vec![
+            "disk.img",
+            "entry.json",
+            "last-use",
+            "layer.qcow2",
+            "machine.json"
+        ]
+    );
+    // Still a working entry.
+    let i = cache.instance("e", None, Holder::current()).unwrap();
+    support::tool_ok("qemu-img", &["check", "-q", i.disk.to_str().unwrap()]);
+}

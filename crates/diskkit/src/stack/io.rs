@@ -94,7 +94,7 @@ pub(crate) fn read_level(
 /// Read from beneath the cache layer at `level`, and keep what was read in the cache.
 fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
     let layer = &levels[level].layer;
-    let g = layer.allocation_granularity();
+    let g = fill_unit(levels, level);
     let end = offset + buf.len() as u64;
     let a0 = align_down(offset, g);
     let a1 = align_up(end, g).unwrap_or(end).min(layer.size());
@@ -107,6 +107,16 @@ fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u6
     let start = (offset - a0) as usize;
     buf.copy_from_slice(&wide[start..start + buf.len()]);
     fill_cache(levels, level, &wide, a0)
+}
+
+/// The unit in which the cache layer at `level` fills: its allocation granularity, or the
+/// base storage's fetch unit (a remote object) rounded up to it when that is larger.
+fn fill_unit(levels: &[Level], level: usize) -> u64 {
+    let g = levels[level].layer.allocation_granularity().max(1);
+    match levels[0].layer.storage().fetch_unit() {
+        Some(unit) if unit > g => align_up(unit, g).unwrap_or(g),
+        _ => g,
+    }
 }
 
 /// Store `data`, read from beneath, into the cache layer at `level` where it holds nothing

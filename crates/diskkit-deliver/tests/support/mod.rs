@@ -180,6 +180,23 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, None)
+    }
+
+    /// nginx serving HTTPS with the certificate chain and key given (PEM files).
+    pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(root, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
+        let listen_extra = match tls {
+            Some((cert, key)) => format!(
+                " ssl;\n    ssl_certificate {};\n    ssl_certificate_key {}",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         for _ in 0..10 {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
@@ -194,7 +211,7 @@ impl Nginx {
                    sendfile on;\n  keepalive_requests 10000;\n\
                    client_body_temp_path {d}/client;\n  proxy_temp_path {d}/proxy;\n\
                    fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                   server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    location / {{ }}\n  }}\n}}\n",
+                   server {{\n    listen 127.0.0.1:{port}{listen_extra};\n    root {root};\n    location / {{ }}\n  }}\n}}\n",
                 d = d.display(),
                 root = root.display()
             );

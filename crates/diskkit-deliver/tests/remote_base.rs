@@ -447,3 +447,70 @@ fn sigkill_during_fills_never_leaves_unfetched_data() {
     assert!(read_all(&image) == model);
     assert!(filled > 0, "the children filled the cache");
 }
+
+#[test]
+fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
+    let www = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let size = 40 * MIB;
+    let name = "b.img";
+    {
+        // Data everywhere, so every unit takes space in the cache.
+        let mut data = vec![0u8; size as usize];
+        Rng(31).fill(&mut data);
+        fs::write(www.path().join(name), &data).unwrap();
+    }
+    let model = read_all(&DiskImage::open(www.path().join(name), &OpenOptions::new()).unwrap());
+    let nginx = Nginx::start(www.path());
+    let (policy, resolver) = policy_for(nginx.port, options());
+    let cache = work.path().join("cache.asif");
+    create_cache_layer(&cache, &nginx.url(name), &options(), &CacheLayerOptions::default()).unwrap();
+    let bound = 10 * MIB;
+    // Header, metadata and tables.
+    let overhead = support::allocated(&cache);
+    let open = |bound: Option<u64>| {
+        DiskImage::open(&cache, &OpenOptions::new().writable(true).parents(policy.clone()).max_cache_size(bound))
+    };
+    {
+        let image = open(Some(bound)).unwrap();
+        // A hot unit, read between every other read, stays cached.
+        let mut hot = vec![0u8; 4096];
+        let mut buf = vec![0u8; MIB as usize];
+        for i in 0..40 {
+            image.read_at(&mut buf, i * MIB).unwrap();
+            assert!(buf == model[(i * MIB) as usize..((i + 1) * MIB) as usize]);
+            image.read_at(&mut hot, 3 * MIB).unwrap();
+        }
+        let held = image.describe_layers().unwrap()[0].allocated_bytes.unwrap() - overhead;
+        assert!(held <= bound + MIB, "{held} bytes of data allocated ({overhead} overhead)");
+        let before = resolver.opened().last().unwrap().stats().bytes;
+        image.read_at(&mut hot, 3 * MIB).unwrap();
+        image.read_at(&mut buf, 38 * MIB).unwrap();
+        assert_eq!(resolver.opened().last().unwrap().stats().bytes, before, "recent units are cached");
+        // The first units were evicted (they map to the base again); the hot one was not.
+        // Reading them fills them again, correctly.
+        assert_eq!(image.status(0, MIB).unwrap().depth, 2);
+        assert_eq!(image.status(3 * MIB, MIB).unwrap().depth, 1);
+        image.read_at(&mut buf, 0).unwrap();
+        assert!(buf == model[..MIB as usize]);
+        assert_eq!(image.status(0, MIB).unwrap().depth, 1);
+    }
+    // Reopened with a smaller bound: trimmed at once; without a bound, reads are right.
+    {
+        let image = open(Some(4 * MIB)).unwrap();
+        let held = image.describe_layers().unwrap()[0].allocated_bytes.unwrap() - overhead;
+        assert!(held <= 5 * MIB, "{held} bytes of data allocated after trimming");
+    }
+    let image = open(None).unwrap();
+    assert!(read_all(&image) == model);
+    // A qcow2 cache layer cannot forget: a bound is refused clearly.
+    let q = work.path().join("cache.qcow2");
+    let layer = CacheLayerOptions {
+        format: ImageFormat::Qcow2,
+        ..CacheLayerOptions::default()
+    };
+    create_cache_layer(&q, &nginx.url(name), &options(), &layer).unwrap();
+    let e = DiskImage::open(&q, &OpenOptions::new().writable(true).parents(policy.clone()).max_cache_size(Some(bound)))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+}

@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use super::budget::CacheBudget;
 use crate::error::Result;
 use crate::layer::write::CurrentContent;
 use crate::layer::{Layer, LayerType, Write, WriteMode, Zeroing};
@@ -17,11 +18,17 @@ use crate::mapping::{Extent, ExtentKind, Mapping};
 pub(crate) struct Level {
     pub(crate) layer: Arc<dyn Layer>,
     pub(crate) layer_type: Option<LayerType>,
+    /// The size bound of a cache layer, if it has one.
+    pub(crate) budget: Option<Arc<CacheBudget>>,
 }
 
 impl Level {
     pub(crate) fn new(layer: Arc<dyn Layer>, layer_type: Option<LayerType>) -> Level {
-        Level { layer, layer_type }
+        Level {
+            layer,
+            layer_type,
+            budget: None,
+        }
     }
 }
 
@@ -74,7 +81,12 @@ pub(crate) fn read_level(
         let n = n.clamp(1, want) as usize;
         let piece = &mut buf[pos..pos + n];
         match m {
-            Mapping::Data { host_offset } => l.layer.storage().read_at(piece, host_offset)?,
+            Mapping::Data { host_offset } => {
+                if let Some(budget) = &l.budget {
+                    budget.touch(at, n as u64);
+                }
+                l.layer.storage().read_at(piece, host_offset)?
+            }
             Mapping::Zero => piece.fill(0),
             Mapping::Special => l.layer.read_special(at, piece)?,
             Mapping::Absent if level == 0 => piece.fill(0),
@@ -100,18 +112,36 @@ fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u6
     let a1 = align_up(end, g).unwrap_or(end).min(layer.size());
     if a0 == offset && a1 == end {
         read_level(levels, level - 1, buf, offset, true)?;
-        return fill_cache(levels, level, buf, offset);
+        fill_cache(levels, level, buf, offset)?;
+    } else {
+        let mut wide = vec![0u8; (a1 - a0) as usize];
+        read_level(levels, level - 1, &mut wide, a0, true)?;
+        let start = (offset - a0) as usize;
+        buf.copy_from_slice(&wide[start..start + buf.len()]);
+        fill_cache(levels, level, &wide, a0)?;
     }
-    let mut wide = vec![0u8; (a1 - a0) as usize];
-    read_level(levels, level - 1, &mut wide, a0, true)?;
-    let start = (offset - a0) as usize;
-    buf.copy_from_slice(&wide[start..start + buf.len()]);
-    fill_cache(levels, level, &wide, a0)
+    if let Some(budget) = &levels[level].budget {
+        evict(&**layer, budget, &budget.filled(a0, a1 - a0))?;
+    }
+    Ok(())
+}
+
+/// Evict `units` of `budget` from the cache `layer`.
+pub(crate) fn evict(layer: &dyn Layer, budget: &CacheBudget, units: &[u64]) -> Result<()> {
+    let unit = budget.unit();
+    let size = layer.size();
+    for &u in units {
+        let start = u * unit;
+        if start < size {
+            layer.evict(start, unit.min(size - start))?;
+        }
+    }
+    Ok(())
 }
 
 /// The unit in which the cache layer at `level` fills: its allocation granularity, or the
 /// base storage's fetch unit (a remote object) rounded up to it when that is larger.
-fn fill_unit(levels: &[Level], level: usize) -> u64 {
+pub(crate) fn fill_unit(levels: &[Level], level: usize) -> u64 {
     let g = levels[level].layer.allocation_granularity().max(1);
     match levels[0].layer.storage().fetch_unit() {
         Some(unit) if unit > g => align_up(unit, g).unwrap_or(g),

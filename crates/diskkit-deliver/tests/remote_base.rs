@@ -514,3 +514,24 @@ fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
 }
+
+#[test]
+fn a_cache_layer_opened_read_only_still_fills() {
+    let www = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let model = make_base(&www.path().join("b.img"), ImageFormat::Raw, 8 * MIB, 4);
+    let nginx = Nginx::start(www.path());
+    let (policy, _) = policy_for(nginx.port, options());
+    let cache = work.path().join("cache.asif");
+    create_cache_layer(&cache, &nginx.url("b.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    {
+        let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy.clone())).unwrap();
+        assert_eq!(image.open_mode(), diskkit::OpenMode::ReadOnly);
+        assert!(image.write_at(&[1], 0).is_err(), "read-only all the same");
+        assert!(read_all(&image) == model);
+    }
+    let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy)).unwrap();
+    for e in image.extents(0, 8 * MIB).unwrap() {
+        assert!(e.depth == 1 || e.kind == diskkit::ExtentKind::Zero, "not in the cache: {e:?}");
+    }
+}

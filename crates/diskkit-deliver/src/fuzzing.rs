@@ -32,3 +32,15 @@ pub fn machine_json(data: &[u8]) {
         assert_eq!(bundle::Machine::parse(&m.to_json()).ok(), Some(m));
     }
 }
+
+/// Parse `data` as the parent hint of a layer naming a remote base (URL and identity); a hint
+/// that parses must survive a round trip, and its URL must be a remote one.
+pub fn remote_hint(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(Some(hint)) = crate::remote::RemoteHint::parse(text) {
+        assert!(crate::remote::is_remote(&hint.url));
+        let again = crate::remote::RemoteHint::parse(&hint.to_hint());
+        assert_eq!(again.ok().flatten(), Some(hint.clone()));
+        let _ = crate::remote::remote_host(&hint.url);
+    }
+}

@@ -65,3 +65,10 @@ fn machine_json_corpus() {
         diskkit_deliver::fuzzing::machine_json(&data);
     }
 }
+
+#[test]
+fn remote_hint_corpus() {
+    for (_, data) in corpus("remote_hint") {
+        diskkit_deliver::fuzzing::remote_hint(&data);
+    }
+}

@@ -4,7 +4,6 @@
 //! SIGKILL during fills; a replaced object is refused; faults are retried or end in an I/O
 //! error with no wrong data; parents are followed only when allowed.
 
-#[allow(dead_code)]
 mod support;
 
 use std::fs;
@@ -201,9 +200,11 @@ fn a_replaced_object_is_refused_on_open_and_fails_reads_while_open() {
     let mut buf = vec![0u8; MIB as usize];
     image.read_at(&mut buf, 0).unwrap();
     // Replaced by another object of the same size (nginx's ETag is mtime and size).
+    // (a second later, so that nginx's ETag, made of the mtime in seconds and the size,
+    // changes)
+    std::thread::sleep(Duration::from_millis(1100));
     let other = www.path().join("other.img");
     make_base(&other, ImageFormat::Raw, 16 * MIB, 6);
-    std::thread::sleep(Duration::from_millis(1100));
     fs::rename(&other, &base).unwrap();
     let e = image.read_at(&mut buf, 12 * MIB).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io, "{e:#}");
@@ -268,7 +269,8 @@ fn faults_are_retried_or_end_in_an_io_error_without_wrong_data() {
     let (policy, resolver) = policy_for(proxy.port, opts.clone());
     let cache = work.path().join("cache.asif");
     create_cache_layer(&cache, &proxy.url("b.img"), &opts, &CacheLayerOptions::default()).unwrap();
-    let image = open_stack(&cache, &policy).unwrap();
+    // The faults meet the connections of a fresh open (its client starts with an empty pool;
+    // each fault ends its connection, so the next request opens a new one).
     for f in [
         Fault::CutAfter(300 << 10),
         Fault::Status500,
@@ -278,6 +280,7 @@ fn faults_are_retried_or_end_in_an_io_error_without_wrong_data() {
     ] {
         proxy.push(f);
     }
+    let image = open_stack(&cache, &policy).unwrap();
     // Each fault ends its connection, so the next request opens a new one and meets the next.
     let mut got = vec![0u8; MIB as usize];
     let mut at = 0;
@@ -291,14 +294,15 @@ fn faults_are_retried_or_end_in_an_io_error_without_wrong_data() {
     let mut got = vec![0u8; 6 * MIB as usize];
     // Every connection fails now: the read fails with an I/O error, within the retry limit.
     proxy.set_default(Fault::Status500);
+    proxy.cut_all();
     let t = std::time::Instant::now();
-    let e = image.read_at(&mut got, 16 * MIB).unwrap_err();
+    let e = image.read_at(&mut got, 18 * MIB).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io, "{e:#}");
     assert!(t.elapsed() < Duration::from_secs(60));
     // Nothing of the failed range was kept: once the server is back, the data is right.
     proxy.set_default(Fault::None);
-    image.read_at(&mut got, 16 * MIB).unwrap();
-    assert!(got == model[16 * MIB as usize..22 * MIB as usize]);
+    image.read_at(&mut got, 18 * MIB).unwrap();
+    assert!(got == model[18 * MIB as usize..24 * MIB as usize]);
     drop(image);
     let image = open_stack(&cache, &policy).unwrap();
     assert!(read_all(&image) == model);

@@ -5,7 +5,6 @@
 //!
 //! One test in this binary, because it sets process-wide environment variables.
 
-#[allow(dead_code)]
 mod support;
 
 use std::net::TcpStream;

@@ -243,6 +243,14 @@ impl RemoteObject {
                 }
             }
         }
+        if got == buf.len() {
+            // Reading to the end of the body hands the connection back to the pool for the
+            // next request (keep-alive); a body longer than announced is not read further.
+            let mut probe = [0u8; 1];
+            if matches!(body.read(&mut probe), Ok(n) if n > 0) {
+                return Attempt::Fail(self.changed(identity, "the server sent more than the range asked for"));
+            }
+        }
         if got < buf.len() {
             return Attempt::Retry {
                 error: Error::new(

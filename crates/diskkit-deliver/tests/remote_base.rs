@@ -416,6 +416,15 @@ fn sigkill_child() {
 
 #[test]
 fn sigkill_during_fills_never_leaves_unfetched_data() {
+    sigkill_rounds(ImageFormat::Asif, 32);
+}
+
+#[test]
+fn sigkill_during_fills_of_a_qcow2_cache_layer() {
+    sigkill_rounds(ImageFormat::Qcow2, 8);
+}
+
+fn sigkill_rounds(cache_format: ImageFormat, rounds: u64) {
     let www = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let model = make_base(&www.path().join("b.img"), ImageFormat::Raw, 64 * MIB, 21);
@@ -423,12 +432,16 @@ fn sigkill_during_fills_never_leaves_unfetched_data() {
     // Slow transfers, so kills land in the middle of fetches and fills.
     let proxy = FaultProxy::start(nginx.port, &[]);
     proxy.set_default(Fault::Throttle(40 << 20));
-    let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &proxy.url("b.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    let cache = work.path().join(format!("cache.{cache_format}"));
+    let layer = CacheLayerOptions {
+        format: cache_format,
+        ..CacheLayerOptions::default()
+    };
+    create_cache_layer(&cache, &proxy.url("b.img"), &options(), &layer).unwrap();
     let (policy, _) = policy_for(proxy.port, options());
     let exe = std::env::current_exe().unwrap();
     let mut rng = Rng(5);
-    for round in 0..32 {
+    for round in 0..rounds {
         let mut child = Command::new(&exe)
             .args(["--exact", "sigkill_child", "--nocapture", "--test-threads=1"])
             .env("DISKKIT_REMOTE_CHILD", format!("{},{},{round}", cache.display(), proxy.port))

@@ -60,7 +60,7 @@ fn read_all(image: &DiskImage, threads: u64, resolver: &RemoteResolver) -> Resul
     });
     image.flush()?;
     let secs = start.elapsed().as_secs_f64();
-    let stats = resolver.opened().first().map(|s| s.stats()).unwrap_or_default();
+    let stats = resolver.opened().first().map(|s| s.1).unwrap_or_default();
     println!(
         "{} MiB in {secs:.2} s: {:.0} MiB/s; {} requests, {} MiB fetched, {} retries",
         size >> 20,

@@ -139,7 +139,7 @@ fn stacks_on_remote_bases_read_like_local_ones_before_and_after_reopening() {
             assert!(read_all(&image) == model, "{format}: whole disk from the cache");
         }
         let opened = resolver.opened();
-        let last = opened.last().unwrap().stats();
+        let last = opened.last().unwrap().1;
         if format == ImageFormat::Raw {
             assert_eq!(gets(&nginx, name), before, "no GET for a cached RAW base");
         } else {
@@ -290,7 +290,7 @@ fn faults_are_retried_or_end_in_an_io_error_without_wrong_data() {
         at += MIB;
     }
     assert_eq!(proxy.pending(), 0);
-    assert!(resolver.opened()[0].stats().retries >= 4, "{:?}", resolver.opened()[0].stats());
+    assert!(resolver.opened()[0].1.retries >= 4, "{:?}", resolver.opened()[0].1);
     let mut got = vec![0u8; 6 * MIB as usize];
     // Every connection fails now: the read fails with an I/O error, within the retry limit.
     proxy.set_default(Fault::Status500);
@@ -500,10 +500,10 @@ fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
         }
         let held = image.describe_layers().unwrap()[0].allocated_bytes.unwrap() - overhead;
         assert!(held <= bound + MIB, "{held} bytes of data allocated ({overhead} overhead)");
-        let before = resolver.opened().last().unwrap().stats().bytes;
+        let before = resolver.opened().last().unwrap().1.bytes;
         image.read_at(&mut hot, 3 * MIB).unwrap();
         image.read_at(&mut buf, 38 * MIB).unwrap();
-        assert_eq!(resolver.opened().last().unwrap().stats().bytes, before, "recent units are cached");
+        assert_eq!(resolver.opened().last().unwrap().1.bytes, before, "recent units are cached");
         // The first units were evicted (they map to the base again); the hot one was not.
         // Reading them fills them again, correctly.
         assert_eq!(image.status(0, MIB).unwrap().depth, 2);

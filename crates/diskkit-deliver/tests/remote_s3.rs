@@ -154,7 +154,7 @@ fn s3_bases_with_profiles_signing_and_a_custom_endpoint() {
         model[(5 * MIB + 3) as usize..(5 * MIB + 3) as usize + data.len()].copy_from_slice(&data);
         assert!(read_all(&image) == model);
     }
-    let requests = resolver.opened()[0].stats().requests;
+    let requests = resolver.opened()[0].1.requests;
     assert!(requests > 1);
     {
         let image = DiskImage::open(&overlay, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();

@@ -27,7 +27,7 @@ mod resolver;
 mod s3;
 mod storage;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 pub use self::cache::{create_cache_layer, prefetch, CacheLayerOptions, CreatedCache, PrefetchStats};
 pub use self::identity::{is_remote, Identity, RemoteHint};
@@ -112,11 +112,7 @@ fn open_object(url: &str, options: &RemoteOptions) -> Result<RemoteObject> {
         address,
         name: url.to_string(),
         client: Client::new(&options.client)?,
-        stats: RequestStats {
-            requests: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-        },
+        stats: Arc::new(RequestStats::default()),
     })
 }
 

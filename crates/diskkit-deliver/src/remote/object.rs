@@ -10,6 +10,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::identity::Identity;
@@ -26,6 +27,17 @@ pub(crate) struct RequestStats {
     pub(crate) bytes: AtomicU64,
     /// Requests that failed and were retried.
     pub(crate) retries: AtomicU64,
+}
+
+impl RequestStats {
+    /// The counters now.
+    pub(crate) fn snapshot(&self) -> super::RemoteStats {
+        super::RemoteStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            retries: self.retries.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Where a remote object is.
@@ -52,7 +64,7 @@ pub(crate) struct RemoteObject {
     /// The URL as the user wrote it (for messages; never holds credentials).
     pub(crate) name: String,
     pub(crate) client: Client,
-    pub(crate) stats: RequestStats,
+    pub(crate) stats: Arc<RequestStats>,
 }
 
 /// What a single attempt at a range ended with.

@@ -6,7 +6,8 @@ use diskkit::stack::{LayerLocation, ParentResolver, ResolvedParent};
 use diskkit::storage::Storage;
 
 use super::identity::RemoteHint;
-use super::{open_remote, remote_host, RemoteOptions, RemoteStorage};
+use super::object::RequestStats;
+use super::{open_remote, remote_host, RemoteOptions, RemoteStats};
 use crate::error::{Error, ErrorKind};
 
 /// Which remote hosts may be opened.
@@ -39,7 +40,9 @@ impl AllowRemote {
 pub struct RemoteResolver {
     options: RemoteOptions,
     allow: AllowRemote,
-    opened: Mutex<Vec<Arc<RemoteStorage>>>,
+    /// The URL and traffic counters of each object opened (not the storages themselves,
+    /// which are dropped with their stacks, ending their read-ahead threads).
+    opened: Mutex<Vec<(String, Arc<RequestStats>)>>,
 }
 
 impl RemoteResolver {
@@ -52,9 +55,12 @@ impl RemoteResolver {
         }
     }
 
-    /// The remote storages this resolver has opened (for their statistics).
-    pub fn opened(&self) -> Vec<Arc<RemoteStorage>> {
-        self.opened.lock().map(|o| o.clone()).unwrap_or_default()
+    /// The URL and traffic so far of each remote object this resolver has opened, in order.
+    pub fn opened(&self) -> Vec<(String, RemoteStats)> {
+        self.opened
+            .lock()
+            .map(|o| o.iter().map(|(u, s)| (u.clone(), s.snapshot())).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -105,11 +111,10 @@ impl ParentResolver for RemoteResolver {
         }
         let storage = open_remote(&parsed.url, Some(&parsed.identity), &self.options)
             .map_err(|e| core_error(e, &parsed.url).with_path(child.to_string()))?;
-        let storage = Arc::new(storage);
         if let Ok(mut o) = self.opened.lock() {
-            o.push(storage.clone());
+            o.push((parsed.url.clone(), storage.counters()));
         }
-        let storage: Arc<dyn Storage> = storage;
+        let storage: Arc<dyn Storage> = Arc::new(storage);
         Ok(Some(ResolvedParent {
             storage,
             location: LayerLocation::Other(parsed.url),

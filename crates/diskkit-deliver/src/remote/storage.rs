@@ -22,7 +22,6 @@
 //!   replaced object fails reads instead of mixing old and new bytes.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -182,12 +181,12 @@ impl RemoteStorage {
 
     /// Traffic so far.
     pub fn stats(&self) -> RemoteStats {
-        let s = &self.shared.object.stats;
-        RemoteStats {
-            requests: s.requests.load(Ordering::Relaxed),
-            bytes: s.bytes.load(Ordering::Relaxed),
-            retries: s.retries.load(Ordering::Relaxed),
-        }
+        self.shared.object.stats.snapshot()
+    }
+
+    /// The live counters (they outlive the storage).
+    pub(crate) fn counters(&self) -> Arc<super::object::RequestStats> {
+        self.shared.object.stats.clone()
     }
 
     /// Read `buf` at `offset` (inside the object), through the unit cache.

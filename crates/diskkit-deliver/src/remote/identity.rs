@@ -98,7 +98,10 @@ impl Identity {
             }
             let slot = match name {
                 "size" => {
-                    size = Some(value.parse::<u64>().map_err(|_| bad("bad size".into()))?);
+                    let n = value.parse::<u64>().map_err(|_| bad("bad size".into()))?;
+                    if size.replace(n).is_some() {
+                        return Err(bad("'size' given twice".into()));
+                    }
                     continue;
                 }
                 "etag" => &mut id.etag,

@@ -49,8 +49,14 @@ pub struct RemoteStats {
 enum Slot {
     /// Being fetched by some thread.
     Pending,
-    /// Fetched; `used` is the tick of the last read.
-    Ready { data: Arc<Vec<u8>>, used: u64 },
+    /// Fetched: `len` bytes at `at` in `run` (the buffer of the request that fetched it,
+    /// shared by its units, so nothing is copied); `used` is the tick of the last read.
+    Ready {
+        run: Arc<Vec<u8>>,
+        at: usize,
+        len: usize,
+        used: u64,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -203,9 +209,9 @@ impl RemoteStorage {
             let tick = st.tick;
             for b in b0..=b1 {
                 match st.blocks.get_mut(&b) {
-                    Some(Slot::Ready { data, used }) => {
+                    Some(Slot::Ready { run, at, len, used }) => {
                         *used = tick;
-                        got.push(data.clone());
+                        got.push((run.clone(), *at, *len));
                     }
                     Some(Slot::Pending) => waiting = true,
                     None => missing.push(b),
@@ -226,11 +232,11 @@ impl RemoteStorage {
             break got;
         };
         let mut pos = 0usize;
-        for (i, data) in pieces.iter().enumerate() {
+        for (i, (run, at, len)) in pieces.iter().enumerate() {
             let block_start = (b0 + i as u64) * sh.unit;
             let from = (offset + pos as u64 - block_start) as usize;
-            let n = (data.len() - from).min(buf.len() - pos);
-            buf[pos..pos + n].copy_from_slice(&data[from..from + n]);
+            let n = (len - from).min(buf.len() - pos);
+            buf[pos..pos + n].copy_from_slice(&run[at + from..at + from + n]);
             pos += n;
         }
         Ok(())
@@ -357,15 +363,20 @@ impl Shared {
             self.forget(first, count);
             return Err(e);
         }
+        let total = data.len();
+        let run = Arc::new(data);
+        let unit = self.unit as usize;
         let mut st = self.lock_state();
         st.tick += 1;
         let tick = st.tick;
-        for (i, chunk) in data.chunks(self.unit as usize).enumerate() {
+        for (i, at) in (0..total).step_by(unit).enumerate() {
             let b = first + i as u64;
             let old = st.blocks.insert(
                 b,
                 Slot::Ready {
-                    data: Arc::new(chunk.to_vec()),
+                    run: run.clone(),
+                    at,
+                    len: unit.min(total - at),
                     used: tick,
                 },
             );

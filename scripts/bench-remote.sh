@@ -14,8 +14,13 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/bench-lib.sh"
 size_mib=${1:-2048}
 nrand=${2:-2000}
-(cd "$here/.." && cargo build --release -q -p diskkit-cli)
+(cd "$here/.." && cargo build --release -q -p diskkit-cli &&
+    cargo build --release -q -p diskkit-deliver --example remote_serve)
 dk="$here/../target/release/diskkit"
+# Without the CLI's remote options (a build before they were added), the library's own server
+# (examples/remote_serve.rs: the same stack and NBD server as `diskkit serve`) is used.
+if "$dk" layer create --help 2>/dev/null | grep -q -- --allow-remote; then cli=1; else cli=0; fi
+example="$here/../target/release/examples/remote_serve"
 scratch_dir "${3:-}" diskkit-bench-remote
 
 pids=()
@@ -50,15 +55,39 @@ allow=(--allow-remote "127.0.0.1:$port")
 requests() { grep -c '"GET /base.img' nginx/access.log || true; }
 mbps() { echo "scale=1; $size_mib / $1" | bc -l; }
 
-# serve IMAGE SOCKET [ARGS...]: diskkit serve in the background until the script ends or stop.
+# make_cache PATH: a cache layer over $url.
+make_cache() {
+    if ((cli)); then
+        "$dk" layer create -q --type cache --parent "$url" "${allow[@]}" "$1"
+    else
+        # The example makes it when given the URL; it serves until its input ends.
+        "$example" "$work/make.sock" "$1" "$url" </dev/null
+    fi
+}
+# serve IMAGE SOCKET: serve IMAGE read-only in the background until stop_last.
 serve() {
     local img=$1 sock=$2
-    shift 2
-    "$dk" serve -q --foreground --read-only --socket "$sock" "$@" "$img" &
-    pids+=($!)
+    if ((cli)); then
+        "$dk" serve -q --foreground --read-only --socket "$sock" "${allow[@]}" "$img" &
+        pids+=($!)
+    else
+        mkfifo "$sock.ctl"
+        "$example" "$sock" "$img" <"$sock.ctl" &
+        pids+=($!)
+        exec 7>"$sock.ctl"
+    fi
     while [ ! -S "$sock" ]; do sleep 0.05; done
 }
-stop_last() { kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; }
+# stop_last: stop the server started last (in order: the cache layer is flushed).
+stop_last() {
+    if ((cli)) || [ "${1:-}" = nbdkit ]; then
+        kill "${pids[-1]}"
+    else
+        exec 7>&-
+    fi
+    wait "${pids[-1]}" 2>/dev/null || true
+    unset 'pids[-1]'
+}
 
 echo "curl -o /dev/null" >&2
 t_curl=$(t curl -s -o /dev/null "$url")
@@ -68,26 +97,27 @@ nbdkit -r -f -U "$work/nbdkit.sock" --filter=cache curl "$url" cache-on-read=tru
 pids+=($!)
 while [ ! -S "$work/nbdkit.sock" ]; do sleep 0.05; done
 t_nbdkit=$(t nbdcopy "nbd+unix:///?socket=$work/nbdkit.sock" null:)
-stop_last
+stop_last nbdkit
 
 echo "diskkit cache layer, first read" >&2
-"$dk" layer create -q --type cache --parent "$url" "${allow[@]}" cache.asif
-serve cache.asif "$work/dk.sock" "${allow[@]}"
+make_cache cache.asif
+serve cache.asif "$work/dk.sock"
 t_cold=$(t nbdcopy "nbd+unix:///?socket=$work/dk.sock" null:)
 stop_last
 echo "diskkit cache layer, second read" >&2
 before=$(requests)
-serve cache.asif "$work/dk2.sock" "${allow[@]}"
+serve cache.asif "$work/dk2.sock"
 t_warm=$(t nbdcopy "nbd+unix:///?socket=$work/dk2.sock" null:)
 stop_last
 warm_gets=$(($(requests) - before))
 
 echo "local ASIF" >&2
-"$dk" convert -q -O asif www/base.img local.asif
+"$dk" convert -O asif www/base.img local.asif >/dev/null
 serve local.asif "$work/local.sock"
 t_local=$(t nbdcopy "nbd+unix:///?socket=$work/local.sock" null:)
 stop_last
 
+# python3-libnbd is the system interpreter's module.
 cat > rand.py <<'EOF'
 import random, sys, time
 import nbd
@@ -109,14 +139,14 @@ nbdkit -r -f -U "$work/nbdkit2.sock" --filter=cache curl "$url" cache-on-read=tr
 pids+=($!)
 while [ ! -S "$work/nbdkit2.sock" ]; do sleep 0.05; done
 before=$(requests)
-read -r nk_med nk_p99 < <(python3 rand.py "nbd+unix:///?socket=$work/nbdkit2.sock" "$nrand")
+read -r nk_med nk_p99 < <(/usr/bin/python3 rand.py "nbd+unix:///?socket=$work/nbdkit2.sock" "$nrand")
 nk_req=$(($(requests) - before))
-stop_last
+stop_last nbdkit
 echo "random 4 KiB reads, cold: diskkit" >&2
-"$dk" layer create -q --type cache --parent "$url" "${allow[@]}" cache2.asif
-serve cache2.asif "$work/dk3.sock" "${allow[@]}"
+make_cache cache2.asif
+serve cache2.asif "$work/dk3.sock"
 before=$(requests)
-read -r dk_med dk_p99 < <(python3 rand.py "nbd+unix:///?socket=$work/dk3.sock" "$nrand")
+read -r dk_med dk_p99 < <(/usr/bin/python3 rand.py "nbd+unix:///?socket=$work/dk3.sock" "$nrand")
 dk_req=$(($(requests) - before))
 stop_last
 

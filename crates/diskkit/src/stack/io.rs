@@ -5,7 +5,8 @@
 //! driver stores only where it still holds nothing); writes go to the top layer's write path,
 //! which completes partly written allocation units from [`Below`].
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::budget::CacheBudget;
 use crate::error::Result;
@@ -20,6 +21,8 @@ pub(crate) struct Level {
     pub(crate) layer_type: Option<LayerType>,
     /// The size bound of a cache layer, if it has one.
     pub(crate) budget: Option<Arc<CacheBudget>>,
+    /// The units of a cache layer being filled now.
+    filling: FillGate,
 }
 
 impl Level {
@@ -28,7 +31,54 @@ impl Level {
             layer,
             layer_type,
             budget: None,
+            filling: FillGate::default(),
         }
+    }
+}
+
+/// The units of a cache layer that some thread is filling: a reader that needs one of them
+/// waits for that fill and then reads the cache, instead of reading beneath and filling the
+/// same unit again (many NBD requests in flight often ask for pieces of one unit at once).
+#[derive(Debug, Default)]
+struct FillGate {
+    units: Mutex<HashSet<u64>>,
+    done: Condvar,
+}
+
+impl FillGate {
+    /// Claim the units `[first, last]`: `Some` when none was being filled (they are now this
+    /// caller's until the guard drops), `None` after waiting for another thread's fill.
+    fn claim(&self, first: u64, last: u64) -> Option<FillClaim<'_>> {
+        let mut units = self.units.lock().unwrap_or_else(|p| p.into_inner());
+        if (first..=last).any(|u| units.contains(&u)) {
+            while (first..=last).any(|u| units.contains(&u)) {
+                units = self.done.wait(units).unwrap_or_else(|p| p.into_inner());
+            }
+            return None;
+        }
+        units.extend(first..=last);
+        Some(FillClaim {
+            gate: self,
+            first,
+            last,
+        })
+    }
+}
+
+struct FillClaim<'a> {
+    gate: &'a FillGate,
+    first: u64,
+    last: u64,
+}
+
+impl Drop for FillClaim<'_> {
+    fn drop(&mut self) {
+        let mut units = self.gate.units.lock().unwrap_or_else(|p| p.into_inner());
+        for u in self.first..=self.last {
+            units.remove(&u);
+        }
+        drop(units);
+        self.gate.done.notify_all();
     }
 }
 
@@ -110,6 +160,11 @@ fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u6
     let end = offset + buf.len() as u64;
     let a0 = align_down(offset, g);
     let a1 = align_up(end, g).unwrap_or(end).min(layer.size());
+    let Some(_claim) = levels[level].filling.claim(a0 / g, (a1 - 1) / g) else {
+        // Another thread filled (or tried to fill) these units meanwhile: read again from
+        // this level, which now finds them in the cache (or fills what is still absent).
+        return read_level(levels, level, buf, offset, true);
+    };
     if a0 == offset && a1 == end {
         read_level(levels, level - 1, buf, offset, true)?;
         fill_cache(levels, level, buf, offset)?;

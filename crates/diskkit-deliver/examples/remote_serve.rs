@@ -16,7 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let socket = PathBuf::from(&args[1]);
     let image = PathBuf::from(&args[2]);
-    let options = RemoteOptions::default();
+    let mut options = RemoteOptions::default();
+    // For measurements: another fetch unit (bytes).
+    if let Some(unit) = std::env::var("DISKKIT_FETCH_UNIT").ok().and_then(|u| u.parse().ok()) {
+        options.fetch_unit = unit;
+    }
     if let Some(url) = args.get(3) {
         if !image.exists() {
             create_cache_layer(&image, url, &options, &CacheLayerOptions::default())?;

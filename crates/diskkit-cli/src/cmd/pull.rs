@@ -185,6 +185,8 @@ impl TransferBars {
         }
     }
 
+    // The registry client hands events by value to its callback, which passes them on here.
+    #[allow(clippy::needless_pass_by_value)]
     pub(crate) fn event(&self, ev: BlobEvent<'_>) {
         let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
         let short = |d: &str| -> String {

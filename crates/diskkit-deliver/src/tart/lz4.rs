@@ -177,8 +177,7 @@ impl<R: Read> Decoder<R> {
                 Ok(true)
             }
             other => Err(corrupt(format!(
-                "not an Apple LZ4 block at byte {at} (magic {:02x?})",
-                other
+                "not an Apple LZ4 block at byte {at} (magic {other:02x?})"
             ))),
         }
     }

@@ -65,17 +65,11 @@ struct SliceRef {
     content: String,
 }
 
+/// An artifact's layout: disk format, slices, disk size, config and nvram descriptors.
+type Layout = (DiskFormat, Vec<SliceRef>, u64, Option<Descriptor>, Option<Descriptor>);
+
 /// Read the artifact's layout: disk format, slices with their offsets, config and nvram.
-fn read_layout(
-    registry: &Registry,
-    m: &Manifest,
-) -> Result<(
-    DiskFormat,
-    Vec<SliceRef>,
-    u64,
-    Option<Descriptor>,
-    Option<Descriptor>,
-)> {
+fn read_layout(registry: &Registry, m: &Manifest) -> Result<Layout> {
     let bad = |msg: String| Error::new(ErrorKind::InvalidArtifact, msg);
     if m.layers.iter().any(|l| l.media_type == LEGACY_DISK_MEDIA_TYPE) {
         return Err(bad(format!(

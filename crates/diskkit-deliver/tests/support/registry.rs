@@ -58,6 +58,7 @@ impl DockerRegistry {
         Self::start_with(auth, false)
     }
 
+    #[allow(clippy::needless_pass_by_value)] // test support: callers build the Auth inline
     pub fn start_with(auth: Auth, allow_foreign_urls: bool) -> DockerRegistry {
         for _ in 0..10 {
             let dir = tempfile::tempdir().unwrap();

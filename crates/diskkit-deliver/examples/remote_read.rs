@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use diskkit::{DiskImage, OpenOptions, ParentPolicy};
-use diskkit_deliver::remote::{create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver};
+use diskkit_deliver::remote::{
+    create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -38,7 +40,11 @@ fn open_cache(
     Ok(DiskImage::open(cache, &OpenOptions::new().parents(policy))?)
 }
 
-fn read_all(image: &DiskImage, threads: u64, resolver: &RemoteResolver) -> Result<(), Box<dyn std::error::Error>> {
+fn read_all(
+    image: &DiskImage,
+    threads: u64,
+    resolver: &RemoteResolver,
+) -> Result<(), Box<dyn std::error::Error>> {
     let size = image.size();
     let piece = 4u64 << 20;
     let next = AtomicU64::new(0);

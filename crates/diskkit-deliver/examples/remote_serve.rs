@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use diskkit::{DiskImage, OpenOptions, ParentPolicy};
-use diskkit_deliver::remote::{create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver};
+use diskkit_deliver::remote::{
+    create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver,
+};
 use diskkit_nbd::{Address, Export, Server, ServerConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,7 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let image = PathBuf::from(&args[2]);
     let mut options = RemoteOptions::default();
     // For measurements: another fetch unit (bytes).
-    if let Some(unit) = std::env::var("DISKKIT_FETCH_UNIT").ok().and_then(|u| u.parse().ok()) {
+    if let Some(unit) = std::env::var("DISKKIT_FETCH_UNIT")
+        .ok()
+        .and_then(|u| u.parse().ok())
+    {
         options.fetch_unit = unit;
     }
     if let Some(url) = args.get(3) {

@@ -36,7 +36,9 @@ pub fn machine_json(data: &[u8]) {
 /// Parse `data` as the parent hint of a layer naming a remote base (URL and identity); a hint
 /// that parses must survive a round trip, and its URL must be a remote one.
 pub fn remote_hint(data: &[u8]) {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(Some(hint)) = crate::remote::RemoteHint::parse(text) {
         assert!(crate::remote::is_remote(&hint.url));
         let again = crate::remote::RemoteHint::parse(&hint.to_hint());

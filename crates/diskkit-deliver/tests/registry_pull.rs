@@ -3,9 +3,9 @@
 //! htpasswd, the bearer-token flow with a token endpoint, chunked uploads, a connection
 //! cut mid-blob, a blob whose bytes do not match its digest, and hostile manifests.
 
-mod support;
 #[path = "support/registry.rs"]
 mod registry_support;
+mod support;
 
 use std::fs;
 use std::path::Path;
@@ -19,7 +19,8 @@ use diskkit_deliver::registry::{
 use diskkit_deliver::ErrorKind;
 use diskkit_oci::Platform;
 use registry_support::{
-    layout_blobs, skopeo, tar_layer, Auth, DockerRegistry, HostileRegistry, LayoutBuilder, TokenKey, TokenServer,
+    layout_blobs, skopeo, tar_layer, Auth, DockerRegistry, HostileRegistry, LayoutBuilder, TokenKey,
+    TokenServer,
 };
 use support::{Fault, FaultProxy, Rng};
 
@@ -57,7 +58,12 @@ fn connect(reference: &str, opts: &RegistryOptions, push: bool) -> Registry {
     Registry::connect(&Reference::parse(reference).unwrap(), opts, push).unwrap()
 }
 
-fn pull_layout(reference: &str, opts: &RegistryOptions, dir: &Path, tag: Option<&str>) -> registry::PullReport {
+fn pull_layout(
+    reference: &str,
+    opts: &RegistryOptions,
+    dir: &Path,
+    tag: Option<&str>,
+) -> registry::PullReport {
     let reg = connect(reference, opts, false);
     registry::pull(
         &reg,
@@ -94,14 +100,33 @@ fn skopeo_pushes_diskkit_pulls_the_same_blobs_as_skopeo() {
         &format!("docker://{host}/test/img:v1"),
         &format!("oci:{}:v1", theirs.display()),
     ]);
-    assert_eq!(layout_blobs(&ours), layout_blobs(&theirs), "blobs differ from skopeo's pull");
-    let index: serde_json::Value = serde_json::from_slice(&fs::read(ours.join("index.json")).unwrap()).unwrap();
-    assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "v1");
-    assert_eq!(index["manifests"][0]["digest"].as_str().unwrap(), report.manifest_digest);
-    assert!(!ours.join(".diskkit-ingest").exists(), "the ingest directory is left");
+    assert_eq!(
+        layout_blobs(&ours),
+        layout_blobs(&theirs),
+        "blobs differ from skopeo's pull"
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(ours.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        "v1"
+    );
+    assert_eq!(
+        index["manifests"][0]["digest"].as_str().unwrap(),
+        report.manifest_digest
+    );
+    assert!(
+        !ours.join(".diskkit-ingest").exists(),
+        "the ingest directory is left"
+    );
     // Pulled again: nothing is downloaded.
     let before = reg.requests().len();
-    let again = pull_layout(&format!("docker://{host}/test/img:v1"), &options(), &ours, Some("v1"));
+    let again = pull_layout(
+        &format!("docker://{host}/test/img:v1"),
+        &options(),
+        &ours,
+        Some("v1"),
+    );
     assert_eq!(again.fetched, 0);
     let blob_gets = reg.requests()[before..]
         .iter()
@@ -129,8 +154,12 @@ fn skopeo_pushes_diskkit_pulls_the_same_blobs_as_skopeo() {
     let d = t.path().join("docker");
     let r = pull_layout(&format!("{host}/test/docker:v1"), &options(), &d, Some("v1"));
     let m: serde_json::Value =
-        serde_json::from_slice(&fs::read(d.join("blobs/sha256").join(&r.manifest_digest[7..])).unwrap()).unwrap();
-    assert_eq!(m["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+        serde_json::from_slice(&fs::read(d.join("blobs/sha256").join(&r.manifest_digest[7..])).unwrap())
+            .unwrap();
+    assert_eq!(
+        m["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
     let image = diskkit_oci::select(&d, Some("v1"), &Platform::host(), false).unwrap();
     assert_eq!(image.layer_count(), 2);
 }
@@ -184,7 +213,8 @@ fn index_platforms_and_an_apple_store() {
     let store = t.path().join("store");
     let r = pull(Some("linux/arm64"), Destination::Store(store.clone())).unwrap();
     assert_eq!(r.root_digest, index);
-    let state: serde_json::Value = serde_json::from_slice(&fs::read(store.join("state.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&fs::read(store.join("state.json")).unwrap()).unwrap();
     assert_eq!(state[&reference]["digest"], index.as_str());
     assert!(store.join("content/blobs/sha256").join(&index[7..]).is_file());
     let arm64: Platform = "linux/arm64".parse().unwrap();
@@ -204,7 +234,8 @@ fn basic_auth_with_htpasswd() {
     let reference = format!("{}/team/app:v1", reg.host());
     let r = Reference::parse(&reference).unwrap();
     // No credentials: a clear error, before anything is written.
-    let anon = Registry::connect(&r, &options(), true).and_then(|c| registry::push_layout(&c, &lay.dir, None, &quiet));
+    let anon = Registry::connect(&r, &options(), true)
+        .and_then(|c| registry::push_layout(&c, &lay.dir, None, &quiet));
     let e = anon.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Authentication);
     assert!(e.to_string().contains("wants credentials"), "{e}");
@@ -222,7 +253,11 @@ fn basic_auth_with_htpasswd() {
     // Credentials from a docker config.json.
     let cfg = t.path().join("config.json");
     let auth = base64_encode(b"alice:s3cret:pw");
-    fs::write(&cfg, format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host())).unwrap();
+    fs::write(
+        &cfg,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host()),
+    )
+    .unwrap();
     let opts = RegistryOptions {
         auth_files: vec![t.path().join("missing.json"), cfg],
         ..options()
@@ -256,12 +291,27 @@ fn bearer_token_flow() {
     let c = Registry::connect(&reference, &creds, true).unwrap();
     registry::push_layout(&c, &lay.dir, None, &quiet).unwrap();
     let asked: Vec<_> = tokens.requests.lock().unwrap().clone();
-    assert!(asked.iter().all(|r| r.query.get("service").map(String::as_str) == Some("test-registry")));
-    assert!(asked.iter().any(|r| r.query.get("scope").map(String::as_str) == Some("repository:team/tok:pull,push")), "{asked:?}");
-    assert!(asked.iter().all(|r| r.authorization.as_deref() == Some("Basic Ym9iOnB3")));
+    assert!(asked
+        .iter()
+        .all(|r| r.query.get("service").map(String::as_str) == Some("test-registry")));
+    assert!(
+        asked
+            .iter()
+            .any(|r| r.query.get("scope").map(String::as_str) == Some("repository:team/tok:pull,push")),
+        "{asked:?}"
+    );
+    assert!(asked
+        .iter()
+        .all(|r| r.authorization.as_deref() == Some("Basic Ym9iOnB3")));
     let out = t.path().join("out");
     let c = Registry::connect(&reference, &creds, false).unwrap();
-    registry::pull(&c, &Destination::Layout(out.clone()), &PullOptions::default(), &quiet).unwrap();
+    registry::pull(
+        &c,
+        &Destination::Layout(out.clone()),
+        &PullOptions::default(),
+        &quiet,
+    )
+    .unwrap();
     assert_eq!(layout_blobs(&out), layout_blobs(&lay.dir));
     assert!(tokens
         .requests
@@ -279,7 +329,14 @@ fn bearer_token_flow() {
     ]);
     // Without credentials the token service refuses: a clear error.
     let e = Registry::connect(&reference, &options(), false)
-        .and_then(|c| registry::pull(&c, &Destination::Layout(t.path().join("x")), &PullOptions::default(), &quiet))
+        .and_then(|c| {
+            registry::pull(
+                &c,
+                &Destination::Layout(t.path().join("x")),
+                &PullOptions::default(),
+                &quiet,
+            )
+        })
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Authentication);
     assert!(e.to_string().contains("credentials"), "{e}");
@@ -298,8 +355,15 @@ fn chunked_uploads_and_a_cut_connection_mid_blob() {
     let c = connect(&reference, &opts, true);
     let pushed = registry::push_layout(&c, &lay.dir, Some("v1"), &quiet).unwrap();
     assert_eq!(pushed.uploaded, 3);
-    let patches = reg.requests().iter().filter(|(m, _, s)| m == "PATCH" && *s == 202).count();
-    assert!(patches >= 12, "{patches} PATCH requests for a 3 MiB blob in 256 KiB chunks");
+    let patches = reg
+        .requests()
+        .iter()
+        .filter(|(m, _, s)| m == "PATCH" && *s == 202)
+        .count();
+    assert!(
+        patches >= 12,
+        "{patches} PATCH requests for a 3 MiB blob in 256 KiB chunks"
+    );
     // A proxy that cuts the second connection (the first is the client trying HTTPS) 1.5 MB
     // into its responses: in the middle of the 3 MiB layer (one transfer at a time, so the
     // order is fixed).
@@ -328,13 +392,15 @@ fn a_blob_that_does_not_match_its_digest_is_refused_and_never_used() {
     registry::push_layout(&connect(&reference, &options(), true), &lay.dir, None, &quiet).unwrap();
     // Damage the big layer in the registry's storage (same size, one byte changed).
     let m: serde_json::Value = serde_json::from_slice(
-        &fs::read(lay.dir.join("blobs/sha256").join(
-            serde_json::from_slice::<serde_json::Value>(&fs::read(lay.dir.join("index.json")).unwrap()).unwrap()
-                ["manifests"][0]["digest"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("sha256:"),
-        ))
+        &fs::read(
+            lay.dir.join("blobs/sha256").join(
+                serde_json::from_slice::<serde_json::Value>(&fs::read(lay.dir.join("index.json")).unwrap())
+                    .unwrap()["manifests"][0]["digest"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches("sha256:"),
+            ),
+        )
         .unwrap(),
     )
     .unwrap();
@@ -345,11 +411,23 @@ fn a_blob_that_does_not_match_its_digest_is_refused_and_never_used() {
     fs::write(&data, &bytes).unwrap();
     let out = t.path().join("out");
     let c = connect(&reference, &options(), false);
-    let e = registry::pull(&c, &Destination::Layout(out.clone()), &PullOptions::default(), &quiet).unwrap_err();
+    let e = registry::pull(
+        &c,
+        &Destination::Layout(out.clone()),
+        &PullOptions::default(),
+        &quiet,
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::DigestMismatch, "{e}");
     assert!(e.to_string().contains(&layer), "{e}");
-    assert!(!out.join("blobs/sha256").join(&layer[7..]).exists(), "the bad blob became visible");
-    assert!(!out.join(".diskkit-ingest").join(&layer[7..]).exists(), "the bad bytes are kept");
+    assert!(
+        !out.join("blobs/sha256").join(&layer[7..]).exists(),
+        "the bad blob became visible"
+    );
+    assert!(
+        !out.join(".diskkit-ingest").join(&layer[7..]).exists(),
+        "the bad bytes are kept"
+    );
     assert!(!out.join("index.json").exists(), "the image was named");
 }
 
@@ -364,7 +442,12 @@ fn hostile_manifests_get_clear_errors() {
     let pull_from = |host: &str| {
         let reference = Reference::parse(&format!("{host}/evil/img:v1")).unwrap();
         Registry::connect(&reference, &options(), false).and_then(|c| {
-            registry::pull(&c, &Destination::Layout(t.path().join("out")), &PullOptions::default(), &quiet)
+            registry::pull(
+                &c,
+                &Destination::Layout(t.path().join("out")),
+                &PullOptions::default(),
+                &quiet,
+            )
         })
     };
     // Larger than 4 MiB.
@@ -384,16 +467,30 @@ fn hostile_manifests_get_clear_errors() {
     // A layer media type with control characters and a path.
     let evil = good.replace(
         r#""layers":[]"#,
-        &format!(r#""layers":[{{"mediaType":"application/x\u0000/../../etc","digest":"{}","size":1}}]"#, d(2)),
+        &format!(
+            r#""layers":[{{"mediaType":"application/x\u0000/../../etc","digest":"{}","size":1}}]"#,
+            d(2)
+        ),
     );
-    let h = HostileRegistry::start("application/vnd.oci.image.manifest.v1+json", evil.into_bytes(), Vec::new());
+    let h = HostileRegistry::start(
+        "application/vnd.oci.image.manifest.v1+json",
+        evil.into_bytes(),
+        Vec::new(),
+    );
     let e = pull_from(&h.host()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidManifest, "{e}");
     assert!(e.to_string().contains("invalid media type"), "{e}");
     // A digest that is a path.
     let evil = good.replace(&d(1), "sha256:../../../../etc/passwd");
-    let h = HostileRegistry::start("application/vnd.oci.image.manifest.v1+json", evil.into_bytes(), Vec::new());
-    assert_eq!(pull_from(&h.host()).unwrap_err().kind(), ErrorKind::InvalidManifest);
+    let h = HostileRegistry::start(
+        "application/vnd.oci.image.manifest.v1+json",
+        evil.into_bytes(),
+        Vec::new(),
+    );
+    assert_eq!(
+        pull_from(&h.host()).unwrap_err().kind(),
+        ErrorKind::InvalidManifest
+    );
     assert!(!t.path().join("out/index.json").exists());
 
     // A real registry that accepts foreign layers: a manifest pointing outside the
@@ -404,14 +501,29 @@ fn hostile_manifests_get_clear_errors() {
     let c = connect(&reference, &options(), true);
     registry::push_layout(&c, &lay.dir, None, &quiet).unwrap();
     let pulled = pull_layout(&reference, &options(), &t.path().join("ok"), None);
-    let m = fs::read(t.path().join("ok/blobs/sha256").join(&pulled.manifest_digest[7..])).unwrap();
+    let m = fs::read(
+        t.path()
+            .join("ok/blobs/sha256")
+            .join(&pulled.manifest_digest[7..]),
+    )
+    .unwrap();
     let mut m: serde_json::Value = serde_json::from_slice(&m).unwrap();
     m["layers"][1]["urls"] = serde_json::json!(["https://elsewhere.example/layer.tar.gz"]);
     m["layers"][1]["mediaType"] = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip".into();
-    c.put_manifest("foreign", "application/vnd.oci.image.manifest.v1+json", m.to_string().as_bytes())
-        .unwrap();
+    c.put_manifest(
+        "foreign",
+        "application/vnd.oci.image.manifest.v1+json",
+        m.to_string().as_bytes(),
+    )
+    .unwrap();
     let c = connect(&format!("{}/test/foreign:foreign", reg.host()), &options(), false);
-    let e = registry::pull(&c, &Destination::Layout(t.path().join("f")), &PullOptions::default(), &quiet).unwrap_err();
+    let e = registry::pull(
+        &c,
+        &Destination::Layout(t.path().join("f")),
+        &PullOptions::default(),
+        &quiet,
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidManifest, "{e}");
     assert!(e.to_string().contains("points outside the repository"), "{e}");
 }

@@ -44,7 +44,10 @@ fn policy_for(port: u16, options: RemoteOptions) -> (ParentPolicy, Arc<RemoteRes
         options,
         AllowRemote::Hosts(vec![format!("127.0.0.1:{port}")]),
     ));
-    (ParentPolicy::same_directory().with_resolver(resolver.clone()), resolver)
+    (
+        ParentPolicy::same_directory().with_resolver(resolver.clone()),
+        resolver,
+    )
 }
 
 /// A base image of `format` with random data in places, some zeroes, the rest unallocated;
@@ -100,7 +103,13 @@ fn stacks_on_remote_bases_read_like_local_ones_before_and_after_reopening() {
         let nginx = Nginx::start(www.path());
         let (policy, resolver) = policy_for(nginx.port, options());
         let cache = work.path().join("cache.asif");
-        let made = create_cache_layer(&cache, &nginx.url(name), &options(), &CacheLayerOptions::default()).unwrap();
+        let made = create_cache_layer(
+            &cache,
+            &nginx.url(name),
+            &options(),
+            &CacheLayerOptions::default(),
+        )
+        .unwrap();
         assert_eq!((made.base_format, made.size), (format, size));
         assert!(made.identity.etag.is_some(), "nginx sends an ETag");
         let overlay = work.path().join("overlay.asif");
@@ -120,7 +129,10 @@ fn stacks_on_remote_bases_read_like_local_ones_before_and_after_reopening() {
                 } else {
                     let mut got = vec![0u8; len as usize];
                     image.read_at(&mut got, off).unwrap();
-                    assert!(got == model[off as usize..(off + len) as usize], "{format}: read {off}+{len}");
+                    assert!(
+                        got == model[off as usize..(off + len) as usize],
+                        "{format}: read {off}+{len}"
+                    );
                 }
             }
             image.flush().unwrap();
@@ -157,7 +169,13 @@ fn prefetch_fills_everything_and_resumes() {
     let nginx = Nginx::start(www.path());
     let (policy, _) = policy_for(nginx.port, options());
     let cache = work.path().join("c.asif");
-    create_cache_layer(&cache, &nginx.url("b.qcow2"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url("b.qcow2"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     // A partial fill first (as if an earlier prefetch was interrupted).
     {
         let image = open_stack(&cache, &policy).unwrap();
@@ -195,7 +213,13 @@ fn a_replaced_object_is_refused_on_open_and_fails_reads_while_open() {
     let nginx = Nginx::start(www.path());
     let (policy, _) = policy_for(nginx.port, options());
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &nginx.url("base.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url("base.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     let image = open_stack(&cache, &policy).unwrap();
     let mut buf = vec![0u8; MIB as usize];
     image.read_at(&mut buf, 0).unwrap();
@@ -208,7 +232,12 @@ fn a_replaced_object_is_refused_on_open_and_fails_reads_while_open() {
     fs::rename(&other, &base).unwrap();
     let e = image.read_at(&mut buf, 12 * MIB).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Io, "{e:#}");
-    let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+    let chain = format!(
+        "{e}: {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
     assert!(chain.contains("changed"), "{chain}");
     drop(image);
     let e = open_stack(&cache, &policy).unwrap_err();
@@ -223,7 +252,13 @@ fn remote_parents_are_followed_only_when_allowed() {
     make_base(&www.path().join("b.img"), ImageFormat::Raw, 4 * MIB, 1);
     let nginx = Nginx::start(www.path());
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &nginx.url("b.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url("b.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     // No resolver: the URL is never taken for a file.
     for policy in [ParentPolicy::deny(), ParentPolicy::any()] {
         let e = open_stack(&cache, &policy).unwrap_err();
@@ -231,10 +266,17 @@ fn remote_parents_are_followed_only_when_allowed() {
         assert!(e.to_string().contains("--allow-remote"), "{e}");
     }
     // A resolver for other hosts.
-    let other = Arc::new(RemoteResolver::new(options(), AllowRemote::Hosts(vec!["example.com".into()])));
+    let other = Arc::new(RemoteResolver::new(
+        options(),
+        AllowRemote::Hosts(vec!["example.com".into()]),
+    ));
     let e = open_stack(&cache, &ParentPolicy::deny().with_resolver(other)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PolicyDenied);
-    assert!(e.to_string().contains(&format!("--allow-remote 127.0.0.1:{}", nginx.port)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("--allow-remote 127.0.0.1:{}", nginx.port)),
+        "{e}"
+    );
     let any = Arc::new(RemoteResolver::new(options(), AllowRemote::Any));
     assert!(open_stack(&cache, &ParentPolicy::deny().with_resolver(any)).is_ok());
     // A layer naming a URL without an identity is refused.
@@ -286,11 +328,18 @@ fn faults_are_retried_or_end_in_an_io_error_without_wrong_data() {
     let mut at = 0;
     while proxy.pending() > 0 && at < 12 * MIB {
         image.read_at(&mut got, at).unwrap();
-        assert!(got == model[at as usize..(at + MIB) as usize], "data after retries at {at}");
+        assert!(
+            got == model[at as usize..(at + MIB) as usize],
+            "data after retries at {at}"
+        );
         at += MIB;
     }
     assert_eq!(proxy.pending(), 0);
-    assert!(resolver.opened()[0].1.retries >= 4, "{:?}", resolver.opened()[0].1);
+    assert!(
+        resolver.opened()[0].1.retries >= 4,
+        "{:?}",
+        resolver.opened()[0].1
+    );
     let mut got = vec![0u8; 6 * MIB as usize];
     // Every connection fails now: the read fails with an I/O error, within the retry limit.
     proxy.set_default(Fault::Status500);
@@ -316,7 +365,13 @@ fn a_second_open_of_a_filling_cache_is_refused_as_in_use() {
     let nginx = Nginx::start(www.path());
     let (policy, _) = policy_for(nginx.port, options());
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &nginx.url("b.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url("b.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     let first = open_stack(&cache, &policy).unwrap();
     let e = open_stack(&cache, &policy).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
@@ -366,7 +421,10 @@ fn a_sha256_pins_a_server_without_validators_and_a_wrong_one_is_refused() {
     let www = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let model = make_base(&www.path().join("b.img"), ImageFormat::Raw, 4 * MIB, 8);
-    let hex: String = support::sha256(&model).iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = support::sha256(&model)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let nginx = Nginx::start(www.path());
     let cache = work.path().join("cache.asif");
     let layer = CacheLayerOptions {
@@ -444,7 +502,10 @@ fn sigkill_rounds(cache_format: ImageFormat, rounds: u64) {
     for round in 0..rounds {
         let mut child = Command::new(&exe)
             .args(["--exact", "sigkill_child", "--nocapture", "--test-threads=1"])
-            .env("DISKKIT_REMOTE_CHILD", format!("{},{},{round}", cache.display(), proxy.port))
+            .env(
+                "DISKKIT_REMOTE_CHILD",
+                format!("{},{},{round}", cache.display(), proxy.port),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -453,7 +514,11 @@ fn sigkill_rounds(cache_format: ImageFormat, rounds: u64) {
         child.kill().unwrap(); // SIGKILL
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(9), "round {round}: the child ended by itself: {status}");
+        assert_eq!(
+            status.signal(),
+            Some(9),
+            "round {round}: the child ended by itself: {status}"
+        );
         if round % 8 == 7 {
             let image = open_stack(&cache, &policy).unwrap();
             assert!(read_all(&image) == model, "round {round}");
@@ -481,12 +546,24 @@ fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
     let nginx = Nginx::start(www.path());
     let (policy, resolver) = policy_for(nginx.port, options());
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &nginx.url(name), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url(name),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     let bound = 10 * MIB;
     // Header, metadata and tables.
     let overhead = support::allocated(&cache);
     let open = |bound: Option<u64>| {
-        DiskImage::open(&cache, &OpenOptions::new().writable(true).parents(policy.clone()).max_cache_size(bound))
+        DiskImage::open(
+            &cache,
+            &OpenOptions::new()
+                .writable(true)
+                .parents(policy.clone())
+                .max_cache_size(bound),
+        )
     };
     {
         let image = open(Some(bound)).unwrap();
@@ -499,11 +576,18 @@ fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
             image.read_at(&mut hot, 3 * MIB).unwrap();
         }
         let held = image.describe_layers().unwrap()[0].allocated_bytes.unwrap() - overhead;
-        assert!(held <= bound + MIB, "{held} bytes of data allocated ({overhead} overhead)");
+        assert!(
+            held <= bound + MIB,
+            "{held} bytes of data allocated ({overhead} overhead)"
+        );
         let before = resolver.opened().last().unwrap().1.bytes;
         image.read_at(&mut hot, 3 * MIB).unwrap();
         image.read_at(&mut buf, 38 * MIB).unwrap();
-        assert_eq!(resolver.opened().last().unwrap().1.bytes, before, "recent units are cached");
+        assert_eq!(
+            resolver.opened().last().unwrap().1.bytes,
+            before,
+            "recent units are cached"
+        );
         // The first units were evicted (they map to the base again); the hot one was not.
         // Reading them fills them again, correctly.
         assert_eq!(image.status(0, MIB).unwrap().depth, 2);
@@ -527,8 +611,14 @@ fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
         ..CacheLayerOptions::default()
     };
     create_cache_layer(&q, &nginx.url(name), &options(), &layer).unwrap();
-    let e = DiskImage::open(&q, &OpenOptions::new().writable(true).parents(policy.clone()).max_cache_size(Some(bound)))
-        .unwrap_err();
+    let e = DiskImage::open(
+        &q,
+        &OpenOptions::new()
+            .writable(true)
+            .parents(policy.clone())
+            .max_cache_size(Some(bound)),
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
 }
 
@@ -540,7 +630,13 @@ fn a_cache_layer_opened_read_only_still_fills() {
     let nginx = Nginx::start(www.path());
     let (policy, _) = policy_for(nginx.port, options());
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &nginx.url("b.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url("b.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     {
         let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy.clone())).unwrap();
         assert_eq!(image.open_mode(), diskkit::OpenMode::ReadOnly);
@@ -549,6 +645,9 @@ fn a_cache_layer_opened_read_only_still_fills() {
     }
     let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy)).unwrap();
     for e in image.extents(0, 8 * MIB).unwrap() {
-        assert!(e.depth == 1 || e.kind == diskkit::ExtentKind::Zero, "not in the cache: {e:?}");
+        assert!(
+            e.depth == 1 || e.kind == diskkit::ExtentKind::Zero,
+            "not in the cache: {e:?}"
+        );
     }
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use diskkit::{CreateOptions, DiskImage, ImageFormat, LayerOptions, OpenOptions, ParentPolicy};
 use diskkit_deliver::http::{ClientOptions, RetryPolicy};
-use diskkit_deliver::remote::{create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver};
+use diskkit_deliver::remote::{
+    create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver,
+};
 use diskkit_nbd::{Address, Export, Server, ServerConfig, ShutdownHandle};
 use support::{Fault, FaultProxy, Nginx, Rng};
 
@@ -78,10 +80,17 @@ fn nbdcopy_with_eight_connections_reads_a_remote_stack_exactly() {
     ));
     let policy = ParentPolicy::same_directory().with_resolver(resolver.clone());
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &nginx.url("base.qcow2"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &nginx.url("base.qcow2"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     let overlay = work.path().join("vm.asif");
     {
-        let mut image = DiskImage::open(&cache, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();
+        let mut image =
+            DiskImage::open(&cache, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();
         image.append_new(&overlay, &LayerOptions::overlay()).unwrap();
         let w = vec![0x5au8; 3 * MIB as usize + 17];
         image.write_at(&w, 30 * MIB - 5).unwrap();
@@ -89,7 +98,11 @@ fn nbdcopy_with_eight_connections_reads_a_remote_stack_exactly() {
         image.flush().unwrap();
     }
     for round in ["cold", "warm"] {
-        let image = DiskImage::open(&overlay, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();
+        let image = DiskImage::open(
+            &overlay,
+            &OpenOptions::new().writable(true).parents(policy.clone()),
+        )
+        .unwrap();
         let (uri, stop, thread) = serve(image, work.path());
         let out = work.path().join("out.raw");
         support::tool_ok(
@@ -98,7 +111,10 @@ fn nbdcopy_with_eight_connections_reads_a_remote_stack_exactly() {
         );
         stop.shutdown();
         thread.join().unwrap();
-        assert!(std::fs::read(&out).unwrap() == model, "{round}: nbdcopy's copy differs");
+        assert!(
+            std::fs::read(&out).unwrap() == model,
+            "{round}: nbdcopy's copy differs"
+        );
         std::fs::remove_file(&out).unwrap();
     }
     // The warm round read nothing remote beyond the base's metadata.
@@ -116,7 +132,13 @@ fn a_failing_server_reaches_nbd_clients_as_eio() {
     let resolver = Arc::new(RemoteResolver::new(options(), AllowRemote::Any));
     let policy = ParentPolicy::deny().with_resolver(resolver);
     let cache = work.path().join("cache.asif");
-    create_cache_layer(&cache, &proxy.url("b.img"), &options(), &CacheLayerOptions::default()).unwrap();
+    create_cache_layer(
+        &cache,
+        &proxy.url("b.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
     let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy)).unwrap();
     let (uri, stop, thread) = serve(image, work.path());
     proxy.set_default(Fault::Status500);
@@ -128,12 +150,20 @@ fn a_failing_server_reaches_nbd_clients_as_eio() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("Input/output error") || stderr.contains("EIO"), "{stderr}");
+    assert!(
+        stderr.contains("Input/output error") || stderr.contains("EIO"),
+        "{stderr}"
+    );
     assert!(started.elapsed() < Duration::from_secs(60));
     // Back to normal: the same range reads right.
     proxy.set_default(Fault::None);
     let out = nbdsh()
-        .args(["-u", &uri, "-c", "import sys; sys.stdout.buffer.write(h.pread(65536, 8 << 20))"])
+        .args([
+            "-u",
+            &uri,
+            "-c",
+            "import sys; sys.stdout.buffer.write(h.pread(65536, 8 << 20))",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

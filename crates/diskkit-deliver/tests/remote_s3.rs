@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use diskkit::{CreateOptions, DiskImage, ErrorKind, ImageFormat, LayerOptions, OpenOptions, ParentPolicy};
 use diskkit_deliver::http::{ClientOptions, RetryPolicy};
-use diskkit_deliver::remote::{create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver};
+use diskkit_deliver::remote::{
+    create_cache_layer, AllowRemote, CacheLayerOptions, RemoteOptions, RemoteResolver,
+};
 use support::Rng;
 
 const MIB: u64 = 1 << 20;
@@ -102,7 +104,15 @@ fn s3_bases_with_profiles_signing_and_a_custom_endpoint() {
     )
     .unwrap();
     std::fs::write(aws.join("config"), "[profile ci]\nregion = eu-central-1\n").unwrap();
-    for v in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"] {
+    for v in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+    ] {
         std::env::remove_var(v);
     }
     std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"));
@@ -143,11 +153,15 @@ fn s3_bases_with_profiles_signing_and_a_custom_endpoint() {
     let made = create_cache_layer(&cache, url, &options, &CacheLayerOptions::default()).unwrap();
     assert_eq!(made.base_format, ImageFormat::Qcow2);
     assert!(made.identity.strong_etag().is_some());
-    let resolver = Arc::new(RemoteResolver::new(options.clone(), AllowRemote::Hosts(vec!["images".into()])));
+    let resolver = Arc::new(RemoteResolver::new(
+        options.clone(),
+        AllowRemote::Hosts(vec!["images".into()]),
+    ));
     let policy = ParentPolicy::same_directory().with_resolver(resolver.clone());
     let overlay = work.path().join("vm.asif");
     {
-        let mut image = DiskImage::open(&cache, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();
+        let mut image =
+            DiskImage::open(&cache, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();
         image.append_new(&overlay, &LayerOptions::overlay()).unwrap();
         let data = vec![0xabu8; 70_000];
         image.write_at(&data, 5 * MIB + 3).unwrap();
@@ -157,14 +171,25 @@ fn s3_bases_with_profiles_signing_and_a_custom_endpoint() {
     let requests = resolver.opened()[0].1.requests;
     assert!(requests > 1);
     {
-        let image = DiskImage::open(&overlay, &OpenOptions::new().writable(true).parents(policy.clone())).unwrap();
+        let image = DiskImage::open(
+            &overlay,
+            &OpenOptions::new().writable(true).parents(policy.clone()),
+        )
+        .unwrap();
         assert!(read_all(&image) == model, "after reopening");
     }
 
     // The default profile's credentials are refused by nobody (moto accepts any key), but a
     // bucket that is not allowed is never contacted.
-    let other = Arc::new(RemoteResolver::new(options.clone(), AllowRemote::Hosts(vec!["other".into()])));
-    let e = DiskImage::open(&overlay, &OpenOptions::new().parents(ParentPolicy::deny().with_resolver(other))).unwrap_err();
+    let other = Arc::new(RemoteResolver::new(
+        options.clone(),
+        AllowRemote::Hosts(vec!["other".into()]),
+    ));
+    let e = DiskImage::open(
+        &overlay,
+        &OpenOptions::new().parents(ParentPolicy::deny().with_resolver(other)),
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PolicyDenied);
 
     // Replaced by a new upload: the next open is refused.
@@ -179,7 +204,13 @@ fn s3_bases_with_profiles_signing_and_a_custom_endpoint() {
     // HTTP error, not a hang.
     std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", work.path().join("none"));
     std::env::set_var("AWS_CONFIG_FILE", work.path().join("none"));
-    let e = create_cache_layer(&work.path().join("anon.asif"), url, &options, &CacheLayerOptions::default()).unwrap_err();
+    let e = create_cache_layer(
+        &work.path().join("anon.asif"),
+        url,
+        &options,
+        &CacheLayerOptions::default(),
+    )
+    .unwrap_err();
     assert_eq!(e.kind(), diskkit_deliver::ErrorKind::HttpStatus, "{e}");
     assert!(e.to_string().contains("403"), "{e}");
 }

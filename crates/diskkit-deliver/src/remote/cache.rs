@@ -60,14 +60,18 @@ pub fn create_cache_layer(
     layer: &CacheLayerOptions,
 ) -> Result<CreatedCache> {
     if url.contains('#') {
-        return Err(Error::invalid_argument(format!("'{url}': a remote base URL cannot have a fragment")));
+        return Err(Error::invalid_argument(format!(
+            "'{url}': a remote base URL cannot have a fragment"
+        )));
     }
     let object = open_object(url, options)?;
     let mut identity = object.stat()?;
     if let Some(want) = &layer.sha256 {
         let want = want.to_ascii_lowercase();
         if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::invalid_argument(format!("'{want}' is not a SHA-256 (64 hex digits)")));
+            return Err(Error::invalid_argument(format!(
+                "'{want}' is not a SHA-256 (64 hex digits)"
+            )));
         }
         let got = hash_object(&object, options.max_request, &identity)?;
         if got != want {
@@ -235,7 +239,9 @@ pub fn prefetch(
             });
         }
     });
-    let flushed = image.flush().map_err(|e| Error::image(e, "cannot flush the cache layer"));
+    let flushed = image
+        .flush()
+        .map_err(|e| Error::image(e, "cannot flush the cache layer"));
     if let Some(e) = failure.into_inner().ok().flatten() {
         return Err(e);
     }

@@ -224,7 +224,14 @@ mod tests {
             ..Identity::default()
         };
         assert_eq!(Identity::parse_fragment(&small.to_fragment()).unwrap(), small);
-        for bad in ["", "etag=x", "size=1&size=2", "size=1&future=1", "size=x", "size=1&sha256=zz"] {
+        for bad in [
+            "",
+            "etag=x",
+            "size=1&size=2",
+            "size=1&future=1",
+            "size=x",
+            "size=1&sha256=zz",
+        ] {
             assert!(Identity::parse_fragment(bad).is_err(), "{bad}");
         }
     }

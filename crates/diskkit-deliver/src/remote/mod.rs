@@ -131,7 +131,10 @@ pub fn open_remote(url: &str, expected: Option<&Identity>, options: &RemoteOptio
         now.sha256.clone_from(&expected.sha256);
     }
     if now.size == 0 {
-        return Err(Error::new(ErrorKind::Image, format!("{url}: the object is empty")));
+        return Err(Error::new(
+            ErrorKind::Image,
+            format!("{url}: the object is empty"),
+        ));
     }
     Ok(RemoteStorage::new(object, now, options))
 }

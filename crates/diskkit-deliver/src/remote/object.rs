@@ -88,7 +88,8 @@ impl RemoteObject {
                 Address::Http(url) => self.client.send(Method::Head, url, &[], crate::http::Body::Empty),
                 Address::S3(loc) => {
                     let url = loc.presign_head()?;
-                    self.client.send(Method::Head, url.as_str(), &[], crate::http::Body::Empty)
+                    self.client
+                        .send(Method::Head, url.as_str(), &[], crate::http::Body::Empty)
                 }
             };
             let wait = match result {
@@ -97,7 +98,10 @@ impl RemoteObject {
                     let size = head.length.ok_or_else(|| {
                         Error::new(
                             ErrorKind::Unsupported,
-                            format!("{}: the server does not say how long the object is (no Content-Length)", self.name),
+                            format!(
+                                "{}: the server does not say how long the object is (no Content-Length)",
+                                self.name
+                            ),
                         )
                     })?;
                     return Ok(Identity {
@@ -120,7 +124,10 @@ impl RemoteObject {
                 return Err(wait.0);
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(wait.1.map_or_else(|| policy.backoff(failures), |w| w.min(policy.max_backoff)));
+            std::thread::sleep(
+                wait.1
+                    .map_or_else(|| policy.backoff(failures), |w| w.min(policy.max_backoff)),
+            );
         }
     }
 
@@ -157,7 +164,9 @@ impl RemoteObject {
                         return Err(error);
                     }
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(wait.map_or_else(|| policy.backoff(failures), |w| w.min(policy.max_backoff)));
+                    std::thread::sleep(
+                        wait.map_or_else(|| policy.backoff(failures), |w| w.min(policy.max_backoff)),
+                    );
                 }
             }
         }
@@ -197,7 +206,8 @@ impl RemoteObject {
                 if let Some(etag) = identity.strong_etag() {
                     headers.push(("If-Match", etag));
                 }
-                self.client.send(Method::Get, url.as_str(), &headers, crate::http::Body::Empty)
+                self.client
+                    .send(Method::Get, url.as_str(), &headers, crate::http::Body::Empty)
             }
         };
         let mut resp = match sent {
@@ -225,7 +235,8 @@ impl RemoteObject {
             s => return Attempt::Fail(self.status_error(s)),
         }
         match head.content_range {
-            Some((first, l, total)) if first == offset && l == last && total.is_none_or(|t| t == identity.size) => {}
+            Some((first, l, total))
+                if first == offset && l == last && total.is_none_or(|t| t == identity.size) => {}
             other => {
                 return Attempt::Fail(self.changed(
                     identity,
@@ -260,14 +271,20 @@ impl RemoteObject {
             // next request (keep-alive); a body longer than announced is not read further.
             let mut probe = [0u8; 1];
             if matches!(body.read(&mut probe), Ok(n) if n > 0) {
-                return Attempt::Fail(self.changed(identity, "the server sent more than the range asked for"));
+                return Attempt::Fail(
+                    self.changed(identity, "the server sent more than the range asked for"),
+                );
             }
         }
         if got < buf.len() {
             return Attempt::Retry {
                 error: Error::new(
                     ErrorKind::Network,
-                    format!("{}: the transfer ended after {got} of {} bytes", self.name, buf.len()),
+                    format!(
+                        "{}: the transfer ended after {got} of {} bytes",
+                        self.name,
+                        buf.len()
+                    ),
                 ),
                 wait: None,
             };

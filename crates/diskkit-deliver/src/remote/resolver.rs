@@ -27,7 +27,10 @@ impl AllowRemote {
             AllowRemote::Any => true,
             AllowRemote::Hosts(hosts) => hosts.iter().any(|h| {
                 h.eq_ignore_ascii_case(host)
-                    || (!h.contains(':') && host.rsplit_once(':').is_some_and(|(name, _)| h.eq_ignore_ascii_case(name)))
+                    || (!h.contains(':')
+                        && host
+                            .rsplit_once(':')
+                            .is_some_and(|(name, _)| h.eq_ignore_ascii_case(name)))
             }),
         }
     }

@@ -91,14 +91,16 @@ impl S3Location {
                 .or_else(|| config_file.get(&config_section).and_then(|s| s.get(key)))
                 .cloned()
         };
-        let profile_value =
-            |key: &str| config_file.get(&config_section).and_then(|s| s.get(key)).cloned();
+        let profile_value = |key: &str| config_file.get(&config_section).and_then(|s| s.get(key)).cloned();
         let credentials = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
             (Some(k), Some(s)) => Some(match env("AWS_SESSION_TOKEN") {
                 Some(t) => Credentials::new_with_token(k, s, t),
                 None => Credentials::new(k, s),
             }),
-            _ => match (from_files("aws_access_key_id"), from_files("aws_secret_access_key")) {
+            _ => match (
+                from_files("aws_access_key_id"),
+                from_files("aws_secret_access_key"),
+            ) {
                 (Some(k), Some(s)) => Some(match from_files("aws_session_token") {
                     Some(t) => Credentials::new_with_token(k, s, t),
                     None => Credentials::new(k, s),
@@ -121,7 +123,10 @@ impl S3Location {
             .or_else(|| profile_value("endpoint_url"));
         let (endpoint, style) = match &custom {
             Some(e) => (e.clone(), UrlStyle::Path),
-            None => (format!("https://s3.{region}.amazonaws.com"), UrlStyle::VirtualHost),
+            None => (
+                format!("https://s3.{region}.amazonaws.com"),
+                UrlStyle::VirtualHost,
+            ),
         };
         let endpoint_url: url::Url = endpoint.parse().map_err(|e| {
             Error::invalid_argument(format!("the S3 endpoint '{endpoint}' is not a URL")).with_source(e)
@@ -168,7 +173,11 @@ impl S3Location {
 
 /// Split `s3://BUCKET/KEY`.
 pub fn parse_s3_url(url: &str) -> Result<(String, String)> {
-    let bad = |why: &str| Error::invalid_argument(format!("'{url}' is not an S3 object URL (s3://BUCKET/KEY): {why}"));
+    let bad = |why: &str| {
+        Error::invalid_argument(format!(
+            "'{url}' is not an S3 object URL (s3://BUCKET/KEY): {why}"
+        ))
+    };
     let rest = url
         .get(..5)
         .filter(|s| s.eq_ignore_ascii_case("s3://"))
@@ -232,7 +241,14 @@ mod tests {
             parse_s3_url("s3://my-bucket/dir/disk.qcow2").unwrap(),
             ("my-bucket".into(), "dir/disk.qcow2".into())
         );
-        for bad in ["s3://", "s3://b/k", "s3://Bucket/k", "s3://bucket", "s3://bucket/", "http://x/y"] {
+        for bad in [
+            "s3://",
+            "s3://b/k",
+            "s3://Bucket/k",
+            "s3://bucket",
+            "s3://bucket/",
+            "http://x/y",
+        ] {
             assert!(parse_s3_url(bad).is_err(), "{bad}");
         }
     }
@@ -241,7 +257,11 @@ mod tests {
     fn ini_sections() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("config");
-        std::fs::write(&p, "[default]\nregion = eu-west-1\n# c\n[profile x]\nAWS_Access_Key_Id=k\n").unwrap();
+        std::fs::write(
+            &p,
+            "[default]\nregion = eu-west-1\n# c\n[profile x]\nAWS_Access_Key_Id=k\n",
+        )
+        .unwrap();
         let ini = read_ini(Some(p)).unwrap();
         assert_eq!(ini["default"]["region"], "eu-west-1");
         assert_eq!(ini["profile x"]["aws_access_key_id"], "k");

@@ -341,7 +341,10 @@ impl Shared {
                 .collect();
             let mut first_error = None;
             for h in handles {
-                if let Err(e) = h.join().unwrap_or_else(|_| Err(Error::invalid_argument("a fetch thread panicked"))) {
+                if let Err(e) = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::invalid_argument("a fetch thread panicked")))
+                {
                     first_error.get_or_insert(e);
                 }
             }
@@ -450,13 +453,16 @@ impl Storage for RemoteStorage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> diskkit::Result<()> {
         let sh = &*self.shared;
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= sh.size).ok_or_else(|| {
-            diskkit::Error::corrupt(format!(
-                "read of {} bytes at {offset} is past the end of the remote object ({} bytes)",
-                buf.len(),
-                sh.size
-            ))
-        })?;
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= sh.size)
+            .ok_or_else(|| {
+                diskkit::Error::corrupt(format!(
+                    "read of {} bytes at {offset} is past the end of the remote object ({} bytes)",
+                    buf.len(),
+                    sh.size
+                ))
+            })?;
         if buf.is_empty() {
             return Ok(());
         }

@@ -66,7 +66,13 @@ struct SliceRef {
 }
 
 /// An artifact's layout: disk format, slices, disk size, config and nvram descriptors.
-type Layout = (DiskFormat, Vec<SliceRef>, u64, Option<Descriptor>, Option<Descriptor>);
+type Layout = (
+    DiskFormat,
+    Vec<SliceRef>,
+    u64,
+    Option<Descriptor>,
+    Option<Descriptor>,
+);
 
 /// Read the artifact's layout: disk format, slices with their offsets, config and nvram.
 fn read_layout(registry: &Registry, m: &Manifest) -> Result<Layout> {

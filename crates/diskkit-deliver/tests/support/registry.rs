@@ -29,7 +29,11 @@ pub fn digest(data: &[u8]) -> String {
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// How the registry authenticates.
@@ -104,7 +108,12 @@ impl DockerRegistry {
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(30) {
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return DockerRegistry { child, port, dir, log };
+                    return DockerRegistry {
+                        child,
+                        port,
+                        dir,
+                        log,
+                    };
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
@@ -189,7 +198,17 @@ impl TokenKey {
         let key = dir.path().join("key.pem");
         let cert = dir.path().join("cert.pem");
         let ok = Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-issuer"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=test-issuer",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -243,7 +262,12 @@ impl TokenKey {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(signing_input.as_bytes())
+            .unwrap();
         let sig = child.wait_with_output().unwrap().stdout;
         format!("{signing_input}.{}", b64url(&sig))
     }
@@ -251,7 +275,10 @@ impl TokenKey {
 
 fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
-    fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
     u64::from_le_bytes(b)
 }
 
@@ -298,7 +325,10 @@ impl TokenServer {
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (requests.clone(), stop.clone());
         let expected = credentials.map(|(u, p)| {
-            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}")))
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+            )
         });
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -327,7 +357,10 @@ impl TokenServer {
                     .collect();
                 let authorization = text
                     .lines()
-                    .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("authorization")))
+                    .find_map(|l| {
+                        l.split_once(':')
+                            .filter(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+                    })
                     .map(|(_, v)| v.trim().to_string());
                 r.lock().unwrap().push(TokenRequest {
                     query: query.clone(),
@@ -349,7 +382,8 @@ impl TokenServer {
                         }
                     }
                     let token = key.token(&access);
-                    let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 600}).to_string();
+                    let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 600})
+                        .to_string();
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -477,7 +511,9 @@ impl LayoutBuilder {
     pub fn new(dir: &Path) -> LayoutBuilder {
         fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        LayoutBuilder { dir: dir.to_path_buf() }
+        LayoutBuilder {
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn blob(&self, data: &[u8]) -> (String, u64) {
@@ -552,7 +588,14 @@ pub fn tar_layer(files: &[(&str, &[u8])]) -> (Vec<u8>, Vec<u8>) {
     fs::create_dir_all(&root).unwrap();
     let tar = dir.path().join("l.tar");
     let ok = Command::new("tar")
-        .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner", "--mtime=@0", "-C"])
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "-C",
+        ])
         .arg(&root)
         .arg("-cf")
         .arg(&tar)
@@ -562,7 +605,12 @@ pub fn tar_layer(files: &[(&str, &[u8])]) -> (Vec<u8>, Vec<u8>) {
         .success();
     assert!(ok);
     let tar_bytes = fs::read(&tar).unwrap();
-    let gz = Command::new("gzip").args(["-n", "-c"]).arg(&tar).output().unwrap().stdout;
+    let gz = Command::new("gzip")
+        .args(["-n", "-c"])
+        .arg(&tar)
+        .output()
+        .unwrap()
+        .stdout;
     (gz, tar_bytes)
 }
 
@@ -585,7 +633,10 @@ pub fn layout_blobs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
         })
         .collect()
 }

@@ -139,7 +139,8 @@ mod tests {
     #[test]
     fn least_recently_used_units_go_first_and_fresh_fills_stay() {
         let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
-        let layer = crate::formats::create(storage, &CreateOptions::new(ImageFormat::Asif, 64 << 20)).unwrap();
+        let layer =
+            crate::formats::create(storage, &CreateOptions::new(ImageFormat::Asif, 64 << 20)).unwrap();
         let b = CacheBudget::scan(&*layer, 10 << 20, 1 << 20).unwrap();
         assert_eq!(b.held(), 0);
         for u in 0..10 {
@@ -165,21 +166,25 @@ mod tests {
                 current: &crate::layer::write::Zeroes,
             })
             .unwrap();
-        layer.zero(&crate::layer::Zeroing {
-            offset: 4 << 20,
-            len: 1 << 20,
-            unmap: true,
-            hide_below: true,
-            mode: crate::layer::WriteMode::Replace,
-        })
-        .unwrap();
+        layer
+            .zero(&crate::layer::Zeroing {
+                offset: 4 << 20,
+                len: 1 << 20,
+                unmap: true,
+                hide_below: true,
+                mode: crate::layer::WriteMode::Replace,
+            })
+            .unwrap();
         let b = CacheBudget::scan(&*layer, 1 << 20, 1 << 20).unwrap();
         assert_eq!(b.held(), 3, "data units are counted, zero ones are not");
         layer.evict(1 << 20, 1 << 20).unwrap();
         layer.evict(4 << 20, 1 << 20).unwrap();
         assert_eq!(layer.map_status(1 << 20, 1 << 20).unwrap().0, Mapping::Absent);
         assert_eq!(layer.map_status(4 << 20, 1 << 20).unwrap().0, Mapping::Absent);
-        assert!(matches!(layer.map_status(0, 1 << 20).unwrap().0, Mapping::Data { .. }));
+        assert!(matches!(
+            layer.map_status(0, 1 << 20).unwrap().0,
+            Mapping::Data { .. }
+        ));
         assert!(layer.evict(1, 1 << 20).is_err(), "unaligned");
     }
 }

@@ -478,7 +478,11 @@ impl Stack {
     /// Bound the cache layer's size to `limit` bytes (see [`budget`]), evicting what is over
     /// it now.
     pub(crate) fn bound_cache(&mut self, limit: u64) -> Result<()> {
-        let Some(c) = self.levels.iter().position(|l| l.layer_type == Some(LayerType::Cache)) else {
+        let Some(c) = self
+            .levels
+            .iter()
+            .position(|l| l.layer_type == Some(LayerType::Cache))
+        else {
             return Err(Error::invalid_argument(
                 "a maximum cache size was given, but the stack has no cache layer",
             ));

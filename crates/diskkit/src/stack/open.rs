@@ -137,7 +137,9 @@ pub(crate) fn open_path(path: &Path, options: &OpenOptions) -> Result<Stack> {
     let mut stack = open_chain(path, options)?;
     stack.options = options.clone();
     if let Some(limit) = options.max_cache_size {
-        stack.bound_cache(limit).map_err(|e| e.with_operation("bounding the cache"))?;
+        stack
+            .bound_cache(limit)
+            .map_err(|e| e.with_operation("bounding the cache"))?;
     }
     Ok(stack)
 }

@@ -46,6 +46,9 @@ pub enum ErrorKind {
     /// An artifact is not what the command expects (a container image where a VM disk was
     /// asked for, a disk layer that does not decompress).
     InvalidArtifact,
+    /// A remote object is no longer the version a cache layer recorded (its size, ETag or
+    /// Last-Modified changed).
+    Changed,
 }
 
 impl ErrorKind {
@@ -65,6 +68,7 @@ impl ErrorKind {
             ErrorKind::Authentication => "authentication failed",
             ErrorKind::Unsupported => "not supported",
             ErrorKind::InvalidArtifact => "invalid artifact",
+            ErrorKind::Changed => "remote object changed",
         }
     }
 }
@@ -300,7 +304,8 @@ impl From<Error> for io::Error {
             ErrorKind::InvalidBundle
             | ErrorKind::DigestMismatch
             | ErrorKind::InvalidManifest
-            | ErrorKind::InvalidArtifact => io::ErrorKind::InvalidData,
+            | ErrorKind::InvalidArtifact
+            | ErrorKind::Changed => io::ErrorKind::InvalidData,
             ErrorKind::Authentication => io::ErrorKind::PermissionDenied,
             ErrorKind::Unsupported => io::ErrorKind::Unsupported,
             ErrorKind::Network | ErrorKind::HttpStatus => io::ErrorKind::ConnectionAborted,

@@ -167,3 +167,17 @@ pub fn apple_lz4(data: &[u8]) {
         Err(_) => assert!(!ok, "the streaming decoder accepted what decode refused"),
     }
 }
+
+/// Parse `data` as the parent hint of a layer naming a remote base (URL and identity); a hint
+/// that parses must survive a round trip, and its URL must be a remote one.
+pub fn remote_hint(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(Some(hint)) = crate::remote::RemoteHint::parse(text) {
+        assert!(crate::remote::is_remote(&hint.url));
+        let again = crate::remote::RemoteHint::parse(&hint.to_hint());
+        assert_eq!(again.ok().flatten(), Some(hint.clone()));
+        let _ = crate::remote::remote_host(&hint.url);
+    }
+}

@@ -18,6 +18,7 @@ mod fsutil;
 pub mod fuzzing;
 pub mod http;
 pub mod registry;
+pub mod remote;
 pub mod tart;
 
 pub use error::{Error, ErrorKind, Result};

@@ -144,3 +144,10 @@ fn apple_lz4_corpus_and_mutations() {
     }
     mutations("apple_lz4", 500, diskkit_deliver::fuzzing::apple_lz4);
 }
+
+#[test]
+fn remote_hint_corpus() {
+    for (_, data) in corpus("remote_hint") {
+        diskkit_deliver::fuzzing::remote_hint(&data);
+    }
+}

@@ -377,6 +377,9 @@ impl Client {
             .timeout_per_read(Some(options.read_timeout))
             .user_agent(options.user_agent.as_str())
             .max_redirects(10)
+            // Parallel range requests (remote bases) keep their connections alive.
+            .max_idle_connections(64)
+            .max_idle_connections_per_host(16)
             .tls_config(tls)
             .build();
         Ok(Client {

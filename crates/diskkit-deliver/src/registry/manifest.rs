@@ -226,6 +226,8 @@ pub struct Fetched {
 }
 
 /// A parsed manifest or index.
+// Few of these exist at a time, each briefly: boxing the manifest would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Document {
     /// An image manifest.

@@ -180,6 +180,23 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_with(root, None)
+    }
+
+    /// nginx serving HTTPS with the certificate chain and key given (PEM files).
+    pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(root, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
+        let listen_extra = match tls {
+            Some((cert, key)) => format!(
+                " ssl;\n    ssl_certificate {};\n    ssl_certificate_key {}",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         for _ in 0..10 {
             let dir = tempfile::tempdir().unwrap();
             let port = free_port();
@@ -194,7 +211,7 @@ impl Nginx {
                    sendfile on;\n  keepalive_requests 10000;\n\
                    client_body_temp_path {d}/client;\n  proxy_temp_path {d}/proxy;\n\
                    fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                   server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    location / {{ }}\n  }}\n}}\n",
+                   server {{\n    listen 127.0.0.1:{port}{listen_extra};\n    root {root};\n    location / {{ }}\n  }}\n}}\n",
                 d = d.display(),
                 root = root.display()
             );
@@ -296,6 +313,8 @@ pub struct FaultProxy {
     /// The fault for connections after the listed ones.
     pub default: Arc<Mutex<Fault>>,
     pub connections: Arc<AtomicUsize>,
+    /// The client side of every connection accepted, for [`FaultProxy::cut_all`].
+    live: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -309,13 +328,18 @@ impl FaultProxy {
         let connections = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let default = Arc::new(Mutex::new(Fault::None));
+        let live = Arc::new(Mutex::new(Vec::new()));
         let (f, c, s, dflt) = (faults.clone(), connections.clone(), stop.clone(), default.clone());
+        let l = live.clone();
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         client.set_nonblocking(false).unwrap();
                         c.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(clone) = client.try_clone() {
+                            l.lock().unwrap().push(clone);
+                        }
                         let fault = f.lock().unwrap().pop_front().unwrap_or(*dflt.lock().unwrap());
                         thread::spawn(move || serve(client, upstream, fault));
                     }
@@ -328,6 +352,7 @@ impl FaultProxy {
             faults,
             default,
             connections,
+            live,
             stop,
             thread: Some(thread),
         }
@@ -340,6 +365,14 @@ impl FaultProxy {
     /// Apply `fault` to every connection after the listed ones.
     pub fn set_default(&self, fault: Fault) {
         *self.default.lock().unwrap() = fault;
+    }
+
+    /// Close every connection accepted so far (clients must connect again, and meet the
+    /// faults from then on).
+    pub fn cut_all(&self) {
+        for c in self.live.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 
     pub fn push(&self, fault: Fault) {

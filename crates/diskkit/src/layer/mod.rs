@@ -157,6 +157,18 @@ pub trait Layer: Send + Sync + Debug {
         u64::from(self.block_size())
     }
 
+    /// Forget what the layer holds in `[offset, offset + len)` (aligned to
+    /// [`Layer::cluster_size`], or ending at the end of the disk), so that the range is absent
+    /// again and reads from beneath, releasing its space: how a size-bounded cache layer evicts.
+    /// Only layers that can record "absent" again do this (ASIF); the default is unsupported.
+    fn evict(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::unsupported(format!(
+            "a {} layer cannot forget data (a size-bounded cache layer needs ASIF)",
+            self.format()
+        )))
+    }
+
     /// Make `[offset, offset + len)` (aligned to [`Layer::zero_granularity`]) read as zeroes.
     fn zero(&self, request: &Zeroing) -> Result<()> {
         let _ = request;

@@ -5,8 +5,10 @@
 //! driver stores only where it still holds nothing); writes go to the top layer's write path,
 //! which completes partly written allocation units from [`Below`].
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
 
+use super::budget::CacheBudget;
 use crate::error::Result;
 use crate::layer::write::CurrentContent;
 use crate::layer::{Layer, LayerType, Write, WriteMode, Zeroing};
@@ -17,11 +19,66 @@ use crate::mapping::{Extent, ExtentKind, Mapping};
 pub(crate) struct Level {
     pub(crate) layer: Arc<dyn Layer>,
     pub(crate) layer_type: Option<LayerType>,
+    /// The size bound of a cache layer, if it has one.
+    pub(crate) budget: Option<Arc<CacheBudget>>,
+    /// The units of a cache layer being filled now.
+    filling: FillGate,
 }
 
 impl Level {
     pub(crate) fn new(layer: Arc<dyn Layer>, layer_type: Option<LayerType>) -> Level {
-        Level { layer, layer_type }
+        Level {
+            layer,
+            layer_type,
+            budget: None,
+            filling: FillGate::default(),
+        }
+    }
+}
+
+/// The units of a cache layer that some thread is filling: a reader that needs one of them
+/// waits for that fill and then reads the cache, instead of reading beneath and filling the
+/// same unit again (many NBD requests in flight often ask for pieces of one unit at once).
+#[derive(Debug, Default)]
+struct FillGate {
+    units: Mutex<HashSet<u64>>,
+    done: Condvar,
+}
+
+impl FillGate {
+    /// Claim the units `[first, last]`: `Some` when none was being filled (they are now this
+    /// caller's until the guard drops), `None` after waiting for another thread's fill.
+    fn claim(&self, first: u64, last: u64) -> Option<FillClaim<'_>> {
+        let mut units = self.units.lock().unwrap_or_else(|p| p.into_inner());
+        if (first..=last).any(|u| units.contains(&u)) {
+            while (first..=last).any(|u| units.contains(&u)) {
+                units = self.done.wait(units).unwrap_or_else(|p| p.into_inner());
+            }
+            return None;
+        }
+        units.extend(first..=last);
+        Some(FillClaim {
+            gate: self,
+            first,
+            last,
+        })
+    }
+}
+
+struct FillClaim<'a> {
+    gate: &'a FillGate,
+    first: u64,
+    last: u64,
+}
+
+impl Drop for FillClaim<'_> {
+    fn drop(&mut self) {
+        let mut units = self.gate.units.lock().unwrap_or_else(|p| p.into_inner());
+        for u in self.first..=self.last {
+            units.remove(&u);
+        }
+        drop(units);
+        self.gate.done.notify_all();
     }
 }
 
@@ -74,7 +131,12 @@ pub(crate) fn read_level(
         let n = n.clamp(1, want) as usize;
         let piece = &mut buf[pos..pos + n];
         match m {
-            Mapping::Data { host_offset } => l.layer.storage().read_at(piece, host_offset)?,
+            Mapping::Data { host_offset } => {
+                if let Some(budget) = &l.budget {
+                    budget.touch(at, n as u64);
+                }
+                l.layer.storage().read_at(piece, host_offset)?
+            }
             Mapping::Zero => piece.fill(0),
             Mapping::Special => l.layer.read_special(at, piece)?,
             Mapping::Absent if level == 0 => piece.fill(0),
@@ -94,19 +156,52 @@ pub(crate) fn read_level(
 /// Read from beneath the cache layer at `level`, and keep what was read in the cache.
 fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
     let layer = &levels[level].layer;
-    let g = layer.allocation_granularity();
+    let g = fill_unit(levels, level);
     let end = offset + buf.len() as u64;
     let a0 = align_down(offset, g);
     let a1 = align_up(end, g).unwrap_or(end).min(layer.size());
+    let Some(_claim) = levels[level].filling.claim(a0 / g, (a1 - 1) / g) else {
+        // Another thread filled (or tried to fill) these units meanwhile: read again from
+        // this level, which now finds them in the cache (or fills what is still absent).
+        return read_level(levels, level, buf, offset, true);
+    };
     if a0 == offset && a1 == end {
         read_level(levels, level - 1, buf, offset, true)?;
-        return fill_cache(levels, level, buf, offset);
+        fill_cache(levels, level, buf, offset)?;
+    } else {
+        let mut wide = vec![0u8; (a1 - a0) as usize];
+        read_level(levels, level - 1, &mut wide, a0, true)?;
+        let start = (offset - a0) as usize;
+        buf.copy_from_slice(&wide[start..start + buf.len()]);
+        fill_cache(levels, level, &wide, a0)?;
     }
-    let mut wide = vec![0u8; (a1 - a0) as usize];
-    read_level(levels, level - 1, &mut wide, a0, true)?;
-    let start = (offset - a0) as usize;
-    buf.copy_from_slice(&wide[start..start + buf.len()]);
-    fill_cache(levels, level, &wide, a0)
+    if let Some(budget) = &levels[level].budget {
+        evict(&**layer, budget, &budget.filled(a0, a1 - a0))?;
+    }
+    Ok(())
+}
+
+/// Evict `units` of `budget` from the cache `layer`.
+pub(crate) fn evict(layer: &dyn Layer, budget: &CacheBudget, units: &[u64]) -> Result<()> {
+    let unit = budget.unit();
+    let size = layer.size();
+    for &u in units {
+        let start = u * unit;
+        if start < size {
+            layer.evict(start, unit.min(size - start))?;
+        }
+    }
+    Ok(())
+}
+
+/// The unit in which the cache layer at `level` fills: its allocation granularity, or the
+/// base storage's fetch unit (a remote object) rounded up to it when that is larger.
+pub(crate) fn fill_unit(levels: &[Level], level: usize) -> u64 {
+    let g = levels[level].layer.allocation_granularity().max(1);
+    match levels[0].layer.storage().fetch_unit() {
+        Some(unit) if unit > g => align_up(unit, g).unwrap_or(g),
+        _ => g,
+    }
 }
 
 /// Store `data`, read from beneath, into the cache layer at `level` where it holds nothing

@@ -7,6 +7,7 @@
 //! new or existing layers. Whole-stack operations on an open stack (snapshot, restore, commit,
 //! rebase) are in [`operations`].
 
+mod budget;
 pub(crate) mod io;
 pub(crate) mod open;
 pub mod operations;
@@ -464,9 +465,45 @@ impl Stack {
         layers.push((layer, path));
         let options = self.options.clone().mode(mode);
         let warnings = std::mem::take(&mut self.warnings);
+        let budgets: Vec<_> = self.levels.iter().map(|l| l.budget.clone()).collect();
         *self = Stack::assemble(layers, mode)?;
+        for (level, budget) in self.levels.iter_mut().zip(budgets) {
+            level.budget = budget;
+        }
         self.options = options;
         self.warnings = warnings;
+        Ok(())
+    }
+
+    /// Bound the cache layer's size to `limit` bytes (see [`budget`]), evicting what is over
+    /// it now.
+    pub(crate) fn bound_cache(&mut self, limit: u64) -> Result<()> {
+        let Some(c) = self
+            .levels
+            .iter()
+            .position(|l| l.layer_type == Some(LayerType::Cache))
+        else {
+            return Err(Error::invalid_argument(
+                "a maximum cache size was given, but the stack has no cache layer",
+            ));
+        };
+        let layer = self.levels[c].layer.clone();
+        if !layer.writable() {
+            // It does not fill, so it does not grow.
+            return Ok(());
+        }
+        if layer.format() != ImageFormat::Asif {
+            return Err(Error::unsupported(format!(
+                "a maximum cache size needs an ASIF cache layer; this one is {}",
+                layer.format()
+            ))
+            .with_path(self.paths[c].as_deref().unwrap_or(Path::new("?"))));
+        }
+        let cluster = layer.cluster_size().max(1);
+        let unit = io::align_up(io::fill_unit(&self.levels, c), cluster).unwrap_or(cluster);
+        let budget = Arc::new(budget::CacheBudget::scan(&*layer, limit, unit)?);
+        io::evict(&*layer, &budget, &budget.excess())?;
+        self.levels[c].budget = Some(budget);
         Ok(())
     }
 

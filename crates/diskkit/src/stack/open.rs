@@ -136,6 +136,11 @@ pub(crate) fn open_path(path: &Path, options: &OpenOptions) -> Result<Stack> {
     }
     let mut stack = open_chain(path, options)?;
     stack.options = options.clone();
+    if let Some(limit) = options.max_cache_size {
+        stack
+            .bound_cache(limit)
+            .map_err(|e| e.with_operation("bounding the cache"))?;
+    }
     Ok(stack)
 }
 
@@ -156,7 +161,14 @@ fn raw_by_detection(layer: &dyn Layer, path: &Path, detected: bool) -> Option<St
 /// policy's rules, anything else through its resolver.
 fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
     let writable = options.mode.is_writable();
-    let top = open_file_layer(path, options, writable)?;
+    // Read-only, the top is opened as parents are: a cache layer still fills (what it keeps
+    // never changes what the stack reads), so `serve --read-only cache.asif` or `convert`
+    // of a cache layer keeps what they read.
+    let top = if writable || options.force_share {
+        open_file_layer(path, options, writable)?
+    } else {
+        open_parent_layer(path, options)?
+    };
     let mut warnings: Vec<String> = raw_by_detection(&*top, path, options.format.is_none())
         .into_iter()
         .collect();

@@ -16,6 +16,7 @@ pub struct OpenOptions {
     pub(crate) repair: bool,
     pub(crate) force_share: bool,
     pub(crate) unlocked: bool,
+    pub(crate) max_cache_size: Option<u64>,
 }
 
 impl OpenOptions {
@@ -100,6 +101,15 @@ impl OpenOptions {
         self
     }
 
+    /// Bound the stack's cache layer (ASIF) to about `bytes`: when fills take it past that, the
+    /// least recently used units are evicted (absent again, their space released) and read
+    /// from beneath again when needed. Opening a stack without a cache layer with a bound
+    /// fails.
+    pub fn max_cache_size(mut self, bytes: Option<u64>) -> Self {
+        self.max_cache_size = bytes;
+        self
+    }
+
     /// The lock an open of a file for `writable` access takes, if any.
     pub(crate) fn lock_for(&self, writable: bool) -> Option<Permissions> {
         if self.unlocked {
@@ -125,6 +135,7 @@ impl OpenOptions {
             repair: false,
             force_share: self.force_share,
             unlocked: self.unlocked,
+            max_cache_size: None,
         }
     }
 }

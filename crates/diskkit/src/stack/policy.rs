@@ -138,6 +138,13 @@ impl ParentPolicy {
             )
             .with_path(child)
         };
+        if hint.contains("://") {
+            return Err(denied(
+                "it is a remote object; remote parents are opened only through a resolver that \
+                 allows their host (CLI: --allow-remote HOST or --allow-any-parent)"
+                    .into(),
+            ));
+        }
         if !self.allows_files() {
             return Err(denied(
                 "parents are only opened through an explicit policy (CLI: the same directory, \

@@ -76,6 +76,14 @@ pub trait Storage: Send + Sync + Debug {
         Ok(None)
     }
 
+    /// The size of the pieces in which this storage is best read, when reading it costs far
+    /// more than reading a local file (a remote object: one request per piece). A cache layer
+    /// above such a storage fills in whole pieces, so that one small read fetches and keeps a
+    /// useful amount. `None` (the default) for local storage.
+    fn fetch_unit(&self) -> Option<u64> {
+        None
+    }
+
     /// The path of the file behind this storage, if there is one.
     fn path(&self) -> Option<&Path> {
         None

@@ -890,6 +890,51 @@ impl Layer for AsifImage {
         Ok(())
     }
 
+    fn evict(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let k = self.geo.chunk_size;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size())
+            .ok_or_else(|| Error::out_of_bounds(format!("eviction of {offset}+{len} is past the end")))?;
+        if offset % k != 0 || (end % k != 0 && end != self.size()) {
+            return Err(Error::invalid_argument(format!(
+                "eviction of {offset}+{len} is not aligned to the chunk size {k}"
+            )));
+        }
+        let _guard = self.locks.exclusive(offset, end);
+        let _changing = self.health.changing()?;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / k;
+            self.mutate(|st| {
+                let (t, c) = st.locate_chunk(gc);
+                if st.dir[t as usize] == 0 {
+                    return Ok(Ok(()));
+                }
+                if let Some(need) = st.need_table(gc) {
+                    return Ok(Err(need));
+                }
+                let e = st.entry(t, c).unwrap_or(Entry(0));
+                match e.state() {
+                    ChunkState::Unwritten => {}
+                    ChunkState::Zero => st.set_entry(t, c, e.with(ChunkState::Unwritten, 0)),
+                    ChunkState::Full | ChunkState::Partial => {
+                        // Freed chunks are punched out after the commit that stops using them.
+                        st.free_chunk(e.chunk());
+                        st.drop_bitmap(gc);
+                        st.set_entry(t, c, e.with(ChunkState::Unwritten, 0));
+                    }
+                }
+                Ok(Ok(()))
+            })?;
+            pos += k;
+        }
+        // Committed at once, so the space is released now.
+        let _flush = self.health.lock(&self.flush_lock)?;
+        self.commit_locked()
+    }
+
     fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());

@@ -8,9 +8,11 @@
 //! - `-q/--quiet`: no line saying what was done.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use diskkit::{OpenOptions, ParentPolicy};
+use diskkit_deliver::remote::{AllowRemote, RemoteOptions, RemoteResolver};
 
 use crate::format::Format;
 
@@ -28,8 +30,22 @@ pub(crate) struct OpenArgs {
     /// command that writes the image refuses it.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,
+    /// Keep the cache layer of the stack under SIZE, evicting the least recently used blocks
+    /// (they are fetched again when read). ASIF cache layers only; at least 64M.
+    #[arg(long, value_name = "SIZE", value_parser = cache_size, help_heading = "Remote bases")]
+    pub(crate) max_cache_size: Option<u64>,
     #[command(flatten)]
     pub(crate) parents: ParentArgs,
+}
+
+/// Parse `--max-cache-size`: a size, at least 64 MiB (64 fetch units of 1 MiB: a smaller
+/// bound would evict what concurrent readers are still reading).
+fn cache_size(text: &str) -> Result<u64, String> {
+    let bytes = crate::size::bytes(text)?.value;
+    if bytes < 64 << 20 {
+        return Err(format!("'{text}' is too small for a cache: give at least 64M"));
+    }
+    Ok(bytes)
 }
 
 impl OpenArgs {
@@ -38,7 +54,8 @@ impl OpenArgs {
         let mut options = OpenOptions::new()
             .writable(writable)
             .force_share(self.force_share)
-            .parents(self.parents.policy());
+            .parents(self.parents.policy())
+            .max_cache_size(self.max_cache_size);
         if let Some(f) = self.format {
             options = options.format(f.into());
         }
@@ -58,6 +75,17 @@ pub(crate) struct ParentArgs {
     /// for images you trust).
     #[arg(long = "allow-any-parent", help_heading = "Parent files")]
     pub(crate) allow_any_parent: bool,
+    /// Open remote parents (http://, https://, s3:// URLs that cache layers name) on HOST
+    /// (repeatable): a host name, HOST:PORT, or an S3 bucket. --allow-any-parent allows any.
+    #[arg(long = "allow-remote", value_name = "HOST", help_heading = "Remote bases")]
+    pub(crate) allow_remote: Vec<String>,
+    /// Also trust the CA certificates in this PEM file for https:// parents (repeatable).
+    #[arg(long = "ca-cert", value_name = "FILE", help_heading = "Remote bases")]
+    pub(crate) ca_cert: Vec<PathBuf>,
+    /// The endpoint of an S3-compatible store for s3:// parents (default: AWS, or
+    /// AWS_ENDPOINT_URL).
+    #[arg(long = "s3-endpoint", value_name = "URL", help_heading = "Remote bases")]
+    pub(crate) s3_endpoint: Option<String>,
 }
 
 impl ParentArgs {
@@ -71,7 +99,28 @@ impl ParentArgs {
         for dir in &self.allow_parent_dir {
             policy = policy.allow_directory(dir);
         }
-        policy
+        // Always a resolver: with no host allowed, a remote parent is refused by it, naming
+        // the exact `--allow-remote HOST:PORT` that would open it.
+        let resolver = RemoteResolver::new(self.remote_options(), self.allow_remote());
+        policy.with_resolver(Arc::new(resolver))
+    }
+
+    /// The remote hosts allowed: those `--allow-remote` names, or any with
+    /// `--allow-any-parent`.
+    pub(crate) fn allow_remote(&self) -> AllowRemote {
+        if self.allow_any_parent {
+            AllowRemote::Any
+        } else {
+            AllowRemote::Hosts(self.allow_remote.clone())
+        }
+    }
+
+    /// How remote bases are read: `--ca-cert`, `--s3-endpoint`.
+    pub(crate) fn remote_options(&self) -> RemoteOptions {
+        let mut options = RemoteOptions::default();
+        options.client.extra_ca_files.clone_from(&self.ca_cert);
+        options.s3.endpoint.clone_from(&self.s3_endpoint);
+        options
     }
 }
 

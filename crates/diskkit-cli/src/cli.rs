@@ -116,6 +116,7 @@ pub(crate) enum Command {
     #[command(subcommand, after_help = cmd::bundle::EXAMPLES)]
     Bundle(cmd::bundle::BundleCommand),
     Cache(cmd::cache::CacheArgs),
+    Prefetch(cmd::prefetch::Args),
     Completions(cmd::completions::Args),
     Manpages(cmd::manpages::Args),
 }
@@ -163,6 +164,7 @@ pub(crate) fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Push(a) => cmd::push::run(a),
         Command::Bundle(c) => cmd::bundle::run(c.clone()),
         Command::Cache(a) => cmd::cache::run(a.clone()),
+        Command::Prefetch(a) => cmd::prefetch::run(a),
         Command::Completions(a) => cmd::completions::run(a),
         Command::Manpages(a) => cmd::manpages::run(a),
     }

@@ -8,7 +8,7 @@ use std::process::Command;
 use support::{diskkit_ok, Dir};
 
 /// Every command with its own man page.
-const PAGES: [&str; 43] = [
+const PAGES: [&str; 44] = [
     "diskkit",
     "diskkit-create",
     "diskkit-info",
@@ -50,6 +50,7 @@ const PAGES: [&str; 43] = [
     "diskkit-cache-ls",
     "diskkit-cache-rm",
     "diskkit-cache-gc",
+    "diskkit-prefetch",
     "diskkit-completions",
     "diskkit-manpages",
 ];

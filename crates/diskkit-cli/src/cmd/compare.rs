@@ -53,6 +53,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         let open = OpenArgs {
             format,
             force_share: args.force_share,
+            max_cache_size: None,
             parents: args.parents.clone(),
         };
         open_image(path, &open.options(false))

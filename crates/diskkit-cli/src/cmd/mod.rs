@@ -16,6 +16,7 @@ pub(crate) mod kernel;
 pub(crate) mod manpages;
 pub(crate) mod map;
 pub(crate) mod partitions;
+pub(crate) mod prefetch;
 pub(crate) mod pull;
 pub(crate) mod push;
 pub(crate) mod serve;

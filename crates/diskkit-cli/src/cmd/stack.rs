@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 use diskkit::operations::stack as operations;
 use diskkit::{DiskImage, ImageFormat, LayerOptions, LayerType, OpenOptions};
+use diskkit_deliver::remote::{self, CacheLayerOptions};
 
 use super::{open_image, parent_outside, shell_path};
 use crate::args::{OpenArgs, QuietArg, RepairArg};
@@ -46,7 +47,13 @@ impl From<LayerFormat> for Format {
                   relative to the new file. The new layer's format comes from -O, else from its \
                   extension: .qcow2 or .asif (RAW cannot record a parent). -f is PARENT's \
                   format. A parent outside the new layer's directory is only followed with \
-                  --allow-parent-dir: the command warns when that will be needed.",
+                  --allow-parent-dir: the command warns when that will be needed. PARENT may \
+                  be a remote image (an http://, https:// or s3:// URL of a RAW, ASIF or \
+                  qcow2 image) under a cache layer: the layer records the URL and the object's \
+                  version (size and ETag or Last-Modified, or --parent-sha256), keeps every \
+                  block read through it, and refuses a changed object later. Remote hosts are \
+                  opened only when --allow-remote names them, here and in every command that \
+                  opens the stack.",
     after_help = "\
 Examples:
   # A qcow2 overlay on a qcow2 base
@@ -54,12 +61,21 @@ Examples:
   # An ASIF overlay (for macOS VMs too)
   diskkit layer create --parent root.asif vm.asif
   # A read cache
-  diskkit layer create --type cache --parent nfs/base.raw cache.qcow2"
+  diskkit layer create --type cache --parent nfs/base.raw cache.qcow2
+  # A cache over a remote base, and an overlay to run a VM on
+  diskkit layer create --type cache --allow-remote images.example.com \\
+      --parent https://images.example.com/debian-12.qcow2 cache.asif
+  diskkit layer create --allow-remote images.example.com --parent cache.asif vm.qcow2"
 )]
 pub(crate) struct LayerCreateArgs {
-    /// The parent: an image or the top layer of a stack.
+    /// The parent: an image, the top layer of a stack, or (under a cache layer) the URL of a
+    /// remote image.
     #[arg(long, value_name = "PARENT")]
-    parent: PathBuf,
+    parent: String,
+    /// A remote PARENT's SHA-256 (64 hex digits): checked now (the whole object is read once)
+    /// and recorded, for servers that send neither a strong ETag nor Last-Modified.
+    #[arg(long, value_name = "HEX")]
+    parent_sha256: Option<String>,
     /// Format of the new layer: qcow2 or asif. Default: from the file name's extension.
     #[arg(
         short = 'O',
@@ -206,7 +222,14 @@ pub(crate) fn layer_create(a: &LayerCreateArgs) -> Result<u8> {
         }
         options = options.chunk_size(c);
     }
-    let mut stack = open_image(&a.parent, &a.open.options(false))?;
+    if remote::is_remote(&a.parent) {
+        return remote_cache_create(a, format);
+    }
+    if a.parent_sha256.is_some() {
+        bail!("--parent-sha256 is for remote parents (http://, https://, s3:// URLs)");
+    }
+    let parent = Path::new(&a.parent);
+    let mut stack = open_image(parent, &a.open.options(false))?;
     stack
         .append_new(path, &options)
         .with_context(|| format!("cannot create the layer '{}'", path.display()))?;
@@ -222,13 +245,57 @@ pub(crate) fn layer_create(a: &LayerCreateArgs) -> Result<u8> {
                 .map(|v| v.get_name().to_owned())
                 .unwrap_or_default(),
             messages::image(path, format, stack.size()),
-            a.parent.display()
+            parent.display()
         ),
     );
     // Let go of the stack first: the check opens the new layer again, which the stack's
     // own lock on it would refuse.
     drop(stack);
     warn_if_parent_refused(path);
+    Ok(crate::exit::SUCCESS)
+}
+
+/// `layer create` over a remote base: only a cache layer, only on an allowed host.
+fn remote_cache_create(a: &LayerCreateArgs, format: ImageFormat) -> Result<u8> {
+    let path = &a.path;
+    let url = &a.parent;
+    if a.kind != LayerKind::Cache {
+        bail!(
+            "a remote parent ({url}) can only be beneath a cache layer: add --type cache, then \
+             put overlays on the cache layer"
+        );
+    }
+    let host = remote::remote_host(url)?;
+    if !a.open.parents.allow_remote().allows(&host) {
+        bail!(
+            "{url} is on host '{host}', which is not allowed: add --allow-remote {host} (or \
+             --allow-any-parent)"
+        );
+    }
+    let options = CacheLayerOptions {
+        format,
+        chunk_size: a.chunk_size.unwrap_or(diskkit::formats::DEFAULT_CHUNK_SIZE),
+        base_format: a.open.format.map(Into::into),
+        sha256: a.parent_sha256.clone(),
+        overwrite: a.force,
+    };
+    let created = remote::create_cache_layer(path, url, &a.open.parents.remote_options(), &options)
+        .with_context(|| format!("cannot create the cache layer '{}'", path.display()))?;
+    let identity = &created.identity;
+    let version = match (&identity.sha256, identity.strong_etag(), &identity.last_modified) {
+        (Some(sha), _, _) => format!("SHA-256 {sha}"),
+        (None, Some(etag), _) => format!("ETag {etag}"),
+        (None, None, Some(date)) => format!("Last-Modified {date}"),
+        (None, None, None) => "no validator".to_owned(),
+    };
+    done(
+        a.quiet.quiet,
+        format_args!(
+            "created cache layer {} over {url} ({}, {version})",
+            messages::image(path, format, created.size),
+            created.base_format
+        ),
+    );
     Ok(crate::exit::SUCCESS)
 }
 

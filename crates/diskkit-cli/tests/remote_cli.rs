@@ -1,0 +1,204 @@
+//! Remote base images from the command line, against a real nginx: `layer create --type cache
+//! --parent URL` (refused without `--allow-remote`, with the fix in one line), an overlay on
+//! the cache served by `diskkit serve` and read whole by `nbdcopy --connections=8`, and
+//! `diskkit prefetch` filling a cache so that a server started on it keeps reading everything
+//! after nginx is stopped.
+
+#[path = "../../diskkit-deliver/tests/support/mod.rs"]
+mod net;
+mod support;
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use support::{diskkit, diskkit_ok, tool_ok, Dir};
+
+const MIB: u64 = 1 << 20;
+
+/// Wait (generously; never a timing assertion) until `cond` holds.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn error_line(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("diskkit: error: "), "{err}");
+    err
+}
+
+/// `diskkit serve` in the background on a Unix socket; returns the NBD URI and the pid.
+fn serve(d: &Dir, name: &str, args: &[&str]) -> (String, String) {
+    let sock = d.path(&format!("{name}.sock"));
+    let pid_file = d.path(&format!("{name}.pid"));
+    let mut all = vec![
+        "serve",
+        "--read-only",
+        "--socket",
+        sock.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    diskkit_ok(&all);
+    let pid = std::fs::read_to_string(&pid_file).unwrap().trim().to_owned();
+    (format!("nbd+unix:///?socket={}", sock.display()), pid)
+}
+
+fn stop(d: &Dir, name: &str, pid: &str) {
+    tool_ok("kill", &[pid]);
+    let pid_file = d.path(&format!("{name}.pid"));
+    wait_for("the server to stop", || !pid_file.exists());
+}
+
+/// Read the whole export with eight connections and compare it with `want`.
+fn nbdcopy_matches(d: &Dir, uri: &str, want: &[u8], what: &str) {
+    let out = d.path("copy.raw");
+    let _ = std::fs::remove_file(&out);
+    tool_ok("nbdcopy", &["--connections=8", uri, out.to_str().unwrap()]);
+    let got = std::fs::read(&out).unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: size");
+    assert!(got == want, "{what}: nbdcopy's copy differs from the base");
+    std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn remote_cache_layers_from_the_command_line() {
+    let www = Dir::new();
+    let d = Dir::new();
+    // A 40 MiB base with data in several places (and holes), as qcow2 on the server.
+    let raw = d.path("base.raw");
+    net::sparse_disk(
+        &raw,
+        40 * MIB,
+        &[
+            (0, 3 * MIB),
+            (7 * MIB, 5 * MIB),
+            (20 * MIB, MIB),
+            (33 * MIB, 7 * MIB),
+        ],
+        15,
+    );
+    tool_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            &www.s("base.qcow2"),
+        ],
+    );
+    let want = std::fs::read(&raw).unwrap();
+    let mut nginx = Some(net::Nginx::start(www.0.path()));
+    let port = nginx.as_ref().unwrap().port;
+    let url = nginx.as_ref().unwrap().url("base.qcow2");
+    let host = format!("127.0.0.1:{port}");
+    let cache = d.s("cache.asif");
+
+    // Without --allow-remote: refused, in one line naming the fix; nothing is written.
+    let err = error_line(&diskkit(&[
+        "layer", "create", "--type", "cache", "--parent", &url, &cache,
+    ]));
+    assert!(err.contains(&format!("--allow-remote {host}")), "{err}");
+    assert!(!d.path("cache.asif").exists());
+    // An overlay straight on a URL is refused too: remote parents are for cache layers.
+    let err = error_line(&diskkit(&[
+        "layer",
+        "create",
+        "--allow-remote",
+        &host,
+        "--parent",
+        &url,
+        &d.s("o.qcow2"),
+    ]));
+    assert!(err.contains("--type cache"), "{err}");
+
+    let out = diskkit_ok(&[
+        "layer",
+        "create",
+        "--type",
+        "cache",
+        "--allow-remote",
+        &host,
+        "--parent",
+        &url,
+        &cache,
+    ]);
+    assert!(
+        out.starts_with(&format!(
+            "created cache layer '{cache}' (asif, 40 MiB) over {url} (qcow2, ETag \""
+        )),
+        "{out}"
+    );
+    let vm = d.s("vm.qcow2");
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--allow-remote",
+        &host,
+        "--parent",
+        &cache,
+        &vm,
+    ]);
+
+    // Opening the stack without --allow-remote: one line, with the fix.
+    let err = error_line(&diskkit(&["info", &vm]));
+    assert!(err.contains(&format!("--allow-remote {host}")), "{err}");
+
+    // Served, and read whole by eight NBD connections at once.
+    let (uri, pid) = serve(&d, "vm", &["--allow-remote", &host, &vm]);
+    nbdcopy_matches(&d, &uri, &want, "through the cache, filling it");
+    stop(&d, "vm", &pid);
+
+    // A second cache, filled by prefetch, then served with nginx stopped after the open.
+    let cache2 = d.s("cache2.asif");
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--type",
+        "cache",
+        "--allow-remote",
+        &host,
+        "--parent",
+        &url,
+        &cache2,
+    ]);
+    let vm2 = d.s("vm2.asif");
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "--allow-remote",
+        &host,
+        "--parent",
+        &cache2,
+        &vm2,
+    ]);
+    let out = diskkit_ok(&["prefetch", "--allow-remote", &host, &vm2]);
+    assert!(
+        out.starts_with(&format!("prefetched '{vm2}' (40 MiB disk): 16 MiB fetched")),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
+    // Again: nothing left to fetch; -q prints nothing.
+    let out = diskkit_ok(&["prefetch", "--allow-remote", &host, &cache2]);
+    assert!(out.contains("nothing to fetch"), "{out}");
+    assert_eq!(
+        diskkit_ok(&["prefetch", "-q", "--allow-remote", &host, &cache2]),
+        ""
+    );
+
+    // An open asks the server for the object's version, so the server starts with nginx up;
+    // every read after that is served from the cache.
+    let (uri, pid) = serve(&d, "vm2", &["--allow-remote", &host, &vm2]);
+    drop(nginx.take());
+    nbdcopy_matches(&d, &uri, &want, "from the prefetched cache, nginx stopped");
+    stop(&d, "vm2", &pid);
+}

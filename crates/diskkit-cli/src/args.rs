@@ -30,12 +30,12 @@ pub(crate) struct OpenArgs {
     /// command that writes the image refuses it.
     #[arg(short = 'U', long = "force-share")]
     pub(crate) force_share: bool,
+    #[command(flatten)]
+    pub(crate) parents: ParentArgs,
     /// Keep the cache layer of the stack under SIZE, evicting the least recently used blocks
     /// (they are fetched again when read). ASIF cache layers only; at least 64M.
     #[arg(long, value_name = "SIZE", value_parser = cache_size, help_heading = "Remote bases")]
     pub(crate) max_cache_size: Option<u64>,
-    #[command(flatten)]
-    pub(crate) parents: ParentArgs,
 }
 
 /// Parse `--max-cache-size`: a size, at least 64 MiB (64 fetch units of 1 MiB: a smaller
@@ -66,7 +66,7 @@ impl OpenArgs {
 /// Which parent (backing) files a layer may name. By default only parents in the same
 /// directory as the layer naming them are followed.
 #[derive(Debug, Clone, Default, Args)]
-pub(crate) struct ParentArgs {
+pub(crate) struct FileParentArgs {
     /// Also follow parents that resolve to a file under DIR (repeatable). Without it, only
     /// parents in the same directory as the layer that names them are opened.
     #[arg(long = "allow-parent-dir", value_name = "DIR", help_heading = "Parent files")]
@@ -75,6 +75,14 @@ pub(crate) struct ParentArgs {
     /// for images you trust).
     #[arg(long = "allow-any-parent", help_heading = "Parent files")]
     pub(crate) allow_any_parent: bool,
+}
+
+/// Which parents a layer may name: files ([`FileParentArgs`]) and remote bases under cache
+/// layers (`--allow-remote`), and how remote bases are read.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct ParentArgs {
+    #[command(flatten)]
+    pub(crate) files: FileParentArgs,
     /// Open remote parents (http://, https://, s3:// URLs that cache layers name) on HOST
     /// (repeatable): a host name, HOST:PORT, or an S3 bucket. --allow-any-parent allows any.
     #[arg(long = "allow-remote", value_name = "HOST", help_heading = "Remote bases")]
@@ -89,14 +97,15 @@ pub(crate) struct ParentArgs {
 }
 
 impl ParentArgs {
-    /// The policy: the same directory, plus `--allow-parent-dir`, or anything.
+    /// The policy: the same directory, plus `--allow-parent-dir`, or anything; remote parents
+    /// on the hosts `--allow-remote` names (any with `--allow-any-parent`).
     pub(crate) fn policy(&self) -> ParentPolicy {
-        let mut policy = if self.allow_any_parent {
+        let mut policy = if self.files.allow_any_parent {
             ParentPolicy::any()
         } else {
             ParentPolicy::same_directory()
         };
-        for dir in &self.allow_parent_dir {
+        for dir in &self.files.allow_parent_dir {
             policy = policy.allow_directory(dir);
         }
         // Always a resolver: with no host allowed, a remote parent is refused by it, naming
@@ -108,7 +117,7 @@ impl ParentArgs {
     /// The remote hosts allowed: those `--allow-remote` names, or any with
     /// `--allow-any-parent`.
     pub(crate) fn allow_remote(&self) -> AllowRemote {
-        if self.allow_any_parent {
+        if self.files.allow_any_parent {
             AllowRemote::Any
         } else {
             AllowRemote::Hosts(self.allow_remote.clone())

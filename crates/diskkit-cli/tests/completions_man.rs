@@ -104,7 +104,7 @@ fn bash_completes_commands_options_and_values() {
     assert_eq!(bash_complete(&script, &["diskkit", "cre"]), ["create"]);
     assert_eq!(
         bash_complete(&script, &["diskkit", "layer", "create", "--par"]),
-        ["--parent"]
+        ["--parent", "--parent-sha256"]
     );
     let mut formats = bash_complete(&script, &["diskkit", "create", "-O", ""]);
     formats.sort();

@@ -153,6 +153,14 @@ fn remote_cache_layers_from_the_command_line() {
     let err = error_line(&diskkit(&["info", &vm]));
     assert!(err.contains(&format!("--allow-remote {host}")), "{err}");
 
+    // A cache bound too small to be safe under concurrent readers is refused by the parser.
+    let out = diskkit(&["info", "--allow-remote", &host, "--max-cache-size", "1M", &vm]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give at least 64M"),
+        "{out:?}"
+    );
+
     // Served, and read whole by eight NBD connections at once.
     let (uri, pid) = serve(&d, "vm", &["--allow-remote", &host, &vm]);
     nbdcopy_matches(&d, &uri, &want, "through the cache, filling it");

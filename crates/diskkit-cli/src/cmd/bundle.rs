@@ -7,7 +7,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use diskkit::{ImageFormat, ParentPolicy};
 use diskkit_deliver::bundle::{self, BundleInfo, CreateOptions, ExtractOptions, Machine};
 
-use crate::args::{Output, ParentArgs};
+use crate::args::{FileParentArgs, Output};
 use crate::progress::bytes_bar;
 use crate::size::{self, human, Bytes};
 
@@ -57,7 +57,7 @@ pub(crate) enum BundleCommand {
         #[arg(short, long)]
         quiet: bool,
         #[command(flatten)]
-        parents: ParentArgs,
+        parents: FileParentArgs,
         /// The image (or the top of a stack).
         image: PathBuf,
         /// The bundle to write (image.tar.zst).
@@ -150,8 +150,9 @@ impl CheckArgs {
     }
 }
 
-/// The parent policy `ParentArgs` ask for (the same directory by default).
-pub(crate) fn parent_policy(parents: &ParentArgs) -> ParentPolicy {
+/// The parent policy `FileParentArgs` ask for (the same directory by default). Bundles hold
+/// files, so no remote parents.
+pub(crate) fn parent_policy(parents: &FileParentArgs) -> ParentPolicy {
     let mut policy = if parents.allow_any_parent {
         ParentPolicy::any()
     } else {
@@ -287,7 +288,7 @@ fn create(
     level: i32,
     threads: Option<u32>,
     (force, sync, quiet): (bool, bool, bool),
-    parents: &ParentArgs,
+    parents: &FileParentArgs,
     image: &Path,
     out: &Path,
 ) -> Result<u8> {

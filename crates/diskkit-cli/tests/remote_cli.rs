@@ -210,3 +210,53 @@ fn remote_cache_layers_from_the_command_line() {
     nbdcopy_matches(&d, &uri, &want, "from the prefetched cache, nginx stopped");
     stop(&d, "vm2", &pid);
 }
+
+#[test]
+fn https_needs_the_ca_given_with_ca_cert_and_a_wrong_sha256_is_refused() {
+    let pki = Dir::new();
+    net::sh(
+        pki.0.path(),
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=diskkit-test-ca 2>/dev/null
+         openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
+         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf 2>/dev/null",
+    );
+    let www = Dir::new();
+    let d = Dir::new();
+    net::sparse_disk(&www.path("b.img"), 8 * MIB, &[(MIB, 3 * MIB)], 7);
+    let want = std::fs::read(www.path("b.img")).unwrap();
+    let nginx = net::Nginx::start_tls(www.0.path(), &pki.path("server.pem"), &pki.path("server.key"));
+    let host = format!("127.0.0.1:{}", nginx.port);
+    let url = format!("https://{host}/b.img");
+    let cache = d.s("cache.asif");
+    let ca = pki.s("ca.pem");
+    let create = |extra: &[&str]| {
+        let mut args = vec!["layer", "create", "--type", "cache", "--allow-remote", &host];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--parent", &url, &cache]);
+        diskkit(&args)
+    };
+    // A wrong SHA-256 is refused (the object is read once to check it), and nothing is written.
+    let zeros = "0".repeat(64);
+    let err = error_line(&create(&["--ca-cert", &ca, "--parent-sha256", &zeros]));
+    assert!(err.contains("SHA-256"), "{err}");
+    assert!(!d.path("cache.asif").exists());
+    // The test CA is not among the system's roots: refused without --ca-cert.
+    error_line(&create(&[]));
+    assert!(!d.path("cache.asif").exists());
+    let out = create(&["--ca-cert", &ca]);
+    assert!(out.status.success(), "{out:?}");
+    // Read whole through the stack (convert opens it like every command), with the CA.
+    let copy = d.s("copy.raw");
+    diskkit_ok(&[
+        "convert",
+        "-q",
+        "--allow-remote",
+        &host,
+        "--ca-cert",
+        &ca,
+        &cache,
+        &copy,
+    ]);
+    assert!(std::fs::read(&copy).unwrap() == want, "the copy differs");
+}

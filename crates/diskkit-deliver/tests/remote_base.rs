@@ -297,6 +297,27 @@ fn remote_parents_are_followed_only_when_allowed() {
     let e = open_stack(&bare, &policy).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PolicyDenied);
     assert!(e.to_string().contains("without recording which version"), "{e}");
+    // Redirects are not followed: they could lead to a host that was not allowed. nginx
+    // redirects a directory named without its slash (301 to `dir/`).
+    fs::create_dir(www.path().join("dir")).unwrap();
+    let redirected = work.path().join("redirected.asif");
+    let e = create_cache_layer(
+        &redirected,
+        &nginx.url("dir"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("redirects (HTTP 301)") && text.contains("/dir/") && text.contains("final URL"),
+        "{text}"
+    );
+    assert!(!redirected.exists());
+    assert!(
+        !nginx.access_log().iter().any(|l| l.contains(" /dir/ ")),
+        "the redirect's target was not asked for"
+    );
 }
 
 #[test]

@@ -111,7 +111,13 @@ fn open_object(url: &str, options: &RemoteOptions) -> Result<RemoteObject> {
     Ok(RemoteObject {
         address,
         name: url.to_string(),
-        client: Client::new(&options.client)?,
+        // A remote base is read from exactly the URL its cache layer records: a redirect could
+        // lead to a host `--allow-remote` did not allow, or to content that changes apart from
+        // the validators the recorded server gives (see `RemoteObject::status_error`).
+        client: Client::new(&ClientOptions {
+            follow_redirects: false,
+            ..options.client.clone()
+        })?,
         stats: Arc::new(RequestStats::default()),
     })
 }

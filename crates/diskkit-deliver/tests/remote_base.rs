@@ -674,3 +674,44 @@ fn a_cache_layer_opened_read_only_still_fills() {
         );
     }
 }
+
+#[test]
+fn a_cache_opens_while_the_server_is_down_and_serves_what_it_holds() {
+    let Served {
+        nginx,
+        www: _www,
+        work,
+        model,
+        policy,
+        cache,
+    } = Served::new("b.img", ImageFormat::Raw, 8 * MIB, 12);
+    // A second cache layer over the same object that holds nothing.
+    let empty = work.path().join("empty.asif");
+    create_cache_layer(
+        &empty,
+        &nginx.url("b.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
+    {
+        let image = open_stack(&cache, &policy).unwrap();
+        prefetch(&image, 2, &|_, _| {}).unwrap();
+        assert!(image.warnings().is_empty(), "{:?}", image.warnings());
+    }
+    drop(nginx);
+    // The open cannot check the object, says so, and reads everything from the cache.
+    let image = open_stack(&cache, &policy).unwrap();
+    let warnings = image.warnings().join("\n");
+    assert!(
+        warnings.contains("could not be reached") && warnings.contains("/b.img"),
+        "{warnings}"
+    );
+    assert!(read_all(&image) == model);
+    drop(image);
+    // What is not cached fails with an I/O error (EIO to NBD clients), not with zeroes.
+    let image = open_stack(&empty, &policy).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = image.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+}

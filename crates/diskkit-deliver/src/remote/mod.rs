@@ -122,6 +122,12 @@ fn open_object(url: &str, options: &RemoteOptions) -> Result<RemoteObject> {
     })
 }
 
+/// Whether `e`, from asking a server about an object, says the server could not be reached or
+/// could not answer (not that it answered something definite, such as 404 or 403).
+fn unreachable(e: &Error) -> bool {
+    e.kind() == ErrorKind::Network || e.http_status().is_some_and(crate::http::retryable_status)
+}
+
 /// The current identity of the remote object at `url` (size and validators).
 pub fn stat(url: &str, options: &RemoteOptions) -> Result<Identity> {
     open_object(url, options)?.stat()
@@ -129,9 +135,20 @@ pub fn stat(url: &str, options: &RemoteOptions) -> Result<Identity> {
 
 /// Open the remote object at `url` as storage. With `expected`, the object must still be
 /// that version ([`ErrorKind::Changed`] otherwise); the storage reads the version found now.
+///
+/// When the server cannot be reached (a network error or a server error, after the retries)
+/// and `expected` has a validator, the storage is opened at that version without the check
+/// ([`RemoteStorage::unchecked`] says why): what a cache layer holds stays readable while the
+/// server is down. Nothing can be mixed: every range request is conditional on the recorded
+/// validator, so if the object changed meanwhile, reads fail once the server answers.
 pub fn open_remote(url: &str, expected: Option<&Identity>, options: &RemoteOptions) -> Result<RemoteStorage> {
     let object = open_object(url, options)?;
-    let mut now = object.stat()?;
+    let mut now = match (object.stat(), expected) {
+        (Err(e), Some(expected)) if unreachable(&e) && expected.validator().is_some() => {
+            return Ok(RemoteStorage::new(object, expected.clone(), options).unchecked_because(e.to_string()));
+        }
+        (stat, _) => stat?,
+    };
     if let Some(expected) = expected {
         expected.check(&now, url)?;
         now.sha256.clone_from(&expected.sha256);

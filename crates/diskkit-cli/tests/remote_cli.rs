@@ -2,7 +2,7 @@
 //! --parent URL` (refused without `--allow-remote`, with the fix in one line), an overlay on
 //! the cache served by `diskkit serve` and read whole by `nbdcopy --connections=8`, and
 //! `diskkit prefetch` filling a cache so that a server started on it keeps reading everything
-//! after nginx is stopped.
+//! after nginx is stopped; and `--max-cache-size` keeping a cache under its bound.
 
 #[path = "../../diskkit-deliver/tests/support/mod.rs"]
 mod net;
@@ -310,4 +310,149 @@ fn a_second_process_is_told_the_cache_is_in_use_and_a_cache_works_with_the_serve
         "{err}"
     );
     assert!(std::fs::read(&copy).unwrap() == want, "the copy differs");
+}
+
+/// Bytes of data the cache layer at `path` holds (its own map, without the remote base), and
+/// the ranges they are in.
+fn cached(path: &str) -> (u64, Vec<(u64, u64)>) {
+    let json = diskkit_ok(&["map", "--detached", "--output", "json", path]);
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let ranges: Vec<(u64, u64)> = entries
+        .iter()
+        .filter(|e| e["data"].as_bool().unwrap())
+        .map(|e| {
+            let start = e["start"].as_u64().unwrap();
+            (start, start + e["length"].as_u64().unwrap())
+        })
+        .collect();
+    (ranges.iter().map(|(s, e)| e - s).sum(), ranges)
+}
+
+/// Bytes nginx sent for `name` since `since` lines of its access log.
+fn fetched(nginx: &net::Nginx, name: &str, since: usize) -> (usize, u64) {
+    let all = nginx.requests_for(name);
+    let new = &all[since.min(all.len())..];
+    (all.len(), new.iter().map(|(_, b)| b).sum())
+}
+
+/// `--max-cache-size`: a 192 MiB remote base (all data) read whole through a cache bounded
+/// to 64 MiB, by `diskkit serve` + nbdcopy and by `diskkit convert`: what is read is the
+/// base, the cache holds between 58 and 64 MiB afterwards (the budget trims to nine tenths
+/// of the bound when a fill passes it: `crates/diskkit/src/stack/budget.rs`), after a
+/// sequential read the most recently read part of the disk, its file's allocation stays within the bound plus the metadata
+/// of an empty cache layer and two table chunks, and a second read fetches again what was
+/// evicted. Then an unbounded read fills the cache whole, and an open with the bound trims
+/// it at once.
+#[test]
+fn max_cache_size_evicts_and_refetches() {
+    let www = Dir::new();
+    let d = Dir::new();
+    let size = 192 * MIB;
+    let bound = 64 * MIB;
+    net::sparse_disk(&www.path("big.img"), size, &[(0, size)], 23);
+    let want = std::fs::read(www.path("big.img")).unwrap();
+    let nginx = net::Nginx::start(www.0.path());
+    let host = format!("127.0.0.1:{}", nginx.port);
+    let url = nginx.url("big.img");
+    let cache = d.s("cache.asif");
+    diskkit_ok(&[
+        "layer",
+        "create",
+        "-q",
+        "--type",
+        "cache",
+        "--allow-remote",
+        &host,
+        "--parent",
+        &url,
+        &cache,
+    ]);
+    // Metadata of the empty layer (header, directories, metadata chunk); each commit writes
+    // the changed table to a new 1 MiB chunk and punches the old one after it: two tables.
+    let slack = net::allocated(&d.path("cache.asif")) + 2 * MIB;
+    let within_bound = |what: &str| {
+        let (bytes, _) = cached(&cache);
+        assert!(
+            (58 * MIB..=bound).contains(&bytes),
+            "{what}: {bytes} bytes cached, bound {bound}"
+        );
+        let alloc = net::allocated(&d.path("cache.asif"));
+        eprintln!("{what}: {bytes} bytes cached, {alloc} allocated (bound {bound} + {slack})");
+        assert!(
+            alloc <= bound + slack,
+            "{what}: the cache file has {alloc} bytes allocated, bound {bound} + {slack}"
+        );
+    };
+    let (mut seen, _) = fetched(&nginx, "big.img", 0);
+
+    // Through diskkit serve, with four NBD connections.
+    let (uri, pid) = serve(
+        &d,
+        "bounded",
+        &["--allow-remote", &host, "--max-cache-size", "64M", &cache],
+    );
+    let out = d.path("copy.raw");
+    tool_ok("nbdcopy", &["--connections=4", &uri, out.to_str().unwrap()]);
+    stop(&d, "bounded", &pid);
+    assert!(std::fs::read(&out).unwrap() == want, "nbdcopy's copy differs");
+    let (n, bytes) = fetched(&nginx, "big.img", seen);
+    assert!(bytes >= size, "the first read fetched only {bytes} bytes");
+    seen = n;
+    within_bound("after nbdcopy");
+
+    // Again through convert: the part of the base that is not in the cache is fetched again.
+    let copy = d.s("copy2.raw");
+    diskkit_ok(&[
+        "convert",
+        "-q",
+        "--allow-remote",
+        &host,
+        "--max-cache-size",
+        "64M",
+        &cache,
+        &copy,
+    ]);
+    assert!(std::fs::read(&copy).unwrap() == want, "convert's copy differs");
+    let (n, bytes) = fetched(&nginx, "big.img", seen);
+    assert!(
+        bytes >= size - bound,
+        "the second read fetched {bytes} bytes: the evicted part is read again"
+    );
+    seen = n;
+    within_bound("after convert");
+
+    // A third read by one reader in disk order (convert and nbdcopy --connections=4 read
+    // several places at once): what stays cached is the end of the disk, read last, whether
+    // it was cached before (reads mark it used) or fetched now.
+    let (uri, pid) = serve(
+        &d,
+        "sequential",
+        &["--allow-remote", &host, "--max-cache-size", "64M", &cache],
+    );
+    std::fs::remove_file(&out).unwrap();
+    tool_ok(
+        "nbdcopy",
+        &["--connections=1", "--requests=1", &uri, out.to_str().unwrap()],
+    );
+    stop(&d, "sequential", &pid);
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the sequential copy differs"
+    );
+    within_bound("after a sequential read");
+    let (_, ranges) = cached(&cache);
+    assert!(
+        ranges.iter().all(|&(s, _)| s >= size - bound),
+        "not the most recently read units: {ranges:?}"
+    );
+    seen = fetched(&nginx, "big.img", seen).0;
+
+    // Unbounded, a read fills the cache with the whole base; an open with the bound trims it
+    // (`info` reads nothing but the headers).
+    diskkit_ok(&["prefetch", "-q", "--allow-remote", &host, &cache]);
+    assert_eq!(cached(&cache).0, size);
+    diskkit_ok(&["info", "--allow-remote", &host, "--max-cache-size", "64M", &cache]);
+    within_bound("after an open with the bound");
+    let (_, bytes) = fetched(&nginx, "big.img", seen);
+    assert!(bytes >= size - bound, "prefetch fetched {bytes} bytes");
 }

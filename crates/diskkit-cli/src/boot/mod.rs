@@ -268,13 +268,13 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         // Read-only to look at it; writable only when diskkit serves it (QEMU opens RAW and
         // qcow2 files itself, and must be the only writer).
         let id = format!("disk{}", i + 1);
-        let disk = source::open_disk(&d.path, d.format, policy.clone(), false)?;
+        let disk = source::open_disk(&d.path, d.format, policy.clone(), false, None)?;
         let mut p = PlannedDisk::new(&id, disk, !d.read_only, transport);
         if p.nbd && p.writable && !dry {
             // Let go of the read-only look first: its reader's lock refuses writers, this
             // process's own writable open included.
             drop(p);
-            let disk = source::open_disk(&d.path, d.format, policy, true)?;
+            let disk = source::open_disk(&d.path, d.format, policy, true, None)?;
             p = PlannedDisk::new(&id, disk, true, transport);
         }
         planned.push(p);
@@ -597,7 +597,12 @@ fn prepare_overlay(path: &Path, persist: bool, root: &source::Root, size: u64) -
         }
         let recorded = layer.layer_info().parent_path.clone();
         if let (Some((base, _)), Some(rec)) = (&base, recorded) {
-            let rec = PathBuf::from(rec);
+            // A relative parent name is relative to the overlay's directory (as
+            // `diskkit layer create` records it), not to the current directory.
+            let rec = match path.parent() {
+                Some(dir) if Path::new(&rec).is_relative() => dir.join(rec),
+                _ => PathBuf::from(rec),
+            };
             let same = std::fs::canonicalize(&rec).ok() == std::fs::canonicalize(base).ok();
             if !same {
                 bail!(

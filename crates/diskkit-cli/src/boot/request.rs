@@ -217,6 +217,8 @@ pub(crate) struct BootRequest {
     pub(crate) source: SourceSpec,
     pub(crate) format: Option<ImageFormat>,
     pub(crate) parents: ParentArgs,
+    /// `--max-cache-size`: the bound of the root stack's cache layer (a remote base's).
+    pub(crate) max_cache_size: Option<u64>,
     pub(crate) partition: Option<String>,
     pub(crate) platform: Option<String>,
     pub(crate) machine: Machine,

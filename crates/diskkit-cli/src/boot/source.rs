@@ -77,14 +77,19 @@ fn plain_input(path: &Path) -> Option<&'static str> {
     }
 }
 
-/// Open a disk image or stack read-only and describe its layers.
+/// Open a disk image or stack (read-only unless `writable`) and describe its layers. With
+/// `max_cache_size`, the stack's cache layer (over a remote base) is kept under that bound.
 pub(crate) fn open_disk(
     path: &Path,
     format: Option<ImageFormat>,
     policy: ParentPolicy,
     writable: bool,
+    max_cache_size: Option<u64>,
 ) -> Result<Root> {
-    let mut options = OpenOptions::new().writable(writable).parents(policy);
+    let mut options = OpenOptions::new()
+        .writable(writable)
+        .parents(policy)
+        .max_cache_size(max_cache_size);
     if let Some(f) = format {
         options = options.format(f);
     }
@@ -133,6 +138,9 @@ fn open_snapshot(snapshot: &Path, entry_dir: &Path) -> Result<Arc<DiskImage>> {
 pub(crate) fn resolve(req: &BootRequest, store_dir: &Path) -> Result<Root> {
     match &req.source {
         SourceSpec::AppleStore { root, reference } => {
+            if req.max_cache_size.is_some() {
+                bail!("--max-cache-size applies to disk images with a cache layer, not to --apple-store references");
+            }
             let platform = match &req.platform {
                 Some(p) => StorePlatform::parse(p)?,
                 None => StorePlatform::host(),
@@ -164,7 +172,10 @@ pub(crate) fn resolve(req: &BootRequest, store_dir: &Path) -> Result<Root> {
                 classify(&path, req.format)?
             };
             if kind == Kind::Disk {
-                return open_disk(&path, req.format, req.parents.policy(), false);
+                return open_disk(&path, req.format, req.parents.policy(), false, req.max_cache_size);
+            }
+            if req.max_cache_size.is_some() {
+                bail!("--max-cache-size applies to disk images with a cache layer; '{src}' is an OCI image");
             }
             if req.format.is_some() {
                 bail!("--image-format applies to disk images; '{src}' is an OCI image");

@@ -64,6 +64,8 @@ Examples:
   diskkit boot --memory 4G --cpus 4 disk.qcow2
   # Keep the guest's writes; run the command over SSH
   diskkit boot --ssh --persist state.qcow2 root.raw -- uname -a
+  # A remote base through its cache layer (docs/remote.md), the writes in vm.qcow2
+  diskkit boot --allow-remote images.example.com --persist vm.qcow2 cache.asif
 
 Console:
   Without COMMAND or --ssh the serial console is the terminal.
@@ -275,6 +277,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         source,
         format: args.open.format.map(Into::into),
         parents: args.open.parents.clone(),
+        max_cache_size: args.open.max_cache_size,
         partition: args.partition.clone(),
         platform: args.platform.clone(),
         machine: Machine {

@@ -142,11 +142,14 @@ impl RemoteObject {
                 self.name
             ));
         }
-        if matches!(self.address, Address::S3(_)) && matches!(status, 401 | 403) {
-            e = e.with_message(format!(
-                "{}: HTTP status {status} (access denied: check the credentials, the region and the endpoint)",
-                self.name
-            ));
+        if matches!(self.address, Address::S3(_)) {
+            // HEAD answers have no body, so S3 cannot say which of these it is.
+            let why = match status {
+                401 | 403 => "access denied: check the credentials, the region and the endpoint",
+                404 => "not found: no such bucket, or no such key in it",
+                _ => return e,
+            };
+            e = e.with_message(format!("{}: HTTP status {status} ({why})", self.name));
         }
         e
     }

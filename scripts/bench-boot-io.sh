@@ -18,7 +18,7 @@ size=${2:-512}
 layout=$(realpath "${3:-target/test-cache/boot-fixture/layout}")
 [ -f "$layout/index.json" ] || { echo "no OCI layout at $layout (run: cargo test -p diskkit-cli --test boot)" >&2; exit 1; }
 cargo build --release -q -p diskkit-cli
-D=$PWD/target/release/diskkit
+D=${CARGO_TARGET_DIR:-$PWD/target}/release/diskkit
 scratch_dir "${4:-}" diskkit-bench-boot-io
 export XDG_RUNTIME_DIR=$work/run
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"

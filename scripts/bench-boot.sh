@@ -28,7 +28,7 @@ layout=$(realpath "${2:-target/test-cache/boot-fixture/layout}")
 accel=${ACCEL:-tcg}
 [ -f "$layout/index.json" ] || { echo "no OCI layout at $layout (run: cargo test -p diskkit-cli --test boot)" >&2; exit 1; }
 cargo build --release -q -p diskkit-cli
-D=$PWD/target/release/diskkit
+D=${CARGO_TARGET_DIR:-$PWD/target}/release/diskkit
 scratch_dir "${3:-}" diskkit-bench-boot
 export XDG_RUNTIME_DIR=$work/run
 mkdir -p "$XDG_RUNTIME_DIR"

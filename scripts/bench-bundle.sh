@@ -11,13 +11,21 @@
 # compressible like a system disk), half holes. Page cache warm for both sides.
 #
 # Usage: scripts/bench-bundle.sh [RUNS] [SIZE_GIB] [SCRATCH]
+# DISKKIT_BIN=PATH benchmarks that binary instead of building this tree (to compare two
+# builds on the same machine state). The load average is printed before and after: on a
+# shared machine, compare only figures from one run of the script.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/bench-lib.sh"
 runs=${1:-3}
 size_gib=${2:-4}
-(cd "$here/.." && cargo build --release -q -p diskkit-cli)
-dk="$here/../target/release/diskkit"
+if [[ -n "${DISKKIT_BIN:-}" ]]; then
+    dk=$(realpath "$DISKKIT_BIN")
+else
+    (cd "$here/.." && cargo build --release -q -p diskkit-cli)
+    dk="${CARGO_TARGET_DIR:-$here/../target}/release/diskkit"
+fi
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 scratch_dir "${3:-}" diskkit-bench-bundle
 
 # rt COMMAND...: wall seconds and peak RSS (KiB) of COMMAND, as "SECONDS KIB".
@@ -102,6 +110,10 @@ med() { printf '%s' "${T[$1]}" | median; }
 rss() { printf '%s' "${R[$1]}" | sort -g | tail -1; }
 ratio() { echo "scale=3; $1 / $2" | bc -l; }
 echo
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg); every run (seconds):"
+for k in create_dk create_peer extract_dk extract_peer fetch_dk fetch_dk_dl fetch_curl fetch_pipe; do
+    echo "  $k: $(printf '%s' "${T[$k]}" | tr '\n' ' ')"
+done
 echo "bundle: $(stat -c %s dk.tar.zst) bytes (diskkit), $bytes bytes (tar | zstd -T0 -3); medians of $runs runs"
 printf '%-44s %10s %10s %8s %14s\n' "operation" "diskkit s" "peer s" "ratio" "peak RSS MiB"
 line() { printf '%-44s %10.3f %10.3f %8s %14s\n' "$1" "$(med "$2")" "$(med "$3")" "$4" "$(( $(rss "$2") / 1024 ))"; }

@@ -13,7 +13,7 @@ runs=${1:-1}
 cd "$(dirname "$0")/.."
 root=$PWD
 cargo build --release --locked --bin diskkit -q
-dk=$root/target/release/diskkit
+dk=${CARGO_TARGET_DIR:-$root/target}/release/diskkit
 scratch_dir "${2:-}"
 
 row() { # name command...

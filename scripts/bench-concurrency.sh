@@ -34,8 +34,8 @@ work=${4:-$(mktemp -d /var/tmp/diskkit-concurrency-bench.XXXXXX)}
 mkdir -p "$work"
 export PATH=/usr/bin:$PATH   # libnbd's tools and module want Debian's python3
 (cd "$root" && cargo build --release --locked --bin diskkit --example threadbench -q)
-dk=$root/target/release/diskkit
-tb=$root/target/release/examples/threadbench
+dk=${CARGO_TARGET_DIR:-$root/target}/release/diskkit
+tb=${CARGO_TARGET_DIR:-$root/target}/release/examples/threadbench
 sock=$work/b.sock
 results=$work/results.txt
 : > "$results"

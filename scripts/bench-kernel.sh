@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 cargo build --release -q -p diskkit-cli
-D=$PWD/target/release/diskkit
+D=${CARGO_TARGET_DIR:-$PWD/target}/release/diskkit
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"

@@ -15,7 +15,7 @@ work=${3:-$(mktemp -d /var/tmp/diskkit-nbd-bench.XXXXXX)}
 mkdir -p "$work"
 export PATH=/usr/bin:$PATH   # libnbd's tools want Debian's python3 and binaries first
 (cd "$root" && cargo build --release --locked --bin diskkit -q)
-dk=$root/target/release/diskkit
+dk=${CARGO_TARGET_DIR:-$root/target}/release/diskkit
 sock=$work/b.sock
 results=$work/results.txt
 : > "$results"

@@ -15,8 +15,8 @@ runs=${1:-1}
 cd "$(dirname "$0")/.."
 root=$PWD
 cargo build --release --locked --bin diskkit --example iobench -q
-dk=$root/target/release/diskkit
-iob=$root/target/release/examples/iobench
+dk=${CARGO_TARGET_DIR:-$root/target}/release/diskkit
+iob=${CARGO_TARGET_DIR:-$root/target}/release/examples/iobench
 scratch_dir "${2:-}"
 
 row() { # name command...

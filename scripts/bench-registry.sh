@@ -19,7 +19,7 @@ runs=${1:-3}
 layers=${2:-4}
 disk_gib=${3:-4}
 (cd "$here/.." && cargo build --release -q -p diskkit-cli)
-dk="$here/../target/release/diskkit"
+dk="${CARGO_TARGET_DIR:-$here/../target}/release/diskkit"
 scratch_dir "${4:-}" diskkit-bench-registry
 
 # start_registry NAME: a new docker-registry on a free port with empty storage in dataNAME/

@@ -16,8 +16,8 @@ runs=${1:-3}
 cd "$(dirname "$0")/.."
 root=$PWD
 cargo build --release --locked --bin diskkit --example iobench -q
-iob=$root/target/release/examples/iobench
-dk=$root/target/release/diskkit
+iob=${CARGO_TARGET_DIR:-$root/target}/release/examples/iobench
+dk=${CARGO_TARGET_DIR:-$root/target}/release/diskkit
 scratch_dir "${2:-}" diskkit-bench-stack
 
 

@@ -7,8 +7,8 @@ setup_bench() {
     root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
     (cd "$root" && cargo build --release --locked --bin diskkit -q)
     (cd "$root/scripts/bench-arcbox" && cargo build --release --locked -q)
-    dk_bin=$root/target/release/diskkit
-    ab_bin=$root/scripts/bench-arcbox/target/release/bench-arcbox
+    dk_bin=${CARGO_TARGET_DIR:-$root/target}/release/diskkit
+    ab_bin=${CARGO_TARGET_DIR:-$root/scripts/bench-arcbox/target}/release/bench-arcbox
     mkoci=${MKOCI:-$root/crates/diskkit-oci/tests/fixtures/mkoci-layout.sh}
     work=${1:-$(mktemp -d /var/tmp/diskkit-unpack-bench.XXXXXX)}
     mkdir -p "$work"

@@ -110,7 +110,7 @@ pub(crate) enum Command {
     Cp(cmd::fs::CpArgs),
     Kernel(cmd::kernel::Args),
     Unpack(cmd::unpack::Args),
-    Boot(cmd::boot::Args),
+    Boot(Box<cmd::boot::Args>),
     Pull(cmd::pull::Args),
     Push(cmd::push::Args),
     #[command(subcommand, after_help = cmd::bundle::EXAMPLES)]

@@ -1,11 +1,12 @@
 //! `diskkit boot` against real QEMU (TCG) and a real Debian bookworm guest (see
 //! `boot_fixture`). Every boot checks several things, since a TCG boot takes 30–60 s on an
-//! idle 2-core machine: six full boots (an OCI layout, a RAW disk twice with --persist, a
-//! GPT-partitioned qcow2 disk, an ASIF disk over SSH, an Apple store entry) and a few that
-//! are stopped early. Every run gets its own XDG_RUNTIME_DIR, which must be empty afterwards
+//! idle 2-core machine: seven full boots (an OCI layout, a RAW disk twice with --persist, a
+//! GPT-partitioned qcow2 disk, an ASIF disk over SSH, an Apple store entry, an image cache
+//! instance in `boot_instance`) and a few that are stopped early. Every run gets its own XDG_RUNTIME_DIR, which must be empty afterwards
 //! with no QEMU left running.
 
 mod boot_fixture;
+mod boot_instance;
 mod support;
 
 use std::fs;
@@ -55,7 +56,11 @@ impl Boot {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(diskkit_bin());
-        c.arg("boot").args(["--memory", "1G"]);
+        c.arg("boot");
+        // A cache instance's memory comes from its machine definition.
+        if !args.contains(&"--memory") && !args.contains(&"--instance") {
+            c.args(["--memory", "1G"]);
+        }
         if !args.contains(&"--accel") {
             c.args(["--accel", "tcg"]);
         }

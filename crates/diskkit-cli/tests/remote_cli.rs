@@ -261,6 +261,57 @@ fn https_needs_the_ca_given_with_ca_cert_and_a_wrong_sha256_is_refused() {
     assert!(std::fs::read(&copy).unwrap() == want, "the copy differs");
 }
 
+#[test]
+fn a_second_process_is_told_the_cache_is_in_use_and_a_cache_works_with_the_server_down() {
+    let www = Dir::new();
+    let d = Dir::new();
+    net::sparse_disk(
+        &www.path("b.img"),
+        16 * MIB,
+        &[(0, 2 * MIB), (9 * MIB, 4 * MIB)],
+        23,
+    );
+    let want = std::fs::read(www.path("b.img")).unwrap();
+    let nginx = net::Nginx::start(www.0.path());
+    let host = format!("127.0.0.1:{}", nginx.port);
+    let url = nginx.url("b.img");
+    let cache = d.s("cache.asif");
+    let remote = ["--allow-remote", host.as_str()];
+    let mut create = vec!["layer", "create", "--type", "cache"];
+    create.extend_from_slice(&remote);
+    create.extend_from_slice(&["--parent", &url, &cache]);
+    diskkit_ok(&create);
+
+    // One process serves (and fills) the cache; a second one that would fill it too is told
+    // it is in use, in one line.
+    let mut args = remote.to_vec();
+    args.push(&cache);
+    let (uri, pid) = serve(&d, "first", &args);
+    let mut prefetch = vec!["prefetch"];
+    prefetch.extend_from_slice(&remote);
+    prefetch.push(&cache);
+    let err = error_line(&diskkit(&prefetch));
+    assert!(err.contains("in use") || err.contains("another process"), "{err}");
+    nbdcopy_matches(&d, &uri, &want, "served while the second process was refused");
+    stop(&d, "first", &pid);
+
+    // The first server's reads filled the whole cache. With nginx stopped, the stack still
+    // opens (a warning says the object could not be checked) and reads everything.
+    drop(nginx);
+    let mut convert = vec!["convert"];
+    convert.extend_from_slice(&remote);
+    let copy = d.s("copy.raw");
+    convert.extend_from_slice(&[&cache, &copy]);
+    let out = diskkit(&convert);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning") && err.contains("could not be reached"),
+        "{err}"
+    );
+    assert!(std::fs::read(&copy).unwrap() == want, "the copy differs");
+}
+
 /// Bytes of data the cache layer at `path` holds (its own map, without the remote base), and
 /// the ranges they are in.
 fn cached(path: &str) -> (u64, Vec<(u64, u64)>) {

@@ -231,7 +231,10 @@ impl Error {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
         while let Some(e) = cur {
             if let Some(ioe) = e.downcast_ref::<io::Error>() {
-                if ioe.raw_os_error() == Some(28) {
+                if matches!(
+                    ioe.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                ) {
                     return true;
                 }
             }
@@ -347,6 +350,8 @@ mod tests {
     fn out_of_space_is_found_through_the_chain() {
         let e = Error::io_while(io::Error::from_raw_os_error(28), "writing");
         assert!(e.is_out_of_space());
+        // EDQUOT: a quota is out of space too.
+        assert!(Error::io(io::Error::from_raw_os_error(122)).is_out_of_space());
         assert!(!Error::io(io::Error::other("x")).is_out_of_space());
     }
 }

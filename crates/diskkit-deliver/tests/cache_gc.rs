@@ -166,3 +166,76 @@ fn repair_removes_leftovers_of_killed_commands() {
     let i = cache.instance("e", None, Holder::current()).unwrap();
     support::tool_ok("qemu-img", &["check", "-q", i.disk.to_str().unwrap()]);
 }
+
+/// An instance in use by a running VM (`use_instance`, as `diskkit boot --instance` does)
+/// keeps its entry referenced when its holder exits: gc and rm leave it, release and a
+/// second use are refused; once the use ends, the dead holder's instance goes at the next gc.
+/// A released instance (dead holder) is never handed out for booting.
+#[test]
+fn an_instance_in_use_keeps_its_entry_after_its_holder_exits() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("disk.raw");
+    support::sparse_disk(&src, 4 << 20, &[(0, 1 << 20)], 3);
+    let cache = Cache::open(t.path().join("c")).unwrap();
+    fetch_local(&cache, "e", &src);
+    let mut sleeper = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let holder = Holder::process(sleeper.id()).unwrap();
+    let inst = cache.instance("e", Some("vm"), holder).unwrap();
+    assert_eq!(cache.usable_instance("vm").unwrap(), inst);
+    let using = cache.use_instance("vm", Holder::current()).unwrap();
+    assert_eq!(using.instance(), &inst);
+    let ls = cache.list().unwrap();
+    assert_eq!(
+        (ls[0].references.clone(), ls[0].in_use.clone()),
+        (vec!["vm".to_owned()], vec!["vm".to_owned()])
+    );
+    // The holder exits while the VM runs: the entry stays referenced.
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let r = cache
+        .gc(&GcOptions {
+            max_size: Some(0),
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert!(r.removed.is_empty() && r.referenced == vec!["e"], "{r:?}");
+    assert!(inst.disk.is_file());
+    let e = cache.remove("e").unwrap_err();
+    assert!(e.to_string().contains("referenced by instance(s) vm"), "{e}");
+    let e = cache.release("vm").unwrap_err();
+    assert!(e.to_string().contains("in use by a running VM"), "{e}");
+    // A second VM is refused (its holder has exited too, which is said first).
+    let e = cache.use_instance("vm", Holder::parent()).unwrap_err();
+    assert!(e.to_string().contains("is released: its holder"), "{e}");
+    // The VM stops: the mark is dropped, and the dead holder's instance goes at the next gc.
+    using.finish().unwrap();
+    assert!(cache.list().unwrap()[0].references.is_empty());
+    let e = cache.usable_instance("vm").unwrap_err();
+    assert!(e.to_string().contains("next `cache gc` removes it"), "{e}");
+    let r = cache
+        .gc(&GcOptions {
+            max_size: Some(0),
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert_eq!(r.removed, vec!["e"]);
+    assert!(!inst.disk.exists());
+
+    // With a live holder: a second use is refused while the first lasts; a use that is
+    // dropped without finish (an early return) drops its mark too.
+    fetch_local(&cache, "f", &src);
+    cache.instance("f", Some("vm2"), Holder::persistent()).unwrap();
+    let first = cache.use_instance("vm2", Holder::current()).unwrap();
+    let mut other = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let e = cache
+        .use_instance("vm2", Holder::process(other.id()).unwrap())
+        .unwrap_err();
+    assert!(e.to_string().contains("in use by a running VM (process"), "{e}");
+    other.kill().unwrap();
+    other.wait().unwrap();
+    drop(first);
+    assert!(cache.list().unwrap()[0].in_use.is_empty());
+    cache.release("vm2").unwrap();
+    let e = cache.usable_instance("nope").unwrap_err();
+    assert!(e.to_string().contains("no instance named 'nope'"), "{e}");
+}

@@ -86,6 +86,44 @@ fn gets(nginx: &Nginx, name: &str) -> usize {
     nginx.requests_for(name).len()
 }
 
+/// A base image made by [`make_base`] in a web root of its own, served by nginx, with a cache
+/// layer `cache.asif` made over its URL and a policy that allows nginx's host.
+struct Served {
+    nginx: Nginx,
+    www: tempfile::TempDir,
+    work: tempfile::TempDir,
+    /// The base's content.
+    model: Vec<u8>,
+    policy: ParentPolicy,
+    cache: PathBuf,
+}
+
+impl Served {
+    fn new(name: &str, format: ImageFormat, size: u64, seed: u64) -> Served {
+        let www = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let model = make_base(&www.path().join(name), format, size, seed);
+        let nginx = Nginx::start(www.path());
+        let (policy, _) = policy_for(nginx.port, options());
+        let cache = work.path().join("cache.asif");
+        create_cache_layer(
+            &cache,
+            &nginx.url(name),
+            &options(),
+            &CacheLayerOptions::default(),
+        )
+        .unwrap();
+        Served {
+            nginx,
+            www,
+            work,
+            model,
+            policy,
+            cache,
+        }
+    }
+}
+
 #[test]
 fn stacks_on_remote_bases_read_like_local_ones_before_and_after_reopening() {
     for (i, (format, name)) in [
@@ -163,19 +201,15 @@ fn stacks_on_remote_bases_read_like_local_ones_before_and_after_reopening() {
 
 #[test]
 fn prefetch_fills_everything_and_resumes() {
-    let www = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let model = make_base(&www.path().join("b.qcow2"), ImageFormat::Qcow2, 40 * MIB, 3);
-    let nginx = Nginx::start(www.path());
-    let (policy, _) = policy_for(nginx.port, options());
-    let cache = work.path().join("c.asif");
-    create_cache_layer(
-        &cache,
-        &nginx.url("b.qcow2"),
-        &options(),
-        &CacheLayerOptions::default(),
-    )
-    .unwrap();
+    // (Every field bound: what a pattern leaves out is dropped at once, nginx included.)
+    let Served {
+        nginx: _nginx,
+        www: _www,
+        work: _work,
+        model,
+        policy,
+        cache,
+    } = Served::new("b.qcow2", ImageFormat::Qcow2, 40 * MIB, 3);
     // A partial fill first (as if an earlier prefetch was interrupted).
     {
         let image = open_stack(&cache, &policy).unwrap();
@@ -206,28 +240,16 @@ fn prefetch_fills_everything_and_resumes() {
 
 #[test]
 fn a_replaced_object_is_refused_on_open_and_fails_reads_while_open() {
-    let www = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let base = www.path().join("base.img");
-    make_base(&base, ImageFormat::Raw, 16 * MIB, 5);
-    let nginx = Nginx::start(www.path());
-    let (policy, _) = policy_for(nginx.port, options());
-    let cache = work.path().join("cache.asif");
-    create_cache_layer(
-        &cache,
-        &nginx.url("base.img"),
-        &options(),
-        &CacheLayerOptions::default(),
-    )
-    .unwrap();
-    let image = open_stack(&cache, &policy).unwrap();
+    let served = Served::new("base.img", ImageFormat::Raw, 16 * MIB, 5);
+    let (www, policy, cache) = (served.www.path(), &served.policy, &served.cache);
+    let base = www.join("base.img");
+    let image = open_stack(cache, policy).unwrap();
     let mut buf = vec![0u8; MIB as usize];
     image.read_at(&mut buf, 0).unwrap();
-    // Replaced by another object of the same size (nginx's ETag is mtime and size).
-    // (a second later, so that nginx's ETag, made of the mtime in seconds and the size,
-    // changes)
+    // Replaced by another object of the same size, a second later, so that nginx's ETag (the
+    // mtime in seconds and the size) changes.
     std::thread::sleep(Duration::from_millis(1100));
-    let other = www.path().join("other.img");
+    let other = www.join("other.img");
     make_base(&other, ImageFormat::Raw, 16 * MIB, 6);
     fs::rename(&other, &base).unwrap();
     let e = image.read_at(&mut buf, 12 * MIB).unwrap_err();
@@ -240,25 +262,21 @@ fn a_replaced_object_is_refused_on_open_and_fails_reads_while_open() {
     );
     assert!(chain.contains("changed"), "{chain}");
     drop(image);
-    let e = open_stack(&cache, &policy).unwrap_err();
+    let e = open_stack(cache, policy).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LayerMismatch, "{e}");
     assert!(e.to_string().contains("no longer the object"), "{e}");
 }
 
 #[test]
 fn remote_parents_are_followed_only_when_allowed() {
-    let www = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    make_base(&www.path().join("b.img"), ImageFormat::Raw, 4 * MIB, 1);
-    let nginx = Nginx::start(www.path());
-    let cache = work.path().join("cache.asif");
-    create_cache_layer(
-        &cache,
-        &nginx.url("b.img"),
-        &options(),
-        &CacheLayerOptions::default(),
-    )
-    .unwrap();
+    let Served {
+        nginx,
+        www,
+        work,
+        model: _,
+        policy: _,
+        cache,
+    } = Served::new("b.img", ImageFormat::Raw, 4 * MIB, 1);
     // No resolver: the URL is never taken for a file.
     for policy in [ParentPolicy::deny(), ParentPolicy::any()] {
         let e = open_stack(&cache, &policy).unwrap_err();
@@ -297,6 +315,27 @@ fn remote_parents_are_followed_only_when_allowed() {
     let e = open_stack(&bare, &policy).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PolicyDenied);
     assert!(e.to_string().contains("without recording which version"), "{e}");
+    // Redirects are not followed: they could lead to a host that was not allowed. nginx
+    // redirects a directory named without its slash (301 to `dir/`).
+    fs::create_dir(www.path().join("dir")).unwrap();
+    let redirected = work.path().join("redirected.asif");
+    let e = create_cache_layer(
+        &redirected,
+        &nginx.url("dir"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("redirects (HTTP 301)") && text.contains("/dir/") && text.contains("final URL"),
+        "{text}"
+    );
+    assert!(!redirected.exists());
+    assert!(
+        !nginx.access_log().iter().any(|l| l.contains(" /dir/ ")),
+        "the redirect's target was not asked for"
+    );
 }
 
 #[test]
@@ -359,19 +398,14 @@ fn faults_are_retried_or_end_in_an_io_error_without_wrong_data() {
 
 #[test]
 fn a_second_open_of_a_filling_cache_is_refused_as_in_use() {
-    let www = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    make_base(&www.path().join("b.img"), ImageFormat::Raw, 4 * MIB, 1);
-    let nginx = Nginx::start(www.path());
-    let (policy, _) = policy_for(nginx.port, options());
-    let cache = work.path().join("cache.asif");
-    create_cache_layer(
-        &cache,
-        &nginx.url("b.img"),
-        &options(),
-        &CacheLayerOptions::default(),
-    )
-    .unwrap();
+    let Served {
+        nginx: _nginx,
+        www: _www,
+        work,
+        model: _,
+        policy,
+        cache,
+    } = Served::new("b.img", ImageFormat::Raw, 4 * MIB, 1);
     let first = open_stack(&cache, &policy).unwrap();
     let e = open_stack(&cache, &policy).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
@@ -624,30 +658,60 @@ fn a_size_bound_evicts_least_recently_used_units_and_refetches_them() {
 
 #[test]
 fn a_cache_layer_opened_read_only_still_fills() {
-    let www = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let model = make_base(&www.path().join("b.img"), ImageFormat::Raw, 8 * MIB, 4);
-    let nginx = Nginx::start(www.path());
-    let (policy, _) = policy_for(nginx.port, options());
-    let cache = work.path().join("cache.asif");
-    create_cache_layer(
-        &cache,
-        &nginx.url("b.img"),
-        &options(),
-        &CacheLayerOptions::default(),
-    )
-    .unwrap();
+    let served = Served::new("b.img", ImageFormat::Raw, 8 * MIB, 4);
+    let (model, policy, cache) = (&served.model, served.policy.clone(), &served.cache);
     {
-        let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy.clone())).unwrap();
+        let image = DiskImage::open(cache, &OpenOptions::new().parents(policy.clone())).unwrap();
         assert_eq!(image.open_mode(), diskkit::OpenMode::ReadOnly);
         assert!(image.write_at(&[1], 0).is_err(), "read-only all the same");
-        assert!(read_all(&image) == model);
+        assert!(read_all(&image) == *model);
     }
-    let image = DiskImage::open(&cache, &OpenOptions::new().parents(policy)).unwrap();
+    let image = DiskImage::open(cache, &OpenOptions::new().parents(policy)).unwrap();
     for e in image.extents(0, 8 * MIB).unwrap() {
         assert!(
             e.depth == 1 || e.kind == diskkit::ExtentKind::Zero,
             "not in the cache: {e:?}"
         );
     }
+}
+
+#[test]
+fn a_cache_opens_while_the_server_is_down_and_serves_what_it_holds() {
+    let Served {
+        nginx,
+        www: _www,
+        work,
+        model,
+        policy,
+        cache,
+    } = Served::new("b.img", ImageFormat::Raw, 8 * MIB, 12);
+    // A second cache layer over the same object that holds nothing.
+    let empty = work.path().join("empty.asif");
+    create_cache_layer(
+        &empty,
+        &nginx.url("b.img"),
+        &options(),
+        &CacheLayerOptions::default(),
+    )
+    .unwrap();
+    {
+        let image = open_stack(&cache, &policy).unwrap();
+        prefetch(&image, 2, &|_, _| {}).unwrap();
+        assert!(image.warnings().is_empty(), "{:?}", image.warnings());
+    }
+    drop(nginx);
+    // The open cannot check the object, says so, and reads everything from the cache.
+    let image = open_stack(&cache, &policy).unwrap();
+    let warnings = image.warnings().join("\n");
+    assert!(
+        warnings.contains("could not be reached") && warnings.contains("/b.img"),
+        "{warnings}"
+    );
+    assert!(read_all(&image) == model);
+    drop(image);
+    // What is not cached fails with an I/O error (EIO to NBD clients), not with zeroes.
+    let image = open_stack(&empty, &policy).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = image.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
 }

@@ -246,9 +246,9 @@ fn nbd_error(e: &diskkit::Error, write: bool) -> u32 {
         ErrorKind::OutOfBounds if write => ENOSPC,
         ErrorKind::OutOfBounds | ErrorKind::InvalidArgument => EINVAL,
         ErrorKind::Unsupported => ENOTSUP,
-        _ => match e.raw_os_error() {
-            Some(28) => ENOSPC,
-            Some(12) => ENOMEM,
+        // NBD's error values are Linux's errno values.
+        _ => match e.raw_os_error().map(|n| n as u32) {
+            Some(n) if n == ENOSPC || n == ENOMEM => n,
             _ => EIO,
         },
     }

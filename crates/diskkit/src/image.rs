@@ -243,6 +243,14 @@ impl DiskImage {
         self.stack.append_new_on(storage, options)
     }
 
+    /// Bound the size of the stack's cache layer (an ASIF layer open for writing) to `limit`
+    /// bytes, as [`OpenOptions::max_cache_size`] does when opening a file: least recently used
+    /// units are evicted as fills add new ones, and what is over the bound now goes at once.
+    /// For stacks built from storages; fails when the stack has no cache layer.
+    pub fn bound_cache(&mut self, limit: u64) -> Result<()> {
+        self.stack.bound_cache(limit)
+    }
+
     /// Append an existing layer file on top of this stack (DiskImageKit's `appending` for a
     /// layer that exists). Its recorded parent UUID must match the current top's layer UUID.
     pub fn append_existing(&mut self, path: impl AsRef<Path>, options: &OpenOptions) -> Result<()> {

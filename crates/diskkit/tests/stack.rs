@@ -655,6 +655,7 @@ impl diskkit::stack::ParentResolver for MemResolver {
         Ok(Some(diskkit::stack::ResolvedParent {
             storage: Arc::new(MemStorage::from_bytes(storage.to_bytes())),
             location: diskkit::stack::LayerLocation::Other(hint.to_string()),
+            warning: None,
         }))
     }
 }

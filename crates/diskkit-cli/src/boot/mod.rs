@@ -4,7 +4,8 @@
 //! The steps (one module each):
 //! 1. [`source`]: SOURCE becomes a root disk. OCI images are unpacked once into the store
 //!    ([`store`]; the `unpack --store` layout, RAW, 64 GiB sparse, journaled) and only read
-//!    afterwards.
+//!    afterwards. [`instance`]: a cache instance (`--instance NAME`) is its own stack, whose
+//!    overlay takes the guest's writes, and brings its machine definition.
 //! 2. [`root`], [`kernel`]: the root filesystem (UUID, partition), the kernel and initramfs
 //!    found as `diskkit kernel` finds them (cached per store entry), the command line.
 //! 3. [`rundir`]: a private runtime directory with the throwaway qcow2 overlay, sockets and
@@ -14,12 +15,13 @@
 //! 5. [`guest`], [`ssh`], [`supervise`]: COMMAND through systemd credentials and
 //!    `systemd.run=`, its output and status over virtio-serial ports; or SSH; or the console.
 //!
-//! [`BootRequest`] is everything a boot needs; the CLI fills it from its arguments, and other
-//! callers (an image cache handing over an instance with its own machine definition) can fill
-//! [`Machine`] from theirs, see [`Machine::from_taskcluster_json`].
+//! [`BootRequest`] is everything a boot needs; the CLI fills it from its arguments. The
+//! machine's values it leaves unset come from a cache instance's `machine.json`, else from
+//! the defaults ([`MachineRequest::resolve`]).
 
 pub(crate) mod accel;
 pub(crate) mod guest;
+pub(crate) mod instance;
 pub(crate) mod kernel;
 pub(crate) mod qemu;
 mod request;
@@ -32,7 +34,8 @@ mod supervise;
 
 use request::MAX_SCRIPT;
 pub(crate) use request::{
-    format_mac, parse_duration, parse_mac, Accel, BootRequest, DiskSpec, Machine, Net, SourceSpec, Transport,
+    format_mac, parse_duration, parse_mac, Accel, BootRequest, DiskSpec, Machine, MachineRequest, Net,
+    SourceSpec, Transport,
 };
 
 use std::io::Write;
@@ -143,6 +146,15 @@ struct DryRun<'a> {
     root_layers: Vec<(Option<&'a Path>, &'static str)>,
     root_via: &'static str,
     store_entry: Option<&'a Path>,
+    /// The cache instance booted, if any.
+    instance: Option<DryInstance<'a>>,
+    /// The machine: memory in MiB, CPUs, MAC address (`None`: QEMU's).
+    memory_mib: u64,
+    cpus: u32,
+    mac: Option<String>,
+    /// The values that came from the instance's machine definition (`memory`, `cpus`,
+    /// `mac`); the others are flags or defaults.
+    machine_from_definition: &'a [&'static str],
     runtime_dir: &'a Path,
     overlay: &'a Path,
     persist: bool,
@@ -150,6 +162,15 @@ struct DryRun<'a> {
     /// there at boot (`None` for the SSH key, made at boot).
     credentials: Vec<(&'a str, &'a Path, Option<String>)>,
     notes: &'a [String],
+}
+
+/// What `--dry-run --output json` says of a cache instance.
+#[derive(Serialize)]
+struct DryInstance<'a> {
+    name: &'a str,
+    id: &'a str,
+    cache: &'a Path,
+    machine_path: &'a Path,
 }
 
 /// Boot as `req` says; the exit status.
@@ -171,7 +192,32 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         Some(d) => d.clone(),
         None => store::default_dir()?,
     };
-    let root = source::resolve(req, &store_dir)?;
+    // A cache instance: checked, and (for a real boot) marked in use until the VM stops, so
+    // that the cache keeps it and no second VM takes it.
+    let picked = match &req.source {
+        SourceSpec::Instance { cache, name } => {
+            if req.persist.is_some() {
+                bail!("--persist does not apply to --instance: the guest's writes go into the instance");
+            }
+            Some(instance::Picked::open(cache.as_deref(), name, !dry)?)
+        }
+        _ => None,
+    };
+    let (machine, machine_from) = req
+        .machine
+        .resolve(picked.as_ref().map(|p| &p.instance.machine))
+        .with_context(|| match &picked {
+            Some(p) => format!(
+                "instance '{}' ('{}')",
+                p.instance.name,
+                p.instance.machine_path.display()
+            ),
+            None => "the machine".to_owned(),
+        })?;
+    let root = match &picked {
+        Some(p) => p.root()?,
+        None => source::resolve(req, &store_dir)?,
+    };
     clock.step(&format!("root {} ready", root.name));
     let selector = req
         .partition
@@ -280,10 +326,13 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         planned.push(p);
     }
     let nbd_socket = run_path.join("nbd.sock");
-    // The root's writable layer.
-    let overlay_path = match &req.persist {
-        Some(p) => absolute(p)?,
-        None => run_path.join("overlay.qcow2"),
+    // The root's writable layer: a cache instance's own, --persist, or a throwaway one.
+    let instance_overlay = planned[0].root.overlay.clone();
+    let kept = instance_overlay.is_some() || req.persist.is_some();
+    let overlay_path = match (&instance_overlay, &req.persist) {
+        (Some(o), _) => o.clone(),
+        (None, Some(p)) => absolute(p)?,
+        (None, None) => run_path.join("overlay.qcow2"),
     };
     // Accelerator.
     let engine = match req.accel {
@@ -316,7 +365,6 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
             e
         }
     };
-    let machine = req.machine;
     let ssh = match (&run, req.ssh) {
         (Some(r), true) => Some(ssh::Ssh::create(r.path())?),
         (None, true) => Some(ssh::Ssh {
@@ -360,7 +408,7 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
             chain: d.chain(&nbd_socket),
             overlay: (i == 0).then(|| Overlay {
                 path: overlay_path.clone(),
-                throwaway: req.persist.is_none(),
+                throwaway: !kept,
             }),
             writable: d.writable,
         })
@@ -408,9 +456,19 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
                         .collect(),
                     root_via: root_disk.via(),
                     store_entry: root_disk.root.entry.as_deref(),
+                    instance: picked.as_ref().map(|p| DryInstance {
+                        name: &p.instance.name,
+                        id: &p.instance.id,
+                        cache: &p.cache,
+                        machine_path: &p.instance.machine_path,
+                    }),
+                    memory_mib: machine.memory >> 20,
+                    cpus: machine.cpus,
+                    mac: machine.mac.map(format_mac),
+                    machine_from_definition: &machine_from,
                     runtime_dir: &run_path,
                     overlay: &overlay_path,
-                    persist: req.persist.is_some(),
+                    persist: kept,
                     credentials: spec
                         .credentials
                         .iter()
@@ -444,9 +502,29 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
                 writeln!(out, "# kernel: {}", files.source)?;
                 writeln!(
                     out,
+                    "# machine: {} MiB, {} CPU{}, MAC {}{}",
+                    machine.memory >> 20,
+                    machine.cpus,
+                    if machine.cpus == 1 { "" } else { "s" },
+                    machine
+                        .mac
+                        .map_or_else(|| "QEMU's default".to_owned(), format_mac),
+                    match &picked {
+                        Some(p) if !machine_from.is_empty() => format!(
+                            " ({} from '{}')",
+                            machine_from.join(", "),
+                            p.instance.machine_path.display()
+                        ),
+                        _ => String::new(),
+                    }
+                )?;
+                writeln!(
+                    out,
                     "# overlay: {} ({})",
                     overlay_path.display(),
-                    if req.persist.is_some() {
+                    if instance_overlay.is_some() {
+                        "the instance's, kept"
+                    } else if req.persist.is_some() {
                         "kept"
                     } else {
                         "throwaway, made at boot"
@@ -480,8 +558,10 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
     }
     let run = run.context("runtime directory")?;
     // The root's overlay: made fresh, or reused from --persist.
-    let root_size = planned[0].root.disk.size();
-    prepare_overlay(&overlay_path, req.persist.is_some(), &planned[0].root, root_size)?;
+    if instance_overlay.is_none() {
+        let root_size = planned[0].root.disk.size();
+        prepare_overlay(&overlay_path, req.persist.is_some(), &planned[0].root, root_size)?;
+    }
     if command_mode {
         let script = run.join("diskkit.run");
         // systemd imports credentials of up to 1 MiB.
@@ -495,15 +575,26 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         std::fs::write(&script, text).with_context(|| format!("writing '{}'", script.display()))?;
     }
     // diskkit's NBD server for the disks QEMU cannot open itself.
-    let exports: Vec<Export> = planned
-        .iter()
-        .filter(|d| d.nbd)
-        .map(|d| {
-            let mut e = Export::new(d.id.clone(), d.root.disk.clone());
-            e.read_only = !d.writable;
-            e
-        })
-        .collect();
+    let mut exports: Vec<Export> = Vec::new();
+    for d in planned.iter().filter(|d| d.nbd) {
+        let disk = match (&d.root.overlay, d.root.layers.last()) {
+            // A cache instance: its overlay is QEMU's; the server exports the layers below.
+            (Some(_), Some((Some(below), format))) => {
+                source::open_disk(
+                    below,
+                    Some(*format),
+                    diskkit::ParentPolicy::same_directory(),
+                    false,
+                    None,
+                )?
+                .disk
+            }
+            _ => d.root.disk.clone(),
+        };
+        let mut e = Export::new(d.id.clone(), disk);
+        e.read_only = !d.writable;
+        exports.push(e);
+    }
     let nbd = if exports.is_empty() {
         None
     } else {
@@ -533,7 +624,7 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         spec: &spec,
         command: &req.command,
         ssh: ssh.as_ref(),
-        persist: req.persist.is_some(),
+        persist: kept,
         timeout: req.timeout,
         console_log: req.console_log.as_deref(),
         verbose: req.verbose,
@@ -544,6 +635,13 @@ pub(crate) fn run(req: &BootRequest) -> Result<u8> {
         let _ = thread.join();
     }
     drop(run);
+    if let Some(p) = picked {
+        if let Err(e) = p.release() {
+            warn(format_args!(
+                "the cache still marks the instance in use (until this process exits): {e:#}"
+            ));
+        }
+    }
     outcome
 }
 

@@ -23,36 +23,71 @@ pub(crate) struct Machine {
     pub(crate) mac: Option<[u8; 6]>,
 }
 
-impl Machine {
-    /// Read the machine of a taskcluster-worker QEMU image (`machine.json`, version 1):
-    /// `memory` (MiB), `threads` × `cores` × `sockets` CPUs (each 1 when absent) and `mac`.
-    /// Missing values come from `defaults`. Other keys (chipset, devices) do not apply to a
-    /// direct-kernel-boot VM and are ignored.
-    #[allow(dead_code)] // The hook for image caches (issue 14); tested here.
-    pub(crate) fn from_taskcluster_json(json: &[u8], defaults: Machine) -> Result<Machine> {
-        let v: serde_json::Value = serde_json::from_slice(json).context("machine.json is not JSON")?;
-        if v.get("version").and_then(|x| x.as_u64()) != Some(1) {
-            bail!("machine.json: only version 1 is understood");
-        }
-        let num = |k: &str, max: u64| -> Result<Option<u64>> {
-            match v.get(k) {
-                None => Ok(None),
-                Some(x) => match x.as_u64() {
-                    Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
-                    _ => bail!("machine.json: '{k}' must be a whole number from 1 to {max}"),
-                },
+/// Memory when neither `--memory` nor a machine definition gives it.
+pub(crate) const DEFAULT_MEMORY: u64 = 2 << 30;
+/// Virtual CPUs when neither `--cpus` nor a machine definition gives them.
+pub(crate) const DEFAULT_CPUS: u32 = 2;
+/// Most virtual CPUs (as `--cpus` accepts).
+pub(crate) const MAX_CPUS: u32 = 1024;
+
+/// The virtual hardware asked for on the command line; what it leaves unset comes from the
+/// machine definition of a cache instance, else from the defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MachineRequest {
+    pub(crate) memory: Option<u64>,
+    pub(crate) cpus: Option<u32>,
+    pub(crate) mac: Option<[u8; 6]>,
+}
+
+impl MachineRequest {
+    /// The machine: explicit values first, then those of `definition` (a taskcluster
+    /// `machine.json`, version 1, already validated: `memory` in MiB, `threads` × `cores` ×
+    /// `sockets` CPUs, `mac`), then the defaults. Also returns which values came from the
+    /// definition. Its other keys (chipset, devices) do not apply to a direct-kernel-boot
+    /// virtio VM and are not used.
+    pub(crate) fn resolve(
+        &self,
+        definition: Option<&diskkit_deliver::bundle::Machine>,
+    ) -> Result<(Machine, Vec<&'static str>)> {
+        let mut from = Vec::new();
+        let memory = match (self.memory, definition.and_then(|d| d.memory)) {
+            (Some(m), _) => m,
+            (None, Some(mib)) => {
+                if mib < 64 {
+                    bail!(
+                        "the machine definition asks for {mib} MiB of memory; a guest needs at least 64 MiB: give --memory"
+                    );
+                }
+                from.push("memory");
+                u64::from(mib) << 20
             }
+            (None, None) => DEFAULT_MEMORY,
         };
-        let memory = num("memory", 1 << 20)?.map_or(defaults.memory, |m| m << 20);
-        let cpus = match (num("threads", 255)?, num("cores", 255)?, num("sockets", 255)?) {
-            (None, None, None) => defaults.cpus,
-            (t, c, s) => (t.unwrap_or(1) * c.unwrap_or(1) * s.unwrap_or(1)) as u32,
+        let defined_cpus = definition
+            .filter(|d| d.threads.is_some() || d.cores.is_some() || d.sockets.is_some())
+            .map(|d| d.cpus());
+        let cpus = match (self.cpus, defined_cpus) {
+            (Some(c), _) => c,
+            (None, Some(c)) => {
+                if !(1..=MAX_CPUS).contains(&c) {
+                    bail!(
+                        "the machine definition asks for {c} CPUs (threads × cores × sockets); at most {MAX_CPUS} are possible: give --cpus"
+                    );
+                }
+                from.push("cpus");
+                c
+            }
+            (None, None) => DEFAULT_CPUS,
         };
-        let mac = match v.get("mac").and_then(|m| m.as_str()) {
-            Some(m) => Some(parse_mac(m)?),
-            None => defaults.mac,
+        let mac = match (self.mac, definition.and_then(|d| d.mac.as_deref())) {
+            (Some(m), _) => Some(m),
+            (None, Some(text)) => {
+                from.push("mac");
+                Some(parse_mac(text).context("the machine definition's mac")?)
+            }
+            (None, None) => None,
         };
-        Ok(Machine { memory, cpus, mac })
+        Ok((Machine { memory, cpus, mac }, from))
     }
 }
 
@@ -152,6 +187,10 @@ pub(crate) enum SourceSpec {
     Path(String),
     /// An Apple `container` store and an image reference.
     AppleStore { root: PathBuf, reference: String },
+    /// A cache instance (`diskkit cache instance`): its overlay is the root's writable layer,
+    /// its machine definition the default hardware. `cache`: the cache directory (default:
+    /// the cache's own default).
+    Instance { cache: Option<PathBuf>, name: String },
 }
 
 /// An extra disk (`--disk PATH[,ro][,format=F]`).
@@ -221,7 +260,7 @@ pub(crate) struct BootRequest {
     pub(crate) max_cache_size: Option<u64>,
     pub(crate) partition: Option<String>,
     pub(crate) platform: Option<String>,
-    pub(crate) machine: Machine,
+    pub(crate) machine: MachineRequest,
     pub(crate) accel: Accel,
     pub(crate) kargs: Vec<String>,
     pub(crate) disks: Vec<DiskSpec>,
@@ -290,26 +329,57 @@ mod tests {
     }
 
     #[test]
-    fn taskcluster_machine() {
-        let defaults = Machine {
-            memory: 2 << 30,
-            cpus: 2,
-            mac: None,
-        };
-        let m = Machine::from_taskcluster_json(
+    fn machine_definitions() {
+        let def: diskkit_deliver::bundle::Machine = diskkit_deliver::bundle::Machine::parse(
             br#"{"version":1,"memory":4096,"threads":2,"cores":2,"mac":"aa:54:1a:30:5c:de","chipset":"pc-i440fx-2.8"}"#,
-            defaults,
         )
         .unwrap();
-        assert_eq!(m.memory, 4 << 30);
-        assert_eq!(m.cpus, 4);
-        assert_eq!(m.mac, Some([0xaa, 0x54, 0x1a, 0x30, 0x5c, 0xde]));
-        let m = Machine::from_taskcluster_json(br#"{"version":1}"#, defaults).unwrap();
-        assert_eq!(m, defaults);
-        assert!(Machine::from_taskcluster_json(br#"{"memory":1}"#, defaults).is_err());
-        assert!(Machine::from_taskcluster_json(br#"{"version":1,"memory":0}"#, defaults).is_err());
-        assert!(
-            Machine::from_taskcluster_json(br#"{"version":1,"mac":"ff:ff:ff:ff:ff:ff"}"#, defaults).is_err()
+        let none = MachineRequest::default();
+        let (m, from) = none.resolve(Some(&def)).unwrap();
+        assert_eq!(
+            m,
+            Machine {
+                memory: 4 << 30,
+                cpus: 4,
+                mac: Some([0xaa, 0x54, 0x1a, 0x30, 0x5c, 0xde])
+            }
         );
+        assert_eq!(from, ["memory", "cpus", "mac"]);
+        // Explicit values win, one by one.
+        let some = MachineRequest {
+            memory: Some(1 << 30),
+            cpus: None,
+            mac: Some([0x52, 0x54, 0, 1, 2, 3]),
+        };
+        let (m, from) = some.resolve(Some(&def)).unwrap();
+        assert_eq!(
+            (m.memory, m.cpus, m.mac),
+            (1 << 30, 4, Some([0x52, 0x54, 0, 1, 2, 3]))
+        );
+        assert_eq!(from, ["cpus"]);
+        // Nothing defined: the defaults.
+        let bare = diskkit_deliver::bundle::Machine::parse(br#"{"version":1}"#).unwrap();
+        let defaults = Machine {
+            memory: DEFAULT_MEMORY,
+            cpus: DEFAULT_CPUS,
+            mac: None,
+        };
+        assert_eq!(none.resolve(Some(&bare)).unwrap(), (defaults, vec![]));
+        assert_eq!(none.resolve(None).unwrap(), (defaults, vec![]));
+        // Values a VM cannot have: a clear error naming the flag that overrides them.
+        let tiny = diskkit_deliver::bundle::Machine::parse(br#"{"version":1,"memory":32}"#).unwrap();
+        let e = none.resolve(Some(&tiny)).unwrap_err().to_string();
+        assert!(e.contains("32 MiB") && e.contains("--memory"), "{e}");
+        assert!(MachineRequest {
+            memory: Some(1 << 30),
+            ..none
+        }
+        .resolve(Some(&tiny))
+        .is_ok());
+        let huge =
+            diskkit_deliver::bundle::Machine::parse(br#"{"version":1,"threads":16,"cores":16,"sockets":16}"#)
+                .unwrap();
+        let e = none.resolve(Some(&huge)).unwrap_err().to_string();
+        assert!(e.contains("4096 CPUs") && e.contains("--cpus"), "{e}");
     }
 }

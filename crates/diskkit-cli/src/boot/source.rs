@@ -27,6 +27,9 @@ pub(crate) struct Root {
     pub(crate) digest: Option<String>,
     /// For roots unpacked into diskkit's store: the entry directory.
     pub(crate) entry: Option<PathBuf>,
+    /// For a cache instance: its qcow2 overlay, the top of `disk` but not in `layers`; QEMU
+    /// opens it as the writable layer, so the guest's writes stay in it.
+    pub(crate) overlay: Option<PathBuf>,
 }
 
 /// What kind of thing a SOURCE path is.
@@ -107,6 +110,7 @@ pub(crate) fn open_disk(
         name: format!("'{}'", path.display()),
         digest: None,
         entry: None,
+        overlay: None,
     })
 }
 
@@ -134,9 +138,13 @@ fn open_snapshot(snapshot: &Path, entry_dir: &Path) -> Result<Arc<DiskImage>> {
     Ok(Arc::new(disk))
 }
 
-/// Resolve the request's SOURCE into the root disk. `store_dir` is diskkit's store.
+/// Resolve the request's SOURCE into the root disk. `store_dir` is diskkit's store. (Cache
+/// instances are opened by [`super::instance`].)
 pub(crate) fn resolve(req: &BootRequest, store_dir: &Path) -> Result<Root> {
     match &req.source {
+        SourceSpec::Instance { name, .. } => {
+            bail!("instance '{name}' is opened from the image cache, not resolved as a source")
+        }
         SourceSpec::AppleStore { root, reference } => {
             if req.max_cache_size.is_some() {
                 bail!("--max-cache-size applies to disk images with a cache layer, not to --apple-store references");
@@ -162,6 +170,7 @@ pub(crate) fn resolve(req: &BootRequest, store_dir: &Path) -> Result<Root> {
                 name: format!("{reference} in '{}'", root.display()),
                 digest: Some(hex),
                 entry: None,
+                overlay: None,
             })
         }
         SourceSpec::Path(src) => {
@@ -225,6 +234,7 @@ pub(crate) fn resolve(req: &BootRequest, store_dir: &Path) -> Result<Root> {
                 name: format!("'{src}'"),
                 digest: Some(hex),
                 entry: Some(entry.dir),
+                overlay: None,
             })
         }
     }

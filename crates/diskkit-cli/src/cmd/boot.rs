@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 
 use crate::args::{OpenArgs, Output};
-use crate::boot::{self, Accel, BootRequest, DiskSpec, Machine, Net, SourceSpec, Transport};
+use crate::boot::{self, Accel, BootRequest, DiskSpec, MachineRequest, Net, SourceSpec, Transport};
 use crate::size::{self, Bytes};
 
 /// Which accelerator QEMU uses.
@@ -42,13 +42,17 @@ pub(crate) enum ViaArg {
 /// Boot an image as a QEMU VM with its own kernel, and run a command in it.
 #[derive(Debug, Clone, ClapArgs)]
 #[command(
+    override_usage = "diskkit boot [OPTIONS] <SOURCE> [-- <COMMAND>...]\n       diskkit boot [OPTIONS] --instance <NAME> [-- <COMMAND>...]",
     long_about = "Boot a disk image or stack (RAW, ASIF, qcow2; whole-disk ext4 or a partitioned \
                   disk), an OCI image as `unpack` takes it (layout directory, OCI archive, \
                   docker-archive, with an optional :REF; or a registry reference, pulled first as \
-                  `diskkit pull` does) or an Apple `container` store entry as a \
+                  `diskkit pull` does), an Apple `container` store entry or an instance of the \
+                  image cache (--instance, see `diskkit cache`) as a \
                   QEMU virtual machine, with the image's own kernel and initramfs (no firmware, no \
                   root, no boot loader). The image is never written: the guest's writes go to a \
-                  throwaway qcow2 overlay, or to --persist. OCI images are unpacked once into the \
+                  throwaway qcow2 overlay, or to --persist, or into the cache instance's own \
+                  overlay, whose machine.json gives the memory, CPUs and MAC address that no \
+                  flag gives (the cache keeps the instance while the VM runs). OCI images are unpacked once into the \
                   store (a 64 GiB sparse, journaled ext4 root, the `unpack --store` layout) and \
                   only read afterwards. With COMMAND, it runs as root once the system (systemd) \
                   is up, and its stdout, stderr and exit status become diskkit's; without it, the \
@@ -66,6 +70,12 @@ Examples:
   diskkit boot --ssh --persist state.qcow2 root.raw -- uname -a
   # A remote base through its cache layer (docs/remote.md), the writes in vm.qcow2
   diskkit boot --allow-remote images.example.com --persist vm.qcow2 cache.asif
+  # A cache instance: its memory, CPUs and MAC from its machine.json, its writes kept in it
+  diskkit cache fetch debian-12 https://example.com/debian-12.tar.zst
+  diskkit cache instance debian-12 --name vm1 --persistent
+  diskkit boot --instance vm1 -- uname -a
+  # The same instance with 8 GiB instead of its machine.json's memory
+  diskkit boot --instance vm1 --memory 8G
 
 Console:
   Without COMMAND or --ssh the serial console is the terminal.
@@ -85,9 +95,10 @@ pub(crate) struct Args {
     /// What to boot: a disk image or stack (RAW, ASIF, qcow2), an OCI image as PATH or
     /// PATH:REF (layout directory, OCI archive, docker-archive) or as a registry reference
     /// (HOST[:PORT]/REPO[:TAG], docker://NAME; pulled into the shared layout in
-    /// $XDG_CACHE_HOME/diskkit/oci first), or with --apple-store an image reference.
-    #[arg(value_name = "SOURCE")]
-    source: String,
+    /// $XDG_CACHE_HOME/diskkit/oci first), or with --apple-store an image reference. Not
+    /// with --instance.
+    #[arg(value_name = "SOURCE", required_unless_present = "instance")]
+    source: Option<String>,
     /// The command to run in the guest as root once the system is up; its stdout, stderr and
     /// exit status become diskkit's. Without it: the serial console.
     #[arg(last = true, value_name = "COMMAND")]
@@ -101,6 +112,21 @@ pub(crate) struct Args {
     /// `ls` choose it).
     #[arg(long, value_name = "PART")]
     partition: Option<String>,
+    /// Boot the image cache's instance NAME (made by `diskkit cache instance ID --name NAME`)
+    /// instead of SOURCE: the guest writes into the instance's overlay, and the instance's
+    /// machine.json gives --memory, --cpus and --mac unless they are given. The cache keeps
+    /// the instance (gc, rm and release refuse it) while the VM runs.
+    #[arg(
+        long,
+        value_name = "NAME",
+        conflicts_with_all = ["source", "persist", "apple_store", "platform", "size"],
+        help_heading = "Image cache"
+    )]
+    instance: Option<String>,
+    /// The image cache holding --instance (default: $XDG_CACHE_HOME/diskkit/images, or
+    /// ~/.cache/diskkit/images, as for `diskkit cache`).
+    #[arg(long, value_name = "DIR", help_heading = "Image cache")]
+    cache_dir: Option<PathBuf>,
     /// SOURCE is an image reference (e.g. `alpine:latest`) in the Apple `container` image store
     /// at ROOT; its snapshot is only read.
     #[arg(long, value_name = "ROOT")]
@@ -109,24 +135,19 @@ pub(crate) struct Args {
     /// host's CPU).
     #[arg(long, value_name = "OS/ARCH")]
     platform: Option<String>,
-    /// Guest memory (whole MiB, at least 64M).
+    /// Guest memory, whole MiB, at least 64M (default: an --instance's machine.json, else 2G).
+    #[arg(long, value_name = "SIZE", value_parser = memory, help_heading = "Virtual machine")]
+    memory: Option<Bytes>,
+    /// Virtual CPUs (default: an --instance's machine.json, else 2).
     #[arg(
         long,
-        value_name = "SIZE",
-        default_value = "2G",
-        value_parser = memory,
-        help_heading = "Virtual machine"
-    )]
-    memory: Bytes,
-    /// Virtual CPUs.
-    #[arg(
-        long,
-        default_value_t = 2,
+        value_name = "N",
         value_parser = clap::value_parser!(u32).range(1..=1024),
         help_heading = "Virtual machine"
     )]
-    cpus: u32,
-    /// MAC address of the network card (default: QEMU's, 52:54:00:12:34:56).
+    cpus: Option<u32>,
+    /// MAC address of the network card (default: an --instance's machine.json, else QEMU's,
+    /// 52:54:00:12:34:56).
     #[arg(long, value_name = "MAC", value_parser = mac, help_heading = "Virtual machine")]
     mac: Option<[u8; 6]>,
     /// Accelerator.
@@ -245,15 +266,26 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
     if args.apple_store.is_some() && args.open.format.is_some() {
         bail!("--image-format does not apply to --apple-store references");
     }
-    let source = match &args.apple_store {
-        Some(root) => SourceSpec::AppleStore {
-            root: root.clone(),
-            reference: args.source.clone(),
+    if args.cache_dir.is_some() && args.instance.is_none() {
+        bail!("--cache-dir names the cache of --instance; give --instance NAME");
+    }
+    if args.instance.is_some() && args.open.format.is_some() {
+        bail!("--image-format does not apply to --instance: the cache made its stack");
+    }
+    let source_text = args.source.clone().unwrap_or_default();
+    let source = match (&args.instance, &args.apple_store) {
+        (Some(name), _) => SourceSpec::Instance {
+            cache: args.cache_dir.clone(),
+            name: name.clone(),
         },
-        None if diskkit_deliver::registry::looks_like_reference(&args.source) => {
+        (None, Some(root)) => SourceSpec::AppleStore {
+            root: root.clone(),
+            reference: source_text,
+        },
+        (None, None) if diskkit_deliver::registry::looks_like_reference(&source_text) => {
             // A registry reference: pull what the shared layout lacks, then boot the image
             // from it by its manifest digest (unpacked into the store as any OCI image).
-            let r = diskkit_deliver::registry::Reference::parse(&args.source)?;
+            let r = diskkit_deliver::registry::Reference::parse(&source_text)?;
             let platform = args
                 .platform
                 .as_deref()
@@ -271,7 +303,7 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
             bars.finish();
             SourceSpec::Path(format!("{}:{digest}", layout.display()))
         }
-        None => SourceSpec::Path(args.source.clone()),
+        (None, None) => SourceSpec::Path(source_text),
     };
     let request = BootRequest {
         source,
@@ -280,8 +312,8 @@ pub(crate) fn run(args: &Args) -> Result<u8> {
         max_cache_size: args.open.max_cache_size,
         partition: args.partition.clone(),
         platform: args.platform.clone(),
-        machine: Machine {
-            memory: args.memory.value,
+        machine: MachineRequest {
+            memory: args.memory.map(|m| m.value),
             cpus: args.cpus,
             mac: args.mac,
         },

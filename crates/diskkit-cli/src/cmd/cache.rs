@@ -80,7 +80,7 @@ enum CacheCommand {
     /// definition. The entry stays referenced until `release NAME`, or until the holding
     /// process exits.
     #[command(
-        after_help = "Examples:\n  # A writable overlay on the cached image, for one VM\n  disk=$(diskkit cache instance debian-12 --name vm1)"
+        after_help = "Examples:\n  # A writable overlay on the cached image, for one VM\n  disk=$(diskkit cache instance debian-12 --name vm1)\n  # Kept until released; booted with its machine.json, its writes kept in it\n  diskkit cache instance debian-12 --name vm2 --persistent\n  diskkit boot --instance vm2 -- uname -a"
     )]
     Instance {
         /// The cached image.
@@ -327,7 +327,18 @@ pub(crate) fn run(args: CacheArgs) -> Result<u8> {
                         let refs = if e.references.is_empty() {
                             "0 references".to_string()
                         } else {
-                            format!("{} reference(s): {}", e.references.len(), e.references.join(", "))
+                            let names: Vec<String> = e
+                                .references
+                                .iter()
+                                .map(|n| {
+                                    if e.in_use.contains(n) {
+                                        format!("{n} (booted)")
+                                    } else {
+                                        n.clone()
+                                    }
+                                })
+                                .collect();
+                            format!("{} reference(s): {}", e.references.len(), names.join(", "))
                         };
                         println!(
                             "{}  {}  {}  last used {}{}  {}",

@@ -31,6 +31,10 @@ pub struct Reference {
     /// incomplete one found while holding the entry's lock exclusively was left by a killed
     /// process.
     pub complete: bool,
+    /// The process using the instance now (a VM booted from it), if any; see
+    /// [`Cache::use_instance`]. A dead one counts for nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<Holder>,
 }
 
 /// An instance of a cache entry, ready to boot.
@@ -114,6 +118,7 @@ impl Cache {
             created: now_secs(),
             nonce: fsutil::random_suffix(),
             complete: false,
+            in_use: None,
         };
         // Claim the name first: a second instance of the same name fails here, before it
         // touches any file.
@@ -202,7 +207,7 @@ impl Cache {
         })
     }
 
-    fn read_reference(&self, name: &str) -> Result<Reference> {
+    pub(crate) fn read_reference(&self, name: &str) -> Result<Reference> {
         let path = self.ref_path(name);
         let bytes = fs::read(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -228,6 +233,15 @@ impl Cache {
                 format!("instance '{name}' was released and made again meanwhile; not released"),
             ));
         }
+        if let Some(h) = r.in_use_by() {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "instance '{name}' is in use by a running VM (process {}); stop the VM first",
+                    h.pid
+                ),
+            ));
+        }
         let path = self.ref_path(name);
         fs::remove_file(&path).map_err(|e| Error::io_while(e, "removing a reference").with_path(&path))?;
         fsutil::sync_dir(&self.root.join("refs"))?;
@@ -245,7 +259,7 @@ impl Cache {
         for r in self.references()?.into_iter().filter(|r| r.id == id) {
             // Nobody is making an instance of `id` now (its lock is held exclusively), so an
             // incomplete reference was left by a killed `instance`.
-            if r.complete && r.holder.alive() {
+            if r.live() {
                 live.push(r.name);
             } else {
                 let _ = fs::remove_file(self.ref_path(&r.name));

@@ -13,7 +13,8 @@
 //!     instance-<NAME>.qcow2, instance-<NAME>.json   instances: a writable overlay over
 //!                          layer.qcow2 (same directory, so QEMU and diskkit find it) and a
 //!                          copy of the machine definition
-//! refs/<NAME>.json         a reference: instance NAME of entry ID, held by a process
+//! refs/<NAME>.json         a reference: instance NAME of entry ID, held by a process (and
+//!                          the process of the VM booted from it while that runs)
 //! locks/<ID>.lock          flock: exclusive while fetching, removing or repairing ID, shared
 //!                          while making an instance of it
 //! locks/<ID>.failed        the error of the last failed fetch, for the fetches waiting on it
@@ -41,6 +42,7 @@ mod fetch;
 mod follow;
 mod gc;
 mod instance;
+mod inuse;
 mod lock;
 
 use std::fs;
@@ -52,6 +54,7 @@ use serde::{Deserialize, Serialize};
 pub use self::fetch::{FetchEvent, FetchOptions, Source};
 pub use self::gc::{GcOptions, GcReport};
 pub use self::instance::{Instance, Reference};
+pub use self::inuse::InstanceUse;
 pub use self::lock::Holder;
 use self::lock::{IdLock, Mode};
 use crate::bundle::{Machine, DISK, LAYER, MACHINE};
@@ -88,8 +91,11 @@ pub struct EntryStatus {
     pub path: PathBuf,
     /// Bytes of disk space it uses (instances included).
     pub size: u64,
-    /// Live references (instances whose holder is alive), by name.
+    /// Live references (instances whose holder, or the VM booted from them, is alive), by
+    /// name.
     pub references: Vec<String>,
+    /// The instances a running VM uses now (`diskkit boot --instance`), by name.
+    pub in_use: Vec<String>,
     /// Last use (seconds since the epoch).
     pub last_use: u64,
     /// Whether another process holds its lock exclusively right now (being fetched again,
@@ -288,7 +294,12 @@ impl Cache {
             let busy = self.lock(&id, Mode::Shared, false)?.is_none();
             let references = refs
                 .iter()
-                .filter(|r| r.id == id && r.complete && r.holder.alive())
+                .filter(|r| r.id == id && r.live())
+                .map(|r| r.name.clone())
+                .collect();
+            let in_use = refs
+                .iter()
+                .filter(|r| r.id == id && r.live() && r.in_use_by().is_some())
                 .map(|r| r.name.clone())
                 .collect();
             out.push(EntryStatus {
@@ -297,6 +308,7 @@ impl Cache {
                 path: entry.dir,
                 record: entry.record,
                 references,
+                in_use,
                 busy,
             });
         }

@@ -92,6 +92,9 @@ pub struct ClientOptions {
     pub only_extra_cas: bool,
     /// The `User-Agent` header.
     pub user_agent: String,
+    /// Follow redirects of GET and HEAD requests (at most 10). When off, a redirect is
+    /// returned as the response it is.
+    pub follow_redirects: bool,
 }
 
 impl Default for ClientOptions {
@@ -103,6 +106,7 @@ impl Default for ClientOptions {
             extra_ca_files: Vec::new(),
             only_extra_cas: false,
             user_agent: format!("diskkit/{}", env!("CARGO_PKG_VERSION")),
+            follow_redirects: true,
         }
     }
 }
@@ -376,7 +380,7 @@ impl Client {
             .timeout_recv_response(Some(options.read_timeout))
             .timeout_per_read(Some(options.read_timeout))
             .user_agent(options.user_agent.as_str())
-            .max_redirects(10)
+            .max_redirects(if options.follow_redirects { 10 } else { 0 })
             // Parallel range requests (remote bases) keep their connections alive.
             .max_idle_connections(64)
             .max_idle_connections_per_host(16)

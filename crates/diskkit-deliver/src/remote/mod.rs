@@ -116,9 +116,21 @@ fn open_object(url: &str, options: &RemoteOptions) -> Result<RemoteObject> {
     Ok(RemoteObject {
         address,
         name: url.to_string(),
-        client: Client::new(&options.client)?,
+        // A remote base is read from exactly the URL its cache layer records: a redirect could
+        // lead to a host `--allow-remote` did not allow, or to content that changes apart from
+        // the validators the recorded server gives (see `RemoteObject::status_error`).
+        client: Client::new(&ClientOptions {
+            follow_redirects: false,
+            ..options.client.clone()
+        })?,
         stats: Arc::new(RequestStats::default()),
     })
+}
+
+/// Whether `e`, from asking a server about an object, says the server could not be reached or
+/// could not answer (not that it answered something definite, such as 404 or 403).
+fn unreachable(e: &Error) -> bool {
+    e.kind() == ErrorKind::Network || e.http_status().is_some_and(crate::http::retryable_status)
 }
 
 /// The current identity of the remote object at `url` (size and validators).
@@ -128,9 +140,20 @@ pub fn stat(url: &str, options: &RemoteOptions) -> Result<Identity> {
 
 /// Open the remote object at `url` as storage. With `expected`, the object must still be
 /// that version ([`ErrorKind::Changed`] otherwise); the storage reads the version found now.
+///
+/// When the server cannot be reached (a network error or a server error, after the retries)
+/// and `expected` has a validator, the storage is opened at that version without the check
+/// ([`RemoteStorage::unchecked`] says why): what a cache layer holds stays readable while the
+/// server is down. Nothing can be mixed: every range request is conditional on the recorded
+/// validator, so if the object changed meanwhile, reads fail once the server answers.
 pub fn open_remote(url: &str, expected: Option<&Identity>, options: &RemoteOptions) -> Result<RemoteStorage> {
     let object = open_object(url, options)?;
-    let mut now = object.stat()?;
+    let mut now = match (object.stat(), expected) {
+        (Err(e), Some(expected)) if unreachable(&e) && expected.validator().is_some() => {
+            return Ok(RemoteStorage::new(object, expected.clone(), options).unchecked_because(e.to_string()));
+        }
+        (stat, _) => stat?,
+    };
     if let Some(expected) = expected {
         expected.check(&now, url)?;
         now.sha256.clone_from(&expected.sha256);

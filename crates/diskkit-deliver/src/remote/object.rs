@@ -115,7 +115,7 @@ impl RemoteObject {
                     let e = crate::http::status_error(resp.head.status, &self.name);
                     (e, resp.head.retry_after.map(Duration::from_secs))
                 }
-                Ok(resp) => return Err(self.status_error(resp.head.status)),
+                Ok(resp) => return Err(self.status_error(&resp.head)),
                 Err(e) if e.kind() == ErrorKind::Network => (e, None),
                 Err(e) => return Err(e),
             };
@@ -131,8 +131,17 @@ impl RemoteObject {
         }
     }
 
-    fn status_error(&self, status: u16) -> Error {
+    fn status_error(&self, head: &crate::http::Head) -> Error {
+        let status = head.status;
         let mut e = crate::http::status_error(status, &self.name);
+        if (300..400).contains(&status) {
+            let target = head.header("location").unwrap_or("(no Location header)");
+            return e.with_message(format!(
+                "{}: the server redirects (HTTP {status}) to {target}; remote bases are not read \
+                 through redirects: make the cache layer with the final URL",
+                self.name
+            ));
+        }
         if matches!(self.address, Address::S3(_)) {
             // HEAD answers have no body, so S3 cannot say which of these it is.
             let why = match status {
@@ -235,7 +244,7 @@ impl RemoteObject {
                     wait: head.retry_after.map(Duration::from_secs),
                 }
             }
-            s => return Attempt::Fail(self.status_error(s)),
+            _ => return Attempt::Fail(self.status_error(head)),
         }
         match head.content_range {
             Some((first, l, total))

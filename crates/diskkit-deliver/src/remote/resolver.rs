@@ -134,10 +134,19 @@ impl ParentResolver for RemoteResolver {
         if let Ok(mut o) = self.opened.lock() {
             o.push((parsed.url.clone(), storage.counters()));
         }
+        let warning = storage.unchecked().map(|why| {
+            format!(
+                "{} could not be reached ({why}), so it was not checked to be the object the cache \
+                 layer recorded: what the cache holds is read, and reads of anything else fail \
+                 until the server answers (and fail for good if the object changed)",
+                parsed.url
+            )
+        });
         let storage: Arc<dyn Storage> = Arc::new(storage);
         Ok(Some(ResolvedParent {
             storage,
             location: LayerLocation::Other(parsed.url),
+            warning,
         }))
     }
 }

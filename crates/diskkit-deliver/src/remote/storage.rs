@@ -100,6 +100,7 @@ struct Job {
 pub struct RemoteStorage {
     shared: Arc<Shared>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    unchecked: Option<String>,
 }
 
 impl std::fmt::Debug for RemoteStorage {
@@ -172,7 +173,14 @@ impl RemoteStorage {
         RemoteStorage {
             shared,
             jobs: Mutex::new(Some(tx)),
+            unchecked: None,
         }
+    }
+
+    /// The same storage, marked as opened without checking the object's identity (`why`).
+    pub(crate) fn unchecked_because(mut self, why: String) -> RemoteStorage {
+        self.unchecked = Some(why);
+        self
     }
 
     /// The URL this storage reads.
@@ -183,6 +191,12 @@ impl RemoteStorage {
     /// The version being read.
     pub fn identity(&self) -> &Identity {
         &self.shared.identity
+    }
+
+    /// Why the object's identity was not checked when it was opened (the server could not be
+    /// reached), if it was not; see [`super::open_remote`].
+    pub fn unchecked(&self) -> Option<&str> {
+        self.unchecked.as_deref()
     }
 
     /// Traffic so far.

@@ -8,13 +8,15 @@
 //! next needed. Recency lives in memory only: after an open, every unit already held counts as
 //! older than anything used since, in disk order.
 //!
-//! A read that mapped a unit just before another thread evicts it could read the punched
-//! space; reads mark their units used before reading them, so only a bound of a few units
-//! under many parallel readers makes that possible. Keep the bound well above
-//! `threads × unit` (the CLI refuses bounds under 64 units).
+//! Eviction and reads of cached data: a read pins the units it is about to map and read
+//! ([`CacheBudget::pin`]) until its data has been copied out, and pinned units are never chosen
+//! for eviction; a unit being evicted cannot be pinned until its eviction has finished (the
+//! reader waits, then maps it again and finds it absent). Without this, a read that mapped a
+//! unit just before another thread evicted it would read its punched space, or a chunk
+//! already reused for another unit's data.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Condvar, Mutex};
 
 use crate::error::Result;
 use crate::layer::Layer;
@@ -26,6 +28,8 @@ pub(crate) struct CacheBudget {
     limit_units: u64,
     unit: u64,
     state: Mutex<BudgetState>,
+    /// Signalled when evictions finish.
+    evicted: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +37,32 @@ struct BudgetState {
     /// Unit index to the tick of its last use.
     units: HashMap<u64, u64>,
     tick: u64,
+    /// Units being read, with the number of readers.
+    pins: HashMap<u64, u32>,
+    /// Units chosen for eviction whose eviction has not finished.
+    evicting: HashSet<u64>,
+}
+
+/// Units pinned by a read; unpinned when dropped.
+#[derive(Debug)]
+pub(crate) struct Pin<'a> {
+    budget: &'a CacheBudget,
+    first: u64,
+    last: u64,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        let mut st = self.budget.lock();
+        for u in self.first..=self.last {
+            if let Some(n) = st.pins.get_mut(&u) {
+                *n -= 1;
+                if *n == 0 {
+                    st.pins.remove(&u);
+                }
+            }
+        }
+    }
 }
 
 impl CacheBudget {
@@ -56,6 +86,7 @@ impl CacheBudget {
             limit_units: (limit / unit).max(1),
             unit,
             state: Mutex::new(state),
+            evicted: Condvar::new(),
         })
     }
 
@@ -66,6 +97,44 @@ impl CacheBudget {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn range(&self, offset: u64, len: u64) -> (u64, u64) {
+        (offset / self.unit, (offset + len.max(1) - 1) / self.unit)
+    }
+
+    /// Pin the units of `[offset, offset + len)` before mapping and reading them: none of
+    /// them is evicted until the pin is dropped. Waits for evictions of any of them that
+    /// have begun to finish.
+    pub(crate) fn pin(&self, offset: u64, len: u64) -> Pin<'_> {
+        let (first, last) = self.range(offset, len);
+        let mut st = self.lock();
+        while (first..=last).any(|u| st.evicting.contains(&u)) {
+            st = self.evicted.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        for u in first..=last {
+            *st.pins.entry(u).or_insert(0) += 1;
+        }
+        Pin {
+            budget: self,
+            first,
+            last,
+        }
+    }
+
+    /// The eviction of `units` (returned by [`CacheBudget::filled`] or
+    /// [`CacheBudget::excess`]) has ended; `failed` are those still holding data (an error
+    /// stopped their eviction), which are counted again, as least recently used.
+    pub(crate) fn evicted(&self, units: &[u64], failed: &[u64]) {
+        let mut st = self.lock();
+        for u in units {
+            st.evicting.remove(u);
+        }
+        for &u in failed {
+            st.units.insert(u, 0);
+        }
+        drop(st);
+        self.evicted.notify_all();
     }
 
     /// Mark the units of `[offset, offset + len)` used, if held.
@@ -81,7 +150,8 @@ impl CacheBudget {
     }
 
     /// Record a fill of `[offset, offset + len)`; returns the units to evict (already taken
-    /// out of the account), least recently used first, never one of those just filled.
+    /// out of the account), least recently used first, never one of those just filled nor
+    /// one pinned by a read. The caller evicts them, then calls [`CacheBudget::evicted`].
     pub(crate) fn filled(&self, offset: u64, len: u64) -> Vec<u64> {
         let mut st = self.lock();
         st.tick += 1;
@@ -109,6 +179,7 @@ impl CacheBudget {
             .units
             .iter()
             .filter(|(&u, _)| keep.is_none_or(|(first, last)| u < first || u > last))
+            .filter(|(u, _)| !st.pins.contains_key(u))
             .map(|(&u, &t)| (t, u))
             .collect();
         by_age.sort_unstable();
@@ -116,6 +187,7 @@ impl CacheBudget {
         let victims: Vec<u64> = by_age.iter().take(excess).map(|&(_, u)| u).collect();
         for u in &victims {
             st.units.remove(u);
+            st.evicting.insert(*u);
         }
         victims
     }

@@ -127,6 +127,8 @@ pub(crate) fn read_level(
             break;
         }
         let want = ((buf.len() - pos) as u64).min(size - at);
+        // A bounded cache: what is mapped stays until it has been read (see `budget`).
+        let pin = l.budget.as_ref().map(|b| b.pin(at, want));
         let (m, n) = l.layer.map(at, want)?;
         let n = n.clamp(1, want) as usize;
         let piece = &mut buf[pos..pos + n];
@@ -135,12 +137,14 @@ pub(crate) fn read_level(
                 if let Some(budget) = &l.budget {
                     budget.touch(at, n as u64);
                 }
-                l.layer.storage().read_at(piece, host_offset)?
+                l.layer.storage().read_at(piece, host_offset)?;
+                drop(pin);
             }
             Mapping::Zero => piece.fill(0),
             Mapping::Special => l.layer.read_special(at, piece)?,
             Mapping::Absent if level == 0 => piece.fill(0),
             Mapping::Absent => {
+                drop(pin);
                 if fill && l.layer_type == Some(LayerType::Cache) && l.layer.writable() {
                     read_through_cache(levels, level, piece, at)?;
                 } else {
@@ -181,16 +185,21 @@ fn read_through_cache(levels: &[Level], level: usize, buf: &mut [u8], offset: u6
     Ok(())
 }
 
-/// Evict `units` of `budget` from the cache `layer`.
+/// Evict `units` of `budget` from the cache `layer` (chosen by the budget, which waits for
+/// this to end before letting reads pin them again).
 pub(crate) fn evict(layer: &dyn Layer, budget: &CacheBudget, units: &[u64]) -> Result<()> {
     let unit = budget.unit();
     let size = layer.size();
-    for &u in units {
+    for (i, &u) in units.iter().enumerate() {
         let start = u * unit;
         if start < size {
-            layer.evict(start, unit.min(size - start))?;
+            if let Err(e) = layer.evict(start, unit.min(size - start)) {
+                budget.evicted(units, &units[i..]);
+                return Err(e);
+            }
         }
     }
+    budget.evicted(units, &[]);
     Ok(())
 }
 

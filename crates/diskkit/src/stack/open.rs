@@ -204,11 +204,12 @@ fn open_chain(path: &Path, options: &OpenOptions) -> Result<Stack> {
             None => None,
         };
         let (parent, parent_location) = match (resolved, &location) {
-            (Some(p), _) => (
-                open_parent_on(&p.storage, &parent_options)
-                    .map_err(|e| e.with_path(p.location.to_string()))?,
-                p.location,
-            ),
+            (Some(p), _) => {
+                let parent = open_parent_on(&p.storage, &parent_options)
+                    .map_err(|e| e.with_path(p.location.to_string()))?;
+                warnings.extend(p.warning);
+                (parent, p.location)
+            }
             (None, LayerLocation::File(child_path)) => {
                 let parent_path = options.parents.resolve(child_path, &hint)?;
                 let parent = open_parent_layer(&parent_path, &parent_options)?;

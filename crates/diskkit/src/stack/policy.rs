@@ -44,6 +44,9 @@ pub struct ResolvedParent {
     pub storage: Arc<dyn Storage>,
     /// Where it is: the names its own parent hints give are resolved against this.
     pub location: LayerLocation,
+    /// Something the user should know about how it was opened (the stack's
+    /// [`crate::DiskImage::warnings`] carry it).
+    pub warning: Option<String>,
 }
 
 /// Opens parents that are not local files, for a [`ParentPolicy`].

@@ -53,12 +53,17 @@ fn dk(home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
 }
 
 fn ok(out: Output, what: &str) -> String {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = out;
     assert!(
-        out.status.success(),
+        status.success(),
         "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8(stdout).unwrap()
 }
 
 fn error_line(out: &Output) -> String {

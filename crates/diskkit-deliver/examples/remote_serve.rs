@@ -2,8 +2,8 @@
 //! (then it stops in order, flushing the cache layer):
 //! `cargo run --release --example remote_serve -- SOCKET IMAGE [URL]`. IMAGE is a cache layer
 //! (or a stack over one); with URL, the cache layer is made first when it does not exist. Any
-//! remote host is allowed. The library's path of `diskkit serve`, for `scripts/bench-remote.sh`
-//! where the CLI is not built.
+//! remote host is allowed. The library's path of `diskkit serve`; `DISKKIT_FETCH_UNIT=BYTES`
+//! sets another fetch unit, for measurements (`scripts/bench-remote.sh` uses the CLI).
 
 use std::path::PathBuf;
 use std::sync::Arc;

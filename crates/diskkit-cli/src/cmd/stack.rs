@@ -88,7 +88,8 @@ pub(crate) struct LayerCreateArgs {
     /// The layer's role.
     #[arg(long = "type", value_enum, default_value = "overlay")]
     kind: LayerKind,
-    /// ASIF: chunk size, the unit of allocation (default 1M).
+    /// ASIF: chunk size, the unit of allocation (default 1M; for a cache layer over a remote
+    /// base 64K, its unit of fetching, or 1M for disks over 1 TiB).
     #[arg(long, value_name = "SIZE", value_parser = size::unit_size)]
     chunk_size: Option<u32>,
     /// Replace the file if it exists.
@@ -274,7 +275,7 @@ fn remote_cache_create(a: &LayerCreateArgs, format: ImageFormat) -> Result<u8> {
     }
     let options = CacheLayerOptions {
         format,
-        chunk_size: a.chunk_size.unwrap_or(diskkit::formats::DEFAULT_CHUNK_SIZE),
+        chunk_size: a.chunk_size,
         base_format: a.open.format.map(Into::into),
         sha256: a.parent_sha256.clone(),
         overwrite: a.force,

@@ -29,7 +29,10 @@ mod storage;
 
 use std::sync::Arc;
 
-pub use self::cache::{create_cache_layer, prefetch, CacheLayerOptions, CreatedCache, PrefetchStats};
+pub use self::cache::{
+    create_cache_layer, prefetch, CacheLayerOptions, CreatedCache, PrefetchStats, CACHE_CHUNK_SIZE,
+    SMALL_CHUNKS_UP_TO,
+};
 pub use self::identity::{is_remote, Identity, RemoteHint};
 use self::object::{Address, RemoteObject, RequestStats};
 pub use self::resolver::{AllowRemote, RemoteResolver};
@@ -45,7 +48,9 @@ pub struct RemoteOptions {
     pub client: ClientOptions,
     /// S3 endpoint, region and profile.
     pub s3: S3Options,
-    /// The unit of fetching and of cache fills (default 1 MiB).
+    /// The unit of fetching and of cache fills (default 64 KiB, [`CACHE_CHUNK_SIZE`]; raised
+    /// to the allocation unit of the layer that names the remote base, so that a cache layer
+    /// fills whole chunks).
     pub fetch_unit: u64,
     /// The largest single range request (default 8 MiB).
     pub max_request: u64,
@@ -62,7 +67,7 @@ impl Default for RemoteOptions {
         RemoteOptions {
             client: ClientOptions::default(),
             s3: S3Options::default(),
-            fetch_unit: 1 << 20,
+            fetch_unit: CACHE_CHUNK_SIZE as u64,
             max_request: 8 << 20,
             parallel: 8,
             readahead: 32 << 20,

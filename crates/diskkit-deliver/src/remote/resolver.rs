@@ -92,6 +92,19 @@ fn core_error(e: Error, hint_url: &str) -> diskkit::Error {
     }
 }
 
+/// The allocation unit (ASIF chunk, qcow2 cluster) of the layer file at `child`, from its
+/// header; `None` when it is not a file or cannot be read (the fetch unit stays as set).
+/// Fills smaller than a chunk would leave it partly filled, its zeroes stored as data.
+fn allocation_unit(child: &LayerLocation) -> Option<u64> {
+    let LayerLocation::File(path) = child else {
+        return None;
+    };
+    // No lock: this process already holds the layer open, with its own lock.
+    let storage = diskkit::storage::FileStorage::open_locked(path, false, None).ok()?;
+    let layer = diskkit::open_layer(Arc::new(storage), &diskkit::OpenOptions::new()).ok()?;
+    Some(layer.cluster_size())
+}
+
 impl ParentResolver for RemoteResolver {
     fn resolve(&self, child: &LayerLocation, hint: &str) -> diskkit::Result<Option<ResolvedParent>> {
         let parsed = RemoteHint::parse(hint).map_err(|e| {
@@ -112,7 +125,11 @@ impl ParentResolver for RemoteResolver {
             )
             .with_path(child.to_string()));
         }
-        let storage = open_remote(&parsed.url, Some(&parsed.identity), &self.options)
+        let mut options = self.options.clone();
+        if let Some(unit) = allocation_unit(child) {
+            options.fetch_unit = options.fetch_unit.max(unit);
+        }
+        let storage = open_remote(&parsed.url, Some(&parsed.identity), &options)
             .map_err(|e| core_error(e, &parsed.url).with_path(child.to_string()))?;
         if let Ok(mut o) = self.opened.lock() {
             o.push((parsed.url.clone(), storage.counters()));

@@ -29,7 +29,12 @@ const BUCKET: &str = "images";
 const URL: &str = "s3://images/golden/base.qcow2";
 
 /// Every variable through which the AWS CLI (and diskkit) finds S3 settings.
-const AWS_VARS: [&str; 10] = [
+const AWS_VARS: [&str; 15] = [
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    "AWS_EC2_METADATA_DISABLED",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -42,11 +47,15 @@ const AWS_VARS: [&str; 10] = [
     "AWS_CONFIG_FILE",
 ];
 
-/// diskkit with exactly the AWS settings in `env` (and an empty HOME).
+/// diskkit with exactly the AWS settings in `env` (and an empty HOME). The instance metadata
+/// service is off unless `env` says where it is (on a cloud machine a real one would answer).
 fn dk(home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut c = Command::new(diskkit_bin());
     for v in AWS_VARS {
         c.env_remove(v);
+    }
+    if !env.iter().any(|(k, _)| *k == "AWS_EC2_METADATA_SERVICE_ENDPOINT") {
+        c.env("AWS_EC2_METADATA_DISABLED", "true");
     }
     c.env("HOME", home).envs(env.iter().copied()).args(args);
     c.output().expect("run diskkit")
@@ -366,6 +375,58 @@ fn s3_cache_layers_from_the_command_line_equal_the_local_file() {
         &["info", "--allow-remote", BUCKET, "--s3-endpoint", &endpoint, &vm],
     ));
     assert!(err.contains("403") && err.contains("credentials"), "{err}");
+
+    // Temporary credentials from the instance metadata service (moto serves one: IMDSv2
+    // token, role, credentials with a session token), used to sign.
+    let info = ["info", "--allow-remote", BUCKET, "--s3-endpoint", &endpoint, &vm];
+    let before = moto.check_signatures("/images/", "test-secret-key").0;
+    ok(
+        dk(
+            home,
+            &[
+                ("AWS_REGION", moto::REGION),
+                ("AWS_EC2_METADATA_SERVICE_ENDPOINT", &endpoint),
+            ],
+            &info,
+        ),
+        "info with instance credentials",
+    );
+    assert!(moto.check_signatures("/images/", "test-secret-key").0 > before);
+    let requests = moto.requests();
+    assert!(
+        requests.iter().any(|r| r == "PUT /latest/api/token"),
+        "{requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.contains("X-Amz-Security-Token=test-session-token")),
+        "the session token is sent"
+    );
+    // And from the profile's credential_process.
+    let config = d.path("aws-config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile proc]\ncredential_process = printf '{{\"Version\": 1, \"AccessKeyId\": \"{}\", \"SecretAccessKey\": \"proc-secret\"}}'\n",
+            moto::KEY_ID
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    ok(
+        dk(
+            home,
+            &[
+                ("AWS_REGION", moto::REGION),
+                ("AWS_CONFIG_FILE", config),
+                ("AWS_PROFILE", "proc"),
+            ],
+            &info,
+        ),
+        "info with credential_process",
+    );
+    assert!(moto.check_signatures("/images/", "proc-secret").0 > 0);
 
     // A bucket that does not exist.
     let err = error_line(&run(

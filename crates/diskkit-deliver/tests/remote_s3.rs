@@ -56,6 +56,14 @@ fn s3_bases_with_profiles_signing_and_a_custom_endpoint() {
     std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", aws.join("credentials"));
     std::env::set_var("AWS_CONFIG_FILE", aws.join("config"));
     std::env::set_var("AWS_PROFILE", "ci");
+    // No instance metadata service: on a cloud machine a real one would answer.
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    for v in [
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    ] {
+        std::env::remove_var(v);
+    }
 
     // A qcow2 base with data in places.
     let base = work.path().join("base.qcow2");

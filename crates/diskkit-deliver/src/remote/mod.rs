@@ -21,6 +21,7 @@
 //! one `diskkit serve` process (any number of NBD connections) with the VMs' overlays on top.
 
 mod cache;
+mod credentials;
 pub mod identity;
 mod object;
 mod resolver;

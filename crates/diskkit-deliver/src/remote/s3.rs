@@ -17,8 +17,12 @@
 //!   profile's `endpoint_url`, else AWS (`https://s3.REGION.amazonaws.com`, virtual-hosted
 //!   style). A custom endpoint (MinIO, Ceph, moto, ...) is addressed path-style.
 //!
-//! Instance roles, SSO and `credential_process` are not read (say so in errors: the user can
-//! export the variables `aws configure export-credentials` prints).
+//!   then temporary credentials from the profile's `credential_process`, a container's
+//!   credentials endpoint or the EC2 instance metadata service (see [`super::credentials`]);
+//!   none found means anonymous (unsigned) requests.
+//!
+//! SSO and assumed roles are not read (the user can export the variables `aws configure
+//! export-credentials` prints, or name that command as the profile's `credential_process`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,6 +31,7 @@ use std::time::Duration;
 
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
+use super::credentials::{self, Refreshing, Source};
 use crate::error::{Error, Result};
 
 /// How long a presigned request stays valid (each request is signed just before it is sent).
@@ -47,8 +52,16 @@ pub struct S3Options {
 pub struct S3Location {
     bucket: Bucket,
     key: String,
-    credentials: Option<Credentials>,
+    credentials: Creds,
     url: String,
+}
+
+/// How requests are signed.
+#[derive(Debug)]
+enum Creds {
+    Anonymous,
+    Static(Credentials),
+    Temporary(Refreshing),
 }
 
 impl fmt::Debug for S3Location {
@@ -56,7 +69,7 @@ impl fmt::Debug for S3Location {
         f.debug_struct("S3Location")
             .field("url", &self.url)
             .field("endpoint", &self.bucket.base_url().as_str())
-            .field("signed", &self.credentials.is_some())
+            .field("signed", &!matches!(self.credentials, Creds::Anonymous))
             .finish()
     }
 }
@@ -93,7 +106,7 @@ impl S3Location {
         };
         let profile_value = |key: &str| config_file.get(&config_section).and_then(|s| s.get(key)).cloned();
         let credentials = match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-            (Some(k), Some(s)) => Some(match env("AWS_SESSION_TOKEN") {
+            (Some(k), Some(s)) => Creds::Static(match env("AWS_SESSION_TOKEN") {
                 Some(t) => Credentials::new_with_token(k, s, t),
                 None => Credentials::new(k, s),
             }),
@@ -101,11 +114,19 @@ impl S3Location {
                 from_files("aws_access_key_id"),
                 from_files("aws_secret_access_key"),
             ) {
-                (Some(k), Some(s)) => Some(match from_files("aws_session_token") {
+                (Some(k), Some(s)) => Creds::Static(match from_files("aws_session_token") {
                     Some(t) => Credentials::new_with_token(k, s, t),
                     None => Credentials::new(k, s),
                 }),
-                _ => None,
+                _ => match credentials::find(from_files("credential_process")) {
+                    // Not on EC2 (or no role): anonymous, as the AWS CLI would be unsigned.
+                    Some(source @ Source::Imds(_)) => {
+                        Refreshing::fetch(source).map_or(Creds::Anonymous, Creds::Temporary)
+                    }
+                    // Named by the user: its failure is an error.
+                    Some(source) => Creds::Temporary(Refreshing::fetch(source)?),
+                    None => Creds::Anonymous,
+                },
             },
         };
         let region = options
@@ -154,19 +175,30 @@ impl S3Location {
         self.bucket.base_url().host_str()
     }
 
+    /// The credentials to sign with now (temporary ones fetched again near their expiry).
+    fn signing(&self) -> Result<Option<Credentials>> {
+        match &self.credentials {
+            Creds::Anonymous => Ok(None),
+            Creds::Static(c) => Ok(Some(c.clone())),
+            Creds::Temporary(r) => r.current().map(Some),
+        }
+    }
+
     /// A signed GET URL for the object.
     pub(crate) fn presign_get(&self) -> Result<url::Url> {
+        let credentials = self.signing()?;
         Ok(self
             .bucket
-            .get_object(self.credentials.as_ref(), &self.key)
+            .get_object(credentials.as_ref(), &self.key)
             .sign(PRESIGN_FOR))
     }
 
     /// A signed HEAD URL for the object.
     pub(crate) fn presign_head(&self) -> Result<url::Url> {
+        let credentials = self.signing()?;
         Ok(self
             .bucket
-            .head_object(self.credentials.as_ref(), &self.key)
+            .head_object(credentials.as_ref(), &self.key)
             .sign(PRESIGN_FOR))
     }
 }

@@ -38,8 +38,8 @@ pub(crate) struct OpenArgs {
     pub(crate) max_cache_size: Option<u64>,
 }
 
-/// Parse `--max-cache-size`: a size, at least 64 MiB (64 fetch units of 1 MiB; a smaller
-/// bound would evict a remote base's read-ahead window, up to 32 MiB, before it is read).
+/// Parse `--max-cache-size`: a size, at least 64 MiB (a smaller bound would evict a remote
+/// base's read-ahead window, up to 32 MiB, before it is read).
 fn cache_size(text: &str) -> Result<u64, String> {
     let bytes = crate::size::bytes(text)?.value;
     if bytes < 64 << 20 {

@@ -13,20 +13,9 @@ use std::fs;
 use std::process::{Command, Stdio};
 
 use boot_fixture::{layout, run, sha256, LAYER2_TEXT};
-use support::{diskkit, diskkit_bin, diskkit_ok, Dir};
+use support::{cached, diskkit, diskkit_bin, diskkit_ok, Dir};
 
 const MIB: u64 = 1 << 20;
-
-/// Bytes of data the cache layer at `path` holds (its own map, without the remote base).
-fn cached(path: &str) -> u64 {
-    let json = diskkit_ok(&["map", "--detached", "--output", "json", path]);
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
-    entries
-        .iter()
-        .filter(|e| e["data"].as_bool().unwrap())
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
-}
 
 #[test]
 fn a_guest_boots_from_a_remote_base_through_a_cache_layer() {
@@ -74,7 +63,7 @@ fn a_guest_boots_from_a_remote_base_through_a_cache_layer() {
         &cache,
         &vm,
     ]);
-    assert_eq!(cached(&cache), 0);
+    assert_eq!(cached(&cache).0, 0);
 
     let runtime = Dir::new();
     let elsewhere = Dir::new();
@@ -127,7 +116,7 @@ fn a_guest_boots_from_a_remote_base_through_a_cache_layer() {
         "written-in-the-guest\n"
     );
     assert_eq!(sha256(&object), object_sha, "the remote object changed");
-    let filled = cached(&cache);
+    let filled = cached(&cache).0;
     let sent: u64 = nginx.requests_for("debian.qcow2").iter().map(|r| r.1).sum();
     eprintln!("the boot filled {filled} bytes of the cache; nginx sent {sent} bytes");
     assert!(filled >= 32 * MIB, "the boot left {filled} bytes in the cache");
@@ -147,7 +136,10 @@ fn a_guest_boots_from_a_remote_base_through_a_cache_layer() {
         "Images are identical.",
         "{out:?}"
     );
-    assert!(cached(&cache) > filled, "the full read filled the cache further");
+    assert!(
+        cached(&cache).0 > filled,
+        "the full read filled the cache further"
+    );
 
     // --max-cache-size reaches boot's open of the root: even a --dry-run open trims the
     // cache under the bound.
@@ -162,6 +154,6 @@ fn a_guest_boots_from_a_remote_base_through_a_cache_layer() {
         &vm,
         &cache,
     ]);
-    let trimmed = cached(&cache);
+    let trimmed = cached(&cache).0;
     assert!(trimmed <= 64 * MIB, "{trimmed} bytes cached under a 64M bound");
 }

@@ -11,7 +11,7 @@ mod support;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use support::{diskkit, diskkit_ok, tool_ok, Dir};
+use support::{cached, diskkit, diskkit_ok, tool_ok, Dir};
 
 const MIB: u64 = 1 << 20;
 
@@ -310,22 +310,6 @@ fn a_second_process_is_told_the_cache_is_in_use_and_a_cache_works_with_the_serve
         "{err}"
     );
     assert!(std::fs::read(&copy).unwrap() == want, "the copy differs");
-}
-
-/// Bytes of data the cache layer at `path` holds (its own map, without the remote base), and
-/// the ranges they are in.
-fn cached(path: &str) -> (u64, Vec<(u64, u64)>) {
-    let json = diskkit_ok(&["map", "--detached", "--output", "json", path]);
-    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
-    let ranges: Vec<(u64, u64)> = entries
-        .iter()
-        .filter(|e| e["data"].as_bool().unwrap())
-        .map(|e| {
-            let start = e["start"].as_u64().unwrap();
-            (start, start + e["length"].as_u64().unwrap())
-        })
-        .collect();
-    (ranges.iter().map(|(s, e)| e - s).sum(), ranges)
 }
 
 /// Bytes nginx sent for `name` since `since` lines of its access log.

@@ -137,3 +137,19 @@ pub fn is_asif(path: &str) -> bool {
         .status
         .success()
 }
+
+/// Bytes of data the cache layer at `path` holds (its own map, without the remote base), and
+/// the ranges they are in.
+pub fn cached(path: &str) -> (u64, Vec<(u64, u64)>) {
+    let json = diskkit_ok(&["map", "--detached", "--output", "json", path]);
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let ranges: Vec<(u64, u64)> = entries
+        .iter()
+        .filter(|e| e["data"].as_bool().unwrap())
+        .map(|e| {
+            let start = e["start"].as_u64().unwrap();
+            (start, start + e["length"].as_u64().unwrap())
+        })
+        .collect();
+    (ranges.iter().map(|(s, e)| e - s).sum(), ranges)
+}

@@ -105,21 +105,23 @@ fn get(source: &Source) -> Result<(Credentials, Option<u64>)> {
         Source::Process(cmd) => run_process(cmd)?,
         Source::Container { url, token } => {
             let headers: Vec<(&str, &str)> = token.iter().map(|t| ("Authorization", t.as_str())).collect();
-            http_text(Method::Get, url, &headers)?
+            http_text(&quick_client()?, Method::Get, url, &headers)?
         }
         Source::Imds(base) => {
+            // One client (and connection) for the three requests.
+            let client = quick_client()?;
             let ttl = [("X-aws-ec2-metadata-token-ttl-seconds", "21600")];
-            let token = http_text(Method::Put, &format!("{base}/latest/api/token"), &ttl)?;
+            let token = http_text(&client, Method::Put, &format!("{base}/latest/api/token"), &ttl)?;
             let auth = [("X-aws-ec2-metadata-token", token.trim())];
             let list = format!("{base}/latest/meta-data/iam/security-credentials/");
-            let roles = http_text(Method::Get, &list, &auth)?;
+            let roles = http_text(&client, Method::Get, &list, &auth)?;
             let role = roles
                 .lines()
                 .next()
                 .map(str::trim)
                 .filter(|r| !r.is_empty())
                 .ok_or_else(|| Error::new(ErrorKind::Authentication, "the instance has no IAM role"))?;
-            http_text(Method::Get, &format!("{list}{role}"), &auth)?
+            http_text(&client, Method::Get, &format!("{list}{role}"), &auth)?
         }
     };
     let what = describe(source);
@@ -176,11 +178,10 @@ fn run_process(cmd: &str) -> Result<String> {
     })
 }
 
-/// One quick request (1 s timeouts, no retry, as the AWS CLI does for these endpoints, so a
-/// machine without them is not held up); the body of a 2xx answer, at most 64 KiB.
-fn http_text(method: Method, url: &str, headers: &[(&str, &str)]) -> Result<String> {
-    use std::io::Read;
-    let client = Client::new(&ClientOptions {
+/// A client for these endpoints: 1 s timeouts, no retry, as the AWS CLI does, so a machine
+/// without them is not held up.
+fn quick_client() -> Result<Client> {
+    Client::new(&ClientOptions {
         connect_timeout: Duration::from_secs(1),
         read_timeout: Duration::from_secs(1),
         retry: RetryPolicy {
@@ -189,7 +190,12 @@ fn http_text(method: Method, url: &str, headers: &[(&str, &str)]) -> Result<Stri
         },
         follow_redirects: false,
         ..ClientOptions::default()
-    })?;
+    })
+}
+
+/// One request; the body of a 2xx answer, at most 64 KiB.
+fn http_text(client: &Client, method: Method, url: &str, headers: &[(&str, &str)]) -> Result<String> {
+    use std::io::Read;
     let mut resp = client.send(method, url, headers, Body::Empty)?;
     if !(200..300).contains(&resp.head.status) {
         return Err(crate::http::status_error(resp.head.status, url));

@@ -104,16 +104,21 @@ impl CacheBudget {
     }
 
     /// Pin the units of `[offset, offset + len)` before mapping and reading them: none of
-    /// them is evicted until the pin is dropped. Waits for evictions of any of them that
-    /// have begun to finish.
+    /// them is evicted until the pin is dropped, and those held are marked used (a read is
+    /// their use). Waits for evictions of any of them that have begun to finish.
     pub(crate) fn pin(&self, offset: u64, len: u64) -> Pin<'_> {
         let (first, last) = self.range(offset, len);
         let mut st = self.lock();
         while (first..=last).any(|u| st.evicting.contains(&u)) {
             st = self.evicted.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        st.tick += 1;
+        let tick = st.tick;
         for u in first..=last {
             *st.pins.entry(u).or_insert(0) += 1;
+            if let Some(t) = st.units.get_mut(&u) {
+                *t = tick;
+            }
         }
         Pin {
             budget: self,
@@ -135,18 +140,6 @@ impl CacheBudget {
         }
         drop(st);
         self.evicted.notify_all();
-    }
-
-    /// Mark the units of `[offset, offset + len)` used, if held.
-    pub(crate) fn touch(&self, offset: u64, len: u64) {
-        let mut st = self.lock();
-        st.tick += 1;
-        let tick = st.tick;
-        for u in offset / self.unit..=(offset + len.max(1) - 1) / self.unit {
-            if let Some(t) = st.units.get_mut(&u) {
-                *t = tick;
-            }
-        }
     }
 
     /// Record a fill of `[offset, offset + len)`; returns the units to evict (already taken
@@ -218,7 +211,7 @@ mod tests {
         for u in 0..10 {
             assert!(b.filled(u << 20, 1 << 20).is_empty());
         }
-        b.touch(0, 4096);
+        drop(b.pin(0, 4096));
         // The eleventh unit: down to 9 units, the oldest (1, 2) leave; 0 was used, 10 is new.
         assert_eq!(b.filled(10 << 20, 1 << 20), vec![1, 2]);
         assert_eq!(b.held(), 9);

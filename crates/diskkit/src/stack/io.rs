@@ -127,16 +127,14 @@ pub(crate) fn read_level(
             break;
         }
         let want = ((buf.len() - pos) as u64).min(size - at);
-        // A bounded cache: what is mapped stays until it has been read (see `budget`).
+        // A bounded cache: what is mapped stays until it has been read, and counts as used
+        // (see `budget`).
         let pin = l.budget.as_ref().map(|b| b.pin(at, want));
         let (m, n) = l.layer.map(at, want)?;
         let n = n.clamp(1, want) as usize;
         let piece = &mut buf[pos..pos + n];
         match m {
             Mapping::Data { host_offset } => {
-                if let Some(budget) = &l.budget {
-                    budget.touch(at, n as u64);
-                }
                 l.layer.storage().read_at(piece, host_offset)?;
                 drop(pin);
             }

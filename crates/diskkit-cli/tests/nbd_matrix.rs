@@ -485,12 +485,16 @@ fn row17_byte_granular_access() {
 #[test]
 fn row18_multi_conn_nbdcopy() {
     // nbdcopy hands out work in 128 MiB pieces, so the disk must be larger than that for a
-    // second connection to get any.
+    // second connection to get any, and each piece must hold enough data to take a while:
+    // pieces that are all holes take one request each, and one connection could take them
+    // all before the others start (seen once in a full run).
     let d = Dir::new();
     let img = d.path("big.raw");
     support::sparse_file(&img, 512 << 20);
-    support::poke(&img, 0, &[0x11; 1 << 20]);
-    support::poke(&img, 300 << 20, &[0x22; 1 << 20]);
+    support::poke(&img, 0, &[0x11; 8 << 20]);
+    support::poke(&img, 140 << 20, &[0x12; 8 << 20]);
+    support::poke(&img, 300 << 20, &[0x22; 8 << 20]);
+    support::poke(&img, 420 << 20, &[0x23; 8 << 20]);
     let log = d.path("server.log");
     let s = Served::start_logged(
         &d.path("x.sock"),
